@@ -1,0 +1,43 @@
+# Entry points a person or CI types; each one works on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint unit integration e2e binaries bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: local control plane + token server + operator + example TokenRequests
+demo: $(STAMP)
+	$(BIN)/python -m devenv.demo $(DEMO_ARGS)
+
+## test: lint, type-check, then every test suite (unit, integration, e2e)
+test: lint unit integration e2e
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit -q
+
+integration: $(STAMP)
+	$(BIN)/pytest tests/integration -q
+
+binaries: $(STAMP)
+	$(BIN)/python -m devenv.binaries
+
+e2e: binaries
+	$(BIN)/pytest tests/e2e -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/cache_bench.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
