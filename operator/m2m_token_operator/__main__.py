@@ -1,0 +1,59 @@
+"""The `m2m-token-operator` command: `kopf run` of our handlers, with our defaults.
+
+Every Kopf run option passes through (`--namespace`, `--standalone`,
+`--liveness`, `--verbose`, `--peering`, ...). Defaults that differ from bare
+Kopf: all namespaces when no namespace is named, and the log format from
+M2M_LOG_FORMAT (JSON unless told otherwise). Settings are validated before
+Kopf starts, so a bad value stops the process with one clear line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from m2m_token_operator.settings import Settings, SettingsError
+
+HANDLERS_MODULE = "m2m_token_operator.handlers"
+_NAMESPACE_FLAGS = ("-n", "--namespace", "-A", "--all-namespaces")
+
+
+def kopf_arguments(args: Sequence[str], *, log_format: str) -> list[str]:
+    arguments = ["run", "-m", HANDLERS_MODULE]
+    if not any(arg.split("=", 1)[0] in _NAMESPACE_FLAGS for arg in args):
+        arguments.append("--all-namespaces")
+    if not any(arg.split("=", 1)[0] == "--log-format" for arg in args):
+        arguments.append(f"--log-format={'json' if log_format == 'json' else 'plain'}")
+    return [*arguments, *args]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(
+            "usage: m2m-token-operator [KOPF RUN OPTIONS]\n\n"
+            "Runs the TokenRequest operator (kopf run -m m2m_token_operator.handlers).\n"
+            "Defaults: --all-namespaces, --log-format from M2M_LOG_FORMAT (json).\n"
+            "Settings come from AZURE_* and M2M_* environment variables; see docs/operations.md.\n"
+            "Kopf's own options: m2m-token-operator --kopf-help"
+        )
+        return
+    import kopf.cli  # imported late: --help must not need a working Kopf environment
+
+    if args and args[0] == "--kopf-help":
+        kopf.cli.main(args=["run", "--help"], prog_name="m2m-token-operator")
+        return
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as error:
+        print(f"m2m-token-operator: invalid settings: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    kopf.cli.main(
+        args=kopf_arguments(args, log_format=settings.log_format),
+        prog_name="m2m-token-operator",
+    )
+
+
+if __name__ == "__main__":
+    main()

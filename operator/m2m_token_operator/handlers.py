@@ -1,0 +1,150 @@
+"""Kopf wiring, and nothing else: each handler hands the object to the reconciler.
+
+No handler here raises for a business failure. Failures are the reconciler's to
+report in status and to retry on the token's own schedule; a Kopf retry on top
+would double the calls to the token endpoint. No timer, no daemon and no
+mandatory deletion handler is registered, so Kopf adds no finalizer and a
+TokenRequest can always be deleted, even while the operator is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import os
+import socket
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kopf
+
+from m2m_token_operator import metrics, redaction
+from m2m_token_operator.cache import TokenCache
+from m2m_token_operator.client import TokenClient
+from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, load_api_client
+from m2m_token_operator.reconciler import TokenRequestReconciler
+from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from m2m_token_operator.settings import Settings
+
+# Kopf keeps its own handling state on the TokenRequest; under our domain, not Kopf's.
+STATE_PREFIX = "operator.m2m.dev"
+# The scheduler turns at least every 30 s; three missed turns mean it is stuck.
+SCHEDULER_STALL = timedelta(seconds=90)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def peering_priority(environ: dict[str, str] | os._Environ[str]) -> int:
+    """Distinct per replica without configuration: derived from the pod's host name."""
+    configured = environ.get("M2M_PEERING_PRIORITY")
+    if configured:
+        return int(configured)
+    digest = hashlib.sha256(socket.gethostname().encode()).digest()
+    return 1 + int.from_bytes(digest[:4], "big") % 1_000_000
+
+
+def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
+    reconciler: TokenRequestReconciler = memo["reconciler"]
+    return reconciler
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    redaction.install()
+    config = Settings.from_env()
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STATE_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=STATE_PREFIX, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # our events are posted by the reconciler, one per change
+    settings.peering.priority = peering_priority(os.environ)
+
+    kube = KubeApi(load_api_client())
+    token_client = TokenClient(
+        connect_timeout=config.connect_timeout, read_timeout=config.read_timeout
+    )
+    cache = TokenCache(
+        fetch=metrics.instrument_fetch(token_client.fetch),
+        refresh_policy=config.refresh_policy(),
+        retry_policy=config.retry_policy(),
+        clock=utc_now,
+        max_workers=config.fetch_workers,
+    )
+    reconciler = TokenRequestReconciler(settings=config, kube=kube, cache=cache, clock=utc_now)
+    memo["kube"] = kube
+    memo["reconciler"] = reconciler
+    memo["scheduler_task"] = asyncio.create_task(reconciler.scheduler.run(), name="m2m-scheduler")
+    metrics.serve(config.metrics_port)
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task[None] | None = memo.get("scheduler_task")
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    kube: KubeApi | None = memo.get("kube")
+    if kube is not None:
+        kube.close()
+
+
+@kopf.on.probe(id="scheduler")
+def scheduler_alive(memo: kopf.Memo, **_: Any) -> str:
+    """Liveness: fails when refreshes can no longer happen, not merely when the process lives."""
+    task: asyncio.Task[None] | None = memo.get("scheduler_task")
+    if task is None or task.done():
+        raise RuntimeError("the refresh scheduler is not running")
+    last = _reconciler(memo).scheduler.last_loop_at
+    if last is None or utc_now() - last > SCHEDULER_STALL:
+        raise RuntimeError("the refresh scheduler is stalled")
+    return last.isoformat()
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """A detached copy: the reconciler keeps it across events, Kopf reuses its views."""
+    return {
+        "metadata": {
+            "namespace": body.metadata.namespace,
+            "name": body.metadata.name,
+            "uid": body.metadata.uid,
+            "generation": body.metadata.get("generation"),
+        },
+        "spec": copy.deepcopy(dict(body.spec)),
+        "status": copy.deepcopy(dict(body.status)),
+    }
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="resume")
+@kopf.on.create(GROUP, VERSION, PLURAL, id="create")
+@kopf.on.update(GROUP, VERSION, PLURAL, id="update", field="spec")
+async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _reconciler(memo).reconcile(_plain(body))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="deleted")
+def token_request_event(
+    type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> None:
+    if type == "DELETED":
+        _reconciler(memo).forget(body.metadata.namespace or "", body.metadata.name or "")
+
+
+def _watched_secret(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
+    """Owned Secrets (drift) and credentials Secrets named by a TokenRequest (recovery)."""
+    if body.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE:
+        return True
+    reconciler: TokenRequestReconciler | None = memo.get("reconciler")
+    if reconciler is None:
+        return False
+    return reconciler.is_interesting_secret(body.metadata.namespace or "", body.metadata.name or "")
+
+
+@kopf.on.event("", "v1", "secrets", id="secret", when=_watched_secret)
+def secret_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _reconciler(memo).secret_changed(
+        {"metadata": dict(body.metadata), "data": dict(body.get("data") or {})},
+        deleted=type == "DELETED",
+    )

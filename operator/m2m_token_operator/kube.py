@@ -1,0 +1,176 @@
+"""The operator's writes and point reads against the Kubernetes API.
+
+Kopf watches; this module writes. It wraps the blocking `kubernetes` client so
+that every call runs in a worker thread (never on Kopf's event loop) and speaks
+plain JSON dicts, exactly as the API server sends them: no client-side model
+validation stands between the operator and what the server really holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import kubernetes
+
+logger = logging.getLogger(__name__)
+
+GROUP = "m2m.dev"
+VERSION = "v1alpha1"
+PLURAL = "tokenrequests"
+KIND = "TokenRequest"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+JsonObject = dict[str, Any]
+_T = TypeVar("_T")
+
+
+class KubeError(Exception):
+    """An API call failed for a reason other than the ones the caller handles (404, 409)."""
+
+    def __init__(self, *, action: str, status: int | None, reason: str) -> None:
+        super().__init__(f"{action} failed: HTTP {status} {reason}")
+        self.status = status
+
+
+class NotFound(KubeError):
+    """The object does not exist (HTTP 404)."""
+
+
+class Conflict(KubeError):
+    """The object exists already, or changed under a precondition (HTTP 409)."""
+
+
+def load_api_client() -> kubernetes.client.ApiClient:
+    """The current kubeconfig (KUBECONFIG or ~/.kube/config), else the in-cluster config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    except (kubernetes.config.ConfigException, FileNotFoundError, TypeError):
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
+
+
+class KubeApi:
+    """Async facade over the blocking client; one thread pool for all API calls."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient, *, max_workers: int = 4) -> None:
+        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._custom = kubernetes.client.CustomObjectsApi(api_client)
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube-api")
+        self.writes = 0  # every mutating call sent; tests and metrics read it
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _call(self, action: str, function: Callable[[], _T]) -> _T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, function)
+        except kubernetes.client.ApiException as error:
+            # The body of an API error can echo the object sent (a Secret's data):
+            # only the status and the short reason phrase travel on.
+            status = error.status
+            reason = str(error.reason or "")
+            if status == 404:
+                raise NotFound(action=action, status=status, reason=reason) from None
+            if status == 409:
+                raise Conflict(action=action, status=status, reason=reason) from None
+            raise KubeError(action=action, status=status, reason=reason) from None
+
+    @staticmethod
+    def _json(response: Any) -> JsonObject:
+        data: JsonObject = json.loads(response.data)
+        return data
+
+    # Secrets
+
+    async def read_secret(self, namespace: str, name: str) -> JsonObject | None:
+        try:
+            response = await self._call(
+                f"read Secret {namespace}/{name}",
+                lambda: self._core.read_namespaced_secret(name, namespace, _preload_content=False),
+            )
+        except NotFound:
+            return None
+        return self._json(response)
+
+    async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> JsonObject:
+        self.writes += 1
+        response = await self._call(
+            f"create Secret {namespace}/{body['metadata']['name']}",
+            lambda: self._core.create_namespaced_secret(namespace, body, _preload_content=False),
+        )
+        return self._json(response)
+
+    async def replace_secret(self, namespace: str, body: Mapping[str, Any]) -> JsonObject:
+        """A full replace guarded by resourceVersion: drift in any key is undone, races lose."""
+        name = body["metadata"]["name"]
+        self.writes += 1
+        response = await self._call(
+            f"replace Secret {namespace}/{name}",
+            lambda: self._core.replace_namespaced_secret(
+                name, namespace, body, _preload_content=False
+            ),
+        )
+        return self._json(response)
+
+    async def delete_secret(self, namespace: str, name: str, *, uid: str) -> None:
+        """Delete only the very object that was inspected (uid precondition)."""
+        self.writes += 1
+        body = {"preconditions": {"uid": uid}}
+        try:
+            await self._call(
+                f"delete Secret {namespace}/{name}",
+                lambda: self._core.delete_namespaced_secret(
+                    name, namespace, body=body, _preload_content=False
+                ),
+            )
+        except NotFound:
+            pass
+
+    # TokenRequests
+
+    async def read_token_request(self, namespace: str, name: str) -> JsonObject | None:
+        try:
+            response = await self._call(
+                f"read TokenRequest {namespace}/{name}",
+                lambda: self._custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+                ),
+            )
+        except NotFound:
+            return None
+        return self._json(response)
+
+    async def patch_token_request_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        self.writes += 1
+        body = {"status": dict(status)}
+        try:
+            await self._call(
+                f"patch TokenRequest {namespace}/{name} status",
+                lambda: self._custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False
+                ),
+            )
+        except NotFound:
+            logger.debug("TokenRequest %s/%s is gone; status not written", namespace, name)
+
+    # Events
+
+    async def create_event(self, namespace: str, body: Mapping[str, Any]) -> None:
+        self.writes += 1
+        try:
+            await self._call(
+                f"create Event in {namespace}",
+                lambda: self._core.create_namespaced_event(namespace, body, _preload_content=False),
+            )
+        except KubeError as error:
+            # An event is a courtesy: losing one must never stop a token from being delivered.
+            logger.warning("Could not post an event in %s: %s", namespace, error)

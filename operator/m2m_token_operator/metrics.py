@@ -1,0 +1,103 @@
+"""Prometheus metrics: what a platform team alerts on.
+
+Per TokenRequest: the expiry of the token in its Secret and whether it is
+ready. Per call to the token endpoint: the result class and the latency. Per
+cache lookup: hit or miss. Label values are names and reason classes only,
+never a scope's secret part (scopes hold none) and never a token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from m2m_token_operator.client import AccessToken, TokenEndpointError
+from m2m_token_operator.credentials import ClientCredentials
+
+TOKEN_EXPIRY = Gauge(
+    "m2m_token_expiry_timestamp_seconds",
+    "Unix time at which the token in the TokenRequest's Secret expires (0 when none).",
+    ["namespace", "name"],
+)
+TOKEN_READY = Gauge(
+    "m2m_token_ready",
+    "1 while the TokenRequest's Secret holds an unexpired token, else 0.",
+    ["namespace", "name"],
+)
+REFRESH_FAILURES = Counter(
+    "m2m_token_refresh_failures_total",
+    "Attempts that left a TokenRequest without a fresh token, by failure reason.",
+    ["namespace", "name", "reason"],
+)
+ENDPOINT_REQUESTS = Counter(
+    "m2m_token_endpoint_requests_total",
+    "Requests sent to token endpoints, by result (success or the failure reason).",
+    ["result"],
+)
+ENDPOINT_LATENCY = Histogram(
+    "m2m_token_endpoint_request_duration_seconds",
+    "Time from sending a token request to its answer or failure.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CACHE_LOOKUPS = Counter(
+    "m2m_token_cache_lookups_total",
+    "Token cache lookups, by result: hit (served from cache) or miss (a request was sent).",
+    ["result"],
+)
+
+Fetch = Callable[[ClientCredentials, str], AccessToken]
+
+
+def instrument_fetch(fetch: Fetch) -> Fetch:
+    """Wrap the blocking token fetch so every call is counted and timed."""
+
+    def instrumented(credentials: ClientCredentials, scope: str) -> AccessToken:
+        started = time.perf_counter()
+        try:
+            token = fetch(credentials, scope)
+        except TokenEndpointError as error:
+            ENDPOINT_REQUESTS.labels(result=error.reason).inc()
+            raise
+        finally:
+            ENDPOINT_LATENCY.observe(time.perf_counter() - started)
+        ENDPOINT_REQUESTS.labels(result="success").inc()
+        return token
+
+    return instrumented
+
+
+def record_cache_lookup(*, fetched: bool) -> None:
+    CACHE_LOOKUPS.labels(result="miss" if fetched else "hit").inc()
+
+
+def observe_token_request(
+    namespace: str,
+    name: str,
+    *,
+    ready: bool,
+    expires_at: datetime | None,
+) -> None:
+    TOKEN_READY.labels(namespace=namespace, name=name).set(1 if ready else 0)
+    TOKEN_EXPIRY.labels(namespace=namespace, name=name).set(
+        expires_at.timestamp() if expires_at else 0
+    )
+
+
+def record_refresh_failure(namespace: str, name: str, *, reason: str) -> None:
+    REFRESH_FAILURES.labels(namespace=namespace, name=name, reason=reason).inc()
+
+
+def forget_token_request(namespace: str, name: str) -> None:
+    """A deleted TokenRequest must not leave a gauge that alerts forever."""
+    for gauge in (TOKEN_READY, TOKEN_EXPIRY):
+        try:
+            gauge.remove(namespace, name)
+        except KeyError:
+            pass
+
+
+def serve(port: int) -> None:
+    if port:
+        start_http_server(port)

@@ -1,0 +1,525 @@
+"""From a TokenRequest to a Secret holding a valid token, and back to its status.
+
+One `TokenRequestReconciler` serves the whole operator. It remembers each
+TokenRequest it serves (a subscription), asks the shared token cache for the
+token of the subscription's key, writes the Secret, writes the status only when
+it changes, posts an event per change of state, and tells the scheduler when
+to look again. When a token is fetched, every other subscription of the same
+key is woken at once, so one call to the token endpoint serves them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from m2m_token_operator import metrics
+from m2m_token_operator.cache import CacheKey, CacheResult, TokenCache
+from m2m_token_operator.client import AccessToken, TokenEndpointError
+from m2m_token_operator.credentials import (
+    ClientCredentials,
+    CredentialsError,
+    EndpointPolicy,
+    credentials_from_secret,
+    operator_identity,
+)
+from m2m_token_operator.kube import JsonObject, KubeApi
+from m2m_token_operator.models import SpecError, TokenRequestSpec, parse_spec
+from m2m_token_operator.policy import RetryPolicy
+from m2m_token_operator.redaction import REDACTOR
+from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.secret_output import (
+    Owner,
+    WriteOutcome,
+    delete_owned_secret,
+    is_owned_by,
+    render_secret,
+    token_from_secret,
+    write_secret,
+)
+from m2m_token_operator.settings import Settings
+from m2m_token_operator.status import (
+    INVALID_SPEC,
+    SECRET_CONFLICT,
+    Failure,
+    Observation,
+    build_status,
+    event_body,
+    status_changed,
+    transition_events,
+)
+
+logger = logging.getLogger(__name__)
+
+ObjectRef = tuple[str, str]  # (namespace, name)
+
+
+@dataclass
+class Subscription:
+    """What the operator knows about one TokenRequest between two looks at it."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: TokenRequestSpec | None
+    spec_error: str | None
+    status: JsonObject  # the status as last read or written
+    key: CacheKey | None = None
+    credentials_failures: int = 0
+    credentials_failed_at: datetime | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def ref(self) -> ObjectRef:
+        return (self.namespace, self.name)
+
+    @property
+    def owner(self) -> Owner:
+        return Owner(namespace=self.namespace, name=self.name, uid=self.uid)
+
+    @property
+    def log_context(self) -> str:
+        scope = self.spec.scope if self.spec else "-"
+        return f"tokenrequest={self.namespace}/{self.name} scope={scope}"
+
+
+def _token_id(token: AccessToken | None) -> str | None:
+    """A short one-way digest to tell tokens apart in memory, never the token itself."""
+    if token is None:
+        return None
+    return hashlib.sha256(token.value.encode()).hexdigest()[:16]
+
+
+def _failure_from(error: Exception) -> Failure:
+    if isinstance(error, TokenEndpointError | CredentialsError):
+        return Failure(reason=error.reason, message=str(error))
+    return Failure(reason="EndpointUnavailable", message=type(error).__name__)
+
+
+def _failure_fields(error: Exception) -> str:
+    """Structured log fields of a failure: the endpoint's correlation ids, never a secret."""
+    if not isinstance(error, TokenEndpointError):
+        return ""
+    parts = [
+        f"http_status={error.http_status}",
+        f"error={error.error}",
+        f"error_codes={','.join(str(c) for c in error.error_codes)}",
+        f"trace_id={error.trace_id}",
+        f"correlation_id={error.correlation_id}",
+    ]
+    return " " + " ".join(parts)
+
+
+class TokenRequestReconciler:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        kube: KubeApi,
+        cache: TokenCache,
+        clock: Callable[[], datetime],
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._kube = kube
+        self._cache = cache
+        self._clock = clock
+        self._environ = environ
+        self._retry: RetryPolicy = settings.retry_policy()
+        self._endpoint_policy = EndpointPolicy(
+            allowed_hosts=settings.allowed_endpoint_hosts,
+            allow_insecure_http=settings.allow_insecure_http,
+        )
+        self._subscriptions: dict[ObjectRef, Subscription] = {}
+        self._by_key: defaultdict[CacheKey, set[ObjectRef]] = defaultdict(set)
+        self._by_credentials: defaultdict[ObjectRef, set[ObjectRef]] = defaultdict(set)
+        self._by_secret: dict[ObjectRef, ObjectRef] = {}
+        self.scheduler: Scheduler[ObjectRef] = Scheduler(clock=clock, handle=self._scheduled)
+
+    # Entry points (called from Kopf handlers)
+
+    async def reconcile(self, body: Mapping[str, Any]) -> None:
+        """Create, update or resume: (re)learn the TokenRequest and bring its Secret in line."""
+        subscription = self._learn(body)
+        await self._sync(subscription)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The TokenRequest is gone; its Secret goes with it through garbage collection."""
+        subscription = self._subscriptions.pop((namespace, name), None)
+        if subscription is None:
+            return
+        self._unindex(subscription)
+        self.scheduler.schedule(subscription.ref, None)
+        metrics.forget_token_request(namespace, name)
+        logger.info("%s forgotten (deleted)", subscription.log_context)
+
+    def secret_changed(self, secret: Mapping[str, Any], *, deleted: bool) -> None:
+        """Any Secret event: drift of an owned Secret, or a credentials Secret (re)appearing."""
+        metadata = secret.get("metadata", {})
+        ref = (metadata.get("namespace", ""), metadata.get("name", ""))
+        for subscriber in self._by_credentials.get(ref, ()):
+            self.scheduler.schedule(subscriber, self._clock())
+        owner_ref = self._by_secret.get(ref)
+        if owner_ref is None:
+            return
+        subscription = self._subscriptions.get(owner_ref)
+        if subscription is None:
+            return
+        if deleted or self._secret_drifted(subscription, secret):
+            self.scheduler.schedule(owner_ref, self._clock())
+
+    def is_interesting_secret(self, namespace: str, name: str) -> bool:
+        return (namespace, name) in self._by_credentials or (namespace, name) in self._by_secret
+
+    # Subscriptions and indexes
+
+    def _learn(self, body: Mapping[str, Any]) -> Subscription:
+        metadata = body.get("metadata", {})
+        namespace, name = metadata["namespace"], metadata["name"]
+        spec: TokenRequestSpec | None = None
+        spec_error: str | None = None
+        try:
+            spec = parse_spec(
+                body.get("spec") or {},
+                name=name,
+                namespace=namespace,
+                default_cluster=self._settings.cluster_name,
+            )
+        except SpecError as error:
+            spec_error = str(error)
+        previous = self._subscriptions.get((namespace, name))
+        subscription = Subscription(
+            namespace=namespace,
+            name=name,
+            uid=metadata["uid"],
+            generation=int(metadata.get("generation") or 0),
+            spec=spec,
+            spec_error=spec_error,
+            status=dict(body.get("status") or {}) if previous is None else previous.status,
+        )
+        if previous is not None:
+            subscription.lock = previous.lock
+            subscription.key = previous.key
+            self._unindex(previous)
+        self._subscriptions[subscription.ref] = subscription
+        self._index(subscription)
+        return subscription
+
+    def _index(self, subscription: Subscription) -> None:
+        ref = subscription.ref
+        if subscription.key is not None:
+            self._by_key[subscription.key].add(ref)
+        if subscription.spec is not None:
+            self._by_secret[(subscription.namespace, subscription.spec.secret_name)] = ref
+            if subscription.spec.credentials_secret:
+                credentials = (subscription.namespace, subscription.spec.credentials_secret)
+                self._by_credentials[credentials].add(ref)
+
+    def _unindex(self, subscription: Subscription) -> None:
+        ref = subscription.ref
+        if subscription.key is not None:
+            self._drop_from_key(subscription.key, ref)
+        for secret_ref, owner in list(self._by_secret.items()):
+            if owner == ref:
+                del self._by_secret[secret_ref]
+        for credentials, subscribers in list(self._by_credentials.items()):
+            subscribers.discard(ref)
+            if not subscribers:
+                del self._by_credentials[credentials]
+
+    def _drop_from_key(self, key: CacheKey, ref: ObjectRef) -> None:
+        subscribers = self._by_key.get(key)
+        if subscribers is None:
+            return
+        subscribers.discard(ref)
+        if not subscribers:
+            del self._by_key[key]
+            self._cache.forget(key)  # nobody needs this token any more
+
+    def _secret_drifted(self, subscription: Subscription, secret: Mapping[str, Any]) -> bool:
+        if subscription.key is None or subscription.spec is None:
+            return False
+        cached = self._cache.peek(subscription.key)
+        if cached.token is None:
+            return False
+        desired = render_secret(
+            owner=subscription.owner,
+            secret_name=subscription.spec.secret_name,
+            scope=subscription.spec.scope,
+            token=cached.token,
+        )
+        data = secret.get("data") or {}
+        if data != desired["data"]:
+            return True
+        labels = secret.get("metadata", {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in desired["metadata"]["labels"].items()):
+            return True
+        return not is_owned_by(secret, subscription.uid)
+
+    # The work
+
+    async def _scheduled(self, ref: ObjectRef) -> None:
+        subscription = self._subscriptions.get(ref)
+        if subscription is not None:
+            await self._sync(subscription)
+
+    async def _credentials(self, subscription: Subscription) -> ClientCredentials:
+        assert subscription.spec is not None
+        if subscription.spec.credentials_secret is None:
+            # Read afresh each time: a mounted Secret may have been rotated in place.
+            return await asyncio.to_thread(operator_identity, self._settings, self._environ)
+        secret = await self._kube.read_secret(
+            subscription.namespace, subscription.spec.credentials_secret
+        )
+        return credentials_from_secret(
+            None if secret is None else (secret.get("data") or {}),
+            namespace=subscription.namespace,
+            name=subscription.spec.credentials_secret,
+            policy=self._endpoint_policy,
+        )
+
+    async def _seed_from_secret(self, subscription: Subscription, key: CacheKey) -> None:
+        """After a restart the owned Secret still holds a good token: reuse it, call nobody."""
+        assert subscription.spec is not None
+        if self._cache.peek(key).token is not None:
+            return
+        secret = await self._kube.read_secret(subscription.namespace, subscription.spec.secret_name)
+        if secret is None:
+            return
+        token = token_from_secret(
+            secret, owner_uid=subscription.uid, scope=key.scope, now=self._clock()
+        )
+        if token is not None:
+            REDACTOR.register(token.value)
+            self._cache.seed(key, token)
+            logger.info("%s reusing the unexpired token found in its Secret", subscription.log_context)
+
+    async def _sync(self, subscription: Subscription) -> None:
+        async with subscription.lock:
+            if self._subscriptions.get(subscription.ref) is not subscription:
+                return  # replaced by a newer version of the object, or deleted meanwhile
+            if subscription.spec is None:
+                await self._publish(
+                    subscription,
+                    token=None,
+                    refresh_at=None,
+                    failure=Failure(INVALID_SPEC, subscription.spec_error or "invalid spec"),
+                    failures=0,
+                    failed_at=None,
+                    outcome=None,
+                )
+                self.scheduler.reschedule(subscription.ref, None)
+                return
+            await self._remove_previous_secret(subscription)
+            try:
+                credentials = await self._credentials(subscription)
+            except CredentialsError as error:
+                await self._credentials_failed(subscription, error)
+                return
+            REDACTOR.register(credentials.client_secret)
+            subscription.credentials_failures = 0
+            subscription.credentials_failed_at = None
+            key = CacheKey.for_credentials(credentials, subscription.spec.scope)
+            if key != subscription.key:
+                if subscription.key is not None:
+                    self._drop_from_key(subscription.key, subscription.ref)
+                subscription.key = key
+                self._by_key[key].add(subscription.ref)
+                await self._seed_from_secret(subscription, key)
+            result = await self._cache.get(
+                credentials, subscription.spec.scope, refresh_before=subscription.spec.refresh_before
+            )
+            metrics.record_cache_lookup(fetched=result.fetched)
+            if result.token is not None:
+                REDACTOR.register(result.token.value)
+            if result.fetched:
+                self._log_fetch(subscription, result)
+                if result.token is not None:
+                    self._fan_out(key, subscription.ref)
+            await self._deliver(subscription, result)
+
+    async def _remove_previous_secret(self, subscription: Subscription) -> None:
+        """A new spec.secretName: the old Secret, if this TokenRequest owns it, goes away."""
+        assert subscription.spec is not None
+        previous_name = subscription.status.get("secretName")
+        if previous_name and previous_name != subscription.spec.secret_name:
+            deleted = await delete_owned_secret(
+                self._kube,
+                namespace=subscription.namespace,
+                name=previous_name,
+                owner_uid=subscription.uid,
+            )
+            if deleted:
+                logger.info(
+                    "%s deleted its previous Secret %s", subscription.log_context, previous_name
+                )
+
+    def _fan_out(self, key: CacheKey, origin: ObjectRef) -> None:
+        now = self._clock()
+        for ref in self._by_key.get(key, ()):
+            if ref != origin:
+                self.scheduler.schedule(ref, now)
+
+    def _log_fetch(self, subscription: Subscription, result: CacheResult) -> None:
+        if result.token is not None and result.error is None:
+            logger.info(
+                "%s token obtained, expires %s",
+                subscription.log_context,
+                result.token.expires_at.isoformat(),
+            )
+        elif result.error is not None:
+            reason = _failure_from(result.error).reason
+            metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=reason)
+            logger.warning(
+                "%s token request failed: reason=%s attempts=%d%s",
+                subscription.log_context,
+                reason,
+                result.failures,
+                _failure_fields(result.error),
+            )
+
+    async def _credentials_failed(self, subscription: Subscription, error: CredentialsError) -> None:
+        now = self._clock()
+        subscription.credentials_failures += 1
+        subscription.credentials_failed_at = now
+        metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=error.reason)
+        logger.warning(
+            "%s credentials unusable: reason=%s attempts=%d",
+            subscription.log_context,
+            error.reason,
+            subscription.credentials_failures,
+        )
+        # Whatever token the Secret already holds still serves until it expires.
+        token = None
+        if subscription.key is not None:
+            token = self._cache.peek(subscription.key).token
+        await self._publish(
+            subscription,
+            token=token,
+            refresh_at=None,
+            failure=_failure_from(error),
+            failures=subscription.credentials_failures,
+            failed_at=now,
+            outcome=None,
+        )
+        retry_at = self._retry.next_attempt_at(
+            now=now,
+            failures=subscription.credentials_failures,
+            error=error,
+            jitter_fraction=0.5,
+        )
+        # The watch on the credentials Secret brings a fix sooner; this is the safety net.
+        wake = min(retry_at, token.expires_at) if token else retry_at
+        self.scheduler.reschedule(subscription.ref, wake)
+
+    async def _deliver(self, subscription: Subscription, result: CacheResult) -> None:
+        assert subscription.spec is not None
+        outcome: WriteOutcome | None = None
+        if result.token is not None:
+            desired = render_secret(
+                owner=subscription.owner,
+                secret_name=subscription.spec.secret_name,
+                scope=subscription.spec.scope,
+                token=result.token,
+            )
+            outcome = await write_secret(self._kube, desired=desired, owner_uid=subscription.uid)
+        failure: Failure | None = None
+        if outcome is WriteOutcome.CONFLICT:
+            failure = Failure(
+                SECRET_CONFLICT,
+                f"Secret {subscription.spec.secret_name} exists and is not owned by this "
+                "TokenRequest; it is left untouched. Delete it or choose another spec.secretName",
+            )
+        elif result.error is not None:
+            failure = _failure_from(result.error)
+        in_secret = result.token if outcome is not WriteOutcome.CONFLICT else None
+        await self._publish(
+            subscription,
+            token=in_secret,
+            # While refreshes fail, the next refresh is the next attempt, not the missed point.
+            refresh_at=result.next_attempt_at if result.error is not None else result.refresh_at,
+            failure=failure,
+            failures=result.failures if result.error is not None else 0,
+            failed_at=result.last_failure_at,
+            outcome=outcome,
+        )
+        self.scheduler.reschedule(subscription.ref, self._next_wake(result, outcome))
+
+    def _next_wake(self, result: CacheResult, outcome: WriteOutcome | None) -> datetime | None:
+        candidates: list[datetime] = []
+        if result.error is None and result.refresh_at is not None:
+            candidates.append(result.refresh_at)
+        if result.next_attempt_at is not None:
+            candidates.append(result.next_attempt_at)
+        if result.token is not None:
+            candidates.append(result.token.expires_at)  # Ready must turn False on time
+        if outcome is WriteOutcome.CONFLICT:
+            # The Secret's deletion wakes us through the watch; this is the safety net.
+            candidates.append(self._clock() + self._retry.maximum)
+        return min(candidates) if candidates else None
+
+    async def _publish(
+        self,
+        subscription: Subscription,
+        *,
+        token: AccessToken | None,
+        refresh_at: datetime | None,
+        failure: Failure | None,
+        failures: int,
+        failed_at: datetime | None,
+        outcome: WriteOutcome | None,
+    ) -> None:
+        now = self._clock()
+        spec = subscription.spec
+        observation = Observation(
+            generation=subscription.generation,
+            scope=spec.scope if spec else None,
+            secret_name=spec.secret_name if spec else subscription.name,
+            token=token if token is not None and token.expires_at > now else None,
+            refresh_at=refresh_at,
+            failure=failure,
+            failed_attempts=failures,
+            last_failure_at=failed_at,
+            now=now,
+        )
+        previous = subscription.status
+        desired = build_status(observation, previous)
+        written = outcome in (WriteOutcome.CREATED, WriteOutcome.UPDATED)
+        new_token = written and previous.get("expiresAt") != desired.get("expiresAt")
+        events = transition_events(
+            previous=previous,
+            desired=desired,
+            new_token_written=new_token,
+            secret_restored=written and not new_token,
+        )
+        if written and not new_token:
+            logger.info("%s Secret restored after drift", subscription.log_context)
+        if status_changed(previous, desired):
+            await self._kube.patch_token_request_status(
+                subscription.namespace, subscription.name, desired
+            )
+            subscription.status = desired
+        for event in events:
+            await self._kube.create_event(
+                subscription.namespace,
+                event_body(
+                    namespace=subscription.namespace,
+                    name=subscription.name,
+                    uid=subscription.uid,
+                    event=event,
+                    now=now,
+                ),
+            )
+        metrics.observe_token_request(
+            subscription.namespace,
+            subscription.name,
+            ready=observation.token is not None,
+            expires_at=observation.token.expires_at if observation.token else None,
+        )

@@ -1,0 +1,73 @@
+"""A last line of defence: no client secret or token leaves the process in a log line.
+
+The code never logs a secret on purpose. This guards against the accidents:
+a library logging a request body, an exception message echoing a form field,
+a debug line somebody adds next year. Every log record is scrubbed when it is
+created, of every secret value the operator has handled and of anything
+shaped like a JSON Web Token, before any handler or formatter sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+REDACTED = "[REDACTED]"
+# Three base64url segments, the first one a JSON object ("eyJ" is `{"` encoded).
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+_MAX_VALUES = 4096  # the oldest values age out; they belong to long-gone tokens
+_MIN_LENGTH = 6  # shorter strings would scrub ordinary words
+
+
+class Redactor:
+    def __init__(self) -> None:
+        self._values: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def register(self, value: str) -> None:
+        if len(value) < _MIN_LENGTH:
+            return
+        with self._lock:
+            self._values[value] = None
+            self._values.move_to_end(value)
+            while len(self._values) > _MAX_VALUES:
+                self._values.popitem(last=False)
+
+    def scrub(self, text: str) -> str:
+        text = _JWT.sub(REDACTED, text)
+        with self._lock:
+            values = list(self._values)
+        for value in values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+
+REDACTOR = Redactor()
+_installed = False
+
+
+def install() -> None:
+    """Scrub every log record at creation (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    previous_factory = logging.getLogRecordFactory()
+
+    def scrubbing_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous_factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: keep the raw template only
+            message = str(record.msg)
+        record.msg = REDACTOR.scrub(message)
+        record.args = None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = REDACTOR.scrub(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    logging.setLogRecordFactory(scrubbing_factory)

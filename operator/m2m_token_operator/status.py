@@ -1,0 +1,213 @@
+"""What `kubectl get tokreq` and `kubectl describe` tell: status, conditions, events.
+
+Readiness is about the workload: `Ready` is True exactly while the Secret holds
+a token that has not expired. `Degraded` is about the operator's last attempt.
+A failing refresh with a still-valid token is therefore Ready=True and
+Degraded=True, the state in which nobody needs to be woken up yet.
+
+Everything here is a pure function of an observation and the previous status,
+so that an unchanged world produces an identical status and no write.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from m2m_token_operator.client import AccessToken
+from m2m_token_operator.kube import API_VERSION, KIND, JsonObject
+from m2m_token_operator.secret_output import format_time
+
+READY = "Ready"
+DEGRADED = "Degraded"
+
+# Condition reasons: one per failure class, CamelCase, as the API conventions ask.
+TOKEN_ISSUED = "TokenIssued"
+REFRESH_SUCCEEDED = "RefreshSucceeded"
+PENDING = "Pending"
+INVALID_SPEC = "InvalidSpec"
+CREDENTIALS_MISSING = "CredentialsMissing"
+CREDENTIALS_INVALID = "CredentialsInvalid"
+ENDPOINT_NOT_ALLOWED = "EndpointNotAllowed"
+CREDENTIALS_REJECTED = "CredentialsRejected"
+SCOPE_REJECTED = "ScopeRejected"
+ENDPOINT_UNAVAILABLE = "EndpointUnavailable"
+THROTTLED = "Throttled"
+SECRET_CONFLICT = "SecretConflict"
+# Event-only reasons.
+TOKEN_REFRESHED = "TokenRefreshed"
+SECRET_RESTORED = "SecretRestored"
+
+COMPONENT = "m2m-token-operator"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why the last attempt did not put a fresh token in the Secret. Never holds a secret."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the status is computed from, at one moment."""
+
+    generation: int
+    scope: str | None
+    secret_name: str
+    token: AccessToken | None  # the unexpired token now in the Secret, if any
+    refresh_at: datetime | None
+    failure: Failure | None
+    failed_attempts: int
+    last_failure_at: datetime | None
+    now: datetime
+
+
+def _condition(
+    *, kind: str, status: bool, reason: str, message: str, generation: int, previous: JsonObject
+) -> JsonObject:
+    text_status = "True" if status else "False"
+    unchanged = previous.get("status") == text_status
+    return {
+        "type": kind,
+        "status": text_status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        # The transition time moves only when the status flips, as kubectl users expect.
+        "lastTransitionTime": previous["lastTransitionTime"]
+        if unchanged and previous.get("lastTransitionTime")
+        else None,
+    }
+
+
+def _conditions_by_type(status: Mapping[str, Any]) -> dict[str, JsonObject]:
+    return {c.get("type", ""): dict(c) for c in status.get("conditions") or []}
+
+
+def build_status(observation: Observation, previous: Mapping[str, Any]) -> JsonObject:
+    """The complete status for this observation, reusing transition times that did not change."""
+    obs = observation
+    old = _conditions_by_type(previous)
+    if obs.token is not None:
+        ready = (True, TOKEN_ISSUED, f"Secret {obs.secret_name} holds a token for {obs.scope}"
+                 f" valid until {format_time(obs.token.expires_at)}")
+    elif obs.failure is not None:
+        ready = (False, obs.failure.reason, obs.failure.message)
+    else:
+        ready = (False, PENDING, "Waiting for the first token")
+    if obs.failure is not None:
+        degraded = (True, obs.failure.reason, obs.failure.message)
+    else:
+        degraded = (False, REFRESH_SUCCEEDED, "The last token request succeeded")
+
+    conditions = [
+        _condition(kind=READY, status=ready[0], reason=ready[1], message=ready[2],
+                   generation=obs.generation, previous=old.get(READY, {})),
+        _condition(kind=DEGRADED, status=degraded[0], reason=degraded[1], message=degraded[2],
+                   generation=obs.generation, previous=old.get(DEGRADED, {})),
+    ]  # fmt: skip
+    now_text = format_time(obs.now)
+    for condition in conditions:
+        if condition["lastTransitionTime"] is None:
+            condition["lastTransitionTime"] = now_text
+    return {
+        "observedGeneration": obs.generation,
+        "scope": obs.scope,
+        "secretName": obs.secret_name,
+        "expiresAt": format_time(obs.token.expires_at) if obs.token else None,
+        "refreshAt": format_time(obs.refresh_at) if obs.token and obs.refresh_at else None,
+        "lastFailureTime": format_time(obs.last_failure_at)
+        if obs.failure and obs.last_failure_at
+        else None,
+        "failedAttempts": obs.failed_attempts if obs.failure else 0,
+        "conditions": conditions,
+    }
+
+
+_STATUS_FIELDS = (
+    "observedGeneration",
+    "scope",
+    "secretName",
+    "expiresAt",
+    "refreshAt",
+    "lastFailureTime",
+    "failedAttempts",
+    "conditions",
+)
+
+
+def status_changed(previous: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Compare only what we own; absent and null mean the same (a merge patch deletes nulls)."""
+    return any(previous.get(field) != desired.get(field) for field in _STATUS_FIELDS)
+
+
+def condition_reason(status: Mapping[str, Any], kind: str) -> tuple[str | None, str | None]:
+    condition = _conditions_by_type(status).get(kind, {})
+    return condition.get("status"), condition.get("reason")
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def transition_events(
+    *, previous: Mapping[str, Any], desired: Mapping[str, Any], new_token_written: bool,
+    secret_restored: bool,
+) -> list[EventSpec]:  # fmt: skip
+    """One event per change of state, never one per retry."""
+    events: list[EventSpec] = []
+    if new_token_written:
+        first = previous.get("expiresAt") is None
+        reason = TOKEN_ISSUED if first else TOKEN_REFRESHED
+        verb = "issued" if first else "refreshed"
+        events.append(
+            EventSpec("Normal", reason, f"Token {verb} for {desired.get('scope')}, written to "
+                      f"Secret {desired.get('secretName')}, expires {desired.get('expiresAt')}")
+        )  # fmt: skip
+    elif secret_restored:
+        events.append(
+            EventSpec("Normal", SECRET_RESTORED,
+                      f"Secret {desired.get('secretName')} was missing or edited and was restored")
+        )  # fmt: skip
+    old_status, old_reason = condition_reason(previous, DEGRADED)
+    new_status, new_reason = condition_reason(desired, DEGRADED)
+    if new_status == "True" and (old_status != "True" or old_reason != new_reason):
+        degraded = _conditions_by_type(desired)[DEGRADED]
+        events.append(EventSpec("Warning", str(new_reason), str(degraded.get("message", ""))))
+    return events
+
+
+def event_body(
+    *, namespace: str, name: str, uid: str, event: EventSpec, now: datetime
+) -> JsonObject:
+    """A core/v1 Event about a TokenRequest (what `kubectl describe` shows)."""
+    stamp = format_time(now)
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": name,
+            "namespace": namespace,
+            "uid": uid,
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:1024],
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": socket.gethostname()[:128],
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
