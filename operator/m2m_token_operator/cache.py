@@ -1,0 +1,319 @@
+"""One token per identity and scope, fetched as rarely as the token endpoint allows.
+
+The token endpoint is shared, rate-limited and sometimes down; the workloads
+must not notice either. So the cache:
+
+- keys tokens by (token endpoint, client id, scope) within one identity's realm,
+  so TokenRequests that share an identity and scope share one token;
+- runs at most one request per key at a time (single flight): concurrent
+  callers wait for the same answer instead of each calling the endpoint;
+- serves a token until its refresh point, and after a failed refresh keeps
+  serving the old one while it is unexpired (stale but valid), never after;
+- remembers failures per key (negative caching): no call before the retry
+  policy's next attempt, so many TokenRequests and watch events cannot turn
+  one failure into a storm of requests; a permanent failure is held, unless
+  the client secret has been rotated since, which is worth trying at once;
+- accepts tokens read back from the operator's own Secrets after a restart
+  (seeding), so a restart costs no call at all.
+
+The blocking fetch runs on a bounded thread pool, never on the event loop.
+Everything else runs on the event loop only, so no state here needs a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random as _random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from m2m_token_operator.client import AccessToken, TokenEndpointError
+from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy, is_permanent
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """What one token is for.
+
+    The contract's key is (endpoint, client id, scope) within one identity.
+    `realm` is the namespace whose credentials Secret holds the identity ("" for
+    the operator's own): a namespace that merely copies another namespace's
+    client id can then never be served that namespace's token.
+    """
+
+    token_endpoint: str
+    client_id: str
+    scope: str
+    realm: str
+
+    @classmethod
+    def for_credentials(cls, credentials: ClientCredentials, scope: str) -> CacheKey:
+        return cls(credentials.token_endpoint, credentials.client_id, scope, credentials.realm)
+
+    def __str__(self) -> str:
+        realm = self.realm or "operator"
+        return f"{self.scope} as {self.client_id} at {self.token_endpoint} (realm {realm})"
+
+
+class Freshness(enum.Enum):
+    FRESH = "fresh"  # before its refresh point
+    STALE = "stale"  # due for refresh (the refresh failed or is held back) but not expired
+    NONE = "none"  # no unexpired token
+
+
+@dataclass(frozen=True, slots=True)
+class CacheResult:
+    key: CacheKey
+    token: AccessToken | None  # never an expired token
+    freshness: Freshness
+    error: Exception | None  # the last attempt's failure; None when it succeeded
+    failures: int  # consecutive failures
+    last_failure_at: datetime | None
+    refresh_at: datetime | None  # when this token is due (for the refresh_before asked)
+    next_attempt_at: datetime | None  # the earliest the cache will call the endpoint again
+    fetched: bool  # this call started the request whose outcome this is
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0  # gets answered FRESH without waiting
+    misses: int = 0  # every other get
+    requests: int = 0  # calls to `fetch`
+    failures: int = 0  # failed calls plus recorded failures
+    coalesced: int = 0  # gets that waited for another get's request
+    held: int = 0  # gets refused a request by backoff or a hold
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    token: AccessToken | None = None
+    jitter: float = 0.0  # drawn once per token: every caller sees the same refresh point
+    error: Exception | None = None
+    failures: int = 0
+    last_failure_at: datetime | None = None
+    retry_at: datetime | None = None
+    failed_fingerprint: str | None = None
+    flight: asyncio.Task[None] | None = None
+    # Memos of pure functions of the fields above; cleared whenever those change.
+    refresh_points: dict[timedelta | None, datetime] = field(default_factory=dict)
+    fresh_results: dict[timedelta | None, tuple[datetime, CacheResult]] = field(
+        default_factory=dict
+    )
+
+    def store(self, token: AccessToken, jitter: float) -> None:
+        self.token = token
+        self.jitter = jitter
+        self.refresh_points.clear()
+        self.fresh_results.clear()
+
+
+class TokenCache:
+    def __init__(
+        self,
+        *,
+        fetch: Callable[[ClientCredentials, str], AccessToken],
+        refresh_policy: RefreshPolicy,
+        retry_policy: RetryPolicy,
+        clock: Callable[[], datetime],
+        random: Callable[[], float] = _random.random,
+        max_workers: int = 8,
+    ) -> None:
+        self._fetch = fetch
+        self._refresh = refresh_policy
+        self._retry = retry_policy
+        self._clock = clock
+        self._random = random
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="m2m-token-fetch"
+        )
+        self._entries: dict[CacheKey, _Entry] = {}
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        """Stop the worker threads; a request already running finishes on its own."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def get(
+        self,
+        credentials: ClientCredentials,
+        scope: str,
+        *,
+        refresh_before: timedelta | None = None,
+    ) -> CacheResult:
+        """The token for this identity and scope, fetched only when due and allowed."""
+        key = CacheKey.for_credentials(credentials, scope)
+        entry = self._entries.get(key)
+        if entry is not None:
+            memo = entry.fresh_results.get(refresh_before)
+            if memo is not None and self._clock() < memo[0]:
+                self.stats.hits += 1
+                return memo[1]
+        else:
+            entry = self._entries[key] = _Entry()
+
+        now = self._clock()
+        current = self._result(key, entry, now=now, refresh_before=refresh_before, fetched=False)
+        if current.freshness is Freshness.FRESH:
+            self.stats.hits += 1
+            return current
+        self.stats.misses += 1
+        flight = entry.flight
+        started = flight is None
+        if flight is None:
+            if self._held(entry, credentials, now):
+                self.stats.held += 1
+                return current
+            flight = asyncio.get_running_loop().create_task(
+                self._fly(key, entry, credentials, scope), name=f"m2m-token-fetch {key.scope}"
+            )
+            entry.flight = flight
+        else:
+            self.stats.coalesced += 1
+        # Shielded: a caller that gives up must not cancel the request the others wait for.
+        await asyncio.shield(flight)
+        return self._result(
+            key, entry, now=self._clock(), refresh_before=refresh_before, fetched=started
+        )
+
+    def record_failure(
+        self, key: CacheKey, error: Exception, *, credentials_fingerprint: str | None = None
+    ) -> CacheResult:
+        """A failure that happened without a request (unusable credentials), kept like any other."""
+        entry = self._entries.setdefault(key, _Entry())
+        self._failed(entry, error, fingerprint=credentials_fingerprint)
+        return self._result(key, entry, now=self._clock(), refresh_before=None, fetched=False)
+
+    def seed(self, key: CacheKey, token: AccessToken) -> None:
+        """Adopt a token read back from an owned Secret, unless a later-expiring one is held."""
+        if token.expired(self._clock()):
+            return
+        entry = self._entries.setdefault(key, _Entry())
+        if entry.token is not None and entry.token.expires_at >= token.expires_at:
+            return
+        entry.store(token, self._random())
+
+    def peek(self, key: CacheKey, *, refresh_before: timedelta | None = None) -> CacheResult:
+        """What `get` would serve without calling anybody."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return CacheResult(
+                key=key,
+                token=None,
+                freshness=Freshness.NONE,
+                error=None,
+                failures=0,
+                last_failure_at=None,
+                refresh_at=None,
+                next_attempt_at=None,
+                fetched=False,
+            )
+        return self._result(
+            key, entry, now=self._clock(), refresh_before=refresh_before, fetched=False
+        )
+
+    def forget(self, key: CacheKey) -> None:
+        """Drop the token and failure record of a key nobody uses any more."""
+        self._entries.pop(key, None)
+
+    # Internals: all run on the event loop.
+
+    def _held(self, entry: _Entry, credentials: ClientCredentials, now: datetime) -> bool:
+        if entry.retry_at is None or now >= entry.retry_at:
+            return False
+        if entry.error is not None and is_permanent(entry.error):
+            # A rotated secret may be exactly the fix for a rejected one: try it at once.
+            return credentials.fingerprint() == entry.failed_fingerprint
+        return True
+
+    async def _fly(
+        self, key: CacheKey, entry: _Entry, credentials: ClientCredentials, scope: str
+    ) -> None:
+        self.stats.requests += 1
+        loop = asyncio.get_running_loop()
+        try:
+            token = await loop.run_in_executor(self._executor, self._fetch, credentials, scope)
+        except Exception as error:
+            if not isinstance(error, TokenEndpointError):
+                # A bug, not an endpoint's answer: keep the traceback (it holds no secret).
+                logger.exception("unexpected failure fetching the token for %s", key)
+            self._failed(entry, error, fingerprint=credentials.fingerprint())
+        else:
+            entry.store(token, self._random())
+            entry.error = None
+            entry.failures = 0
+            entry.last_failure_at = None
+            entry.retry_at = None
+            entry.failed_fingerprint = None
+        finally:
+            entry.flight = None
+
+    def _failed(self, entry: _Entry, error: Exception, *, fingerprint: str | None) -> None:
+        now = self._clock()
+        self.stats.failures += 1
+        entry.failures += 1
+        entry.error = error
+        entry.last_failure_at = now
+        entry.failed_fingerprint = fingerprint
+        entry.retry_at = self._retry.next_attempt_at(
+            now=now, failures=entry.failures, error=error, jitter_fraction=self._random()
+        )
+        entry.fresh_results.clear()
+
+    def _result(
+        self,
+        key: CacheKey,
+        entry: _Entry,
+        *,
+        now: datetime,
+        refresh_before: timedelta | None,
+        fetched: bool,
+    ) -> CacheResult:
+        token = entry.token
+        if token is not None and token.expired(now):
+            entry.token = token = None
+            entry.refresh_points.clear()
+            entry.fresh_results.clear()
+        if token is None:
+            return CacheResult(
+                key=key,
+                token=None,
+                freshness=Freshness.NONE,
+                error=entry.error,
+                failures=entry.failures,
+                last_failure_at=entry.last_failure_at,
+                refresh_at=None,
+                next_attempt_at=entry.retry_at,
+                fetched=fetched,
+            )
+        refresh_at = entry.refresh_points.get(refresh_before)
+        if refresh_at is None:
+            refresh_at = self._refresh.refresh_at(
+                token, refresh_before=refresh_before, jitter_fraction=entry.jitter
+            )
+            entry.refresh_points[refresh_before] = refresh_at
+        next_attempt = refresh_at if entry.retry_at is None else max(refresh_at, entry.retry_at)
+        fresh = now < refresh_at
+        result = CacheResult(
+            key=key,
+            token=token,
+            freshness=Freshness.FRESH if fresh else Freshness.STALE,
+            error=entry.error,
+            failures=entry.failures,
+            last_failure_at=entry.last_failure_at,
+            refresh_at=refresh_at,
+            next_attempt_at=next_attempt,
+            fetched=fetched,
+        )
+        if fresh and not fetched:
+            entry.fresh_results[refresh_before] = (refresh_at, result)
+        return result

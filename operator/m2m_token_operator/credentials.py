@@ -1,0 +1,279 @@
+"""Where an identity comes from, and where its secret may be sent.
+
+An identity is a client id, a client secret and the token endpoint the secret
+is presented to. The operator has its own (environment variables, or files of
+a mounted Secret that an identity operator rotates in place), and a
+TokenRequest may name a Secret in its own namespace holding another.
+
+A Secret's token endpoint is written by whoever can write Secrets in that
+namespace, yet the operator would POST the secret there: without a check, a
+namespace could point the operator at a server of its choosing. The endpoint
+allow-list (`EndpointPolicy`) closes that door. The operator's own identity is
+configured by the operator's administrator and only ever goes to its own
+endpoint, so it is not held to the list.
+
+No tokens here, and no Kubernetes API calls: the caller reads the Secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import secrets as _random_bytes
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import SplitResult, urlsplit
+
+if TYPE_CHECKING:
+    from m2m_token_operator.settings import Settings
+
+CLIENT_ID_KEY = "AZURE_APP_CLIENT_ID"
+# Key names, not secrets.
+CLIENT_SECRET_KEY = "AZURE_APP_CLIENT_SECRET"  # noqa: S105
+TOKEN_ENDPOINT_KEY = "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"  # noqa: S105
+KEYS = (CLIENT_ID_KEY, CLIENT_SECRET_KEY, TOKEN_ENDPOINT_KEY)
+
+CREDENTIALS_MISSING = "CredentialsMissing"
+CREDENTIALS_INVALID = "CredentialsInvalid"
+ENDPOINT_NOT_ALLOWED = "EndpointNotAllowed"
+
+OPERATOR_IDENTITY = "operator identity"
+
+# Fingerprints only ever compare two secrets held by this process; a per-process salt
+# makes a fingerprint that leaked into a heap dump useless for guessing the secret.
+_FINGERPRINT_SALT = _random_bytes.token_bytes(16)
+
+
+class CredentialsError(Exception):
+    """An identity that cannot be used; `reason` is the status condition's reason."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """One identity: what is sent to which token endpoint. The secret never shows in repr."""
+
+    token_endpoint: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    source: str  # for people: "operator identity" or "Secret shop/azure-shop-frontend"
+    realm: str  # "" for the operator's own identity, else the credentials Secret's namespace
+
+    def fingerprint(self) -> str:
+        """A salted SHA-256 of the secret, so the cache can notice a rotated secret."""
+        return hashlib.sha256(_FINGERPRINT_SALT + self.client_secret.encode()).hexdigest()
+
+
+def parse_host_entry(entry: str) -> tuple[str, int | None]:
+    """An allow-list entry as (host, port or None); ValueError when it is not one."""
+    text = entry.strip().lower()
+    if not text or "/" in text or "@" in text:
+        raise ValueError(f"{entry!r} is not a host name")
+    parts = urlsplit("//" + text)
+    host = (parts.hostname or "").rstrip(".")
+    if not host or host == "*." or ("*" in host and not host.startswith("*.")):
+        raise ValueError(f"{entry!r} is not a host name")
+    return host, parts.port
+
+
+def _host_allowed(host: str, port: int, entry: str) -> bool:
+    try:
+        allowed_host, allowed_port = parse_host_entry(entry)
+    except ValueError:
+        return False  # Settings rejects such entries; a hand-made policy just never matches
+    if allowed_port is not None and allowed_port != port:
+        return False
+    if allowed_host.startswith("*."):
+        return host.endswith(allowed_host[1:])
+    return host == allowed_host
+
+
+def _split_endpoint(url: str) -> tuple[SplitResult, str, int | None]:
+    """Parse a token endpoint URL or raise ValueError saying what is wrong with it."""
+    if not url or any(character.isspace() or not character.isprintable() for character in url):
+        raise ValueError("it is empty or contains spaces or control characters")
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http"):
+        raise ValueError("it must be an https:// URL")
+    if not parts.hostname:
+        raise ValueError("it has no host name")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise ValueError("it must not contain a user name or password")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("its port is not a number from 1 to 65535") from None
+    return parts, parts.hostname.rstrip(".").lower(), port
+
+
+def check_endpoint_url(url: str, *, allow_insecure_http: bool) -> None:
+    """Well-formed and, unless allowed, https: raises CredentialsError(CredentialsInvalid)."""
+    try:
+        parts, _, _ = _split_endpoint(url)
+    except ValueError as error:
+        raise CredentialsError(
+            f"token endpoint is not a usable URL: {error}", reason=CREDENTIALS_INVALID
+        ) from None
+    if parts.scheme == "http" and not allow_insecure_http:
+        raise CredentialsError(
+            f"token endpoint {parts.scheme}://{parts.netloc} uses plain http, which would send the"
+            " client secret unencrypted: use https (M2M_ALLOW_INSECURE_HTTP_ENDPOINTS=true"
+            " allows http, for local development only)",
+            reason=CREDENTIALS_INVALID,
+        )
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    """Which token endpoints a credentials Secret may send its client secret to.
+
+    Entries are host names ("login.microsoftonline.com"), optionally with a port
+    ("127.0.0.1:8443", then only that port) or a leading wildcard label
+    ("*.ciamlogin.com", any host below that domain).
+    """
+
+    allowed_hosts: frozenset[str]
+    allow_insecure_http: bool
+
+    def check(self, url: str) -> None:
+        try:
+            parts, host, port = _split_endpoint(url)
+        except ValueError as error:
+            raise CredentialsError(
+                f"token endpoint is not allowed: {error}", reason=ENDPOINT_NOT_ALLOWED
+            ) from None
+        shown = f"{parts.scheme}://{parts.netloc}"
+        if parts.scheme == "http" and not self.allow_insecure_http:
+            raise CredentialsError(
+                f"token endpoint {shown} uses plain http, which would send the client secret"
+                " unencrypted: use https",
+                reason=ENDPOINT_NOT_ALLOWED,
+            )
+        effective_port = port if port is not None else (443 if parts.scheme == "https" else 80)
+        if not any(_host_allowed(host, effective_port, entry) for entry in self.allowed_hosts):
+            allowed_text = ", ".join(sorted(self.allowed_hosts)) or "(none)"
+            raise CredentialsError(
+                f"token endpoint host {host!r} is not in the operator's allowed token endpoint"
+                f" hosts ({allowed_text}): use an allowed endpoint, or ask the operator's"
+                " administrator to add the host to M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS",
+                reason=ENDPOINT_NOT_ALLOWED,
+            )
+
+
+def _read_file(directory: Path, key: str) -> str | None:
+    try:
+        return (directory / key).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CredentialsError(
+            f"cannot read {key} from {directory}: {type(error).__name__}",
+            reason=CREDENTIALS_INVALID,
+        ) from None
+
+
+def operator_identity(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> ClientCredentials:
+    """The operator's own identity, read afresh on every call.
+
+    Each key comes from a file in `settings.credentials_dir` when there is one
+    (a mounted Secret, updated in place when the identity is rotated), else from
+    the environment variable of the same name.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    missing: list[str] = []
+    for key in KEYS:
+        raw = _read_file(settings.credentials_dir, key) if settings.credentials_dir else None
+        if raw is None:
+            raw = env.get(key)
+        # Files made with `kubectl create secret --from-file` usually end in a newline.
+        value = (raw or "").strip()
+        if value:
+            values[key] = value
+        else:
+            missing.append(key)
+    if missing:
+        where = "the environment"
+        if settings.credentials_dir:
+            where = f"{settings.credentials_dir} or the environment"
+        raise CredentialsError(
+            f"the operator's own identity is incomplete: {', '.join(missing)} not set in {where};"
+            " set them, or name a credentials Secret in spec.credentials.secretRef",
+            reason=CREDENTIALS_MISSING,
+        )
+    try:
+        check_endpoint_url(
+            values[TOKEN_ENDPOINT_KEY], allow_insecure_http=settings.allow_insecure_http
+        )
+    except CredentialsError as error:
+        raise CredentialsError(
+            f"the operator's own identity: {error}", reason=error.reason
+        ) from None
+    return ClientCredentials(
+        token_endpoint=values[TOKEN_ENDPOINT_KEY],
+        client_id=values[CLIENT_ID_KEY],
+        client_secret=values[CLIENT_SECRET_KEY],
+        source=OPERATOR_IDENTITY,
+        realm="",
+    )
+
+
+def credentials_from_secret(
+    data: Mapping[str, str] | None, *, namespace: str, name: str, policy: EndpointPolicy
+) -> ClientCredentials:
+    """An identity from a credentials Secret's `.data` (None: the Secret does not exist)."""
+    source = f"Secret {namespace}/{name}"
+    if data is None:
+        raise CredentialsError(
+            f"credentials {source} not found: create it with the keys {', '.join(KEYS)}",
+            reason=CREDENTIALS_MISSING,
+        )
+    values: dict[str, str] = {}
+    missing: list[str] = []
+    for key in KEYS:
+        encoded = data.get(key)
+        if encoded is None:
+            missing.append(key)
+            continue
+        try:
+            if not isinstance(encoded, str):
+                raise TypeError
+            value = base64.b64decode(encoded, validate=True).decode("utf-8").strip()
+        except (TypeError, ValueError, binascii.Error):
+            raise CredentialsError(
+                f"credentials {source}: the value of {key} is not valid base64-encoded UTF-8"
+                " text; write it with `kubectl create secret generic` or as stringData",
+                reason=CREDENTIALS_INVALID,
+            ) from None
+        if value:
+            values[key] = value
+        else:
+            missing.append(key)
+    if missing:
+        raise CredentialsError(
+            f"credentials {source} lacks a value for {', '.join(missing)}:"
+            f" it must hold {', '.join(KEYS)}",
+            reason=CREDENTIALS_MISSING,
+        )
+    endpoint = values[TOKEN_ENDPOINT_KEY]
+    try:
+        check_endpoint_url(endpoint, allow_insecure_http=True)  # malformed: CredentialsInvalid
+        policy.check(endpoint)
+    except CredentialsError as error:
+        raise CredentialsError(f"credentials {source}: {error}", reason=error.reason) from None
+    return ClientCredentials(
+        token_endpoint=endpoint,
+        client_id=values[CLIENT_ID_KEY],
+        client_secret=values[CLIENT_SECRET_KEY],
+        source=source,
+        realm=namespace,
+    )

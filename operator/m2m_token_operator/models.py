@@ -1,0 +1,216 @@
+"""What a TokenRequest asks for, checked and resolved before anything acts on it.
+
+The CRD's schema catches most mistakes at `kubectl apply`, but the operator must
+not trust it alone: schemas change between versions, and an object written
+before a schema change is never re-validated. Everything the operator acts on
+passes through `parse_spec`, whose errors are written to the TokenRequest's
+status, so each one says which field is wrong and how to fix it.
+
+No HTTP and no Kubernetes here: these are plain functions of plain data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+SCOPE_PREFIX = "api://"
+SCOPE_SUFFIX = "/.default"
+MAX_SCOPE_LENGTH = 1024
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# Go's time.ParseDuration units that make sense for a refresh: hours, minutes, seconds,
+# in that order, each at most once. Sub-second precision would be noise next to the jitter.
+_DURATION = re.compile(r"(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?")
+# A refresh point further out than this is certainly a typo, and it keeps timedelta finite.
+_MAX_DURATION = timedelta(days=366)
+
+
+class SpecError(ValueError):
+    """A TokenRequest spec that cannot be acted on; the message goes to its status as is."""
+
+
+@dataclass(frozen=True)
+class TokenRequestSpec:
+    """A TokenRequest's spec, resolved: what the operator actually does for it."""
+
+    scope: str
+    secret_name: str
+    refresh_before: timedelta | None
+    credentials_secret: str | None  # spec.credentials.secretRef.name; None = the operator's own
+
+
+def parse_duration(text: str) -> timedelta:
+    """A Go-style duration such as "90s", "10m", "1h30m" or "2h45m10s"; strictly positive."""
+    match = _DURATION.fullmatch(text.strip())
+    if not text.strip() or match is None:
+        raise SpecError(
+            f"{text!r} is not a duration: use whole hours, minutes and seconds in that order,"
+            " such as 90s, 10m, 1h or 1h30m"
+        )
+    try:
+        value = timedelta(
+            hours=int(match["h"] or 0), minutes=int(match["m"] or 0), seconds=int(match["s"] or 0)
+        )
+    except (OverflowError, ValueError):  # absurdly many digits
+        value = _MAX_DURATION * 2
+    if value <= timedelta(0):
+        raise SpecError(f"{text!r} is not a positive duration: use at least 1s")
+    if value > _MAX_DURATION:
+        raise SpecError(f"{text!r} is longer than {format_duration(_MAX_DURATION)}")
+    return value
+
+
+def format_duration(value: timedelta) -> str:
+    """The inverse of `parse_duration`, as Go prints durations: "1h30m", "90s" → "1m30s"."""
+    micros = value // timedelta(microseconds=1)
+    sign = "-" if micros < 0 else ""
+    micros = abs(micros)
+    whole, fraction = divmod(micros, 1_000_000)
+    hours, rest = divmod(whole, 3600)
+    minutes, seconds = divmod(rest, 60)
+    # Zero units are left out ("1h", not Go's "1h0m0s"); both forms parse back the same.
+    parts = [f"{hours}h"] if hours else []
+    if minutes:
+        parts.append(f"{minutes}m")
+    if fraction:
+        parts.append(f"{seconds}.{fraction:06d}".rstrip("0") + "s")
+    elif seconds or not parts:
+        parts.append(f"{seconds}s")
+    text = "".join(parts)
+    return sign + text
+
+
+def _check_dns_label(value: object, *, field: str, example: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{field} is required: a lowercase DNS label such as {example!r}")
+    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+        raise SpecError(
+            f"{field} {value!r} is not a valid DNS label: use at most 63 lowercase letters,"
+            f" digits and '-', starting and ending with a letter or digit, such as {example!r}"
+        )
+    return value
+
+
+def _check_dns_subdomain(value: object, *, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{field} must be a non-empty Kubernetes object name")
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise SpecError(
+            f"{field} {value!r} is not a valid Kubernetes object name: use at most 253"
+            " lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+        )
+    return value
+
+
+def resolve_scope(*, application: str, namespace: str, cluster: str) -> str:
+    """The scope a `target` stands for: api://<cluster>.<namespace>.<application>/.default."""
+    _check_dns_label(application, field="spec.target.application", example="orders-api")
+    _check_dns_label(namespace, field="spec.target.namespace", example="orders")
+    _check_dns_label(cluster, field="spec.target.cluster", example="prod-gcp")
+    return f"{SCOPE_PREFIX}{cluster}.{namespace}.{application}{SCOPE_SUFFIX}"
+
+
+def _check_scope(value: object) -> str:
+    example = "api://prod-gcp.orders.orders-api/.default"
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"spec.scope must be a non-empty string such as {example!r}")
+    if len(value) > MAX_SCOPE_LENGTH:
+        raise SpecError(f"spec.scope is longer than {MAX_SCOPE_LENGTH} characters")
+    if any(character.isspace() or not character.isprintable() for character in value):
+        raise SpecError("spec.scope must not contain spaces or control characters")
+    if (
+        not value.startswith(SCOPE_PREFIX)
+        or not value.endswith(SCOPE_SUFFIX)
+        or len(value) <= len(SCOPE_PREFIX) + len(SCOPE_SUFFIX)
+    ):
+        raise SpecError(
+            f"spec.scope {value!r} must have the form api://<application id URI>/.default,"
+            f" such as {example!r}; or use spec.target instead"
+        )
+    return value
+
+
+def _mapping(value: object, *, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{field} must be an object")
+    return value
+
+
+def parse_spec(
+    spec: Mapping[str, Any], *, name: str, namespace: str, default_cluster: str
+) -> TokenRequestSpec:
+    """Check a TokenRequest's spec and resolve it; `SpecError` says what to fix."""
+    target = spec.get("target")
+    scope = spec.get("scope")
+    if target is not None and scope is not None:
+        raise SpecError("spec.target and spec.scope are both set: set exactly one of them")
+    if target is None and scope is None:
+        raise SpecError(
+            "spec.target or spec.scope is required: set target.application (and optionally"
+            " target.namespace and target.cluster), or a full scope such as"
+            " api://prod-gcp.orders.orders-api/.default"
+        )
+    if target is not None:
+        target = _mapping(target, field="spec.target")
+        cluster = target.get("cluster")
+        if cluster is None:
+            if not default_cluster:
+                raise SpecError(
+                    "spec.target.cluster is not set and the operator has no default cluster"
+                    " (M2M_CLUSTER_NAME is empty): set spec.target.cluster"
+                )
+            cluster = default_cluster
+        target_namespace = target.get("namespace")
+        resolved = resolve_scope(
+            application=target.get("application") or "",  # checked there, helpfully
+            namespace=namespace if target_namespace is None else target_namespace,
+            cluster=cluster,
+        )
+    else:
+        resolved = _check_scope(scope)
+
+    secret_name = spec.get("secretName")
+    secret_name = _check_dns_subdomain(
+        name if secret_name is None else secret_name, field="spec.secretName"
+    )
+
+    refresh_before: timedelta | None = None
+    if spec.get("refreshBefore") is not None:
+        text = spec["refreshBefore"]
+        if not isinstance(text, str):
+            raise SpecError(
+                f"spec.refreshBefore must be a duration string such as 90s, 10m or 1h30m,"
+                f" not {text!r}"
+            )
+        try:
+            refresh_before = parse_duration(text)
+        except SpecError as error:
+            raise SpecError(f"spec.refreshBefore: {error}") from None
+
+    credentials_secret: str | None = None
+    credentials = spec.get("credentials")
+    if credentials is not None:
+        credentials = _mapping(credentials, field="spec.credentials")
+        secret_ref = credentials.get("secretRef")
+        if secret_ref is None:
+            raise SpecError(
+                "spec.credentials.secretRef.name is required when spec.credentials is set:"
+                " the Secret in this namespace holding AZURE_APP_CLIENT_ID,"
+                " AZURE_APP_CLIENT_SECRET and AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"
+            )
+        secret_ref = _mapping(secret_ref, field="spec.credentials.secretRef")
+        credentials_secret = _check_dns_subdomain(
+            secret_ref.get("name"), field="spec.credentials.secretRef.name"
+        )
+
+    return TokenRequestSpec(
+        scope=resolved,
+        secret_name=secret_name,
+        refresh_before=refresh_before,
+        credentials_secret=credentials_secret,
+    )

@@ -1,0 +1,98 @@
+"""When to refresh a token and when to try again after a failure: pure functions of a clock.
+
+Kept apart from the cache so that the arithmetic, which decides how often the
+token endpoint is called, can be tested exactly with made-up times.
+
+Refresh: by default when one third of the lifetime remains (a 3599 s token at
+about 40 minutes), or `refresh_before` ahead of expiry when a TokenRequest asks
+for that. A jitter drawn once per token spreads tokens issued in the same
+second. Two clamps keep every lifetime from seconds to days sensible: never
+later than `floor` before expiry (leaving time to retry and for the kubelet to
+update mounted files), never sooner than `min_interval` after issue (so a
+refreshBefore longer than the lifetime cannot make a tight loop). Both clamps
+shrink with short lifetimes so that they never cross.
+
+Retry: capped exponential backoff with jitter for transient failures, never
+sooner than the endpoint's Retry-After (capped, so a hostile or broken header
+cannot stop refreshes for days), and a fixed hold for permanent failures,
+which only a person can fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from m2m_token_operator.client import AccessToken, TokenEndpointError
+from m2m_token_operator.credentials import CredentialsError
+
+_ZERO = timedelta(0)
+
+
+def _fraction(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
+def is_permanent(error: Exception) -> bool:
+    """Whether retrying without a change by a person is pointless."""
+    if isinstance(error, CredentialsError):
+        return True
+    return isinstance(error, TokenEndpointError) and error.permanent
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    jitter: timedelta = timedelta(seconds=30)
+    floor: timedelta = timedelta(seconds=60)
+    min_interval: timedelta = timedelta(seconds=60)
+
+    def refresh_at(
+        self, token: AccessToken, *, refresh_before: timedelta | None, jitter_fraction: float
+    ) -> datetime:
+        """When `token` is due for refresh; `jitter_fraction` in [0, 1] is drawn once per token."""
+        lifetime = token.lifetime
+        if lifetime <= _ZERO:
+            return token.issued_at
+        # Jitter only ever moves the refresh earlier: never later than anyone asked for.
+        jitter = min(self.jitter, lifetime * 0.05) * _fraction(jitter_fraction)
+        if refresh_before is None:
+            due = lifetime * 2 / 3
+            if token.refresh_in is not None and _ZERO < token.refresh_in < due:
+                due = token.refresh_in  # the endpoint asked to be asked again sooner
+            point = token.issued_at + due - jitter
+        else:
+            point = token.expires_at - refresh_before - jitter
+        latest = token.expires_at - min(self.floor, lifetime / 4)
+        earliest = token.issued_at + min(self.min_interval, lifetime / 2)
+        return max(earliest, min(point, latest))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial: timedelta = timedelta(seconds=5)
+    maximum: timedelta = timedelta(seconds=300)
+    retry_after_max: timedelta = timedelta(seconds=3600)
+    permanent_hold: timedelta = timedelta(seconds=300)
+
+    def backoff(self, *, failures: int, jitter_fraction: float) -> timedelta:
+        """The transient-failure delay: initial·2^(failures-1), capped, ±25 % jitter."""
+        exponent = min(max(failures, 1) - 1, 40)  # 2**40 · initial is far past any cap
+        capped = min(self.maximum, self.initial * (1 << exponent))
+        delay = capped * (0.75 + 0.5 * _fraction(jitter_fraction))
+        # The jitter never goes below `initial` (no tight loop) nor above `maximum`.
+        return max(self.initial, min(self.maximum, delay))
+
+    def next_attempt_at(
+        self, *, now: datetime, failures: int, error: Exception, jitter_fraction: float
+    ) -> datetime:
+        """When to call again after `failures` consecutive failures, the last one `error`."""
+        delay = (
+            self.permanent_hold
+            if is_permanent(error)
+            else self.backoff(failures=failures, jitter_fraction=jitter_fraction)
+        )
+        retry_after = getattr(error, "retry_after", None)
+        if isinstance(retry_after, int | float) and retry_after > 0:
+            asked = min(float(retry_after), self.retry_after_max.total_seconds())
+            delay = max(delay, timedelta(seconds=asked))
+        return now + delay

@@ -1,0 +1,525 @@
+"""The token cache: single flight, keys, stale-but-valid, backoff, holds, seeding.
+
+Time is a fake clock advanced by hand; the fetch is a counting in-process
+callable, except where the HTTP request itself is the point.
+"""
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from m2m_token_operator.cache import CacheKey, CacheResult, Freshness, TokenCache
+from m2m_token_operator.client import (
+    AccessToken,
+    CredentialsRejected,
+    EndpointUnavailable,
+    ScopeRejected,
+    Throttled,
+    TokenClient,
+)
+from m2m_token_operator.credentials import ClientCredentials, CredentialsError
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+
+SCOPE = "api://prod-gcp.orders.orders-api/.default"
+OTHER_SCOPE = "api://prod-gcp.orders.billing-api/.default"
+START = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy configured in the environment must not intercept the loopback server."""
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class CountingFetch:
+    """Issues `lifetime`-second tokens, or raises the queued outcomes first."""
+
+    def __init__(self, clock: FakeClock, *, lifetime: float = 3600, delay: float = 0.0) -> None:
+        self.clock = clock
+        self.lifetime = lifetime
+        self.delay = delay
+        self.calls: list[tuple[str, str, str]] = []  # (client id, secret, scope)
+        self.threads: set[str] = set()
+        self.outcomes: list[BaseException] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, credentials: ClientCredentials, scope: str) -> AccessToken:
+        with self._lock:
+            self.calls.append((credentials.client_id, credentials.client_secret, scope))
+            number = len(self.calls)
+            outcome = self.outcomes.pop(0) if self.outcomes else None
+        self.threads.add(threading.current_thread().name)
+        issued = self.clock()
+        if self.delay:
+            time.sleep(self.delay)
+        if outcome is not None:
+            raise outcome
+        return AccessToken(
+            value=f"token-{number}",
+            token_type="Bearer",
+            issued_at=issued,
+            expires_at=issued + timedelta(seconds=self.lifetime),
+        )
+
+
+def identity(
+    client_id: str = "client-1", *, secret: str = "secret-1", realm: str = ""
+) -> ClientCredentials:
+    return ClientCredentials(
+        token_endpoint="https://login.microsoftonline.com/t/oauth2/v2.0/token",
+        client_id=client_id,
+        client_secret=secret,
+        source="operator identity" if not realm else f"Secret {realm}/azure",
+        realm=realm,
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fetch(clock: FakeClock) -> CountingFetch:
+    return CountingFetch(clock)
+
+
+@pytest.fixture
+def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
+    # random() = 0: no jitter, and the lowest backoff (5, 10, 20, ... seconds).
+    token_cache = TokenCache(
+        fetch=fetch,
+        refresh_policy=RefreshPolicy(),
+        retry_policy=RetryPolicy(),
+        clock=clock,
+        random=lambda: 0.0,
+        max_workers=4,
+    )
+    yield token_cache
+    token_cache.close()
+
+
+# Single flight and keys
+
+
+async def test_200_concurrent_gets_make_one_request(clock: FakeClock, cache: TokenCache) -> None:
+    slow = CountingFetch(clock, delay=0.05)
+    cache._fetch = slow
+    results = await asyncio.gather(*(cache.get(identity(), SCOPE) for _ in range(200)))
+    assert len(slow.calls) == 1
+    assert {result.token.value for result in results if result.token} == {"token-1"}
+    assert all(result.freshness is Freshness.FRESH for result in results)
+    assert sum(result.fetched for result in results) == 1  # one caller started the request
+    assert cache.stats.requests == 1
+    assert cache.stats.coalesced == 199
+
+
+async def test_200_concurrent_gets_make_one_http_request(httpserver: HTTPServer) -> None:
+    def token_endpoint(request: Request) -> Response:
+        time.sleep(0.05)
+        return Response(
+            json.dumps({"access_token": "real-token", "expires_in": 3599}),
+            content_type="application/json",
+        )
+
+    httpserver.expect_request("/token", method="POST").respond_with_handler(token_endpoint)
+    client = TokenClient(connect_timeout=2, read_timeout=2)
+    cache = TokenCache(
+        fetch=client.fetch,
+        refresh_policy=RefreshPolicy(),
+        retry_policy=RetryPolicy(),
+        clock=lambda: datetime.now(UTC),
+    )
+    credentials = ClientCredentials(
+        token_endpoint=httpserver.url_for("/token"),
+        client_id="client-1",
+        client_secret="s",
+        source="operator identity",
+        realm="",
+    )
+    try:
+        results = await asyncio.gather(*(cache.get(credentials, SCOPE) for _ in range(200)))
+        again = await cache.get(credentials, SCOPE)
+    finally:
+        cache.close()
+        client.close()
+    assert len(httpserver.log) == 1
+    assert {result.token.value for result in results if result.token} == {"real-token"}
+    assert again.freshness is Freshness.FRESH
+    assert not again.fetched
+
+
+async def test_hit_makes_no_request(cache: TokenCache, fetch: CountingFetch) -> None:
+    first = await cache.get(identity(), SCOPE)
+    second = await cache.get(identity(), SCOPE)
+    assert len(fetch.calls) == 1
+    assert first.fetched
+    assert not second.fetched
+    assert second.token == first.token
+    assert second.freshness is Freshness.FRESH
+    assert second.refresh_at == START + timedelta(minutes=40)
+    assert second.next_attempt_at == second.refresh_at
+    assert (cache.stats.hits, cache.stats.misses) == (1, 1)
+
+
+async def test_fetch_runs_on_worker_threads(cache: TokenCache, fetch: CountingFetch) -> None:
+    await cache.get(identity(), SCOPE)
+    assert fetch.threads
+    assert all(name.startswith("m2m-token-fetch") for name in fetch.threads)
+
+
+async def test_different_client_ids_and_scopes_get_their_own_tokens(
+    cache: TokenCache, fetch: CountingFetch
+) -> None:
+    a = await cache.get(identity("client-a"), SCOPE)
+    b = await cache.get(identity("client-b"), SCOPE)
+    c = await cache.get(identity("client-a"), OTHER_SCOPE)
+    assert len(fetch.calls) == 3
+    assert len({a.token, b.token, c.token}) == 3
+    assert a.key != b.key != c.key
+
+
+async def test_same_client_id_in_another_realm_is_never_served_the_token(
+    cache: TokenCache, fetch: CountingFetch
+) -> None:
+    owner = await cache.get(identity("client-1", realm="shop"), SCOPE)
+    copier = await cache.get(identity("client-1", secret="guess", realm="other"), SCOPE)
+    assert len(fetch.calls) == 2
+    assert owner.token is not None
+    assert copier.token is not None
+    assert owner.token.value != copier.token.value
+    assert fetch.calls[1] == ("client-1", "guess", SCOPE)
+
+
+async def test_key_is_the_contract_key_within_a_realm() -> None:
+    credentials = identity("client-1", realm="shop")
+    assert CacheKey.for_credentials(credentials, SCOPE) == CacheKey(
+        token_endpoint=credentials.token_endpoint, client_id="client-1", scope=SCOPE, realm="shop"
+    )
+
+
+# Refresh points
+
+
+async def test_refresh_at_the_refresh_point(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    await cache.get(identity(), SCOPE)
+    clock.advance(40 * 60 - 1)
+    assert (await cache.get(identity(), SCOPE)).token.value == "token-1"  # type: ignore[union-attr]
+    clock.advance(1)
+    refreshed = await cache.get(identity(), SCOPE)
+    assert len(fetch.calls) == 2
+    assert refreshed.token is not None
+    assert refreshed.token.value == "token-2"
+    assert refreshed.freshness is Freshness.FRESH
+    assert refreshed.fetched
+
+
+async def test_each_caller_has_its_own_refresh_before(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    await cache.get(identity(), SCOPE)
+    clock.advance(45 * 60)  # past the default point (40 min), before expiry - 10m (50 min)
+    late = cache.peek(CacheKey.for_credentials(identity(), SCOPE), refresh_before=timedelta(0))
+    assert late.freshness is Freshness.FRESH  # a zero refreshBefore is clamped to the 60 s floor
+    ten_minutes = await cache.get(identity(), SCOPE, refresh_before=timedelta(minutes=10))
+    assert ten_minutes.freshness is Freshness.FRESH
+    assert not ten_minutes.fetched
+    assert ten_minutes.refresh_at == START + timedelta(minutes=50)
+    default = await cache.get(identity(), SCOPE)
+    assert default.fetched
+    assert len(fetch.calls) == 2
+
+
+async def test_jitter_is_drawn_once_per_token(clock: FakeClock, fetch: CountingFetch) -> None:
+    draws = iter([0.5, 0.9, 0.1, 0.3])
+    cache = TokenCache(
+        fetch=fetch,
+        refresh_policy=RefreshPolicy(),
+        retry_policy=RetryPolicy(),
+        clock=clock,
+        random=lambda: next(draws),
+    )
+    first = await cache.get(identity(), SCOPE)
+    key = first.key
+    assert first.refresh_at == START + timedelta(minutes=40, seconds=-15)
+    for _ in range(3):
+        assert cache.peek(key).refresh_at == first.refresh_at
+        assert (await cache.get(identity(), SCOPE)).refresh_at == first.refresh_at
+    cache.close()
+
+
+# Failures: stale but valid, backoff, Retry-After, holds
+
+
+async def test_failed_refresh_serves_the_old_token_until_it_expires(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    await cache.get(identity(), SCOPE)
+    clock.advance(40 * 60)
+    fetch.outcomes.append(EndpointUnavailable("down"))
+    stale = await cache.get(identity(), SCOPE)
+    assert stale.fetched
+    assert stale.freshness is Freshness.STALE
+    assert stale.token is not None
+    assert stale.token.value == "token-1"
+    assert isinstance(stale.error, EndpointUnavailable)
+    assert stale.failures == 1
+    assert stale.last_failure_at == clock.now
+    assert stale.next_attempt_at == clock.now + timedelta(seconds=5)
+
+    clock.advance(20 * 60)  # the token's expiry
+    fetch.outcomes.append(EndpointUnavailable("still down"))
+    gone = await cache.get(identity(), SCOPE)
+    assert gone.token is None
+    assert gone.freshness is Freshness.NONE
+    assert gone.failures == 2
+    assert gone.refresh_at is None
+    assert str(gone.error) == "still down"
+    assert cache.peek(gone.key).token is None
+
+
+async def test_backoff_no_call_before_next_attempt(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    fetch.outcomes.extend([EndpointUnavailable("1"), EndpointUnavailable("2")])
+    first = await cache.get(identity(), SCOPE)
+    assert first.freshness is Freshness.NONE
+    assert first.failures == 1
+    assert first.next_attempt_at == START + timedelta(seconds=5)
+    clock.advance(4.9)
+    held = await asyncio.gather(*(cache.get(identity(), SCOPE) for _ in range(50)))
+    assert len(fetch.calls) == 1
+    assert all(not r.fetched and r.failures == 1 and r.error is first.error for r in held)
+    clock.advance(0.1)
+    second = await cache.get(identity(), SCOPE)
+    assert len(fetch.calls) == 2
+    assert second.failures == 2
+    # Doubled to 10 s, at the low end (random() = 0) of its ±25 % jitter band.
+    assert second.next_attempt_at == clock.now + timedelta(seconds=7.5)
+    clock.advance(7.4)
+    await cache.get(identity(), SCOPE)
+    assert len(fetch.calls) == 2
+    clock.advance(0.1)
+    recovered = await cache.get(identity(), SCOPE)
+    assert recovered.token is not None
+    assert recovered.error is None
+    assert (recovered.failures, recovered.last_failure_at) == (0, None)  # a success resets
+
+
+async def test_retry_after_is_honoured(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    fetch.outcomes.append(Throttled("slow down", retry_after=120))
+    throttled = await cache.get(identity(), SCOPE)
+    assert throttled.next_attempt_at == START + timedelta(seconds=120)
+    clock.advance(119)
+    await cache.get(identity(), SCOPE)
+    assert len(fetch.calls) == 1
+    clock.advance(1)
+    assert (await cache.get(identity(), SCOPE)).token is not None
+    assert len(fetch.calls) == 2
+
+
+@pytest.mark.parametrize("error", [CredentialsRejected("no"), ScopeRejected("no")])
+async def test_permanent_failure_is_held_per_key(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch, error: Exception
+) -> None:
+    fetch.outcomes.append(error)
+    rejected = await cache.get(identity(), SCOPE)
+    assert rejected.next_attempt_at == START + timedelta(seconds=300)
+    clock.advance(299)
+    for _ in range(3):
+        assert (await cache.get(identity(), SCOPE)).error is error
+    assert len(fetch.calls) == 1
+    await cache.get(identity(), OTHER_SCOPE)  # another key is not held
+    assert len(fetch.calls) == 2
+    clock.advance(1)
+    assert (await cache.get(identity(), SCOPE)).token is not None
+    assert len(fetch.calls) == 3
+
+
+async def test_rotated_secret_skips_the_permanent_hold(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    fetch.outcomes.extend([CredentialsRejected("expired secret"), CredentialsRejected("typo")])
+    await cache.get(identity(secret="old"), SCOPE)
+    clock.advance(10)
+    await cache.get(identity(secret="old"), SCOPE)
+    assert len(fetch.calls) == 1
+    typo = await cache.get(identity(secret="new-with-typo"), SCOPE)  # rotated: try at once
+    assert len(fetch.calls) == 2
+    assert typo.failures == 2
+    await cache.get(identity(secret="new-with-typo"), SCOPE)  # held again, for this secret
+    assert len(fetch.calls) == 2
+    fixed = await cache.get(identity(secret="new"), SCOPE)
+    assert len(fetch.calls) == 3
+    assert fixed.token is not None
+    assert fixed.error is None
+    assert [secret for _, secret, _ in fetch.calls] == ["old", "new-with-typo", "new"]
+
+
+async def test_rotated_secret_does_not_skip_a_transient_backoff(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    fetch.outcomes.append(Throttled("slow down", retry_after=60))
+    await cache.get(identity(secret="a"), SCOPE)
+    await cache.get(identity(secret="b"), SCOPE)
+    assert len(fetch.calls) == 1
+
+
+async def test_recorded_credentials_failure(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    key = CacheKey.for_credentials(identity(realm="shop"), SCOPE)
+    error = CredentialsError("Secret shop/azure not found", reason="CredentialsMissing")
+    recorded = cache.record_failure(key, error)
+    assert recorded.error is error
+    assert recorded.failures == 1
+    assert recorded.freshness is Freshness.NONE
+    assert recorded.next_attempt_at == START + timedelta(seconds=300)
+    assert cache.peek(key).failures == 1
+    # Usable credentials turned up: they differ from the missing ones, so no hold.
+    result = await cache.get(identity(realm="shop"), SCOPE)
+    assert result.token is not None
+    assert result.failures == 0
+    assert len(fetch.calls) == 1
+
+
+async def test_recorded_failure_with_the_same_fingerprint_holds(
+    cache: TokenCache, fetch: CountingFetch
+) -> None:
+    credentials = identity()
+    key = CacheKey.for_credentials(credentials, SCOPE)
+    cache.record_failure(
+        key,
+        CredentialsError("endpoint not allowed", reason="EndpointNotAllowed"),
+        credentials_fingerprint=credentials.fingerprint(),
+    )
+    held = await cache.get(credentials, SCOPE)
+    assert held.token is None
+    assert not held.fetched
+    assert fetch.calls == []
+
+
+async def test_unexpected_fetch_exception_is_a_failure_not_a_crash(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    fetch.outcomes.append(RuntimeError("bug"))
+    result = await cache.get(identity(), SCOPE)
+    assert isinstance(result.error, RuntimeError)
+    assert result.next_attempt_at == START + timedelta(seconds=5)
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_request(
+    clock: FakeClock, cache: TokenCache
+) -> None:
+    slow = CountingFetch(clock, delay=0.1)
+    cache._fetch = slow
+    first = asyncio.create_task(cache.get(identity(), SCOPE))
+    await asyncio.sleep(0.02)
+    first.cancel()
+    second = await cache.get(identity(), SCOPE)
+    assert second.token is not None
+    assert second.token.value == "token-1"
+    assert len(slow.calls) == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+# Seeding and forgetting
+
+
+def seeded_token(expires_in: float, value: str = "from-secret") -> AccessToken:
+    return AccessToken(
+        value=value,
+        token_type="Bearer",
+        issued_at=START - timedelta(minutes=10),
+        expires_at=START + timedelta(seconds=expires_in),
+    )
+
+
+async def test_seed_means_no_request(cache: TokenCache, fetch: CountingFetch) -> None:
+    key = CacheKey.for_credentials(identity(), SCOPE)
+    cache.seed(key, seeded_token(50 * 60))
+    result = await cache.get(identity(), SCOPE)
+    assert result.token is not None
+    assert result.token.value == "from-secret"
+    assert result.freshness is Freshness.FRESH
+    assert fetch.calls == []
+
+
+async def test_seed_never_replaces_a_later_expiring_token(cache: TokenCache) -> None:
+    key = CacheKey.for_credentials(identity(), SCOPE)
+    cache.seed(key, seeded_token(3000, "later"))
+    cache.seed(key, seeded_token(1000, "earlier"))
+    cache.seed(key, seeded_token(-1, "expired"))
+    assert cache.peek(key).token.value == "later"  # type: ignore[union-attr]
+    cache.seed(key, seeded_token(4000, "latest"))
+    assert cache.peek(key).token.value == "latest"  # type: ignore[union-attr]
+
+
+async def test_expired_seed_is_ignored(cache: TokenCache) -> None:
+    key = CacheKey.for_credentials(identity(), SCOPE)
+    cache.seed(key, seeded_token(0))
+    assert cache.peek(key) == CacheResult(
+        key=key,
+        token=None,
+        freshness=Freshness.NONE,
+        error=None,
+        failures=0,
+        last_failure_at=None,
+        refresh_at=None,
+        next_attempt_at=None,
+        fetched=False,
+    )
+
+
+async def test_seeded_token_due_for_refresh_is_refreshed(
+    cache: TokenCache, fetch: CountingFetch
+) -> None:
+    key = CacheKey.for_credentials(identity(), SCOPE)
+    cache.seed(key, seeded_token(5 * 60))  # 15-minute token, 5 minutes left: due
+    assert cache.peek(key).freshness is Freshness.STALE
+    result = await cache.get(identity(), SCOPE)
+    assert result.fetched
+    assert len(fetch.calls) == 1
+
+
+async def test_forget(cache: TokenCache, fetch: CountingFetch) -> None:
+    result = await cache.get(identity(), SCOPE)
+    cache.forget(result.key)
+    assert cache.peek(result.key).token is None
+    await cache.get(identity(), SCOPE)
+    assert len(fetch.calls) == 2
+
+
+async def test_hits_are_cheap(cache: TokenCache) -> None:
+    credentials = identity()
+    await cache.get(credentials, SCOPE)
+    started = time.perf_counter()
+    for _ in range(20_000):
+        await cache.get(credentials, SCOPE)
+    elapsed = time.perf_counter() - started
+    assert cache.stats.hits == 20_000
+    assert elapsed < 2.0  # ≈ 100 µs per hit at worst; the bench measures the real figure

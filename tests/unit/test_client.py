@@ -1,0 +1,460 @@
+"""The token request against a real HTTP server on loopback: wire format, answers, errors.
+
+`requests` is never patched: what is asserted is what went over the socket.
+"""
+
+import json
+import logging
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, quote, quote_plus
+
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from m2m_token_operator.client import (
+    AccessToken,
+    CredentialsRejected,
+    EndpointUnavailable,
+    ScopeRejected,
+    Throttled,
+    TokenClient,
+    TokenEndpointError,
+    parse_retry_after,
+)
+from m2m_token_operator.credentials import ClientCredentials
+
+# Characters that change under form encoding, so an echoed encoded secret is caught too.
+SECRET = "Zx8Q~s3cr3t+v/al=ue&more"
+TOKEN = "eyJ0eXAiOiJKV1QifQ.eyJhdWQiOiJhcGk6Ly94In0.c2lnbmF0dXJlLXZhbHVl"
+SCOPE = "api://prod-gcp.orders.orders-api/.default"
+NOW = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+TRACE = "0f6a2c1e-1111-2222-3333-444455556666"
+CORRELATION = "9d2e7b40-aaaa-bbbb-cccc-ddddeeeeffff"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy configured in the environment must not intercept the loopback server."""
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    monkeypatch.setenv("no_proxy", "localhost,127.0.0.1")
+
+
+def entra_error(error: str, code: int, text: str) -> dict[str, object]:
+    """An error body shaped exactly like Microsoft Entra ID's."""
+    return {
+        "error": error,
+        "error_description": (
+            f"AADSTS{code}: {text}\r\nTrace ID: {TRACE}\r\nCorrelation ID: {CORRELATION}\r\n"
+            "Timestamp: 2026-11-29 09:00:00Z"
+        ),
+        "error_codes": [code],
+        "timestamp": "2026-11-29 09:00:00Z",
+        "trace_id": TRACE,
+        "correlation_id": CORRELATION,
+        "error_uri": "https://login.microsoftonline.com/error?code=" + str(code),
+    }
+
+
+@pytest.fixture
+def credentials(httpserver: HTTPServer) -> ClientCredentials:
+    return ClientCredentials(
+        token_endpoint=httpserver.url_for("/tenant/oauth2/v2.0/token"),
+        client_id="client-1",
+        client_secret=SECRET,
+        source="Secret shop/azure-shop-frontend",
+        realm="shop",
+    )
+
+
+@pytest.fixture
+def client() -> Iterator[TokenClient]:
+    token_client = TokenClient(connect_timeout=2, read_timeout=0.3, clock=lambda: NOW)
+    yield token_client
+    token_client.close()
+
+
+PATH = "/tenant/oauth2/v2.0/token"
+
+
+def fetch_error(client: TokenClient, credentials: ClientCredentials) -> TokenEndpointError:
+    with pytest.raises(TokenEndpointError) as caught:
+        client.fetch(credentials, SCOPE)
+    return caught.value
+
+
+# Success
+
+
+def test_wire_format(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH, method="POST").respond_with_json(
+        {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": TOKEN}
+    )
+    client.fetch(credentials, SCOPE)
+    [(request, _)] = httpserver.log
+    assert request.method == "POST"
+    assert request.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert request.query_string == b""
+    form = parse_qs(request.get_data(as_text=True), keep_blank_values=True, strict_parsing=True)
+    assert form == {
+        "client_id": ["client-1"],
+        "client_secret": [SECRET],
+        "grant_type": ["client_credentials"],
+        "scope": [SCOPE],
+    }
+    assert "Authorization" not in request.headers
+    assert request.headers["User-Agent"].startswith("m2m-token-operator/")
+
+
+def test_success_with_numeric_expires_in(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH).respond_with_json(
+        {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 7199, "access_token": TOKEN}
+    )
+    token = client.fetch(credentials, SCOPE)
+    assert token.value == TOKEN
+    assert token.token_type == "Bearer"
+    assert token.issued_at == NOW  # the moment the request was sent
+    assert token.expires_at == NOW + timedelta(seconds=3599)
+    assert token.lifetime == timedelta(seconds=3599)
+    assert token.ext_expires_at == NOW + timedelta(seconds=7199)
+    assert token.refresh_in is None
+
+
+def test_success_with_string_expires_in_and_refresh_in(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    # Entra's v1 endpoint sends numbers as strings; long-lived tokens carry refresh_in.
+    httpserver.expect_request(PATH).respond_with_json(
+        {"expires_in": "86399", "refresh_in": "43199", "access_token": TOKEN}
+    )
+    token = client.fetch(credentials, SCOPE)
+    assert token.expires_at == NOW + timedelta(seconds=86399)
+    assert token.refresh_in == timedelta(seconds=43199)
+    assert token.token_type == "Bearer"  # the default when the endpoint says nothing
+    assert token.ext_expires_at is None
+
+
+def test_other_token_type_is_kept(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH).respond_with_json(
+        {"expires_in": 60, "access_token": TOKEN, "token_type": "pop"}
+    )
+    assert client.fetch(credentials, SCOPE).token_type == "pop"
+
+
+JSON = "application/json"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "problem"),
+    [
+        (json.dumps({"expires_in": 3599, "token_type": "Bearer"}), JSON, "without an access_token"),
+        (json.dumps({"expires_in": 0, "access_token": TOKEN}), JSON, "expires_in"),
+        (json.dumps({"expires_in": "abc", "access_token": TOKEN}), JSON, "expires_in"),
+        (json.dumps({"expires_in": -5, "access_token": TOKEN}), JSON, "expires_in"),
+        (json.dumps({"expires_in": True, "access_token": TOKEN}), JSON, "expires_in"),
+        (json.dumps({"access_token": TOKEN}), JSON, "expires_in"),
+        (json.dumps({"expires_in": 60, "access_token": "a b"}), JSON, "spaces"),
+        (json.dumps([TOKEN]), JSON, "JSON object"),
+        ("<html>sign in</html>", "text/html", "JSON object"),
+        ("", JSON, "JSON object"),
+    ],
+)
+def test_malformed_success_is_endpoint_unavailable(
+    httpserver: HTTPServer,
+    client: TokenClient,
+    credentials: ClientCredentials,
+    body: str,
+    content_type: str,
+    problem: str,
+) -> None:
+    httpserver.expect_request(PATH).respond_with_data(body, content_type=content_type)
+    error = fetch_error(client, credentials)
+    assert type(error) is EndpointUnavailable
+    assert error.http_status == 200
+    assert problem in str(error)
+    assert TOKEN not in str(error)
+
+
+# Errors, with Entra-shaped bodies
+
+
+def test_invalid_client_secret(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH).respond_with_json(
+        entra_error("invalid_client", 7000215, "Invalid client secret provided."), status=401
+    )
+    error = fetch_error(client, credentials)
+    assert type(error) is CredentialsRejected
+    assert (error.reason, error.permanent) == ("CredentialsRejected", True)
+    assert error.http_status == 401
+    assert error.error == "invalid_client"
+    assert error.error_codes == (7000215,)
+    assert (error.trace_id, error.correlation_id) == (TRACE, CORRELATION)
+    assert error.error_description == "AADSTS7000215: Invalid client secret provided."
+    message = str(error)
+    for part in ("HTTP 401", "invalid_client", "AADSTS7000215", TRACE, CORRELATION):
+        assert part in message
+    assert "Secret shop/azure-shop-frontend (client id client-1)" in message
+    assert "AZURE_APP_CLIENT_SECRET" in message  # what to do
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [("invalid_scope", 70011), ("invalid_resource", 500011)],
+)
+def test_scope_rejected(
+    httpserver: HTTPServer,
+    client: TokenClient,
+    credentials: ClientCredentials,
+    error: str,
+    code: int,
+) -> None:
+    httpserver.expect_request(PATH).respond_with_json(
+        entra_error(error, code, "The scope or resource is not valid."), status=400
+    )
+    rejected = fetch_error(client, credentials)
+    assert type(rejected) is ScopeRejected
+    assert (rejected.reason, rejected.permanent) == ("ScopeRejected", True)
+    assert rejected.error_codes == (code,)
+    assert f"AADSTS{code}" in str(rejected)
+    assert SCOPE in str(rejected)
+    assert "spec.target or spec.scope" in str(rejected)
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "code", "expected"),
+    [
+        (400, "unauthorized_client", 700016, CredentialsRejected),
+        (400, "invalid_request", 900023, CredentialsRejected),
+        (400, "invalid_request", 90014, CredentialsRejected),
+        (400, "temporarily_unavailable", 90033, EndpointUnavailable),
+        (400, "invalid_request", 50196, Throttled),
+        (500, "server_error", 0, EndpointUnavailable),
+    ],
+)
+def test_classification_of_other_entra_errors(
+    httpserver: HTTPServer,
+    client: TokenClient,
+    credentials: ClientCredentials,
+    status: int,
+    error: str,
+    code: int,
+    expected: type[TokenEndpointError],
+) -> None:
+    httpserver.expect_request(PATH).respond_with_json(
+        entra_error(error, code, "Something."), status=status
+    )
+    assert type(fetch_error(client, credentials)) is expected
+
+
+def test_throttled_with_retry_after(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH).respond_with_data("", status=429, headers={"Retry-After": "7"})
+    error = fetch_error(client, credentials)
+    assert type(error) is Throttled
+    assert (error.reason, error.permanent) == ("Throttled", False)
+    assert error.retry_after == 7
+    assert "Retry-After=7s" in str(error)
+
+
+def test_503_without_retry_after(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH).respond_with_json(
+        entra_error("temporarily_unavailable", 90033, "Try again."), status=503
+    )
+    error = fetch_error(client, credentials)
+    assert type(error) is EndpointUnavailable
+    assert (error.reason, error.permanent) == ("EndpointUnavailable", False)
+    assert error.retry_after is None
+    assert error.http_status == 503
+
+
+def test_html_502_from_a_proxy(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH).respond_with_data(
+        "<html><body><h1>502 Bad Gateway</h1></body></html>",
+        status=502,
+        content_type="text/html",
+    )
+    error = fetch_error(client, credentials)
+    assert type(error) is EndpointUnavailable
+    assert error.error is None
+    assert "HTTP 502" in str(error)
+    assert "non-JSON body of type text/html" in str(error)
+    assert "<html>" not in str(error)
+
+
+def test_403_html_from_a_proxy_is_held_not_hammered(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH).respond_with_data("denied", status=403)
+    error = fetch_error(client, credentials)
+    assert error.permanent
+    assert "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT" in str(error)
+
+
+def test_redirect_is_not_followed_and_the_secret_not_resent(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    elsewhere = httpserver.url_for("/elsewhere")
+    httpserver.expect_request(PATH).respond_with_data(
+        "", status=307, headers={"Location": elsewhere + "?x=1"}
+    )
+    httpserver.expect_request("/elsewhere").respond_with_json(
+        {"access_token": TOKEN, "expires_in": 3599}
+    )
+    error = fetch_error(client, credentials)
+    assert type(error) is EndpointUnavailable
+    assert [request.path for request, _ in httpserver.log] == [PATH]
+    assert f"redirects to {elsewhere}" in str(error)
+    assert "x=1" not in str(error)
+
+
+def test_read_timeout(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    def slow(request: Request) -> Response:
+        time.sleep(0.6)
+        return Response(json.dumps({"access_token": TOKEN, "expires_in": 60}))
+
+    httpserver.expect_request(PATH).respond_with_handler(slow)
+    started = time.monotonic()
+    error = fetch_error(client, credentials)
+    assert time.monotonic() - started < 0.55
+    assert type(error) is EndpointUnavailable
+    assert "did not answer within 0.3s" in str(error)
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_refused_connection(client: TokenClient) -> None:
+    credentials = ClientCredentials(
+        token_endpoint=f"http://127.0.0.1:{closed_port()}/token",
+        client_id="client-1",
+        client_secret=SECRET,
+        source="operator identity",
+        realm="",
+    )
+    error = fetch_error(client, credentials)
+    assert type(error) is EndpointUnavailable
+    assert "cannot reach the token endpoint" in str(error)
+    assert "Connection refused" in str(error)
+    assert "object at 0x" not in str(error)
+    assert error.__suppress_context__  # the requests error holds the form body
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("7", now=NOW) == 7
+    assert parse_retry_after(" 120 ", now=NOW) == 120
+    assert parse_retry_after("Sun, 29 Nov 2026 09:00:30 GMT", now=NOW) == 30
+    assert parse_retry_after("Sun, 29 Nov 2026 08:00:00 GMT", now=NOW) == 0
+    for garbage in (None, "", "-1", "soon", "nan", "inf"):
+        assert parse_retry_after(garbage, now=NOW) is None
+
+
+# Neither the client secret nor a token ever leaks
+
+
+def echoing_error(request: Request) -> Response:
+    """A broken endpoint that echoes the whole form body back, raw and encoded."""
+    body = request.get_data(as_text=True)
+    return Response(
+        json.dumps(
+            {
+                "error": "invalid_client",
+                "error_description": f"bad request {body} secret={SECRET} {quote(SECRET)}",
+                "error_codes": [7000215],
+                "trace_id": SECRET,
+                "correlation_id": quote_plus(SECRET),
+            }
+        ),
+        status=401,
+        content_type="application/json",
+    )
+
+
+SCENARIOS: dict[str, Callable[[HTTPServer], None]] = {
+    "echo": lambda s: s.expect_request(PATH).respond_with_handler(echoing_error),
+    "401": lambda s: s.expect_request(PATH).respond_with_json(
+        entra_error("invalid_client", 7000215, "Invalid client secret."), status=401
+    ),
+    "429": lambda s: s.expect_request(PATH).respond_with_data("", status=429),
+    "502": lambda s: s.expect_request(PATH).respond_with_data(SECRET, status=502),
+    "307": lambda s: s.expect_request(PATH).respond_with_data(
+        "", status=307, headers={"Location": f"http://evil.example/?s={quote_plus(SECRET)}"}
+    ),
+    "bad-200": lambda s: s.expect_request(PATH).respond_with_json(
+        {"access_token": TOKEN, "expires_in": "abc"}
+    ),
+    "html-200": lambda s: s.expect_request(PATH).respond_with_data(
+        TOKEN, content_type=f"text/{SECRET}"
+    ),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_no_secret_or_token_in_errors_or_logs(
+    httpserver: HTTPServer,
+    client: TokenClient,
+    credentials: ClientCredentials,
+    caplog: pytest.LogCaptureFixture,
+    scenario: str,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    SCENARIOS[scenario](httpserver)
+    error = fetch_error(client, credentials)
+    texts = [str(error), repr(error), "".join(traceback.format_exception(error))]
+    texts += [str(getattr(error, name)) for name in vars(error)]
+    texts += [record.getMessage() for record in caplog.records]
+    assert any("urllib3" in record.name for record in caplog.records)  # really captured
+    for text in texts:
+        for leaked in (SECRET, quote(SECRET, safe=""), quote_plus(SECRET), TOKEN):
+            assert leaked not in text
+
+
+def test_no_secret_or_token_on_success_or_timeout(
+    httpserver: HTTPServer,
+    client: TokenClient,
+    credentials: ClientCredentials,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    httpserver.expect_request(PATH).respond_with_json({"access_token": TOKEN, "expires_in": 60})
+    token = client.fetch(credentials, SCOPE)
+    assert isinstance(token, AccessToken)
+    assert TOKEN not in repr(token)
+    assert TOKEN not in str(token)
+    assert SECRET not in repr(credentials)
+
+    refused = ClientCredentials(
+        token_endpoint=f"http://127.0.0.1:{closed_port()}/token",
+        client_id="c",
+        client_secret=SECRET,
+        source="operator identity",
+        realm="",
+    )
+    error = fetch_error(client, refused)
+    assert SECRET not in "".join(traceback.format_exception(error))
+    assert caplog.records
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+        assert TOKEN not in record.getMessage()

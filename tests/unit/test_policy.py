@@ -1,0 +1,155 @@
+"""Refresh points and retry times, computed exactly from made-up times."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from m2m_token_operator.client import (
+    AccessToken,
+    CredentialsRejected,
+    EndpointUnavailable,
+    ScopeRejected,
+    Throttled,
+)
+from m2m_token_operator.credentials import CredentialsError
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+
+ISSUED = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+REFRESH = RefreshPolicy()
+RETRY = RetryPolicy()
+
+
+def token(seconds: float, *, refresh_in: float | None = None) -> AccessToken:
+    return AccessToken(
+        value="t",
+        token_type="Bearer",
+        issued_at=ISSUED,
+        expires_at=ISSUED + timedelta(seconds=seconds),
+        refresh_in=None if refresh_in is None else timedelta(seconds=refresh_in),
+    )
+
+
+def after_issue(moment: datetime) -> float:
+    return (moment - ISSUED).total_seconds()
+
+
+def test_default_refresh_of_a_one_hour_token_is_about_40_minutes_after_issue() -> None:
+    hour = token(3599)
+    without_jitter = REFRESH.refresh_at(hour, refresh_before=None, jitter_fraction=0.0)
+    full_jitter = REFRESH.refresh_at(hour, refresh_before=None, jitter_fraction=1.0)
+    assert after_issue(without_jitter) == pytest.approx(3599 * 2 / 3)  # 39 min 59 s
+    assert after_issue(full_jitter) == pytest.approx(3599 * 2 / 3 - 30)
+    halfway = REFRESH.refresh_at(hour, refresh_before=None, jitter_fraction=0.5)
+    assert after_issue(halfway) == pytest.approx(3599 * 2 / 3 - 15)
+
+
+def test_refresh_before_ten_minutes() -> None:
+    hour = token(3599)
+    point = REFRESH.refresh_at(hour, refresh_before=timedelta(minutes=10), jitter_fraction=0.0)
+    assert hour.expires_at - point == timedelta(minutes=10)
+    jittered = REFRESH.refresh_at(hour, refresh_before=timedelta(minutes=10), jitter_fraction=1)
+    assert hour.expires_at - jittered == timedelta(minutes=10, seconds=30)  # earlier, never later
+
+
+def test_ten_minute_token() -> None:
+    short = token(600)
+    assert after_issue(REFRESH.refresh_at(short, refresh_before=None, jitter_fraction=0)) == 400
+    # jitter is capped at 5 % of the lifetime: 30 s here.
+    assert after_issue(REFRESH.refresh_at(short, refresh_before=None, jitter_fraction=1)) == 370
+    # refreshBefore longer than the lifetime: not sooner than min_interval (60 s) after issue.
+    long_ask = REFRESH.refresh_at(short, refresh_before=timedelta(hours=1), jitter_fraction=0)
+    assert after_issue(long_ask) == 60
+    # refreshBefore tiny: not later than the floor (60 s) before expiry.
+    tiny_ask = REFRESH.refresh_at(short, refresh_before=timedelta(seconds=1), jitter_fraction=0)
+    assert after_issue(tiny_ask) == 540
+
+
+def test_five_second_token_clamps_shrink_with_the_lifetime() -> None:
+    tiny = token(5)
+    default = REFRESH.refresh_at(tiny, refresh_before=None, jitter_fraction=1)
+    assert after_issue(default) == pytest.approx(5 * 2 / 3 - 0.25)  # jitter ≤ 5 % = 0.25 s
+    late = REFRESH.refresh_at(tiny, refresh_before=timedelta(seconds=1), jitter_fraction=0)
+    assert after_issue(late) == pytest.approx(3.75)  # floor = lifetime / 4
+    early = REFRESH.refresh_at(tiny, refresh_before=timedelta(minutes=10), jitter_fraction=0)
+    assert after_issue(early) == pytest.approx(2.5)  # min interval = lifetime / 2
+
+
+def test_three_second_token_is_refreshed_before_it_expires() -> None:
+    tiny = token(3)
+    for fraction in (0.0, 0.5, 1.0):
+        for ask in (None, timedelta(seconds=1), timedelta(hours=1)):
+            point = REFRESH.refresh_at(tiny, refresh_before=ask, jitter_fraction=fraction)
+            assert 1.5 <= after_issue(point) <= 2.25
+
+
+def test_28_hour_token() -> None:
+    long = token(28 * 3600)
+    default = REFRESH.refresh_at(long, refresh_before=None, jitter_fraction=0)
+    assert default - ISSUED == timedelta(hours=28) * 2 / 3
+    ten_min = REFRESH.refresh_at(long, refresh_before=timedelta(minutes=10), jitter_fraction=1)
+    assert long.expires_at - ten_min == timedelta(minutes=10, seconds=30)  # jitter capped at 30 s
+    too_close = REFRESH.refresh_at(long, refresh_before=timedelta(seconds=5), jitter_fraction=0)
+    assert long.expires_at - too_close == timedelta(seconds=60)
+
+
+def test_refresh_in_from_the_endpoint_brings_the_refresh_forward_only() -> None:
+    asked_sooner = token(86400, refresh_in=43200)
+    point = REFRESH.refresh_at(asked_sooner, refresh_before=None, jitter_fraction=0)
+    assert after_issue(point) == 43200
+    asked_later = token(3600, refresh_in=3500)
+    point = REFRESH.refresh_at(asked_later, refresh_before=None, jitter_fraction=0)
+    assert after_issue(point) == 2400
+
+
+NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def delay(**kwargs: object) -> float:
+    moment = RETRY.next_attempt_at(now=NOW, **kwargs)  # type: ignore[arg-type]
+    return (moment - NOW).total_seconds()
+
+
+def test_backoff_sequence_doubles_up_to_the_cap() -> None:
+    error = EndpointUnavailable("down")
+    # jitter_fraction 0.5 is the midpoint of the ±25 % band.
+    sequence = [delay(failures=n, error=error, jitter_fraction=0.5) for n in range(1, 10)]
+    assert sequence == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert delay(failures=10_000, error=error, jitter_fraction=0.5) == 300
+
+
+def test_backoff_jitter_bounds() -> None:
+    error = EndpointUnavailable("down")
+    assert delay(failures=1, error=error, jitter_fraction=0) == 5  # never below initial
+    assert delay(failures=1, error=error, jitter_fraction=1) == 6.25
+    assert delay(failures=4, error=error, jitter_fraction=0) == 30
+    assert delay(failures=4, error=error, jitter_fraction=1) == 50
+    assert delay(failures=9, error=error, jitter_fraction=0) == 225
+    assert delay(failures=9, error=error, jitter_fraction=1) == 300  # never above maximum
+
+
+def test_retry_after_is_honoured_and_capped_at_one_hour() -> None:
+    assert delay(failures=1, error=Throttled("slow down", retry_after=7), jitter_fraction=0) == 7
+    # A Retry-After shorter than the backoff does not shorten it.
+    assert delay(failures=5, error=Throttled("x", retry_after=1), jitter_fraction=0.5) == 80
+    huge = Throttled("x", retry_after=10 * 86400)
+    assert delay(failures=1, error=huge, jitter_fraction=0) == 3600
+    assert delay(failures=1, error=Throttled("x", retry_after=1e300), jitter_fraction=0) == 3600
+    with_503 = EndpointUnavailable("x", retry_after=120)
+    assert delay(failures=1, error=with_503, jitter_fraction=0) == 120
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        CredentialsRejected("no"),
+        ScopeRejected("no"),
+        CredentialsError("missing", reason="CredentialsMissing"),
+    ],
+)
+def test_permanent_failures_are_held(error: Exception) -> None:
+    assert delay(failures=1, error=error, jitter_fraction=0) == 300
+    assert delay(failures=50, error=error, jitter_fraction=1) == 300
+
+
+def test_unknown_exceptions_back_off_like_transient_ones() -> None:
+    assert delay(failures=3, error=RuntimeError("bug"), jitter_fraction=0.5) == 20

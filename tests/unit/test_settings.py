@@ -1,0 +1,138 @@
+"""Settings: defaults, every variable, and errors that name the variable and the fix."""
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from m2m_token_operator.credentials import EndpointPolicy
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.settings import Settings, SettingsError
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.cluster_name == ""
+    assert settings.credentials_dir is None
+    assert settings.connect_timeout == 5
+    assert settings.read_timeout == 15
+    assert settings.allowed_endpoint_hosts == frozenset({"login.microsoftonline.com"})
+    assert settings.allow_insecure_http is False
+    assert settings.refresh_jitter == timedelta(seconds=30)
+    assert settings.refresh_floor == timedelta(seconds=60)
+    assert settings.min_refresh_interval == timedelta(seconds=60)
+    assert settings.retry_initial == timedelta(seconds=5)
+    assert settings.retry_max == timedelta(seconds=300)
+    assert settings.retry_after_max == timedelta(seconds=3600)
+    assert settings.permanent_failure_hold == timedelta(seconds=300)
+    assert settings.fetch_workers == 8
+    assert settings.metrics_port == 8080
+    assert settings.log_format == "json"
+    assert settings.refresh_policy() == RefreshPolicy()
+    assert settings.retry_policy() == RetryPolicy()
+
+
+def test_every_variable_is_read(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {
+            "M2M_CLUSTER_NAME": "prod-gcp",
+            "M2M_CREDENTIALS_DIR": str(tmp_path),
+            "M2M_CONNECT_TIMEOUT_SECONDS": "2.5",
+            "M2M_READ_TIMEOUT_SECONDS": "7",
+            "M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS": " Login.Example.com , 127.0.0.1:8443,,*.ciam.test ",
+            "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS": "TRUE",
+            "M2M_REFRESH_JITTER_SECONDS": "0",
+            "M2M_REFRESH_MIN_REMAINING_SECONDS": "120",
+            "M2M_MIN_REFRESH_INTERVAL_SECONDS": "30",
+            "M2M_RETRY_INITIAL_SECONDS": "1",
+            "M2M_RETRY_MAX_SECONDS": "60",
+            "M2M_RETRY_AFTER_MAX_SECONDS": "600",
+            "M2M_PERMANENT_FAILURE_HOLD_SECONDS": "900",
+            "M2M_FETCH_WORKERS": "16",
+            "M2M_METRICS_PORT": "0",
+            "M2M_LOG_FORMAT": "Text",
+        }
+    )
+    assert settings.cluster_name == "prod-gcp"
+    assert settings.credentials_dir == tmp_path
+    assert (settings.connect_timeout, settings.read_timeout) == (2.5, 7.0)
+    assert settings.allowed_endpoint_hosts == frozenset(
+        {"login.example.com", "127.0.0.1:8443", "*.ciam.test"}
+    )
+    assert settings.allow_insecure_http is True
+    assert settings.refresh_policy() == RefreshPolicy(
+        jitter=timedelta(0), floor=timedelta(seconds=120), min_interval=timedelta(seconds=30)
+    )
+    assert settings.retry_policy() == RetryPolicy(
+        initial=timedelta(seconds=1),
+        maximum=timedelta(seconds=60),
+        retry_after_max=timedelta(seconds=600),
+        permanent_hold=timedelta(seconds=900),
+    )
+    assert (settings.fetch_workers, settings.metrics_port, settings.log_format) == (16, 0, "text")
+    assert settings.endpoint_policy() == EndpointPolicy(
+        allowed_hosts=settings.allowed_endpoint_hosts, allow_insecure_http=True
+    )
+
+
+def test_empty_values_mean_defaults() -> None:
+    settings = Settings.from_env({"M2M_FETCH_WORKERS": "", "M2M_LOG_FORMAT": " "})
+    assert (settings.fetch_workers, settings.log_format) == (8, "json")
+
+
+def test_default_allow_list_has_the_operator_identity_host() -> None:
+    settings = Settings.from_env(
+        {"AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": "https://login.example.net/tenant/oauth2/v2.0/token"}
+    )
+    assert settings.allowed_endpoint_hosts == frozenset(
+        {"login.microsoftonline.com", "login.example.net"}
+    )
+
+
+def test_default_allow_list_prefers_the_mounted_endpoint_file(tmp_path: Path) -> None:
+    (tmp_path / "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT").write_text("http://127.0.0.1:9999/token\n")
+    settings = Settings.from_env(
+        {
+            "M2M_CREDENTIALS_DIR": str(tmp_path),
+            "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": "https://env.example/token",
+        }
+    )
+    assert settings.allowed_endpoint_hosts == frozenset({"login.microsoftonline.com", "127.0.0.1"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("M2M_CLUSTER_NAME", "Prod_GCP", "DNS label"),
+        ("M2M_CONNECT_TIMEOUT_SECONDS", "0", "positive number of seconds"),
+        ("M2M_READ_TIMEOUT_SECONDS", "soon", "positive number of seconds"),
+        ("M2M_READ_TIMEOUT_SECONDS", "nan", "positive number of seconds"),
+        ("M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS", "https://login.example.com/x", "host names"),
+        ("M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS", "host:notaport", "host names"),
+        ("M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS", " , ", "a host name"),
+        ("M2M_ALLOW_INSECURE_HTTP_ENDPOINTS", "maybe", "true or false"),
+        ("M2M_REFRESH_JITTER_SECONDS", "-1", "non-negative number of seconds"),
+        ("M2M_RETRY_INITIAL_SECONDS", "0", "positive number of seconds"),
+        ("M2M_RETRY_MAX_SECONDS", "2", "at least M2M_RETRY_INITIAL_SECONDS (5)"),
+        ("M2M_RETRY_AFTER_MAX_SECONDS", "inf", "positive number of seconds"),
+        ("M2M_PERMANENT_FAILURE_HOLD_SECONDS", "0", "positive number of seconds"),
+        ("M2M_FETCH_WORKERS", "0", "whole number from 1 to 256"),
+        ("M2M_FETCH_WORKERS", "2.5", "whole number from 1 to 256"),
+        ("M2M_METRICS_PORT", "70000", "whole number from 0 to 65535"),
+        ("M2M_LOG_FORMAT", "yaml", "'json' or 'text'"),
+        ("M2M_CREDENTIALS_DIR", "/nonexistent/m2m", "an existing directory"),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_fix(name: str, value: str, expected: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: value})
+    message = str(caught.value)
+    assert f"{name}=" in message
+    assert expected in message
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"M2M_FETCH_WORKERS": "many", "M2M_LOG_FORMAT": "xml"})
+    assert "M2M_FETCH_WORKERS='many'" in str(caught.value)
+    assert "M2M_LOG_FORMAT='xml'" in str(caught.value)
