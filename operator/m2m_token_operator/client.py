@@ -224,38 +224,49 @@ def _codes(value: object) -> tuple[int, ...]:
     return tuple(code for code in value if isinstance(code, int) and not isinstance(code, bool))
 
 
+_RETRIED = "The request is retried with backoff"
+_REDIRECT_ADVICE = (
+    "Redirects are not followed, since that would send the client secret to another address:"
+    " set AZURE_OPENID_CONFIG_TOKEN_ENDPOINT to the final token endpoint URL"
+)
+_THROTTLE_ADVICE = "The request is retried later, not before the time the endpoint asked for"
+_SCOPE_ADVICE = (
+    "Check that the target application exists in this tenant and exposes exactly this"
+    " application ID URI, and that spec.target or spec.scope names it"
+)
+_CREDENTIALS_ADVICE = (
+    "Check AZURE_APP_CLIENT_ID and AZURE_APP_CLIENT_SECRET (an expired or rotated client"
+    " secret must be replaced) and that AZURE_OPENID_CONFIG_TOKEN_ENDPOINT names the right tenant"
+)
+_REFUSED_ADVICE = (
+    "Check that AZURE_OPENID_CONFIG_TOKEN_ENDPOINT is the tenant's OAuth 2.0 token endpoint"
+    " (…/oauth2/v2.0/token) and that the client may use the client-credentials grant"
+)
+
+
 def _classify(
     *, status: int, error: str | None, codes: Iterable[int]
-) -> tuple[type[TokenEndpointError], str]:
-    """The error class for an answer, and the advice that goes with it."""
+) -> tuple[type[TokenEndpointError], str, str]:
+    """The error class for an answer, what happened (a template), and what to do."""
     code_set = set(codes)
+    failed = "The token endpoint {shown} failed"
     if 300 <= status < 400:
-        return EndpointUnavailable, (
-            "redirects are not followed, since that would send the client secret to another"
-            " address: set AZURE_OPENID_CONFIG_TOKEN_ENDPOINT to the final token endpoint URL"
-        )
+        what = "The token endpoint {shown} redirects to {location}"
+        return EndpointUnavailable, what, _REDIRECT_ADVICE
     if status == 429 or code_set & THROTTLE_CODES:
-        return Throttled, "the request is retried later, after the time the endpoint asked for"
+        return Throttled, "The token endpoint {shown} is throttling requests", _THROTTLE_ADVICE
     if status >= 500 or status == 408 or error in TRANSIENT_ERRORS or code_set & TRANSIENT_CODES:
-        return EndpointUnavailable, "the request is retried with backoff"
+        return EndpointUnavailable, failed, _RETRIED
     if code_set & SCOPE_CODES or error in SCOPE_ERRORS:
-        return ScopeRejected, (
-            "check that the target application exists in this tenant, exposes exactly this"
-            " application ID URI, and that the scope in spec.target or spec.scope is right"
-        )
+        what = "The token endpoint {shown} rejected the scope {scope} for {who}"
+        return ScopeRejected, what, _SCOPE_ADVICE
     if code_set & CREDENTIALS_CODES or error in CREDENTIALS_ERRORS or status == 401:
-        return CredentialsRejected, (
-            "check AZURE_APP_CLIENT_ID and AZURE_APP_CLIENT_SECRET (an expired or rotated client"
-            " secret must be replaced) and that AZURE_OPENID_CONFIG_TOKEN_ENDPOINT names the"
-            " right tenant"
-        )
+        what = "The token endpoint {shown} rejected the credentials of {who}"
+        return CredentialsRejected, what, _CREDENTIALS_ADVICE
     if 400 <= status < 500:
-        return CredentialsRejected, (
-            "the endpoint refuses this request: check that AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"
-            " is the tenant's OAuth 2.0 token endpoint (…/oauth2/v2.0/token) and that the"
-            " client may use the client-credentials grant"
-        )
-    return EndpointUnavailable, "the request is retried with backoff"
+        what = "The token endpoint {shown} refused the request of {who}"
+        return CredentialsRejected, what, _REFUSED_ADVICE
+    return EndpointUnavailable, failed, _RETRIED
 
 
 class TokenClient:
@@ -323,12 +334,12 @@ class TokenClient:
             raise
         except requests.exceptions.ConnectTimeout:
             message = (
-                f"no connection to the token endpoint {shown} within {self._timeout[0]:g}s;"
+                f"No connection to the token endpoint {shown} within {self._timeout[0]:g}s;"
                 " it is retried with backoff (check network policies, HTTPS_PROXY and NO_PROXY)"
             )
         except requests.exceptions.ReadTimeout:
             message = (
-                f"the token endpoint {shown} did not answer within {self._timeout[1]:g}s;"
+                f"The token endpoint {shown} did not answer within {self._timeout[1]:g}s;"
                 " it is retried with backoff"
             )
         except requests.exceptions.SSLError as error:
@@ -338,17 +349,17 @@ class TokenClient:
             )
         except requests.exceptions.ProxyError as error:
             message = (
-                f"the proxy refused or failed the request to {shown} ({scrub(_cause(error))});"
+                f"The proxy refused or failed the request to {shown} ({scrub(_cause(error))});"
                 " check HTTPS_PROXY and NO_PROXY; it is retried with backoff"
             )
         except requests.exceptions.ConnectionError as error:
             message = (
-                f"cannot reach the token endpoint {shown} ({scrub(_cause(error))});"
+                f"Cannot reach the token endpoint {shown} ({scrub(_cause(error))});"
                 " it is retried with backoff"
             )
         except (requests.RequestException, ValueError, UnicodeError) as error:
             message = (
-                f"the request to the token endpoint {shown} failed ({type(error).__name__});"
+                f"The request to the token endpoint {shown} failed ({type(error).__name__});"
                 " it is retried with backoff"
             )
         logger.debug("token request to %s failed: %s", shown, message)
@@ -362,7 +373,7 @@ class TokenClient:
             size += len(chunk)
             if size > MAX_RESPONSE_BYTES:
                 raise EndpointUnavailable(
-                    f"the token endpoint {shown} answered HTTP {response.status_code} with more"
+                    f"The token endpoint {shown} answered HTTP {response.status_code} with more"
                     f" than {MAX_RESPONSE_BYTES} bytes, which is not a token endpoint's answer;"
                     " it is retried with backoff",
                     http_status=response.status_code,
@@ -405,17 +416,14 @@ class TokenClient:
         error = scrub(error)[:100] if error else None
         retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
 
-        kind, advice = _classify(status=status, error=error, codes=codes)
-        what = {
-            CredentialsRejected: f"the token endpoint {shown} rejected the credentials of {who}",
-            ScopeRejected: f"the token endpoint {shown} rejected the scope {scope!r} for {who}",
-            Throttled: f"the token endpoint {shown} is throttling requests",
-            EndpointUnavailable: f"the token endpoint {shown} failed",
-        }[kind]
-        if 300 <= status < 400:
-            location = response.headers.get("Location")
-            target = _shown_url(location) if location else "nowhere"
-            what = f"the token endpoint {shown} redirects to {scrub(target)}"
+        kind, template, advice = _classify(status=status, error=error, codes=codes)
+        location = response.headers.get("Location")
+        what = template.format(
+            shown=shown,
+            who=who,
+            scope=repr(scope),
+            location=scrub(_shown_url(location)) if location else "nowhere",
+        )
         details = [f"HTTP {status}"]
         if error:
             details.append(f"error={error}")
@@ -431,8 +439,8 @@ class TokenClient:
             details.append(f"non-JSON body of type {scrub(content_type)[:60]}")
         message = f"{what} ({', '.join(details)})"
         if description:
-            message += f": {description}"
-        message += f". {advice[0].upper()}{advice[1:]}"
+            message += f": {description.rstrip('. ')}"
+        message += f". {advice}"
         logger.debug("token request failed: %s", message)
         raise kind(
             message,
@@ -456,7 +464,7 @@ class TokenClient:
     ) -> AccessToken:
         def malformed(problem: str) -> EndpointUnavailable:
             return EndpointUnavailable(
-                f"the token endpoint {shown} answered HTTP 200 but {problem}, so no token was"
+                f"The token endpoint {shown} answered HTTP 200 but {problem}, so no token was"
                 " issued; it is retried with backoff",
                 http_status=response.status_code,
             )
@@ -476,7 +484,7 @@ class TokenClient:
             )
         token_type = payload.get("token_type")
         if not isinstance(token_type, str) or not token_type.strip():
-            token_type = "Bearer"  # noqa: S105
+            token_type = "Bearer"
         ext_expires_in = _seconds(payload.get("ext_expires_in"))
         refresh_in = _seconds(payload.get("refresh_in"))
         token = AccessToken(

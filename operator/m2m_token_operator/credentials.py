@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 CLIENT_ID_KEY = "AZURE_APP_CLIENT_ID"
 # Key names, not secrets.
-CLIENT_SECRET_KEY = "AZURE_APP_CLIENT_SECRET"  # noqa: S105
-TOKEN_ENDPOINT_KEY = "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"  # noqa: S105
+CLIENT_SECRET_KEY = "AZURE_APP_CLIENT_SECRET"
+TOKEN_ENDPOINT_KEY = "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"
 KEYS = (CLIENT_ID_KEY, CLIENT_SECRET_KEY, TOKEN_ENDPOINT_KEY)
 
 CREDENTIALS_MISSING = "CredentialsMissing"
@@ -119,11 +119,11 @@ def check_endpoint_url(url: str, *, allow_insecure_http: bool) -> None:
         parts, _, _ = _split_endpoint(url)
     except ValueError as error:
         raise CredentialsError(
-            f"token endpoint is not a usable URL: {error}", reason=CREDENTIALS_INVALID
+            f"Token endpoint is not a usable URL: {error}", reason=CREDENTIALS_INVALID
         ) from None
     if parts.scheme == "http" and not allow_insecure_http:
         raise CredentialsError(
-            f"token endpoint {parts.scheme}://{parts.netloc} uses plain http, which would send the"
+            f"Token endpoint {parts.scheme}://{parts.netloc} uses plain http, which would send the"
             " client secret unencrypted: use https (M2M_ALLOW_INSECURE_HTTP_ENDPOINTS=true"
             " allows http, for local development only)",
             reason=CREDENTIALS_INVALID,
@@ -147,12 +147,12 @@ class EndpointPolicy:
             parts, host, port = _split_endpoint(url)
         except ValueError as error:
             raise CredentialsError(
-                f"token endpoint is not allowed: {error}", reason=ENDPOINT_NOT_ALLOWED
+                f"Token endpoint is not allowed: {error}", reason=ENDPOINT_NOT_ALLOWED
             ) from None
         shown = f"{parts.scheme}://{parts.netloc}"
         if parts.scheme == "http" and not self.allow_insecure_http:
             raise CredentialsError(
-                f"token endpoint {shown} uses plain http, which would send the client secret"
+                f"Token endpoint {shown} uses plain http, which would send the client secret"
                 " unencrypted: use https",
                 reason=ENDPOINT_NOT_ALLOWED,
             )
@@ -160,11 +160,17 @@ class EndpointPolicy:
         if not any(_host_allowed(host, effective_port, entry) for entry in self.allowed_hosts):
             allowed_text = ", ".join(sorted(self.allowed_hosts)) or "(none)"
             raise CredentialsError(
-                f"token endpoint host {host!r} is not in the operator's allowed token endpoint"
+                f"Token endpoint host {host!r} is not in the operator's allowed token endpoint"
                 f" hosts ({allowed_text}): use an allowed endpoint, or ask the operator's"
                 " administrator to add the host to M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS",
                 reason=ENDPOINT_NOT_ALLOWED,
             )
+
+
+def _inner(error: Exception) -> str:
+    """An error's message continuing another sentence."""
+    text = str(error)
+    return text[:1].lower() + text[1:]
 
 
 def _read_file(directory: Path, key: str) -> str | None:
@@ -174,7 +180,7 @@ def _read_file(directory: Path, key: str) -> str | None:
         return None
     except (OSError, UnicodeDecodeError) as error:
         raise CredentialsError(
-            f"cannot read {key} from {directory}: {type(error).__name__}",
+            f"Cannot read {key} from {directory}: {type(error).__name__}",
             reason=CREDENTIALS_INVALID,
         ) from None
 
@@ -206,7 +212,7 @@ def operator_identity(
         if settings.credentials_dir:
             where = f"{settings.credentials_dir} or the environment"
         raise CredentialsError(
-            f"the operator's own identity is incomplete: {', '.join(missing)} not set in {where};"
+            f"The operator's own identity is incomplete: {', '.join(missing)} not set in {where};"
             " set them, or name a credentials Secret in spec.credentials.secretRef",
             reason=CREDENTIALS_MISSING,
         )
@@ -216,7 +222,7 @@ def operator_identity(
         )
     except CredentialsError as error:
         raise CredentialsError(
-            f"the operator's own identity: {error}", reason=error.reason
+            f"The operator's own identity: {_inner(error)}", reason=error.reason
         ) from None
     return ClientCredentials(
         token_endpoint=values[TOKEN_ENDPOINT_KEY],
@@ -234,7 +240,7 @@ def credentials_from_secret(
     source = f"Secret {namespace}/{name}"
     if data is None:
         raise CredentialsError(
-            f"credentials {source} not found: create it with the keys {', '.join(KEYS)}",
+            f"Credentials {source} not found: create it with the keys {', '.join(KEYS)}",
             reason=CREDENTIALS_MISSING,
         )
     values: dict[str, str] = {}
@@ -250,7 +256,7 @@ def credentials_from_secret(
             value = base64.b64decode(encoded, validate=True).decode("utf-8").strip()
         except (TypeError, ValueError, binascii.Error):
             raise CredentialsError(
-                f"credentials {source}: the value of {key} is not valid base64-encoded UTF-8"
+                f"Credentials {source}: the value of {key} is not valid base64-encoded UTF-8"
                 " text; write it with `kubectl create secret generic` or as stringData",
                 reason=CREDENTIALS_INVALID,
             ) from None
@@ -260,7 +266,7 @@ def credentials_from_secret(
             missing.append(key)
     if missing:
         raise CredentialsError(
-            f"credentials {source} lacks a value for {', '.join(missing)}:"
+            f"Credentials {source} lacks a value for {', '.join(missing)}:"
             f" it must hold {', '.join(KEYS)}",
             reason=CREDENTIALS_MISSING,
         )
@@ -269,7 +275,9 @@ def credentials_from_secret(
         check_endpoint_url(endpoint, allow_insecure_http=True)  # malformed: CredentialsInvalid
         policy.check(endpoint)
     except CredentialsError as error:
-        raise CredentialsError(f"credentials {source}: {error}", reason=error.reason) from None
+        raise CredentialsError(
+            f"Credentials {source}: {_inner(error)}", reason=error.reason
+        ) from None
     return ClientCredentials(
         token_endpoint=endpoint,
         client_id=values[CLIENT_ID_KEY],

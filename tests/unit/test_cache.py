@@ -103,10 +103,9 @@ def fetch(clock: FakeClock) -> CountingFetch:
     return CountingFetch(clock)
 
 
-@pytest.fixture
-def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
-    # random() = 0: no jitter, and the lowest backoff (5, 10, 20, ... seconds).
-    token_cache = TokenCache(
+def make_cache(clock: FakeClock, fetch: CountingFetch) -> TokenCache:
+    # random() = 0: no jitter, and the lowest backoff (5, 7.5, 15, ... seconds).
+    return TokenCache(
         fetch=fetch,
         refresh_policy=RefreshPolicy(),
         retry_policy=RetryPolicy(),
@@ -114,6 +113,11 @@ def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
         random=lambda: 0.0,
         max_workers=4,
     )
+
+
+@pytest.fixture
+def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
+    token_cache = make_cache(clock, fetch)
     yield token_cache
     token_cache.close()
 
@@ -121,9 +125,9 @@ def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
 # Single flight and keys
 
 
-async def test_200_concurrent_gets_make_one_request(clock: FakeClock, cache: TokenCache) -> None:
+async def test_200_concurrent_gets_make_one_request(clock: FakeClock) -> None:
     slow = CountingFetch(clock, delay=0.05)
-    cache._fetch = slow
+    cache = make_cache(clock, slow)
     results = await asyncio.gather(*(cache.get(identity(), SCOPE) for _ in range(200)))
     assert len(slow.calls) == 1
     assert {result.token.value for result in results if result.token} == {"token-1"}
@@ -131,6 +135,7 @@ async def test_200_concurrent_gets_make_one_request(clock: FakeClock, cache: Tok
     assert sum(result.fetched for result in results) == 1  # one caller started the request
     assert cache.stats.requests == 1
     assert cache.stats.coalesced == 199
+    cache.close()
 
 
 async def test_200_concurrent_gets_make_one_http_request(httpserver: HTTPServer) -> None:
@@ -431,11 +436,9 @@ async def test_unexpected_fetch_exception_is_a_failure_not_a_crash(
     assert result.next_attempt_at == START + timedelta(seconds=5)
 
 
-async def test_a_cancelled_caller_does_not_cancel_the_request(
-    clock: FakeClock, cache: TokenCache
-) -> None:
+async def test_a_cancelled_caller_does_not_cancel_the_request(clock: FakeClock) -> None:
     slow = CountingFetch(clock, delay=0.1)
-    cache._fetch = slow
+    cache = make_cache(clock, slow)
     first = asyncio.create_task(cache.get(identity(), SCOPE))
     await asyncio.sleep(0.02)
     first.cancel()
@@ -445,6 +448,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_request(
     assert len(slow.calls) == 1
     with pytest.raises(asyncio.CancelledError):
         await first
+    cache.close()
 
 
 # Seeding and forgetting

@@ -3,9 +3,11 @@
 `requests` is never patched: what is asserted is what went over the socket.
 """
 
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -13,6 +15,10 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, quote, quote_plus
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
@@ -356,7 +362,7 @@ def test_refused_connection(client: TokenClient) -> None:
     )
     error = fetch_error(client, credentials)
     assert type(error) is EndpointUnavailable
-    assert "cannot reach the token endpoint" in str(error)
+    assert "Cannot reach the token endpoint" in str(error)
     assert "Connection refused" in str(error)
     assert "object at 0x" not in str(error)
     assert error.__suppress_context__  # the requests error holds the form body
@@ -458,3 +464,108 @@ def test_no_secret_or_token_on_success_or_timeout(
     for record in caplog.records:
         assert SECRET not in record.getMessage()
         assert TOKEN not in record.getMessage()
+
+
+# The environment's proxy and CA bundle are honoured; certificates are always verified
+
+
+def test_proxy_from_the_environment_is_used(
+    httpserver: HTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loopback server plays the proxy: a plain-http request through a proxy arrives
+    # with the absolute URL of the real destination.
+    httpserver.expect_request("/token").respond_with_json({"access_token": TOKEN, "expires_in": 60})
+    monkeypatch.setenv("HTTP_PROXY", httpserver.url_for("/").rstrip("/"))
+    monkeypatch.setenv("http_proxy", httpserver.url_for("/").rstrip("/"))
+    proxied = TokenClient(connect_timeout=2, read_timeout=2)
+    try:
+        token = proxied.fetch(
+            ClientCredentials(
+                token_endpoint="http://idp.example.invalid/token",
+                client_id="c",
+                client_secret=SECRET,
+                source="operator identity",
+                realm="",
+            ),
+            SCOPE,
+        )
+    finally:
+        proxied.close()
+    assert token.value == TOKEN
+    [(request, _)] = httpserver.log
+    assert request.host == "idp.example.invalid"
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HTTPServer, str]]:
+    """An https token endpoint whose certificate no system CA has signed."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "m2m test endpoint")])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("tls")
+    cert_file = directory / "cert.pem"
+    key_file = directory / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    server = HTTPServer(host="127.0.0.1", port=0, ssl_context=context)
+    server.start()
+    yield server, str(cert_file)
+    server.clear()
+    server.stop()
+
+
+def test_certificates_are_verified_and_the_ca_bundle_honoured(
+    tls_server: tuple[HTTPServer, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, ca_bundle = tls_server
+    server.expect_request("/token").respond_with_json({"access_token": TOKEN, "expires_in": 60})
+    credentials = ClientCredentials(
+        token_endpoint=server.url_for("/token"),
+        client_id="c",
+        client_secret=SECRET,
+        source="operator identity",
+        realm="",
+    )
+    assert credentials.token_endpoint.startswith("https://")
+
+    untrusting = TokenClient(connect_timeout=2, read_timeout=2)
+    try:
+        error = fetch_error(untrusting, credentials)
+    finally:
+        untrusting.close()
+    assert type(error) is EndpointUnavailable
+    assert "CERTIFICATE_VERIFY_FAILED" in str(error)
+    assert "REQUESTS_CA_BUNDLE" in str(error)
+    assert server.log == []  # no request was sent over the unverified connection
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_bundle)
+    trusting = TokenClient(connect_timeout=2, read_timeout=2)
+    try:
+        assert trusting.fetch(credentials, SCOPE).value == TOKEN
+    finally:
+        trusting.close()

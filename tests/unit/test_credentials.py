@@ -170,7 +170,7 @@ def test_malformed_endpoint_is_invalid_and_foreign_one_not_allowed() -> None:
             policy=POLICY,
         )
     assert caught.value.reason == "EndpointNotAllowed"
-    assert "credentials Secret s/n" in str(caught.value)
+    assert "Credentials Secret s/n: token endpoint host" in str(caught.value)
     assert SECRET not in str(caught.value)
 
 
