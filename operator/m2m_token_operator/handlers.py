@@ -126,7 +126,10 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="deleted")
 def token_request_event(
-    type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
+    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     if type == "DELETED":
         _reconciler(memo).forget(body.metadata.namespace or "", body.metadata.name or "")
@@ -143,7 +146,12 @@ def _watched_secret(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
 
 
 @kopf.on.event("", "v1", "secrets", id="secret", when=_watched_secret)
-def secret_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def secret_event(
+    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
     _reconciler(memo).secret_changed(
         {"metadata": dict(body.metadata), "data": dict(body.get("data") or {})},
         deleted=type == "DELETED",

@@ -9,6 +9,7 @@ validation stands between the operator and what the server really holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -49,14 +50,21 @@ def load_api_client() -> kubernetes.client.ApiClient:
     """The current kubeconfig (KUBECONFIG or ~/.kube/config), else the in-cluster config."""
     configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
     except (kubernetes.config.ConfigException, FileNotFoundError, TypeError):
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
     return kubernetes.client.ApiClient(configuration)
 
 
 class KubeApi:
     """Async facade over the blocking client; one thread pool for all API calls."""
+
+    # Bodies are typed Any on purpose: the client sends plain dicts as they are,
+    # while its type hints only name its generated models.
 
     def __init__(self, api_client: kubernetes.client.ApiClient, *, max_workers: int = 4) -> None:
         self._core = kubernetes.client.CoreV1Api(api_client)
@@ -99,7 +107,7 @@ class KubeApi:
             return None
         return self._json(response)
 
-    async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> JsonObject:
+    async def create_secret(self, namespace: str, body: Any) -> JsonObject:
         self.writes += 1
         response = await self._call(
             f"create Secret {namespace}/{body['metadata']['name']}",
@@ -107,7 +115,7 @@ class KubeApi:
         )
         return self._json(response)
 
-    async def replace_secret(self, namespace: str, body: Mapping[str, Any]) -> JsonObject:
+    async def replace_secret(self, namespace: str, body: Any) -> JsonObject:
         """A full replace guarded by resourceVersion: drift in any key is undone, races lose."""
         name = body["metadata"]["name"]
         self.writes += 1
@@ -122,16 +130,14 @@ class KubeApi:
     async def delete_secret(self, namespace: str, name: str, *, uid: str) -> None:
         """Delete only the very object that was inspected (uid precondition)."""
         self.writes += 1
-        body = {"preconditions": {"uid": uid}}
-        try:
+        body: Any = {"preconditions": {"uid": uid}}
+        with contextlib.suppress(NotFound):
             await self._call(
                 f"delete Secret {namespace}/{name}",
                 lambda: self._core.delete_namespaced_secret(
                     name, namespace, body=body, _preload_content=False
                 ),
             )
-        except NotFound:
-            pass
 
     # TokenRequests
 
@@ -164,7 +170,7 @@ class KubeApi:
 
     # Events
 
-    async def create_event(self, namespace: str, body: Mapping[str, Any]) -> None:
+    async def create_event(self, namespace: str, body: Any) -> None:
         self.writes += 1
         try:
             await self._call(

@@ -8,9 +8,11 @@ never a scope's secret part (scopes hold none) and never a token.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from datetime import datetime
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from m2m_token_operator.client import AccessToken, TokenEndpointError
@@ -92,10 +94,8 @@ def record_refresh_failure(namespace: str, name: str, *, reason: str) -> None:
 def forget_token_request(namespace: str, name: str) -> None:
     """A deleted TokenRequest must not leave a gauge that alerts forever."""
     for gauge in (TOKEN_READY, TOKEN_EXPIRY):
-        try:
+        with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
-        except KeyError:
-            pass
 
 
 def serve(port: int) -> None:

@@ -299,7 +299,9 @@ class TokenRequestReconciler:
         if token is not None:
             REDACTOR.register(token.value)
             self._cache.seed(key, token)
-            logger.info("%s reusing the unexpired token found in its Secret", subscription.log_context)
+            logger.info(
+                "%s reusing the unexpired token found in its Secret", subscription.log_context
+            )
 
     async def _sync(self, subscription: Subscription) -> None:
         async with subscription.lock:
@@ -334,7 +336,9 @@ class TokenRequestReconciler:
                 self._by_key[key].add(subscription.ref)
                 await self._seed_from_secret(subscription, key)
             result = await self._cache.get(
-                credentials, subscription.spec.scope, refresh_before=subscription.spec.refresh_before
+                credentials,
+                subscription.spec.scope,
+                refresh_before=subscription.spec.refresh_before,
             )
             metrics.record_cache_lookup(fetched=result.fetched)
             if result.token is not None:
@@ -385,11 +389,15 @@ class TokenRequestReconciler:
                 _failure_fields(result.error),
             )
 
-    async def _credentials_failed(self, subscription: Subscription, error: CredentialsError) -> None:
+    async def _credentials_failed(
+        self, subscription: Subscription, error: CredentialsError
+    ) -> None:
         now = self._clock()
         subscription.credentials_failures += 1
         subscription.credentials_failed_at = now
-        metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=error.reason)
+        metrics.record_refresh_failure(
+            subscription.namespace, subscription.name, reason=error.reason
+        )
         logger.warning(
             "%s credentials unusable: reason=%s attempts=%d",
             subscription.log_context,

@@ -9,6 +9,7 @@ token's own refresh point, with no polling and nothing written to the objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -104,10 +105,8 @@ class Scheduler(Generic[Target]):
                 # Wake at least every 30 s so that liveness sees a turning loop and a
                 # jump of the wall clock (suspend, NTP step) is noticed soon.
                 timeout = 30.0 if delay is None else min(delay, 30.0)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=timeout)
-                except TimeoutError:
-                    pass
         finally:
             for task in list(self._running):
                 task.cancel()

@@ -164,9 +164,7 @@ async def write_secret(
     return WriteOutcome.UPDATED
 
 
-async def delete_owned_secret(
-    kube: KubeApi, *, namespace: str, name: str, owner_uid: str
-) -> bool:
+async def delete_owned_secret(kube: KubeApi, *, namespace: str, name: str, owner_uid: str) -> bool:
     """Delete a Secret this TokenRequest owns (after a secretName change); True if deleted."""
     existing = await kube.read_secret(namespace, name)
     if existing is None or not is_owned_by(existing, owner_uid):

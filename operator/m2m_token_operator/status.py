@@ -94,8 +94,12 @@ def build_status(observation: Observation, previous: Mapping[str, Any]) -> JsonO
     obs = observation
     old = _conditions_by_type(previous)
     if obs.token is not None:
-        ready = (True, TOKEN_ISSUED, f"Secret {obs.secret_name} holds a token for {obs.scope}"
-                 f" valid until {format_time(obs.token.expires_at)}")
+        ready = (
+            True,
+            TOKEN_ISSUED,
+            f"Secret {obs.secret_name} holds a token for {obs.scope}"
+            f" valid until {format_time(obs.token.expires_at)}",
+        )
     elif obs.failure is not None:
         ready = (False, obs.failure.reason, obs.failure.message)
     else:

@@ -69,8 +69,11 @@ def test_ownership_needs_controller_reference_with_our_uid() -> None:
 
 def test_drift_detection_and_merge_keep_foreign_labels() -> None:
     desired = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN)
-    live = {**desired, "metadata": {**desired["metadata"], "resourceVersion": "7",
-                                    "labels": {**desired["metadata"]["labels"], "team": "a"}}}  # fmt: skip
+    labels = {**desired["metadata"]["labels"], "team": "a"}
+    live = {
+        **desired,
+        "metadata": {**desired["metadata"], "resourceVersion": "7", "labels": labels},
+    }
     assert not _differs(live, desired)
     edited = {**live, "data": {**live["data"], "token": base64.b64encode(b"x").decode()}}
     assert _differs(edited, desired)
@@ -84,14 +87,21 @@ def test_drift_detection_and_merge_keep_foreign_labels() -> None:
 
 def test_token_read_back_from_an_owned_secret() -> None:
     secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN)
-    seeded = token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(minutes=5))
+    seeded = token_from_secret(
+        secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(minutes=5)
+    )
     assert seeded is not None
     assert seeded.value == TOKEN.value
     assert format_time(seeded.expires_at) == "2026-11-29T09:59:59Z"
     assert seeded.issued_at == NOW
     # Not ours, another scope, or expired: nothing to reuse.
     assert token_from_secret(secret, owner_uid="uid-2", scope=SCOPE, now=NOW) is None
-    assert token_from_secret(secret, owner_uid="uid-1", scope="api://x.y.z/.default", now=NOW) is None
-    assert token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(hours=2)) is None
+    assert (
+        token_from_secret(secret, owner_uid="uid-1", scope="api://x.y.z/.default", now=NOW) is None
+    )
+    assert (
+        token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(hours=2))
+        is None
+    )
     broken = {**secret, "data": {"token": "!!!"}}
     assert token_from_secret(broken, owner_uid="uid-1", scope=SCOPE, now=NOW) is None
