@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 import random as _random
 from collections.abc import Callable
@@ -36,6 +37,17 @@ from m2m_token_operator.credentials import ClientCredentials
 from m2m_token_operator.policy import RefreshPolicy, RetryPolicy, is_permanent
 
 logger = logging.getLogger(__name__)
+
+
+def token_jitter(token: AccessToken) -> float:
+    """The token's own jitter fraction in [0, 1), derived from the token itself.
+
+    Tokens differ, so their refresh points spread; and the same token always gets
+    the same refresh point, also in an operator restarted after it was issued, so
+    the restarted operator computes the refresh point it published before.
+    """
+    digest = hashlib.sha256(token.value.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +135,7 @@ class TokenCache:
         retry_policy: RetryPolicy,
         clock: Callable[[], datetime],
         random: Callable[[], float] = _random.random,
+        jitter_of: Callable[[AccessToken], float] = token_jitter,
         max_workers: int = 8,
     ) -> None:
         self._fetch = fetch
@@ -130,6 +143,7 @@ class TokenCache:
         self._retry = retry_policy
         self._clock = clock
         self._random = random
+        self._token_jitter = jitter_of
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="m2m-token-fetch"
         )
@@ -200,7 +214,7 @@ class TokenCache:
         entry = self._entries.setdefault(key, _Entry())
         if entry.token is not None and entry.token.expires_at >= token.expires_at:
             return
-        entry.store(token, self._random())
+        entry.store(token, self._token_jitter(token))
 
     def peek(self, key: CacheKey, *, refresh_before: timedelta | None = None) -> CacheResult:
         """What `get` would serve without calling anybody."""
@@ -248,7 +262,7 @@ class TokenCache:
                 logger.exception("unexpected failure fetching the token for %s", key)
             self._failed(entry, error, fingerprint=credentials.fingerprint())
         else:
-            entry.store(token, self._random())
+            entry.store(token, self._token_jitter(token))
             entry.error = None
             entry.failures = 0
             entry.last_failure_at = None

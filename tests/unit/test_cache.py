@@ -15,7 +15,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from m2m_token_operator.cache import CacheKey, CacheResult, Freshness, TokenCache
+from m2m_token_operator.cache import CacheKey, CacheResult, Freshness, TokenCache, token_jitter
 from m2m_token_operator.client import (
     AccessToken,
     CredentialsRejected,
@@ -111,6 +111,7 @@ def make_cache(clock: FakeClock, fetch: CountingFetch) -> TokenCache:
         retry_policy=RetryPolicy(),
         clock=clock,
         random=lambda: 0.0,
+        jitter_of=lambda token: 0.0,
         max_workers=4,
     )
 
@@ -256,22 +257,31 @@ async def test_each_caller_has_its_own_refresh_before(
     assert len(fetch.calls) == 2
 
 
-async def test_jitter_is_drawn_once_per_token(clock: FakeClock, fetch: CountingFetch) -> None:
-    draws = iter([0.5, 0.9, 0.1, 0.3])
+async def test_jitter_is_the_tokens_own(clock: FakeClock, fetch: CountingFetch) -> None:
+    """The same token has the same refresh point everywhere, also after a restart."""
     cache = TokenCache(
-        fetch=fetch,
-        refresh_policy=RefreshPolicy(),
-        retry_policy=RetryPolicy(),
-        clock=clock,
-        random=lambda: next(draws),
+        fetch=fetch, refresh_policy=RefreshPolicy(), retry_policy=RetryPolicy(), clock=clock
     )
     first = await cache.get(identity(), SCOPE)
     key = first.key
-    assert first.refresh_at == START + timedelta(minutes=40, seconds=-15)
+    assert first.token is not None
+    jitter = token_jitter(first.token)
+    assert 0.0 <= jitter < 1.0
+    assert first.refresh_at == START + timedelta(minutes=40) - timedelta(seconds=30) * jitter
     for _ in range(3):
         assert cache.peek(key).refresh_at == first.refresh_at
         assert (await cache.get(identity(), SCOPE)).refresh_at == first.refresh_at
+    restarted = TokenCache(
+        fetch=fetch, refresh_policy=RefreshPolicy(), retry_policy=RetryPolicy(), clock=clock
+    )
+    restarted.seed(key, first.token)
+    assert restarted.peek(key).refresh_at == first.refresh_at
+    other = AccessToken(
+        value="another-token", token_type="Bearer", issued_at=START, expires_at=START
+    )
+    assert token_jitter(other) != jitter
     cache.close()
+    restarted.close()
 
 
 # Failures: stale but valid, backoff, Retry-After, holds
