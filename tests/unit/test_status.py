@@ -55,9 +55,7 @@ def test_fresh_token_is_ready_and_not_degraded() -> None:
 
 def test_failed_refresh_with_valid_token_is_ready_and_degraded() -> None:
     failure = Failure("EndpointUnavailable", "HTTP 503 from the token endpoint")
-    status = build_status(
-        observe(failure=failure, failed_attempts=2, last_failure_at=NOW), {}
-    )
+    status = build_status(observe(failure=failure, failed_attempts=2, last_failure_at=NOW), {})
     assert condition_reason(status, READY) == ("True", "TokenIssued")
     assert condition_reason(status, DEGRADED) == ("True", "EndpointUnavailable")
     assert status["failedAttempts"] == 2
