@@ -314,7 +314,9 @@ class TokenClient:
             "grant_type": "client_credentials",
             "scope": scope,
         }
-        issued_at = self._clock()
+        # Whole seconds, rounded down (never later than the truth): the Secret and the status
+        # carry RFC 3339 seconds, and a restarted operator must read back the same instants.
+        issued_at = self._clock().replace(microsecond=0)
         logger.debug("requesting a token for scope %s from %s as %s", scope, shown, who)
         try:
             with self._session.post(
@@ -491,7 +493,7 @@ class TokenClient:
             value=value,
             token_type=token_type.strip()[:40],
             issued_at=issued_at,
-            expires_at=issued_at + timedelta(seconds=expires_in),
+            expires_at=issued_at + timedelta(seconds=int(expires_in)),
             refresh_in=None if refresh_in is None else timedelta(seconds=refresh_in),
             ext_expires_at=None
             if ext_expires_in is None

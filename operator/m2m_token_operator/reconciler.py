@@ -207,7 +207,9 @@ class TokenRequestReconciler:
         if previous is not None:
             subscription.lock = previous.lock
             subscription.key = previous.key
-            self._unindex(previous)
+            # The key's membership carries over: dropping it here would forget a token
+            # that the new version of the object still needs.
+            self._unindex(previous, keep_key=True)
         self._subscriptions[subscription.ref] = subscription
         self._index(subscription)
         return subscription
@@ -222,9 +224,9 @@ class TokenRequestReconciler:
                 credentials = (subscription.namespace, subscription.spec.credentials_secret)
                 self._by_credentials[credentials].add(ref)
 
-    def _unindex(self, subscription: Subscription) -> None:
+    def _unindex(self, subscription: Subscription, *, keep_key: bool = False) -> None:
         ref = subscription.ref
-        if subscription.key is not None:
+        if subscription.key is not None and not keep_key:
             self._drop_from_key(subscription.key, ref)
         for secret_ref, owner in list(self._by_secret.items()):
             if owner == ref:
