@@ -332,11 +332,16 @@ class TokenRequestReconciler:
             subscription.credentials_failed_at = None
             key = CacheKey.for_credentials(credentials, subscription.spec.scope)
             if key != subscription.key:
+                # Seed only on the first look since the operator started: a key that changes
+                # later means a new identity (or scope), and the Secret holds the token of the
+                # old one, which must never be served as the new identity's token.
+                first_look = subscription.key is None
                 if subscription.key is not None:
                     self._drop_from_key(subscription.key, subscription.ref)
                 subscription.key = key
                 self._by_key[key].add(subscription.ref)
-                await self._seed_from_secret(subscription, key)
+                if first_look:
+                    await self._seed_from_secret(subscription, key)
             result = await self._cache.get(
                 credentials,
                 subscription.spec.scope,
