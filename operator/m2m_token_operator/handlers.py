@@ -124,8 +124,11 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _reconciler(memo).reconcile(_plain(body))
 
 
+# The event handlers are coroutines on purpose: Kopf runs plain functions in a thread pool,
+# and the reconciler and its scheduler are event-loop-only (from another thread, a wake-up
+# of the scheduler can be lost, and their dicts and heap would be shared without a lock).
 @kopf.on.event(GROUP, VERSION, PLURAL, id="deleted")
-def token_request_event(
+async def token_request_event(
     type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
     body: kopf.Body,
     memo: kopf.Memo,
@@ -146,7 +149,7 @@ def _watched_secret(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
 
 
 @kopf.on.event("", "v1", "secrets", id="secret", when=_watched_secret)
-def secret_event(
+async def secret_event(
     type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
     body: kopf.Body,
     memo: kopf.Memo,

@@ -55,7 +55,14 @@ class Scheduler(Generic[Target]):
         self._changed.set()
 
     def reschedule(self, target: Target, at: datetime | None) -> None:
-        """Replace the due time, later or earlier (after a target was handled)."""
+        """Replace the due time, later or earlier (after a target was handled).
+
+        A due time that has already come stays: it is a wake asked for while the target
+        was being handled (a watch event), and that handling may not have seen its cause.
+        """
+        current = self._due.get(target)
+        if current is not None and current <= self._clock():
+            return
         self._due.pop(target, None)
         self.schedule(target, at)
 
