@@ -24,7 +24,9 @@ def kopf_arguments(args: Sequence[str], *, log_format: str) -> list[str]:
     if not any(arg.split("=", 1)[0] in _NAMESPACE_FLAGS for arg in args):
         arguments.append("--all-namespaces")
     if not any(arg.split("=", 1)[0] == "--log-format" for arg in args):
-        arguments.append(f"--log-format={'json' if log_format == 'json' else 'plain'}")
+        # "text" is Kopf's "full" format: with time, logger and level. Kopf's "plain" is
+        # the bare message, and a log that cannot tell an error from a debug line is no use.
+        arguments.append(f"--log-format={'json' if log_format == 'json' else 'full'}")
     return [*arguments, *args]
 
 
