@@ -75,6 +75,10 @@ class ManagedProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
+            # Its own process group: a Ctrl-C at the terminal reaches only the
+            # harness, which then stops its children in order (an apiserver that
+            # went down with the operator still running would fill its log with errors).
+            process_group=0,
         )
 
     def exit_code(self) -> int | None:
