@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from devenv.controlplane import Cluster, new_api_client
-from devenv.tokenserver import SHORT_ISSUER, SHORT_TOKEN_EXPIRY, TokenServer, jwt_claims
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
+
+from devenv.controlplane import Cluster, new_api_client
+from devenv.tokenserver import SHORT_ISSUER, SHORT_TOKEN_EXPIRY, TokenServer, jwt_claims
 
 pytestmark = pytest.mark.e2e
 

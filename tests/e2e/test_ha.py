@@ -1,0 +1,134 @@
+"""Two replicas, one active: the shipped Kopf peering, and a standby that takes over.
+
+Both operators run as the shipped Deployment runs them, with `--peering` and
+without `--standalone`, each with its own priority. The higher one works, the
+other pauses; when the active one is killed (SIGKILL: no goodbye to the
+peering), the standby resumes once the dead one's keep-alive expires (Kopf's
+peering lifetime, 60 s) and keeps the token fresh. Their logs show that no
+TokenRequest was ever handled by both at the same time.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import pytest
+
+from devenv.install import PEERING_NAME
+from devenv.operatorprocess import OperatorProcess
+from devenv.tokenserver import SHORT_ISSUER
+
+from ._support import Kube, OperatorFactory, log_problems, token_request
+
+# Kopf's peering lifetime is 60 s; the dead peer's last keep-alive may be fresh.
+TAKEOVER_TIMEOUT = 90.0
+RESUMED = "Resuming operations after the pause"
+_TIMESTAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+
+
+def _times_mentioning(operator: OperatorProcess, needle: str) -> list[datetime]:
+    """When the operator logged anything about `needle` (e.g. one TokenRequest)."""
+    times = []
+    for line in operator.log_text().splitlines():
+        match = _TIMESTAMP.match(line)
+        if match and needle in line:
+            times.append(datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f"))
+    return times
+
+
+def _log_time(operator: OperatorProcess, pattern: str) -> datetime:
+    match = operator.wait_for_log(rf"\[([^\]]+)\][^\n]*{pattern}", timeout=1)
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_standby_takes_over_when_the_active_replica_dies(
+    kube: Kube, namespace: str, start_operator: OperatorFactory
+) -> None:
+    peered = ("--peering=" + PEERING_NAME,)
+    active = start_operator(
+        issuer=SHORT_ISSUER, args=peered, settings={"M2M_PEERING_PRIORITY": "200"}, name="active"
+    )
+    standby = start_operator(
+        issuer=SHORT_ISSUER, args=peered, settings={"M2M_PEERING_PRIORITY": "100"}, name="standby"
+    )
+    # Kopf starts every replica paused until it has seen the peering: the active
+    # one then resumes, the standby stays paused (and says nothing: it logs only
+    # changes), with its watch-streams started "(paused)".
+    active.wait_for_log(RESUMED, timeout=30)
+    standby.wait_for_log(r"Keep-alive in '[^']+' cluster-wide: ok", timeout=30)
+    standby.wait_for_log(r"watch-stream for tokenrequests\S* cluster-wide \(paused\)", timeout=5)
+    assert RESUMED not in standby.log_text()
+
+    # The active replica serves a TokenRequest with 20 s tokens and refreshes it.
+    kube.create_token_request(
+        namespace, token_request("orders-api", scope="api://e2e.x.y/.default")
+    )
+    kube.wait_ready(namespace, "orders-api", operator=active)
+    first = kube.wait_secret(namespace, "orders-api", operator=active)
+    refreshed = kube.wait_secret(namespace, "orders-api", unlike=first.token, operator=active)
+    this_one = f"{namespace}/orders-api"
+    assert _times_mentioning(active, this_one)
+    assert _times_mentioning(standby, this_one) == []
+    assert RESUMED not in standby.log_text()
+
+    # It dies. The standby resumes after the peering lifetime and takes over.
+    active.kill()
+    killed_at = datetime.now()
+    standby.wait_for_log(RESUMED, timeout=TAKEOVER_TIMEOUT)
+    resumed_at = _log_time(standby, RESUMED)
+    assert resumed_at >= killed_at
+    taken_over = kube.wait_secret(
+        namespace, "orders-api", unlike=refreshed.token, timeout=30, operator=standby
+    )
+    kube.wait_ready(namespace, "orders-api", operator=standby)
+    # ... and keeps refreshing.
+    kube.wait_secret(namespace, "orders-api", unlike=taken_over.token, timeout=30, operator=standby)
+
+    # Never both: the standby's first word about the TokenRequest comes after the
+    # active one's last, and after it resumed.
+    active_times = _times_mentioning(active, this_one)
+    standby_times = _times_mentioning(standby, this_one)
+    assert standby_times
+    assert max(active_times) < min(standby_times)
+    assert resumed_at <= min(standby_times)
+    assert log_problems(standby.log_text()) == []
+    assert log_problems(active.log_text()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "operator bug: Kopf's pause stops only its watch-streams (and Kopf daemons/timers);"
+        " the reconciler's own scheduler task keeps refreshing every TokenRequest it learnt"
+        " before the pause, so a paused replica and the active one both call the token"
+        " endpoint and write the Secret"
+    ),
+)
+def test_replica_paused_by_a_higher_priority_one_stops_refreshing(
+    kube: Kube, namespace: str, start_operator: OperatorFactory
+) -> None:
+    """A replica with a higher priority joins (a new pod after a failover, a rollout):
+    the one that was active pauses and must leave the TokenRequests to it."""
+    peered = ("--peering=" + PEERING_NAME,)
+    low = start_operator(
+        issuer=SHORT_ISSUER, args=peered, settings={"M2M_PEERING_PRIORITY": "100"}, name="low"
+    )
+    low.wait_for_log(RESUMED, timeout=30)
+    kube.create_token_request(
+        namespace, token_request("orders-api", scope="api://e2e.x.y/.default")
+    )
+    kube.wait_ready(namespace, "orders-api", operator=low)
+    first = kube.wait_secret(namespace, "orders-api", operator=low)
+
+    high = start_operator(
+        issuer=SHORT_ISSUER, args=peered, settings={"M2M_PEERING_PRIORITY": "200"}, name="high"
+    )
+    low.wait_for_log(r"Pausing operations in favour of", timeout=30)
+    paused_at = _log_time(low, "Pausing operations in favour of")
+    high.wait_for_log(RESUMED, timeout=30)
+    second = kube.wait_secret(namespace, "orders-api", unlike=first.token, operator=high)
+    kube.wait_secret(namespace, "orders-api", unlike=second.token, operator=high)
+
+    low_after_pause = [t for t in _times_mentioning(low, "token obtained") if t > paused_at]
+    assert low_after_pause == []
