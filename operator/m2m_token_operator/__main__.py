@@ -10,6 +10,8 @@ Kopf starts, so a bad value stops the process with one clear line.
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +30,17 @@ def kopf_arguments(args: Sequence[str], *, log_format: str) -> list[str]:
         # the bare message, and a log that cannot tell an error from a debug line is no use.
         arguments.append(f"--log-format={'json' if log_format == 'json' else 'full'}")
     return [*arguments, *args]
+
+
+def ensure_peering_identity(environ: dict[str, str] | os._Environ[str]) -> str:
+    """The identity Kopf announces in the peering, known to us too (POD_ID, as Kopf reads it).
+
+    Without POD_ID Kopf invents a random identity that the refresh scheduler could not
+    tell apart from another replica's. The Deployment sets POD_ID to the pod's name.
+    """
+    if not environ.get("POD_ID"):
+        environ["POD_ID"] = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+    return environ["POD_ID"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -51,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError as error:
         print(f"m2m-token-operator: invalid settings: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    ensure_peering_identity(os.environ)
     kopf.cli.main(
         args=kopf_arguments(args, log_format=settings.log_format),
         prog_name="m2m-token-operator",

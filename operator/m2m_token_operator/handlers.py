@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import logging
 import os
 import socket
 from datetime import UTC, datetime, timedelta
@@ -23,9 +24,12 @@ from m2m_token_operator import metrics, redaction
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, load_api_client
+from m2m_token_operator.peering import PeeringConfig, PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from m2m_token_operator.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # Kopf keeps its own handling state on the TokenRequest; under our domain, not Kopf's.
 STATE_PREFIX = "operator.m2m.dev"
@@ -44,6 +48,37 @@ def peering_priority(environ: dict[str, str] | os._Environ[str]) -> int:
         return int(configured)
     digest = hashlib.sha256(socket.gethostname().encode()).digest()
     return 1 + int.from_bytes(digest[:4], "big") % 1_000_000
+
+
+def peering_gate(
+    settings: kopf.OperatorSettings,
+    *,
+    kube: KubeApi,
+    reconciler: TokenRequestReconciler,
+    environ: dict[str, str] | os._Environ[str],
+) -> PeeringGate | None:
+    """The gate that pauses our scheduler whenever Kopf pauses, or None when Kopf never does."""
+    if settings.peering.standalone:
+        return None
+    identity = environ.get("POD_ID")  # Kopf's own identity in the peering, when set
+    if not settings.peering.clusterwide or not identity:
+        logger.warning(
+            "Refreshes do not follow Kopf's peering: it needs --all-namespaces and POD_ID"
+            " (m2m-token-operator sets POD_ID itself); run one replica or --standalone"
+        )
+        return None
+    config = PeeringConfig(
+        name=settings.peering.name,
+        identity=identity,
+        priority=settings.peering.priority,
+        mandatory=settings.peering.mandatory,
+    )
+    return PeeringGate(
+        config=config,
+        read_peering=kube.read_cluster_peering,
+        clock=utc_now,
+        on_resume=reconciler.resume_after_pause,
+    )
 
 
 def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
@@ -76,16 +111,21 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     reconciler = TokenRequestReconciler(settings=config, kube=kube, cache=cache, clock=utc_now)
     memo["kube"] = kube
     memo["reconciler"] = reconciler
+    gate = peering_gate(settings, kube=kube, reconciler=reconciler, environ=os.environ)
+    if gate is not None:
+        reconciler.scheduler.gate = gate
+        memo["peering_task"] = asyncio.create_task(gate.run(), name="m2m-peering-gate")
     memo["scheduler_task"] = asyncio.create_task(reconciler.scheduler.run(), name="m2m-scheduler")
     metrics.serve(config.metrics_port)
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    task: asyncio.Task[None] | None = memo.get("scheduler_task")
-    if task is not None:
+    tasks = [memo.get("scheduler_task"), memo.get("peering_task")]
+    running: list[asyncio.Task[None]] = [task for task in tasks if task is not None]
+    for task in running:
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await asyncio.gather(*running, return_exceptions=True)
     kube: KubeApi | None = memo.get("kube")
     if kube is not None:
         kube.close()

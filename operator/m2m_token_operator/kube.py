@@ -25,6 +25,9 @@ VERSION = "v1alpha1"
 PLURAL = "tokenrequests"
 KIND = "TokenRequest"
 API_VERSION = f"{GROUP}/{VERSION}"
+PEERING_GROUP = "kopf.dev"
+PEERING_VERSION = "v1"
+CLUSTER_PEERING_PLURAL = "clusterkopfpeerings"
 
 JsonObject = dict[str, Any]
 _T = TypeVar("_T")
@@ -167,6 +170,24 @@ class KubeApi:
             )
         except NotFound:
             logger.debug("TokenRequest %s/%s is gone; status not written", namespace, name)
+
+    # Kopf's peering (read only: Kopf itself writes the keep-alives)
+
+    async def read_cluster_peering(self, name: str) -> JsonObject | None:
+        try:
+            response = await self._call(
+                f"read ClusterKopfPeering {name}",
+                lambda: self._custom.get_cluster_custom_object(
+                    PEERING_GROUP,
+                    PEERING_VERSION,
+                    CLUSTER_PEERING_PLURAL,
+                    name,
+                    _preload_content=False,
+                ),
+            )
+        except NotFound:
+            return None
+        return self._json(response)
 
     # Events
 

@@ -74,6 +74,8 @@ class Subscription:
     key: CacheKey | None = None
     credentials_failures: int = 0
     credentials_failed_at: datetime | None = None
+    # Another replica served the object while this one was paused: re-read before acting.
+    stale: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -174,6 +176,23 @@ class TokenRequestReconciler:
             return
         if deleted or self._secret_drifted(subscription, secret):
             self.scheduler.schedule(owner_ref, self._clock())
+
+    def resume_after_pause(self) -> None:
+        """This replica takes over again: what it learnt before its pause may be stale.
+
+        Meanwhile the active replica refreshed tokens (into the Secrets), changed
+        statuses, and saw deletions that no watch will replay here. Every known
+        TokenRequest is re-read before it is served again, and its token comes
+        from its Secret where that is still good, as after a restart.
+        """
+        now = self._clock()
+        for subscription in self._subscriptions.values():
+            subscription.stale = True
+            if subscription.key is not None:
+                self._drop_from_key(subscription.key, subscription.ref)
+                subscription.key = None
+            self.scheduler.schedule(subscription.ref, now)
+        logger.info("Resuming after a pause: %d TokenRequests to re-read", len(self._subscriptions))
 
     def is_interesting_secret(self, namespace: str, name: str) -> bool:
         return (namespace, name) in self._by_credentials or (namespace, name) in self._by_secret
@@ -309,6 +328,9 @@ class TokenRequestReconciler:
         async with subscription.lock:
             if self._subscriptions.get(subscription.ref) is not subscription:
                 return  # replaced by a newer version of the object, or deleted meanwhile
+            if subscription.stale:
+                await self._relearn(subscription)
+                return
             if subscription.spec is None:
                 await self._publish(
                     subscription,
@@ -355,6 +377,17 @@ class TokenRequestReconciler:
                 if result.token is not None:
                     self._fan_out(key, subscription.ref)
             await self._deliver(subscription, result)
+
+    async def _relearn(self, subscription: Subscription) -> None:
+        """After a pause: learn the object as it is now (the active replica handled its
+        changes, so Kopf will not replay them here), or forget it if it went away."""
+        current = await self._kube.read_token_request(subscription.namespace, subscription.name)
+        if current is None or current.get("metadata", {}).get("uid") != subscription.uid:
+            self.forget(subscription.namespace, subscription.name)
+            return
+        fresh = self._learn(current)
+        fresh.status = dict(current.get("status") or {})
+        self.scheduler.schedule(fresh.ref, self._clock())
 
     async def _remove_previous_secret(self, subscription: Subscription) -> None:
         """A new spec.secretName: the old Secret, if this TokenRequest owns it, goes away."""

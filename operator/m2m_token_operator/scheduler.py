@@ -15,11 +15,19 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
 Target = TypeVar("Target", bound=Hashable)
+
+
+class Gate(Protocol):
+    """Whether this replica may act (HA peering): due work waits while it may not."""
+
+    async def confirm_active(self) -> bool: ...
+
+    async def wait_active(self) -> None: ...
 
 
 class Scheduler(Generic[Target]):
@@ -31,9 +39,11 @@ class Scheduler(Generic[Target]):
         clock: Callable[[], datetime],
         handle: Callable[[Target], Awaitable[None]],
         concurrency: int = 16,
+        gate: Gate | None = None,
     ) -> None:
         self._clock = clock
         self._handle = handle
+        self.gate = gate
         self._heap: list[tuple[datetime, int, Target]] = []
         self._due: dict[Target, datetime] = {}
         self._sequence = itertools.count()
@@ -98,11 +108,28 @@ class Scheduler(Generic[Target]):
                 # One broken TokenRequest must not stop the refreshes of all others.
                 logger.exception("Scheduled work for %s failed", target)
 
+    def _has_due(self, now: datetime) -> bool:
+        delay = self._seconds_to_next(now)
+        return delay is not None and delay <= 0.0
+
+    async def _wait_for_gate(self) -> None:
+        """Due work stays due (nothing is dropped) until this replica may act again."""
+        assert self.gate is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.gate.wait_active(), timeout=30.0)
+
     async def run(self) -> None:
         try:
             while True:
                 now = self._clock()
                 self.last_loop_at = now
+                if (
+                    self.gate is not None
+                    and self._has_due(now)
+                    and not await self.gate.confirm_active()
+                ):
+                    await self._wait_for_gate()
+                    continue
                 for target in self._pop_due(now):
                     task = asyncio.create_task(self._run_one(target))
                     self._running.add(task)

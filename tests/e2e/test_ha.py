@@ -13,8 +13,6 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-import pytest
-
 from devenv.install import PEERING_NAME
 from devenv.operatorprocess import OperatorProcess
 from devenv.tokenserver import SHORT_ISSUER
@@ -96,29 +94,22 @@ def test_standby_takes_over_when_the_active_replica_dies(
     assert log_problems(active.log_text()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "operator bug: Kopf's pause stops only its watch-streams (and Kopf daemons/timers);"
-        " the reconciler's own scheduler task keeps refreshing every TokenRequest it learnt"
-        " before the pause, so a paused replica and the active one both call the token"
-        " endpoint and write the Secret"
-    ),
-)
-def test_replica_paused_by_a_higher_priority_one_stops_refreshing(
+def test_replica_paused_by_a_higher_priority_one_stops_refreshing_and_catches_up_on_resume(
     kube: Kube, namespace: str, start_operator: OperatorFactory
 ) -> None:
     """A replica with a higher priority joins (a new pod after a failover, a rollout):
-    the one that was active pauses and must leave the TokenRequests to it."""
+    the one that was active pauses and must leave the TokenRequests to it. When the
+    other leaves again, it resumes from what the other wrote, not from its own memory."""
     peered = ("--peering=" + PEERING_NAME,)
     low = start_operator(
         issuer=SHORT_ISSUER, args=peered, settings={"M2M_PEERING_PRIORITY": "100"}, name="low"
     )
     low.wait_for_log(RESUMED, timeout=30)
-    kube.create_token_request(
-        namespace, token_request("orders-api", scope="api://e2e.x.y/.default")
-    )
-    kube.wait_ready(namespace, "orders-api", operator=low)
+    for name in ("orders-api", "gone-while-paused"):
+        kube.create_token_request(
+            namespace, token_request(name, scope=f"api://e2e.x.{name}/.default")
+        )
+        kube.wait_ready(namespace, name, operator=low)
     first = kube.wait_secret(namespace, "orders-api", operator=low)
 
     high = start_operator(
@@ -126,9 +117,32 @@ def test_replica_paused_by_a_higher_priority_one_stops_refreshing(
     )
     low.wait_for_log(r"Pausing operations in favour of", timeout=30)
     paused_at = _log_time(low, "Pausing operations in favour of")
+    low.wait_for_log(r"Refreshes paused: peers with the same or a higher priority", timeout=10)
     high.wait_for_log(RESUMED, timeout=30)
     second = kube.wait_secret(namespace, "orders-api", unlike=first.token, operator=high)
-    kube.wait_secret(namespace, "orders-api", unlike=second.token, operator=high)
+    third = kube.wait_secret(namespace, "orders-api", unlike=second.token, operator=high)
+    kube.delete_token_request(namespace, "gone-while-paused")
 
     low_after_pause = [t for t in _times_mentioning(low, "token obtained") if t > paused_at]
     assert low_after_pause == []
+
+    # The higher one leaves cleanly (a rollout): the lower one resumes at once, forgets
+    # the TokenRequest deleted meanwhile (no watch replays that), and serves the token
+    # the other one left in the Secret before it refreshes it itself.
+    assert high.stop() == 0
+    low_log_size = low.log_size()
+    low.wait_for_log(r"Refreshes active", timeout=30, since=low_log_size)
+    low.wait_for_log(
+        rf"tokenrequest={namespace}/gone-while-paused \S+ forgotten", timeout=30, since=low_log_size
+    )
+    low.wait_for_log(
+        rf"tokenrequest={namespace}/orders-api \S+ reusing the unexpired token",
+        timeout=30,
+        since=low_log_size,
+    )
+    kube.wait_secret(namespace, "orders-api", unlike=third.token, timeout=30, operator=low)
+    kube.wait_ready(namespace, "orders-api", operator=low)
+    gone = kube.get_token_request(namespace, "gone-while-paused")
+    assert gone is None
+    assert log_problems(low.log_text()) == []
+    assert log_problems(high.log_text()) == []

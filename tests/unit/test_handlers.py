@@ -31,3 +31,32 @@ async def test_liveness_fails_when_the_scheduler_is_dead_or_stalled() -> None:
     await asyncio.gather(running, return_exceptions=True)
     with pytest.raises(RuntimeError, match="not running"):
         handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]
+
+
+def _peering_settings(*, standalone: bool, clusterwide: bool) -> SimpleNamespace:
+    peering = SimpleNamespace(
+        standalone=standalone, clusterwide=clusterwide, name="m2m", priority=7, mandatory=True
+    )
+    return SimpleNamespace(peering=peering)
+
+
+@pytest.mark.parametrize(
+    ("standalone", "clusterwide", "environ", "gated"),
+    [
+        (True, True, {"POD_ID": "pod-0"}, False),  # Kopf never pauses: nothing to follow
+        (False, True, {}, False),  # Kopf's identity unknown: peers cannot be told from us
+        (False, False, {"POD_ID": "pod-0"}, False),  # namespaced peering is not followed
+        (False, True, {"POD_ID": "pod-0"}, True),
+    ],
+)
+def test_the_scheduler_follows_kopf_peering_only_when_it_can_tell_itself_apart(
+    standalone: bool, clusterwide: bool, environ: dict[str, str], gated: bool
+) -> None:
+    reconciler = SimpleNamespace(resume_after_pause=lambda: None)
+    gate = handlers.peering_gate(
+        _peering_settings(standalone=standalone, clusterwide=clusterwide),  # type: ignore[arg-type]
+        kube=SimpleNamespace(read_cluster_peering=None),  # type: ignore[arg-type]
+        reconciler=reconciler,  # type: ignore[arg-type]
+        environ=environ,
+    )
+    assert (gate is not None) == gated

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from m2m_token_operator.__main__ import kopf_arguments
+from m2m_token_operator.__main__ import ensure_peering_identity, kopf_arguments
 
 
 def test_defaults_all_namespaces_and_json_logs() -> None:
@@ -31,3 +31,14 @@ def test_invalid_settings_stop_with_a_clear_message() -> None:
     )
     assert result.returncode == 2
     assert "M2M_CONNECT_TIMEOUT_SECONDS" in result.stderr
+
+
+def test_the_peering_identity_is_set_once_and_kept() -> None:
+    environ: dict[str, str] = {}
+    identity = ensure_peering_identity(environ)
+    assert environ["POD_ID"] == identity
+    assert ensure_peering_identity(environ) == identity
+    assert ensure_peering_identity({"POD_ID": "m2m-token-operator-5d9c7-x2x4q"}) == (
+        "m2m-token-operator-5d9c7-x2x4q"
+    )
+    assert ensure_peering_identity({}) != identity  # distinct per process
