@@ -38,6 +38,7 @@ class KubeError(Exception):
 
     def __init__(self, *, action: str, status: int | None, reason: str) -> None:
         super().__init__(f"{action} failed: HTTP {status} {reason}")
+        self.action = action
         self.status = status
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from m2m_token_operator.credentials import (
     credentials_from_secret,
     operator_identity,
 )
-from m2m_token_operator.kube import JsonObject, KubeApi
+from m2m_token_operator.kube import JsonObject, KubeApi, KubeError
 from m2m_token_operator.models import SpecError, TokenRequestSpec, parse_spec
 from m2m_token_operator.policy import RetryPolicy
 from m2m_token_operator.redaction import REDACTOR
@@ -46,7 +47,9 @@ from m2m_token_operator.secret_output import (
 from m2m_token_operator.settings import Settings
 from m2m_token_operator.status import (
     INVALID_SPEC,
+    KUBERNETES_API_ERROR,
     SECRET_CONFLICT,
+    SECRET_WRITE_FAILED,
     Failure,
     Observation,
     build_status,
@@ -74,6 +77,7 @@ class Subscription:
     key: CacheKey | None = None
     credentials_failures: int = 0
     credentials_failed_at: datetime | None = None
+    api_failures: int = 0  # consecutive looks ended by a Kubernetes API error
     # Another replica served the object while this one was paused: re-read before acting.
     stale: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -328,55 +332,65 @@ class TokenRequestReconciler:
         async with subscription.lock:
             if self._subscriptions.get(subscription.ref) is not subscription:
                 return  # replaced by a newer version of the object, or deleted meanwhile
-            if subscription.stale:
-                await self._relearn(subscription)
-                return
-            if subscription.spec is None:
-                await self._publish(
-                    subscription,
-                    token=None,
-                    refresh_at=None,
-                    failure=Failure(INVALID_SPEC, subscription.spec_error or "invalid spec"),
-                    failures=0,
-                    failed_at=None,
-                    outcome=None,
-                )
-                self.scheduler.reschedule(subscription.ref, None)
-                return
-            await self._remove_previous_secret(subscription)
             try:
-                credentials = await self._credentials(subscription)
-            except CredentialsError as error:
-                await self._credentials_failed(subscription, error)
-                return
-            REDACTOR.register(credentials.client_secret)
-            subscription.credentials_failures = 0
-            subscription.credentials_failed_at = None
-            key = CacheKey.for_credentials(credentials, subscription.spec.scope)
-            if key != subscription.key:
-                # Seed only on the first look since the operator started: a key that changes
-                # later means a new identity (or scope), and the Secret holds the token of the
-                # old one, which must never be served as the new identity's token.
-                first_look = subscription.key is None
-                if subscription.key is not None:
-                    self._drop_from_key(subscription.key, subscription.ref)
-                subscription.key = key
-                self._by_key[key].add(subscription.ref)
-                if first_look:
-                    await self._seed_from_secret(subscription, key)
-            result = await self._cache.get(
-                credentials,
-                subscription.spec.scope,
-                refresh_before=subscription.spec.refresh_before,
+                await self._sync_locked(subscription)
+            except KubeError as error:
+                # Not Kopf's to retry: it would call the token endpoint again on its own
+                # schedule. The token already fetched stays cached for the next look.
+                await self._api_failed(subscription, error)
+            else:
+                subscription.api_failures = 0
+
+    async def _sync_locked(self, subscription: Subscription) -> None:
+        if subscription.stale:
+            await self._relearn(subscription)
+            return
+        if subscription.spec is None:
+            await self._publish(
+                subscription,
+                token=None,
+                refresh_at=None,
+                failure=Failure(INVALID_SPEC, subscription.spec_error or "invalid spec"),
+                failures=0,
+                failed_at=None,
+                outcome=None,
             )
-            metrics.record_cache_lookup(fetched=result.fetched)
+            self.scheduler.reschedule(subscription.ref, None)
+            return
+        await self._remove_previous_secret(subscription)
+        try:
+            credentials = await self._credentials(subscription)
+        except CredentialsError as error:
+            await self._credentials_failed(subscription, error)
+            return
+        REDACTOR.register(credentials.client_secret)
+        subscription.credentials_failures = 0
+        subscription.credentials_failed_at = None
+        key = CacheKey.for_credentials(credentials, subscription.spec.scope)
+        if key != subscription.key:
+            # Seed only on the first look since the operator started: a key that changes
+            # later means a new identity (or scope), and the Secret holds the token of the
+            # old one, which must never be served as the new identity's token.
+            first_look = subscription.key is None
+            if subscription.key is not None:
+                self._drop_from_key(subscription.key, subscription.ref)
+            subscription.key = key
+            self._by_key[key].add(subscription.ref)
+            if first_look:
+                await self._seed_from_secret(subscription, key)
+        result = await self._cache.get(
+            credentials,
+            subscription.spec.scope,
+            refresh_before=subscription.spec.refresh_before,
+        )
+        metrics.record_cache_lookup(fetched=result.fetched)
+        if result.token is not None:
+            REDACTOR.register(result.token.value)
+        if result.fetched:
+            self._log_fetch(subscription, result)
             if result.token is not None:
-                REDACTOR.register(result.token.value)
-            if result.fetched:
-                self._log_fetch(subscription, result)
-                if result.token is not None:
-                    self._fan_out(key, subscription.ref)
-            await self._deliver(subscription, result)
+                self._fan_out(key, subscription.ref)
+        await self._deliver(subscription, result)
 
     async def _relearn(self, subscription: Subscription) -> None:
         """After a pause: learn the object as it is now (the active replica handled its
@@ -466,6 +480,64 @@ class TokenRequestReconciler:
         # The watch on the credentials Secret brings a fix sooner; this is the safety net.
         wake = min(retry_at, token.expires_at) if token else retry_at
         self.scheduler.reschedule(subscription.ref, wake)
+
+    async def _api_failed(self, subscription: Subscription, error: KubeError) -> None:
+        """The API server refused a read or write: report it, keep the token, try again."""
+        now = self._clock()
+        subscription.api_failures += 1
+        writing_secret = error.action.startswith(("create Secret", "replace Secret"))
+        reason = SECRET_WRITE_FAILED if writing_secret else KUBERNETES_API_ERROR
+        metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=reason)
+        logger.warning(
+            "%s Kubernetes API call failed: reason=%s attempts=%d %s",
+            subscription.log_context,
+            reason,
+            subscription.api_failures,
+            error,
+        )
+        # The error text is the action, the HTTP status and its reason phrase: never a body.
+        if writing_secret:
+            hint = "check the operator's RBAC, admission policies and quotas for Secrets here"
+        else:
+            hint = "retrying with backoff"
+        token = await self._token_in_secret(subscription)
+        try:
+            await self._publish(
+                subscription,
+                token=token,
+                refresh_at=None,
+                failure=Failure(reason, f"{error}; {hint}"),
+                failures=subscription.api_failures,
+                failed_at=now,
+                outcome=None,
+            )
+        except KubeError as status_error:
+            logger.warning("%s status not written: %s", subscription.log_context, status_error)
+        retry_at = now + self._retry.backoff(
+            failures=subscription.api_failures,
+            jitter_fraction=random.random(),  # noqa: S311 (spreads retries; not a secret)
+        )
+        wake = min(retry_at, token.expires_at) if token else retry_at
+        self.scheduler.reschedule(subscription.ref, wake)
+
+    async def _token_in_secret(self, subscription: Subscription) -> AccessToken | None:
+        """What the workload reads now: the unexpired token in the owned Secret, if any."""
+        if subscription.spec is None:
+            return None
+        try:
+            secret = await self._kube.read_secret(
+                subscription.namespace, subscription.spec.secret_name
+            )
+        except KubeError:
+            return None
+        if secret is None:
+            return None
+        return token_from_secret(
+            secret,
+            owner_uid=subscription.uid,
+            scope=subscription.spec.scope,
+            now=self._clock(),
+        )
 
     async def _deliver(self, subscription: Subscription, result: CacheResult) -> None:
         assert subscription.spec is not None

@@ -37,6 +37,8 @@ SCOPE_REJECTED = "ScopeRejected"
 ENDPOINT_UNAVAILABLE = "EndpointUnavailable"
 THROTTLED = "Throttled"
 SECRET_CONFLICT = "SecretConflict"
+SECRET_WRITE_FAILED = "SecretWriteFailed"
+KUBERNETES_API_ERROR = "KubernetesAPIError"
 # Event-only reasons.
 TOKEN_REFRESHED = "TokenRefreshed"
 SECRET_RESTORED = "SecretRestored"

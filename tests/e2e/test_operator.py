@@ -449,3 +449,42 @@ def test_secret_not_owned_is_left_alone(
     assert kube.wait_secret(namespace, "taken").data["scope"] == ORDERS_SCOPE
     warnings = [e.reason for e in kube.events([namespace]) if e.type == "Warning"]
     assert warnings == ["SecretConflict"]
+
+
+# --- the API server refuses the Secret ---------------------------------------------
+
+
+def test_secret_write_refused_by_the_api_server_is_reported_and_retried(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """A quota of zero Secrets makes the real API server answer 403 to the create."""
+    kube.core.create_namespaced_resource_quota(
+        namespace,
+        {"metadata": {"name": "no-secrets"}, "spec": {"hard": {"count/secrets": "0"}}},
+    )
+    kube.create_token_request(namespace, token_request("orders-api", target=ORDERS))
+
+    def refused() -> dict[str, object] | None:
+        status = (kube.get_token_request(namespace, "orders-api") or {}).get("status") or {}
+        degraded = condition_of(status, "Degraded")
+        return degraded if degraded.get("reason") == "SecretWriteFailed" else None
+
+    degraded = wait_for(refused, timeout=30, what="SecretWriteFailed", operator=operator)
+    assert degraded["status"] == "True"
+    assert "HTTP 403" in str(degraded["message"])
+    status = (kube.get_token_request(namespace, "orders-api") or {})["status"]
+    assert condition_of(status, "Ready")["status"] == "False"
+    assert kube.get_secret(namespace, "orders-api") is None
+
+    # The quota goes: the next attempt writes the token already fetched, without a new request.
+    kube.core.delete_namespaced_resource_quota("no-secrets", namespace)
+    kube.wait_ready(namespace, "orders-api", timeout=60, operator=operator)
+    assert kube.wait_secret(namespace, "orders-api").data["scope"] == ORDERS_SCOPE
+    log = operator.log_text()
+    assert (
+        log.count(f"tokenrequest={namespace}/orders-api scope={ORDERS_SCOPE} token obtained") == 1
+    )
+    expected = [line for line in log_problems(log) if "reason=SecretWriteFailed" in line]
+    assert expected
+    assert all("HTTP 403 Forbidden" in line for line in expected)
+    assert [line for line in log_problems(log) if line not in expected] == []

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import kmock
 import pytest
 
 from .harness import (
@@ -665,3 +666,39 @@ async def test_repeated_failures_post_one_warning(
     await asyncio.sleep(0.2)
     reasons = [(e["type"], e["reason"]) for e in kube.events_for(NS, NAME)]
     assert reasons == [("Warning", "EndpointUnavailable"), ("Normal", "TokenIssued")]
+
+
+# ---- the API server failing the operator's own writes ----------------------------------------
+
+
+async def test_refused_secret_writes_are_reported_and_retried_without_a_new_token(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    kube.emulator["post", kmock.resource("v1/secrets")][:2] << 503
+    kube.create_token_request(NS, NAME, TARGET)
+    refused = await wait_condition(kube, "Degraded", "True", "SecretWriteFailed")
+    message = by_type(refused)["Degraded"]["message"]
+    assert message.startswith(f"create Secret {NS}/{NAME} failed: HTTP 503")
+    assert by_type(refused)["Ready"]["status"] == "False"
+
+    ready = await wait_condition(kube, "Ready", "True", "TokenIssued")
+    assert by_type(ready)["Degraded"]["reason"] == "RefreshSucceeded"
+    assert ready["failedAttempts"] == 0
+    assert token_in_secret(kube) == token_endpoint.tokens[0]
+    assert token_endpoint.count == 1  # the token fetched before the refusals was kept
+    assert max(s.get("failedAttempts", 0) for s in status_history(kube)) == 2
+    assert "Handler 'create' failed" not in operator.all_text  # not Kopf's to retry
+
+
+async def test_a_failing_status_write_is_retried_by_the_operator_not_kopf(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    status_patches = kube.emulator["patch", kmock.resource(TOKEN_REQUESTS)][
+        kmock.subresource("status")
+    ]
+    status_patches[:1] << 500
+    kube.create_token_request(NS, NAME, TARGET)
+    await wait_condition(kube, "Ready", "True", "TokenIssued")
+    assert token_endpoint.count == 1
+    assert "reason=KubernetesAPIError attempts=1 patch TokenRequest" in operator.all_text
+    assert "Handler 'create' failed" not in operator.all_text
