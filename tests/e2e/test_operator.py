@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+import kubernetes.client as k8s
+
 from devenv.controlplane import Cluster
 from devenv.operatorprocess import OperatorProcess
 from devenv.tokenserver import SHORT_ISSUER, TokenServer, jwt_claims
@@ -458,10 +460,11 @@ def test_secret_write_refused_by_the_api_server_is_reported_and_retried(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
     """A quota of zero Secrets makes the real API server answer 403 to the create."""
-    kube.core.create_namespaced_resource_quota(
-        namespace,
-        {"metadata": {"name": "no-secrets"}, "spec": {"hard": {"count/secrets": "0"}}},
+    quota = k8s.V1ResourceQuota(
+        metadata=k8s.V1ObjectMeta(name="no-secrets"),
+        spec=k8s.V1ResourceQuotaSpec(hard={"count/secrets": "0"}),
     )
+    kube.core.create_namespaced_resource_quota(namespace, quota)
     kube.create_token_request(namespace, token_request("orders-api", target=ORDERS))
 
     def refused() -> dict[str, object] | None:
