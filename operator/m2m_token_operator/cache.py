@@ -69,6 +69,15 @@ class CacheKey:
     def for_credentials(cls, credentials: ClientCredentials, scope: str) -> CacheKey:
         return cls(credentials.token_endpoint, credentials.client_id, scope, credentials.realm)
 
+    def identity_digest(self) -> str:
+        """Who a token was issued to (endpoint, client id, realm), as a one-way digest.
+
+        Written beside the token in its Secret: a restarted operator reuses that token only
+        for the same identity, even when the credentials changed while it was down.
+        """
+        identity = "\n".join((self.token_endpoint, self.client_id, self.realm))
+        return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
     def __str__(self) -> str:
         realm = self.realm or "operator"
         return f"{self.scope} as {self.client_id} at {self.token_endpoint} (realm {realm})"

@@ -279,6 +279,7 @@ class TokenRequestReconciler:
             secret_name=subscription.spec.secret_name,
             scope=subscription.spec.scope,
             token=cached.token,
+            issued_to=subscription.key.identity_digest(),
         )
         data = secret.get("data") or {}
         if data != desired["data"]:
@@ -319,7 +320,11 @@ class TokenRequestReconciler:
         if secret is None:
             return
         token = token_from_secret(
-            secret, owner_uid=subscription.uid, scope=key.scope, now=self._clock()
+            secret,
+            owner_uid=subscription.uid,
+            scope=key.scope,
+            now=self._clock(),
+            issued_to=key.identity_digest(),
         )
         if token is not None:
             REDACTOR.register(token.value)
@@ -537,6 +542,7 @@ class TokenRequestReconciler:
             owner_uid=subscription.uid,
             scope=subscription.spec.scope,
             now=self._clock(),
+            issued_to=None,  # what the workload reads now, whoever it was issued to
         )
 
     async def _deliver(self, subscription: Subscription, result: CacheResult) -> None:
@@ -548,6 +554,7 @@ class TokenRequestReconciler:
                 secret_name=subscription.spec.secret_name,
                 scope=subscription.spec.scope,
                 token=result.token,
+                issued_to=result.key.identity_digest(),
             )
             outcome = await write_secret(self._kube, desired=desired, owner_uid=subscription.uid)
         failure: Failure | None = None

@@ -26,6 +26,9 @@ EXPIRES_AT_ANNOTATION = "m2m.dev/expires-at"
 # Not in the contract's list but harmless to users: the issue time lets a
 # restarted operator compute the same refresh point without calling the endpoint.
 ISSUED_AT_ANNOTATION = "m2m.dev/issued-at"
+# A digest of the identity (endpoint, client id, credentials' namespace) the token was issued
+# to: after a restart the token is reused only if the TokenRequest's identity is still that one.
+ISSUED_TO_ANNOTATION = "m2m.dev/issued-to"
 
 TOKEN_KEY = "token"
 TOKEN_TYPE_KEY = "token-type"
@@ -77,7 +80,9 @@ def owner_reference(owner: Owner) -> JsonObject:
     }
 
 
-def render_secret(*, owner: Owner, secret_name: str, scope: str, token: AccessToken) -> JsonObject:
+def render_secret(
+    *, owner: Owner, secret_name: str, scope: str, token: AccessToken, issued_to: str
+) -> JsonObject:
     """The Secret exactly as the API contract describes it."""
     expires_at = format_time(token.expires_at)
     return {
@@ -91,6 +96,7 @@ def render_secret(*, owner: Owner, secret_name: str, scope: str, token: AccessTo
             "annotations": {
                 EXPIRES_AT_ANNOTATION: expires_at,
                 ISSUED_AT_ANNOTATION: format_time(token.issued_at),
+                ISSUED_TO_ANNOTATION: issued_to,
             },
             "ownerReferences": [owner_reference(owner)],
         },
@@ -174,13 +180,24 @@ async def delete_owned_secret(kube: KubeApi, *, namespace: str, name: str, owner
 
 
 def token_from_secret(
-    secret: Mapping[str, Any], *, owner_uid: str, scope: str, now: datetime
+    secret: Mapping[str, Any],
+    *,
+    owner_uid: str,
+    scope: str,
+    now: datetime,
+    issued_to: str | None,
 ) -> AccessToken | None:
-    """The token in an owned Secret, if it is for this scope and not yet expired."""
+    """The token in an owned Secret, if it is for this scope and not yet expired.
+
+    With `issued_to`, only a token issued to that identity (a Secret without the
+    annotation, written before it existed, counts as another identity's).
+    """
     if not is_owned_by(secret, owner_uid):
         return None
     data = secret.get("data") or {}
     annotations = secret.get("metadata", {}).get("annotations") or {}
+    if issued_to is not None and annotations.get(ISSUED_TO_ANNOTATION) != issued_to:
+        return None
     try:
         if _unb64(data[SCOPE_KEY]) != scope:
             return None

@@ -449,6 +449,42 @@ async def test_credentials_secret_gone_keeps_the_token_until_another_identity_re
     assert token_in_secret(kube) == token_endpoint.tokens[-1]
 
 
+async def test_identity_changed_while_the_operator_was_down_gets_a_new_token(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    """After a restart the Secret's token is reused only for the identity it was issued to."""
+    kube.create_credentials_secret(
+        NS,
+        CREDENTIALS,
+        client_id="first-app",
+        client_secret="first-app-s3cr3t",
+        token_endpoint=token_endpoint.url,
+    )
+    run = operator_factory.start()
+    kube.create_token_request(
+        NS, NAME, {**TARGET, "credentials": {"secretRef": {"name": CREDENTIALS}}}
+    )
+    await wait_condition(kube, "Ready", "True")
+    first = token_in_secret(kube)
+    run.stop()
+
+    kube.core.delete_namespaced_secret(CREDENTIALS, NS)
+    kube.create_credentials_secret(
+        NS,
+        CREDENTIALS,
+        client_id="second-app",
+        client_secret="second-app-s3cr3t",
+        token_endpoint=token_endpoint.url,
+    )
+    operator_factory.start()
+    await wait_for(
+        lambda: token_in_secret(kube) not in (None, first), message="the new identity's token"
+    )
+    assert token_endpoint.count == 2
+    assert token_endpoint.calls[-1].form["client_id"] == "second-app"
+    assert "reusing the unexpired token" not in operator_factory.all_text
+
+
 # ---- 6. an endpoint outside the allow-list gets nothing --------------------------------------
 
 

@@ -17,6 +17,7 @@ from m2m_token_operator.secret_output import (
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 OWNER = Owner(namespace="shop", name="orders-api", uid="uid-1")
 SCOPE = "api://prod.orders.orders-api/.default"
+ISSUED_TO = "3f2a"  # an identity digest
 TOKEN = AccessToken(
     value="header.payload.signature",
     token_type="Bearer",
@@ -30,7 +31,9 @@ def decoded(secret: dict) -> dict[str, str]:
 
 
 def test_rendered_secret_follows_the_contract() -> None:
-    secret = render_secret(owner=OWNER, secret_name="orders-api-token", scope=SCOPE, token=TOKEN)
+    secret = render_secret(
+        owner=OWNER, secret_name="orders-api-token", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
+    )
     assert secret["type"] == "Opaque"
     meta = secret["metadata"]
     assert meta["name"] == "orders-api-token"
@@ -40,6 +43,7 @@ def test_rendered_secret_follows_the_contract() -> None:
         "m2m.dev/token-request": "orders-api",
     }
     assert meta["annotations"]["m2m.dev/expires-at"] == "2026-11-29T09:59:59Z"
+    assert meta["annotations"]["m2m.dev/issued-to"] == ISSUED_TO
     assert meta["ownerReferences"] == [
         {
             "apiVersion": "m2m.dev/v1alpha1",
@@ -59,7 +63,9 @@ def test_rendered_secret_follows_the_contract() -> None:
 
 
 def test_ownership_needs_controller_reference_with_our_uid() -> None:
-    secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN)
+    secret = render_secret(
+        owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
+    )
     assert is_owned_by(secret, "uid-1")
     assert not is_owned_by(secret, "uid-2")
     secret["metadata"]["ownerReferences"][0]["controller"] = False
@@ -68,7 +74,9 @@ def test_ownership_needs_controller_reference_with_our_uid() -> None:
 
 
 def test_drift_detection_and_merge_keep_foreign_labels() -> None:
-    desired = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN)
+    desired = render_secret(
+        owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
+    )
     labels = {**desired["metadata"]["labels"], "team": "a"}
     live = {
         **desired,
@@ -86,22 +94,51 @@ def test_drift_detection_and_merge_keep_foreign_labels() -> None:
 
 
 def test_token_read_back_from_an_owned_secret() -> None:
-    secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN)
+    secret = render_secret(
+        owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
+    )
+    later = NOW + timedelta(minutes=5)
     seeded = token_from_secret(
-        secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(minutes=5)
+        secret, owner_uid="uid-1", scope=SCOPE, now=later, issued_to=ISSUED_TO
     )
     assert seeded is not None
     assert seeded.value == TOKEN.value
     assert format_time(seeded.expires_at) == "2026-11-29T09:59:59Z"
     assert seeded.issued_at == NOW
     # Not ours, another scope, or expired: nothing to reuse.
-    assert token_from_secret(secret, owner_uid="uid-2", scope=SCOPE, now=NOW) is None
     assert (
-        token_from_secret(secret, owner_uid="uid-1", scope="api://x.y.z/.default", now=NOW) is None
+        token_from_secret(secret, owner_uid="uid-2", scope=SCOPE, now=NOW, issued_to=None) is None
     )
     assert (
-        token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(hours=2))
+        token_from_secret(
+            secret, owner_uid="uid-1", scope="api://x.y.z/.default", now=NOW, issued_to=None
+        )
+        is None
+    )
+    assert (
+        token_from_secret(
+            secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(hours=2), issued_to=None
+        )
         is None
     )
     broken = {**secret, "data": {"token": "!!!"}}
-    assert token_from_secret(broken, owner_uid="uid-1", scope=SCOPE, now=NOW) is None
+    assert (
+        token_from_secret(broken, owner_uid="uid-1", scope=SCOPE, now=NOW, issued_to=None) is None
+    )
+
+
+def test_a_token_issued_to_another_identity_is_not_reused() -> None:
+    """Credentials changed while the operator was down: the token in the Secret is not theirs."""
+    secret = render_secret(
+        owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
+    )
+    now = NOW + timedelta(minutes=5)
+    elsewhere = token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, issued_to="9c0b")
+    assert elsewhere is None
+    # What the workload reads now, whoever it was issued to.
+    assert token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, issued_to=None)
+    assert token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, issued_to=ISSUED_TO)
+    # Written before the annotation existed: another identity's, as far as anyone can tell.
+    del secret["metadata"]["annotations"]["m2m.dev/issued-to"]
+    legacy = token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, issued_to=ISSUED_TO)
+    assert legacy is None
