@@ -25,7 +25,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import requests
@@ -38,7 +37,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from devenv.binaries import Binaries, ensure_binaries
-from devenv.process import ManagedProcess
+from devenv.process import ManagedProcess, StartStop
 
 __all__ = [
     "Cluster",
@@ -278,7 +277,7 @@ class _PortTaken(Exception):
     pass
 
 
-class ControlPlane:
+class ControlPlane(StartStop):
     """etcd, kube-apiserver and kube-controller-manager on 127.0.0.1, as a context manager.
 
     Authentication is by client certificates (the admin is in `system:masters`)
@@ -372,18 +371,6 @@ class ControlPlane:
         for process in reversed(self._processes):
             process.stop(_STOP_TIMEOUT)
         self._processes = []
-
-    def __enter__(self) -> ControlPlane:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- clients --
 

@@ -25,7 +25,7 @@ from typing import IO
 
 import requests
 
-from devenv.process import _die_with_parent
+from devenv.process import StartStop, _die_with_parent
 
 __all__ = ["Identity", "OperatorError", "OperatorProcess", "free_port"]
 
@@ -60,7 +60,7 @@ def free_port() -> int:
         return port
 
 
-class OperatorProcess:
+class OperatorProcess(StartStop):
     """`python -m m2m_token_operator ARGS` with a kubeconfig, an identity and settings.
 
     `start()` returns once Kopf's liveness endpoint answers (startup handlers
@@ -220,10 +220,3 @@ class OperatorProcess:
                     f"{self.log_tail()}"
                 )
             time.sleep(0.2)
-
-    def __enter__(self) -> OperatorProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()

@@ -32,13 +32,12 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import requests
 
 from devenv.cache import cache_dir, fill_once
-from devenv.process import ManagedProcess
+from devenv.process import ManagedProcess, StartStop
 
 __all__ = [
     "DEFAULT_ISSUER",
@@ -192,7 +191,7 @@ def _free_port() -> int:
         return port
 
 
-class TokenServer:
+class TokenServer(StartStop):
     """mock-oauth2-server on 127.0.0.1 with a free port, as a context manager.
 
     Every issuer path works (`/<issuer>/token`); issuers named in `token_expiry`
@@ -312,15 +311,3 @@ class TokenServer:
         if self._process is not None:
             self._process.stop()
             self._process = None
-
-    def __enter__(self) -> TokenServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -274,13 +274,7 @@ class TokenRequestReconciler:
         cached = self._cache.peek(subscription.key)
         if cached.token is None:
             return False
-        desired = render_secret(
-            owner=subscription.owner,
-            secret_name=subscription.spec.secret_name,
-            scope=subscription.spec.scope,
-            token=cached.token,
-            issued_to=subscription.key.identity_digest(),
-        )
+        desired = self._desired_secret(subscription, subscription.key, cached.token)
         data = secret.get("data") or {}
         if data != desired["data"]:
             return True
@@ -288,6 +282,19 @@ class TokenRequestReconciler:
         if any(labels.get(k) != v for k, v in desired["metadata"]["labels"].items()):
             return True
         return not is_owned_by(secret, subscription.uid)
+
+    @staticmethod
+    def _desired_secret(
+        subscription: Subscription, key: CacheKey, token: AccessToken
+    ) -> JsonObject:
+        assert subscription.spec is not None
+        return render_secret(
+            owner=subscription.owner,
+            secret_name=subscription.spec.secret_name,
+            scope=subscription.spec.scope,
+            token=token,
+            issued_to=key.identity_digest(),
+        )
 
     # The work
 
@@ -549,13 +556,7 @@ class TokenRequestReconciler:
         assert subscription.spec is not None
         outcome: WriteOutcome | None = None
         if result.token is not None:
-            desired = render_secret(
-                owner=subscription.owner,
-                secret_name=subscription.spec.secret_name,
-                scope=subscription.spec.scope,
-                token=result.token,
-                issued_to=result.key.identity_digest(),
-            )
+            desired = self._desired_secret(subscription, result.key, result.token)
             outcome = await write_secret(self._kube, desired=desired, owner_uid=subscription.uid)
         failure: Failure | None = None
         if outcome is WriteOutcome.CONFLICT:

@@ -114,6 +114,17 @@ def secret_tokens(kube: Kube, name: str = NAME, namespace: str = NS) -> list[str
     return tokens
 
 
+def create_identity(kube: Kube, token_endpoint: TokenEndpoint, app: str) -> None:
+    """The credentials Secret CREDENTIALS for client `app` (secret `<app>-s3cr3t`)."""
+    kube.create_credentials_secret(
+        NS,
+        CREDENTIALS,
+        client_id=app,
+        client_secret=f"{app}-s3cr3t",
+        token_endpoint=token_endpoint.url,
+    )
+
+
 def token_in_secret(kube: Kube, name: str = NAME, namespace: str = NS) -> str | None:
     return (kube.read_secret(namespace, name) or {}).get("token")
 
@@ -408,13 +419,7 @@ async def test_incomplete_credentials_secret_is_credentials_missing(
 async def test_credentials_secret_gone_keeps_the_token_until_another_identity_replaces_it(
     kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
 ) -> None:
-    kube.create_credentials_secret(
-        NS,
-        CREDENTIALS,
-        client_id="first-app",
-        client_secret="first-app-s3cr3t",
-        token_endpoint=token_endpoint.url,
-    )
+    create_identity(kube, token_endpoint, "first-app")
     kube.create_token_request(
         NS, NAME, {**TARGET, "credentials": {"secretRef": {"name": CREDENTIALS}}}
     )
@@ -431,13 +436,7 @@ async def test_credentials_secret_gone_keeps_the_token_until_another_identity_re
 
     # It comes back as another identity: the Secret must get that identity's token, not
     # keep serving the token of an identity the TokenRequest no longer uses.
-    kube.create_credentials_secret(
-        NS,
-        CREDENTIALS,
-        client_id="second-app",
-        client_secret="second-app-s3cr3t",
-        token_endpoint=token_endpoint.url,
-    )
+    create_identity(kube, token_endpoint, "second-app")
     await wait_for(
         lambda: token_in_secret(kube) not in (None, first), message="the new identity's token"
     )
@@ -453,13 +452,7 @@ async def test_identity_changed_while_the_operator_was_down_gets_a_new_token(
     kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
 ) -> None:
     """After a restart the Secret's token is reused only for the identity it was issued to."""
-    kube.create_credentials_secret(
-        NS,
-        CREDENTIALS,
-        client_id="first-app",
-        client_secret="first-app-s3cr3t",
-        token_endpoint=token_endpoint.url,
-    )
+    create_identity(kube, token_endpoint, "first-app")
     run = operator_factory.start()
     kube.create_token_request(
         NS, NAME, {**TARGET, "credentials": {"secretRef": {"name": CREDENTIALS}}}
@@ -469,13 +462,7 @@ async def test_identity_changed_while_the_operator_was_down_gets_a_new_token(
     run.stop()
 
     kube.core.delete_namespaced_secret(CREDENTIALS, NS)
-    kube.create_credentials_secret(
-        NS,
-        CREDENTIALS,
-        client_id="second-app",
-        client_secret="second-app-s3cr3t",
-        token_endpoint=token_endpoint.url,
-    )
+    create_identity(kube, token_endpoint, "second-app")
     operator_factory.start()
     await wait_for(
         lambda: token_in_secret(kube) not in (None, first), message="the new identity's token"
