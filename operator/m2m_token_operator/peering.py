@@ -8,8 +8,9 @@ go on calling the token endpoint and writing Secrets beside the active one.
 
 The gate reads the same peering object Kopf reads and applies Kopf's own rule:
 paused while another live peer has a priority greater than or equal to ours. It
-is read afresh (at most `freshness` old) right before scheduled work runs, so the
-gate closes no later than Kopf's own watch notices the new peer.
+is read afresh (at most `freshness`, one second, old) right before scheduled work
+runs, so the gate closes within about a second of Kopf's own pause, and is polled
+between times so that a takeover is noticed within `poll_interval`.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class PeeringGate:
             return
         self._checked_at = now
         if peering is None:
-            await self._decide(not self._config.mandatory, "the peering object does not exist")
+            self._decide(not self._config.mandatory, "the peering object does not exist")
             return
         blockers = blocking_peers(
             peering.get("status") or {},
@@ -125,11 +126,11 @@ class PeeringGate:
             now=now,
         )
         if blockers:
-            await self._decide(False, f"peers with the same or a higher priority: {blockers}")
+            self._decide(False, f"peers with the same or a higher priority: {blockers}")
         else:
-            await self._decide(True, "no live peer with the same or a higher priority")
+            self._decide(True, "no live peer with the same or a higher priority")
 
-    async def _decide(self, active: bool, why: str) -> None:
+    def _decide(self, active: bool, why: str) -> None:
         previous = self.active
         if previous is active:
             return
