@@ -370,6 +370,20 @@ class TokenRequestReconciler:
             self.scheduler.reschedule(subscription.ref, None)
             return
         await self._remove_previous_secret(subscription)
+        if await self._secret_taken(subscription):
+            # Nothing could be delivered: no token is fetched for it (the deletion of that
+            # Secret arrives through the watch and brings this TokenRequest back).
+            await self._publish(
+                subscription,
+                token=None,
+                refresh_at=None,
+                failure=self._conflict_failure(subscription),
+                failures=0,
+                failed_at=None,
+                outcome=WriteOutcome.CONFLICT,
+            )
+            self.scheduler.reschedule(subscription.ref, self._clock() + self._retry.maximum)
+            return
         try:
             credentials = await self._credentials(subscription)
         except CredentialsError as error:
@@ -552,6 +566,23 @@ class TokenRequestReconciler:
             issued_to=None,  # what the workload reads now, whoever it was issued to
         )
 
+    async def _secret_taken(self, subscription: Subscription) -> bool:
+        """Whether spec.secretName names a Secret this TokenRequest does not own."""
+        assert subscription.spec is not None
+        existing = await self._kube.read_secret(
+            subscription.namespace, subscription.spec.secret_name
+        )
+        return existing is not None and not is_owned_by(existing, subscription.uid)
+
+    @staticmethod
+    def _conflict_failure(subscription: Subscription) -> Failure:
+        assert subscription.spec is not None
+        return Failure(
+            SECRET_CONFLICT,
+            f"Secret {subscription.spec.secret_name} exists and is not owned by this "
+            "TokenRequest; it is left untouched. Delete it or choose another spec.secretName",
+        )
+
     async def _deliver(self, subscription: Subscription, result: CacheResult) -> None:
         assert subscription.spec is not None
         outcome: WriteOutcome | None = None
@@ -559,12 +590,8 @@ class TokenRequestReconciler:
             desired = self._desired_secret(subscription, result.key, result.token)
             outcome = await write_secret(self._kube, desired=desired, owner_uid=subscription.uid)
         failure: Failure | None = None
-        if outcome is WriteOutcome.CONFLICT:
-            failure = Failure(
-                SECRET_CONFLICT,
-                f"Secret {subscription.spec.secret_name} exists and is not owned by this "
-                "TokenRequest; it is left untouched. Delete it or choose another spec.secretName",
-            )
+        if outcome is WriteOutcome.CONFLICT:  # created by someone else since _secret_taken
+            failure = self._conflict_failure(subscription)
         elif result.error is not None:
             failure = _failure_from(result.error)
         in_secret = result.token if outcome is not WriteOutcome.CONFLICT else None

@@ -150,6 +150,7 @@ async def test_foreign_secret_is_never_touched_and_the_conflict_is_reported(
     versions = kube.versions("v1/secrets", NS, "orders-api")
     assert len(versions) == 1  # created by the test, never written by the operator
     assert kube.read_secret(NS, "orders-api") == {"password": "someone-elses"}
+    assert token_endpoint.count == 0  # nothing could be delivered, so nothing was fetched
     assert (
         kube.read_secret_object(NS, "orders-api")["metadata"]["uid"]
         == (  # type: ignore[index]
