@@ -21,12 +21,15 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 import secrets as _random_bytes
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
+
+import urllib3.util
 
 if TYPE_CHECKING:
     from m2m_token_operator.settings import Settings
@@ -46,6 +49,8 @@ OPERATOR_IDENTITY = "operator identity"
 # Fingerprints only ever compare two secrets held by this process; a per-process salt
 # makes a fingerprint that leaked into a heap dump useless for guessing the secret.
 _FINGERPRINT_SALT = _random_bytes.token_bytes(16)
+# A DNS name or IPv4 address, or a bracketed IPv6 address, then an optional port.
+_NETLOC = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 
 
 class CredentialsError(Exception):
@@ -106,11 +111,20 @@ def _split_endpoint(url: str) -> tuple[SplitResult, str, int | None]:
         raise ValueError("it has no host name")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise ValueError("it must not contain a user name or password")
+    # Only what a DNS name, an IP address and a port are made of: parsers disagree on
+    # anything else (urllib3 reads "https://evil.example\\.allowed.com" as host
+    # evil.example), and the host checked must be the host the request goes to.
+    if not _NETLOC.fullmatch(parts.netloc):
+        raise ValueError("its host may only contain letters, digits, '.', '-' and a port")
     try:
         port = parts.port
     except ValueError:
         raise ValueError("its port is not a number from 1 to 65535") from None
-    return parts, parts.hostname.rstrip(".").lower(), port
+    host = parts.hostname.rstrip(".").lower()
+    sent_to = (urllib3.util.parse_url(url).host or "").strip("[]").rstrip(".").lower()
+    if sent_to != host:
+        raise ValueError("its host is ambiguous")
+    return parts, host, port
 
 
 def check_endpoint_url(url: str, *, allow_insecure_http: bool) -> None:
