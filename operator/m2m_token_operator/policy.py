@@ -76,8 +76,10 @@ class RetryPolicy:
 
     def backoff(self, *, failures: int, jitter_fraction: float) -> timedelta:
         """The transient-failure delay: initial·2^(failures-1), capped, ±25 % jitter."""
+        # In float seconds: initial·2^40 as a timedelta overflows for an initial over 79 s.
         exponent = min(max(failures, 1) - 1, 40)  # 2**40 · initial is far past any cap
-        capped = min(self.maximum, self.initial * (1 << exponent))
+        grown = self.initial.total_seconds() * float(1 << exponent)
+        capped = timedelta(seconds=min(self.maximum.total_seconds(), grown))
         delay = capped * (0.75 + 0.5 * _fraction(jitter_fraction))
         # The jitter never goes below `initial` (no tight loop) nor above `maximum`.
         return max(self.initial, min(self.maximum, delay))

@@ -117,6 +117,13 @@ def test_backoff_sequence_doubles_up_to_the_cap() -> None:
     assert delay(failures=10_000, error=error, jitter_fraction=0.5) == 300
 
 
+def test_backoff_with_a_long_initial_delay_does_not_overflow() -> None:
+    """initial·2^40 is past what a timedelta holds once initial is over 79 s."""
+    slow = RetryPolicy(initial=timedelta(seconds=100), maximum=timedelta(days=1))
+    assert slow.backoff(failures=41, jitter_fraction=0.5) == timedelta(days=1)
+    assert slow.backoff(failures=10_000, jitter_fraction=0.5) == timedelta(days=1)
+
+
 def test_backoff_jitter_bounds() -> None:
     error = EndpointUnavailable("down")
     assert delay(failures=1, error=error, jitter_fraction=0) == 5  # never below initial
