@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import hmac
 import logging
 import random as _random
 from collections.abc import Callable
@@ -69,14 +70,27 @@ class CacheKey:
     def for_credentials(cls, credentials: ClientCredentials, scope: str) -> CacheKey:
         return cls(credentials.token_endpoint, credentials.client_id, scope, credentials.realm)
 
-    def identity_digest(self) -> str:
-        """Who a token was issued to (endpoint, client id, realm), as a one-way digest.
+    def seal(self, client_secret: str, token: AccessToken) -> str:
+        """An HMAC, keyed by the identity's client secret, binding `token` to this key.
 
-        Written beside the token in its Secret: a restarted operator reuses that token only
-        for the same identity, even when the credentials changed while it was down.
+        Written beside the token in its Secret. A restarted operator seeds the cache from
+        a Secret only when the seal verifies: the Secret lives in a tenant's namespace and
+        anyone who may edit it could otherwise plant a token in an entry (the operator's
+        own identity) that other namespaces share. It also fails for another identity.
         """
-        identity = "\n".join((self.token_endpoint, self.client_id, self.realm))
-        return hashlib.sha256(identity.encode()).hexdigest()[:32]
+        message = "\n".join(
+            (
+                self.token_endpoint,
+                self.client_id,
+                self.realm,
+                self.scope,
+                token.value,
+                token.token_type,
+                str(int(token.issued_at.timestamp())),
+                str(int(token.expires_at.timestamp())),
+            )
+        )
+        return hmac.new(client_secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
     def __str__(self) -> str:
         realm = self.realm or "operator"

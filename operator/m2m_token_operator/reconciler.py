@@ -41,6 +41,8 @@ from m2m_token_operator.secret_output import (
     delete_owned_secret,
     is_owned_by,
     render_secret,
+    secret_data,
+    secret_labels,
     token_from_secret,
     write_secret,
 )
@@ -274,27 +276,13 @@ class TokenRequestReconciler:
         cached = self._cache.peek(subscription.key)
         if cached.token is None:
             return False
-        desired = self._desired_secret(subscription, subscription.key, cached.token)
         data = secret.get("data") or {}
-        if data != desired["data"]:
+        if data != secret_data(scope=subscription.spec.scope, token=cached.token):
             return True
         labels = secret.get("metadata", {}).get("labels") or {}
-        if any(labels.get(k) != v for k, v in desired["metadata"]["labels"].items()):
+        if any(labels.get(k) != v for k, v in secret_labels(subscription.owner).items()):
             return True
         return not is_owned_by(secret, subscription.uid)
-
-    @staticmethod
-    def _desired_secret(
-        subscription: Subscription, key: CacheKey, token: AccessToken
-    ) -> JsonObject:
-        assert subscription.spec is not None
-        return render_secret(
-            owner=subscription.owner,
-            secret_name=subscription.spec.secret_name,
-            scope=subscription.spec.scope,
-            token=token,
-            issued_to=key.identity_digest(),
-        )
 
     # The work
 
@@ -318,7 +306,9 @@ class TokenRequestReconciler:
             policy=self._endpoint_policy,
         )
 
-    async def _seed_from_secret(self, subscription: Subscription, key: CacheKey) -> None:
+    async def _seed_from_secret(
+        self, subscription: Subscription, key: CacheKey, credentials: ClientCredentials
+    ) -> None:
         """After a restart the owned Secret still holds a good token: reuse it, call nobody."""
         assert subscription.spec is not None
         if self._cache.peek(key).token is not None:
@@ -331,7 +321,7 @@ class TokenRequestReconciler:
             owner_uid=subscription.uid,
             scope=key.scope,
             now=self._clock(),
-            issued_to=key.identity_digest(),
+            seal_for=lambda token: key.seal(credentials.client_secret, token),
         )
         if token is not None:
             REDACTOR.register(token.value)
@@ -403,7 +393,7 @@ class TokenRequestReconciler:
             subscription.key = key
             self._by_key[key].add(subscription.ref)
             if first_look:
-                await self._seed_from_secret(subscription, key)
+                await self._seed_from_secret(subscription, key, credentials)
         result = await self._cache.get(
             credentials,
             subscription.spec.scope,
@@ -416,7 +406,7 @@ class TokenRequestReconciler:
             self._log_fetch(subscription, result)
             if result.token is not None:
                 self._fan_out(key, subscription.ref)
-        await self._deliver(subscription, result)
+        await self._deliver(subscription, result, credentials)
 
     async def _relearn(self, subscription: Subscription) -> None:
         """After a pause: learn the object as it is now (the active replica handled its
@@ -563,7 +553,7 @@ class TokenRequestReconciler:
             owner_uid=subscription.uid,
             scope=subscription.spec.scope,
             now=self._clock(),
-            issued_to=None,  # what the workload reads now, whoever it was issued to
+            seal_for=None,  # what the workload reads now, whoever wrote it
         )
 
     async def _secret_taken(self, subscription: Subscription) -> bool:
@@ -583,11 +573,20 @@ class TokenRequestReconciler:
             "TokenRequest; it is left untouched. Delete it or choose another spec.secretName",
         )
 
-    async def _deliver(self, subscription: Subscription, result: CacheResult) -> None:
+    async def _deliver(
+        self, subscription: Subscription, result: CacheResult, credentials: ClientCredentials
+    ) -> None:
         assert subscription.spec is not None
         outcome: WriteOutcome | None = None
         if result.token is not None:
-            desired = self._desired_secret(subscription, result.key, result.token)
+            assert subscription.spec is not None
+            desired = render_secret(
+                owner=subscription.owner,
+                secret_name=subscription.spec.secret_name,
+                scope=subscription.spec.scope,
+                token=result.token,
+                seal=result.key.seal(credentials.client_secret, result.token),
+            )
             outcome = await write_secret(self._kube, desired=desired, owner_uid=subscription.uid)
         failure: Failure | None = None
         if outcome is WriteOutcome.CONFLICT:  # created by someone else since _secret_taken

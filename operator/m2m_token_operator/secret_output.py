@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import base64
 import enum
-from collections.abc import Mapping
+import hmac
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,9 +27,10 @@ EXPIRES_AT_ANNOTATION = "m2m.dev/expires-at"
 # Not in the contract's list but harmless to users: the issue time lets a
 # restarted operator compute the same refresh point without calling the endpoint.
 ISSUED_AT_ANNOTATION = "m2m.dev/issued-at"
-# A digest of the identity (endpoint, client id, credentials' namespace) the token was issued
-# to: after a restart the token is reused only if the TokenRequest's identity is still that one.
-ISSUED_TO_ANNOTATION = "m2m.dev/issued-to"
+# An HMAC keyed by the client secret over identity, scope, token and times (CacheKey.seal):
+# after a restart the token is reused only if it verifies, so an edited or planted token,
+# or one issued to another identity, is never served.
+SEAL_ANNOTATION = "m2m.dev/seal"
 
 TOKEN_KEY = "token"
 TOKEN_TYPE_KEY = "token-type"
@@ -80,11 +82,24 @@ def owner_reference(owner: Owner) -> JsonObject:
     }
 
 
+def secret_labels(owner: Owner) -> dict[str, str]:
+    return {MANAGED_BY_LABEL: MANAGED_BY_VALUE, TOKEN_REQUEST_LABEL: owner.name}
+
+
+def secret_data(*, scope: str, token: AccessToken) -> dict[str, str]:
+    """The Secret's keys, base64-encoded as the API stores them."""
+    return {
+        TOKEN_KEY: _b64(token.value),
+        TOKEN_TYPE_KEY: _b64(token.token_type),
+        EXPIRES_AT_KEY: _b64(format_time(token.expires_at)),
+        SCOPE_KEY: _b64(scope),
+    }
+
+
 def render_secret(
-    *, owner: Owner, secret_name: str, scope: str, token: AccessToken, issued_to: str
+    *, owner: Owner, secret_name: str, scope: str, token: AccessToken, seal: str
 ) -> JsonObject:
     """The Secret exactly as the API contract describes it."""
-    expires_at = format_time(token.expires_at)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -92,20 +107,15 @@ def render_secret(
         "metadata": {
             "name": secret_name,
             "namespace": owner.namespace,
-            "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE, TOKEN_REQUEST_LABEL: owner.name},
+            "labels": secret_labels(owner),
             "annotations": {
-                EXPIRES_AT_ANNOTATION: expires_at,
+                EXPIRES_AT_ANNOTATION: format_time(token.expires_at),
                 ISSUED_AT_ANNOTATION: format_time(token.issued_at),
-                ISSUED_TO_ANNOTATION: issued_to,
+                SEAL_ANNOTATION: seal,
             },
             "ownerReferences": [owner_reference(owner)],
         },
-        "data": {
-            TOKEN_KEY: _b64(token.value),
-            TOKEN_TYPE_KEY: _b64(token.token_type),
-            EXPIRES_AT_KEY: _b64(expires_at),
-            SCOPE_KEY: _b64(scope),
-        },
+        "data": secret_data(scope=scope, token=token),
     }
 
 
@@ -185,19 +195,18 @@ def token_from_secret(
     owner_uid: str,
     scope: str,
     now: datetime,
-    issued_to: str | None,
+    seal_for: Callable[[AccessToken], str] | None,
 ) -> AccessToken | None:
     """The token in an owned Secret, if it is for this scope and not yet expired.
 
-    With `issued_to`, only a token issued to that identity (a Secret without the
-    annotation, written before it existed, counts as another identity's).
+    With `seal_for`, only a token whose seal annotation is `seal_for(token)`: one this
+    operator wrote for that identity and that nobody edited since (a Secret without a
+    seal, written before seals existed, is not reused either).
     """
     if not is_owned_by(secret, owner_uid):
         return None
     data = secret.get("data") or {}
     annotations = secret.get("metadata", {}).get("annotations") or {}
-    if issued_to is not None and annotations.get(ISSUED_TO_ANNOTATION) != issued_to:
-        return None
     try:
         if _unb64(data[SCOPE_KEY]) != scope:
             return None
@@ -210,6 +219,11 @@ def token_from_secret(
         return None
     if not value or expires_at <= now or issued_at >= expires_at:
         return None
-    return AccessToken(
+    token = AccessToken(
         value=value, token_type=token_type, issued_at=issued_at, expires_at=expires_at
     )
+    if seal_for is not None:
+        seal = str(annotations.get(SEAL_ANNOTATION) or "")
+        if not hmac.compare_digest(seal.encode(), seal_for(token).encode()):
+            return None
+    return token

@@ -472,6 +472,35 @@ async def test_identity_changed_while_the_operator_was_down_gets_a_new_token(
     assert "reusing the unexpired token" not in operator_factory.all_text
 
 
+async def test_a_token_planted_in_the_secret_while_the_operator_was_down_is_not_served(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    """Whoever may edit a namespace's Secret must not choose the token that the operator's
+    shared identity serves to other namespaces after a restart."""
+    run = operator_factory.start()
+    kube.create_token_request(NS, NAME, TARGET)
+    kube.create_token_request("other", NAME, TARGET)  # same identity and scope: one token
+    await wait_condition(kube, "Ready", "True")
+    await wait_condition(kube, "Ready", "True", namespace="other")
+    run.stop()
+
+    planted = base64.b64encode(b"planted.by.tenant").decode()
+    far = base64.b64encode(b"2099-01-01T00:00:00Z").decode()
+    kube.core.patch_namespaced_secret(NAME, NS, {"data": {"token": planted, "expires-at": far}})
+    operator_factory.start()
+    # Either the other namespace's genuine token is reused, or a new one is fetched: both
+    # Secrets end up with a token the endpoint issued, never the planted one.
+    await wait_for(
+        lambda: (
+            token_in_secret(kube) in token_endpoint.tokens
+            and token_in_secret(kube, namespace="other") == token_in_secret(kube)
+        ),
+        message="both Secrets holding a token the endpoint issued",
+    )
+    assert token_in_secret(kube, namespace="other") != "planted.by.tenant"
+    assert "planted.by.tenant" not in operator_factory.all_text
+
+
 # ---- 6. an endpoint outside the allow-list gets nothing --------------------------------------
 
 

@@ -1,8 +1,10 @@
 """The Secret's shape, ownership rules and read-back for seeding."""
 
 import base64
+import copy
 from datetime import UTC, datetime, timedelta
 
+from m2m_token_operator.cache import CacheKey
 from m2m_token_operator.client import AccessToken
 from m2m_token_operator.secret_output import (
     Owner,
@@ -17,7 +19,7 @@ from m2m_token_operator.secret_output import (
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 OWNER = Owner(namespace="shop", name="orders-api", uid="uid-1")
 SCOPE = "api://prod.orders.orders-api/.default"
-ISSUED_TO = "3f2a"  # an identity digest
+SEAL = "5eal"  # what CacheKey.seal would give
 TOKEN = AccessToken(
     value="header.payload.signature",
     token_type="Bearer",
@@ -32,7 +34,7 @@ def decoded(secret: dict) -> dict[str, str]:
 
 def test_rendered_secret_follows_the_contract() -> None:
     secret = render_secret(
-        owner=OWNER, secret_name="orders-api-token", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
+        owner=OWNER, secret_name="orders-api-token", scope=SCOPE, token=TOKEN, seal=SEAL
     )
     assert secret["type"] == "Opaque"
     meta = secret["metadata"]
@@ -43,7 +45,7 @@ def test_rendered_secret_follows_the_contract() -> None:
         "m2m.dev/token-request": "orders-api",
     }
     assert meta["annotations"]["m2m.dev/expires-at"] == "2026-11-29T09:59:59Z"
-    assert meta["annotations"]["m2m.dev/issued-to"] == ISSUED_TO
+    assert meta["annotations"]["m2m.dev/seal"] == SEAL
     assert meta["ownerReferences"] == [
         {
             "apiVersion": "m2m.dev/v1alpha1",
@@ -63,9 +65,7 @@ def test_rendered_secret_follows_the_contract() -> None:
 
 
 def test_ownership_needs_controller_reference_with_our_uid() -> None:
-    secret = render_secret(
-        owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
-    )
+    secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, seal=SEAL)
     assert is_owned_by(secret, "uid-1")
     assert not is_owned_by(secret, "uid-2")
     secret["metadata"]["ownerReferences"][0]["controller"] = False
@@ -74,9 +74,7 @@ def test_ownership_needs_controller_reference_with_our_uid() -> None:
 
 
 def test_drift_detection_and_merge_keep_foreign_labels() -> None:
-    desired = render_secret(
-        owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
-    )
+    desired = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, seal=SEAL)
     labels = {**desired["metadata"]["labels"], "team": "a"}
     live = {
         **desired,
@@ -94,51 +92,60 @@ def test_drift_detection_and_merge_keep_foreign_labels() -> None:
 
 
 def test_token_read_back_from_an_owned_secret() -> None:
-    secret = render_secret(
-        owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
-    )
+    secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, seal=SEAL)
     later = NOW + timedelta(minutes=5)
     seeded = token_from_secret(
-        secret, owner_uid="uid-1", scope=SCOPE, now=later, issued_to=ISSUED_TO
+        secret, owner_uid="uid-1", scope=SCOPE, now=later, seal_for=lambda _: SEAL
     )
     assert seeded is not None
     assert seeded.value == TOKEN.value
     assert format_time(seeded.expires_at) == "2026-11-29T09:59:59Z"
     assert seeded.issued_at == NOW
     # Not ours, another scope, or expired: nothing to reuse.
-    assert (
-        token_from_secret(secret, owner_uid="uid-2", scope=SCOPE, now=NOW, issued_to=None) is None
-    )
+    assert token_from_secret(secret, owner_uid="uid-2", scope=SCOPE, now=NOW, seal_for=None) is None
     assert (
         token_from_secret(
-            secret, owner_uid="uid-1", scope="api://x.y.z/.default", now=NOW, issued_to=None
+            secret, owner_uid="uid-1", scope="api://x.y.z/.default", now=NOW, seal_for=None
         )
         is None
     )
     assert (
         token_from_secret(
-            secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(hours=2), issued_to=None
+            secret, owner_uid="uid-1", scope=SCOPE, now=NOW + timedelta(hours=2), seal_for=None
         )
         is None
     )
     broken = {**secret, "data": {"token": "!!!"}}
-    assert (
-        token_from_secret(broken, owner_uid="uid-1", scope=SCOPE, now=NOW, issued_to=None) is None
-    )
+    assert token_from_secret(broken, owner_uid="uid-1", scope=SCOPE, now=NOW, seal_for=None) is None
 
 
-def test_a_token_issued_to_another_identity_is_not_reused() -> None:
-    """Credentials changed while the operator was down: the token in the Secret is not theirs."""
-    secret = render_secret(
-        owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, issued_to=ISSUED_TO
-    )
+def test_a_token_is_reused_only_when_its_seal_verifies() -> None:
+    """Edited, planted, or issued to another identity: the seal does not match."""
+    key = CacheKey("https://login.example/t/token", "client-1", SCOPE, "")
+    seal = key.seal("s3cr3t", TOKEN)
+    secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, seal=seal)
     now = NOW + timedelta(minutes=5)
-    elsewhere = token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, issued_to="9c0b")
-    assert elsewhere is None
-    # What the workload reads now, whoever it was issued to.
-    assert token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, issued_to=None)
-    assert token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, issued_to=ISSUED_TO)
-    # Written before the annotation existed: another identity's, as far as anyone can tell.
-    del secret["metadata"]["annotations"]["m2m.dev/issued-to"]
-    legacy = token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, issued_to=ISSUED_TO)
-    assert legacy is None
+
+    def reread(secret: dict, seal_for: object) -> object:
+        return token_from_secret(
+            secret,
+            owner_uid="uid-1",
+            scope=SCOPE,
+            now=now,
+            seal_for=seal_for,  # type: ignore[arg-type]
+        )
+
+    assert reread(secret, lambda token: key.seal("s3cr3t", token)) == TOKEN
+    other_client = CacheKey("https://login.example/t/token", "client-2", SCOPE, "")
+    assert reread(secret, lambda token: other_client.seal("s3cr3t", token)) is None
+    assert reread(secret, lambda token: key.seal("rotated", token)) is None
+    # A tenant who may edit the Secret plants a token that lives until 2099.
+    planted = copy.deepcopy(secret)
+    planted["data"]["token"] = base64.b64encode(b"forged").decode()
+    planted["data"]["expires-at"] = base64.b64encode(b"2099-01-01T00:00:00Z").decode()
+    assert reread(planted, lambda token: key.seal("s3cr3t", token)) is None
+    # What the workload reads now, whoever wrote it.
+    assert reread(planted, None) is not None
+    # Written before seals existed: not reused.
+    del secret["metadata"]["annotations"]["m2m.dev/seal"]
+    assert reread(secret, lambda token: key.seal("s3cr3t", token)) is None
