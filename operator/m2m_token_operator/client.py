@@ -26,6 +26,7 @@ and Microsoft's guidance for daemon apps (retry 429 after Retry-After, retry
 |   90002, 900023, 53003                                      |                     |           |
 | any other 4xx (`invalid_request`, 403, 404, ...)            | CredentialsRejected | yes       |
 | 200 without a usable access_token/expires_in, non-JSON body | EndpointUnavailable | no        |
+|   (expires_in under 1s, numbers too large, nesting too deep) |                     |           |
 | any other status                                            | EndpointUnavailable | no        |
 
 AADSTS700016 ("application not found in the directory") names the *client*
@@ -36,6 +37,8 @@ wrong, which only a person can fix: it is held like a rejected credential.
 Messages say what happened and what to do, carry the endpoint's error code,
 AADSTS codes, trace and correlation ids, and are scrubbed: the client secret
 is removed from any text the endpoint sends back, and no token is ever quoted.
+The client id is named only when it cannot be a secret (see `client_id_shown`);
+otherwise it is withheld, and scrubbed from echoed texts like the secret.
 """
 
 from __future__ import annotations
@@ -74,6 +77,18 @@ CREDENTIALS_CODES = frozenset({7000215, 7000222, 7000218, 700016, 7000112, 90002
 TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 TRANSIENT_CODES = frozenset({90033})
 THROTTLE_CODES = frozenset({50196})
+
+# A client id is shown in messages (status, events, logs) only when it cannot be a client
+# secret that a user put into AZURE_APP_CLIENT_ID by swapping the two keys:
+# - a GUID, which is what every Entra client id is, or
+# - a short, low-entropy name of lowercase letters, digits and hyphens starting with a
+#   letter (dev and test identities such as "client-1" or "e2e-app"). Entra client
+#   secrets always hold upper-case letters and '~' or '.', so they never match.
+# Any other client id is withheld and scrubbed from every text the endpoint echoes
+# (Entra quotes it back: "Application with identifier '...' was not found").
+_GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+_PLAIN_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
+_CLIENT_ID_WITHHELD = "<not a GUID, not shown>"
 
 
 def utc_now() -> datetime:
@@ -167,10 +182,22 @@ def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
     return max(0.0, (moment - now).total_seconds())
 
 
-def _scrubber(secret: str) -> Callable[[str], str]:
+def client_id_shown(client_id: str) -> bool:
+    """Whether a client id is safe to name in messages: a GUID or a plain short name."""
+    # fullmatch, not `$`: `$` would also accept a trailing newline.
+    return bool(_GUID.fullmatch(client_id) or _PLAIN_NAME.fullmatch(client_id))
+
+
+def _scrubber(*secrets: str) -> Callable[[str], str]:
     # A proxy or endpoint may echo the form body back, raw or URL-encoded.
-    forms = sorted({secret, quote_plus(secret), quote(secret, safe="")}, key=len, reverse=True)
-    forms = [form for form in forms if form]
+    variants = {
+        form
+        for secret in secrets
+        for form in (secret, quote_plus(secret), quote(secret, safe=""))
+        if form
+    }
+    # Longest first, so a form containing another is replaced whole.
+    forms = sorted(variants, key=len, reverse=True)
 
     def scrub(text: str) -> str:
         for form in forms:
@@ -181,7 +208,10 @@ def _scrubber(secret: str) -> Callable[[str], str]:
 
 
 def _seconds(value: object) -> float | None:
-    """A positive number of seconds from a JSON number or numeric string, else None."""
+    """A positive number of seconds from a JSON number or numeric string, else None.
+
+    Raises OverflowError for an integer too large to be a float (a 400-digit number).
+    """
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -304,10 +334,16 @@ class TokenClient:
 
     def fetch(self, credentials: ClientCredentials, scope: str) -> AccessToken:
         """Request a token now (blocking); raises a `TokenEndpointError` subclass on failure."""
-        scrub = _scrubber(credentials.client_secret)
+        client_id = credentials.client_id
+        if client_id_shown(client_id):
+            scrub = _scrubber(credentials.client_secret)
+            who = f"{credentials.source} (client id {client_id})"
+        else:
+            # Possibly a secret in the wrong key: never named, and scrubbed like the secret.
+            scrub = _scrubber(credentials.client_secret, client_id)
+            who = f"{credentials.source} (client id {_CLIENT_ID_WITHHELD})"
         endpoint = credentials.token_endpoint
         shown = _shown_url(endpoint)
-        who = f"{credentials.source} (client id {credentials.client_id})"
         form = {
             "client_id": credentials.client_id,
             "client_secret": credentials.client_secret,
@@ -397,7 +433,8 @@ class TokenClient:
         status = response.status_code
         try:
             payload: Any = json.loads(body) if body else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: nesting deeper than the interpreter allows ("[" * 100000).
             payload = None
         if status == 200:
             return self._token(response, payload, issued_at=issued_at, shown=shown, scrub=scrub)
@@ -479,16 +516,23 @@ class TokenClient:
             raise malformed("without an access_token")
         if any(character.isspace() or not character.isprintable() for character in value):
             raise malformed("with an access_token holding spaces or control characters")
-        expires_in = _seconds(payload.get("expires_in"))
-        if expires_in is None:
+        try:
+            expires_in = _seconds(payload.get("expires_in"))
+            ext_expires_in = _seconds(payload.get("ext_expires_in"))
+            refresh_in = _seconds(payload.get("refresh_in"))
+        except OverflowError:
             raise malformed(
-                "without a usable expires_in (a positive number of seconds is required)"
+                "with an expires_in, ext_expires_in or refresh_in too large to be a number"
+                " of seconds"
+            ) from None
+        # Below one second the token would be born expired once rounded down to seconds.
+        if expires_in is None or expires_in < 1:
+            raise malformed(
+                "without a usable expires_in (a number of seconds of at least 1 is required)"
             )
         token_type = payload.get("token_type")
         if not isinstance(token_type, str) or not token_type.strip():
             token_type = "Bearer"
-        ext_expires_in = _seconds(payload.get("ext_expires_in"))
-        refresh_in = _seconds(payload.get("refresh_in"))
         token = AccessToken(
             value=value,
             token_type=token_type.strip()[:40],

@@ -165,6 +165,9 @@ JSON = "application/json"
     [
         (json.dumps({"expires_in": 3599, "token_type": "Bearer"}), JSON, "without an access_token"),
         (json.dumps({"expires_in": 0, "access_token": TOKEN}), JSON, "expires_in"),
+        # Under a second: rounded down to whole seconds, the token would be born expired.
+        (json.dumps({"expires_in": 0.5, "access_token": TOKEN}), JSON, "expires_in"),
+        (json.dumps({"expires_in": "0.999", "access_token": TOKEN}), JSON, "expires_in"),
         (json.dumps({"expires_in": "abc", "access_token": TOKEN}), JSON, "expires_in"),
         (json.dumps({"expires_in": -5, "access_token": TOKEN}), JSON, "expires_in"),
         (json.dumps({"expires_in": True, "access_token": TOKEN}), JSON, "expires_in"),
@@ -189,6 +192,46 @@ def test_malformed_success_is_endpoint_unavailable(
     assert error.http_status == 200
     assert problem in str(error)
     assert TOKEN not in str(error)
+
+
+def test_expires_in_of_a_second_or_more_is_rounded_down(
+    httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
+) -> None:
+    httpserver.expect_request(PATH).respond_with_json({"expires_in": 1.9, "access_token": TOKEN})
+    assert client.fetch(credentials, SCOPE).lifetime == timedelta(seconds=1)
+
+
+HUGE = "1" + "0" * 400  # an integer too large for a float
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, f'{{"expires_in": {HUGE}, "access_token": "{TOKEN}"}}'),
+        (200, f'{{"expires_in": 60, "ext_expires_in": {HUGE}, "access_token": "{TOKEN}"}}'),
+        (200, f'{{"expires_in": 60, "refresh_in": {HUGE}, "access_token": "{TOKEN}"}}'),
+        (200, "[" * 100_000),  # nested deeper than the interpreter's recursion limit
+        (200, '{"a": ' * 100_000),
+        (502, "[" * 100_000),
+    ],
+    ids=["expires_in", "ext_expires_in", "refresh_in", "nested-array", "nested-object", "502"],
+)
+def test_pathological_bodies_stay_in_the_error_hierarchy(
+    httpserver: HTTPServer,
+    client: TokenClient,
+    credentials: ClientCredentials,
+    status: int,
+    body: str,
+) -> None:
+    httpserver.expect_request(PATH).respond_with_data(body, status=status, content_type=JSON)
+    error = fetch_error(client, credentials)
+    assert type(error) is EndpointUnavailable
+    assert (error.reason, error.permanent) == ("EndpointUnavailable", False)
+    assert error.http_status == status
+    assert error.__cause__ is None
+    assert error.__context__ is None or error.__suppress_context__
+    for leaked in (TOKEN, "0000000000", "[[[", '{"a"'):
+        assert leaked not in str(error)
 
 
 # Errors, with Entra-shaped bodies
@@ -464,6 +507,101 @@ def test_no_secret_or_token_on_success_or_timeout(
     for record in caplog.records:
         assert SECRET not in record.getMessage()
         assert TOKEN not in record.getMessage()
+
+
+# The client id is named only when it cannot be a secret put into the wrong key
+
+GUID = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
+
+
+def not_found_echoing_client_id(request: Request) -> Response:
+    """Entra's answer to an unknown client id, which it quotes back, raw and encoded."""
+    client_id = parse_qs(request.get_data(as_text=True))["client_id"][0]
+    body = entra_error(
+        "unauthorized_client",
+        700016,
+        f"Application with identifier '{client_id}' was not found in the directory"
+        f" (request {request.get_data(as_text=True)}, {quote(client_id, safe='')}).",
+    )
+    body["trace_id"] = client_id
+    body["correlation_id"] = quote_plus(client_id)
+    return Response(json.dumps(body), status=400, content_type="application/json")
+
+
+def test_swapped_client_id_and_secret_do_not_leak(
+    httpserver: HTTPServer, client: TokenClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    swapped = ClientCredentials(
+        token_endpoint=httpserver.url_for(PATH),
+        client_id=SECRET,  # AZURE_APP_CLIENT_ID and AZURE_APP_CLIENT_SECRET swapped
+        client_secret=GUID,
+        source="Secret shop/azure-shop-frontend",
+        realm="shop",
+    )
+    httpserver.expect_request(PATH).respond_with_handler(not_found_echoing_client_id)
+    error = fetch_error(client, swapped)
+    assert type(error) is CredentialsRejected
+    assert error.error_codes == (700016,)
+    message = str(error)
+    assert "Secret shop/azure-shop-frontend (client id <not a GUID, not shown>)" in message
+    assert "Application with identifier '[REDACTED]' was not found" in message
+    texts = [message, repr(error), "".join(traceback.format_exception(error))]
+    texts += [str(getattr(error, name)) for name in vars(error)]
+    texts += [record.getMessage() for record in caplog.records]
+    for text in texts:
+        for leaked in (SECRET, quote(SECRET, safe=""), quote_plus(SECRET), GUID):
+            assert leaked not in text
+
+
+@pytest.mark.parametrize(
+    "client_id",
+    [
+        SECRET,
+        "aB3~xYz.Qw8_9kLmNoPqRsTuVwXyZ0123456789",  # shaped like an Entra client secret
+        "Client-1",  # upper case
+        "client_1",
+        "1client",
+        "client-1\n",
+        "c" * 64,  # longer than a plain name may be
+        "{" + GUID + "}",
+        GUID + "0",
+    ],
+)
+def test_client_id_not_safe_to_show_is_withheld(
+    httpserver: HTTPServer, client: TokenClient, client_id: str
+) -> None:
+    credentials = ClientCredentials(
+        token_endpoint=httpserver.url_for(PATH),
+        client_id=client_id,
+        client_secret=SECRET,
+        source="operator identity",
+        realm="",
+    )
+    httpserver.expect_request(PATH).respond_with_handler(not_found_echoing_client_id)
+    error = fetch_error(client, credentials)
+    assert "operator identity (client id <not a GUID, not shown>)" in str(error)
+    for leaked in (client_id, quote(client_id, safe=""), quote_plus(client_id)):
+        assert leaked not in str(error)
+
+
+@pytest.mark.parametrize(
+    "client_id", [GUID, GUID.upper(), "client-1", "e2e-app", "c", "a" + "0" * 62]
+)
+def test_guid_or_plain_client_id_is_shown(
+    httpserver: HTTPServer, client: TokenClient, client_id: str
+) -> None:
+    credentials = ClientCredentials(
+        token_endpoint=httpserver.url_for(PATH),
+        client_id=client_id,
+        client_secret=SECRET,
+        source="operator identity",
+        realm="",
+    )
+    httpserver.expect_request(PATH).respond_with_handler(not_found_echoing_client_id)
+    error = fetch_error(client, credentials)
+    assert f"operator identity (client id {client_id})" in str(error)
+    assert f"identifier '{client_id}' was not found" in str(error)
 
 
 # The environment's proxy and CA bundle are honoured; certificates are always verified
