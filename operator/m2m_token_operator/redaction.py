@@ -50,6 +50,24 @@ REDACTOR = Redactor()
 _installed = False
 
 
+def _scrub_exception_and_stack(record: logging.LogRecord) -> None:
+    """Replace the live exception by its scrubbed traceback text, and scrub the stack.
+
+    Formatters re-render `exc_info` as they please: `logging.Formatter` reuses a
+    cached `exc_text`, but python-json-logger (Kopf's `--log-format=json`)
+    formats `exc_info` afresh and would print the secret in an exception message.
+    Both print `exc_text` when `exc_info` is empty, so the traceback is rendered
+    once here, scrubbed, kept as `exc_text`, and the exception itself dropped.
+    """
+    if record.exc_info:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.exc_info = None
+    if record.exc_text:
+        record.exc_text = REDACTOR.scrub(record.exc_text)
+    if record.stack_info:
+        record.stack_info = REDACTOR.scrub(record.stack_info)
+
+
 def install() -> None:
     """Scrub every log record at creation (idempotent)."""
     global _installed
@@ -66,8 +84,7 @@ def install() -> None:
             message = str(record.msg)
         record.msg = REDACTOR.scrub(message)
         record.args = None
-        if record.exc_info and record.exc_info[0] is not None:
-            record.exc_text = REDACTOR.scrub(logging.Formatter().formatException(record.exc_info))
+        _scrub_exception_and_stack(record)
         return record
 
     logging.setLogRecordFactory(scrubbing_factory)

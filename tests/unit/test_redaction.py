@@ -1,8 +1,10 @@
 """Log records are scrubbed of registered secrets and JWT-shaped strings at creation."""
 
+import json
 import logging
 
 import pytest
+from kopf._core.actions.loggers import ObjectJsonFormatter, ObjectPrefixingJsonFormatter
 
 from m2m_token_operator import redaction
 
@@ -31,3 +33,76 @@ def test_short_values_are_not_registered() -> None:
     redactor = redaction.Redactor()
     redactor.register("abc")
     assert redactor.scrub("abc def") == "abc def"
+
+
+SECRET = "client-secret-value-77"
+# What Kopf installs for --log-format=json (with and without the object prefix), and text.
+FORMATTERS = {
+    "kopf-json": ObjectJsonFormatter,
+    "kopf-prefixing-json": ObjectPrefixingJsonFormatter,
+    "plain": logging.Formatter,
+}
+
+
+def _logged_exception_record() -> logging.LogRecord:
+    """The record `logger.exception(..., stack_info=True)` hands to a handler."""
+    redaction.install()
+    redaction.REDACTOR.register(SECRET)
+    logger = logging.getLogger("m2m_token_operator.test.formatters")
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Capture()
+    logger.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError(f"token endpoint rejected client_secret={SECRET} jwt={JWT}")
+        except RuntimeError:
+            logger.exception("refresh failed", stack_info=True)
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1
+    return records[0]
+
+
+@pytest.mark.parametrize("name", FORMATTERS)
+def test_exception_tracebacks_are_scrubbed_in_json_and_text_formats(name: str) -> None:
+    output = FORMATTERS[name]().format(_logged_exception_record())
+    assert SECRET not in output
+    assert JWT not in output
+    assert redaction.REDACTED in output
+    # The traceback itself survives, scrubbed, not just the message.
+    assert "Traceback (most recent call last)" in output
+    assert "RuntimeError: token endpoint rejected client_secret=" in output
+    assert "refresh failed" in output
+    assert "Stack (most recent call last)" in output
+
+
+@pytest.mark.parametrize("name", FORMATTERS)
+def test_stack_info_is_scrubbed_in_json_and_text_formats(name: str) -> None:
+    redaction.install()
+    redaction.REDACTOR.register("stack-secret-value-13")
+    record = logging.getLogger("m2m_token_operator.test.formatters").makeRecord(
+        "m2m_token_operator.test.formatters",
+        logging.ERROR,
+        __file__,
+        1,
+        "with a stack",
+        None,
+        None,
+        sinfo="Stack (most recent call last):\n  a frame echoing stack-secret-value-13",
+    )
+    output = FORMATTERS[name]().format(record)
+    assert "stack-secret-value-13" not in output
+    assert "a frame echoing " + redaction.REDACTED in output
+
+
+def test_json_output_keeps_the_scrubbed_traceback_field() -> None:
+    data = json.loads(ObjectJsonFormatter().format(_logged_exception_record()))
+    assert "RuntimeError" in data["exc_info"]
+    assert SECRET not in data["exc_info"]
+    assert redaction.REDACTED in data["exc_info"]
+    assert "Stack (most recent call last)" in data["stack_info"]
