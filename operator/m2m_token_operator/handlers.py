@@ -41,11 +41,14 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def peering_priority(environ: dict[str, str] | os._Environ[str]) -> int:
-    """Distinct per replica without configuration: derived from the pod's host name."""
-    configured = environ.get("M2M_PEERING_PRIORITY")
-    if configured:
-        return int(configured)
+def peering_priority(config: Settings) -> int:
+    """M2M_PEERING_PRIORITY when set, else distinct per replica: derived from the host name.
+
+    The variable is validated by `Settings.from_env` before Kopf starts, so a bad value
+    stops the process with the settings error rather than failing a startup handler.
+    """
+    if config.peering_priority is not None:
+        return config.peering_priority
     digest = hashlib.sha256(socket.gethostname().encode()).digest()
     return 1 + int.from_bytes(digest[:4], "big") % 1_000_000
 
@@ -78,6 +81,7 @@ def peering_gate(
         read_peering=kube.read_cluster_peering,
         clock=utc_now,
         on_resume=reconciler.resume_after_pause,
+        on_pause=reconciler.paused,
     )
 
 
@@ -95,7 +99,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         prefix=STATE_PREFIX, key="last-handled-configuration"
     )
     settings.posting.enabled = False  # our events are posted by the reconciler, one per change
-    settings.peering.priority = peering_priority(os.environ)
+    settings.peering.priority = peering_priority(config)
 
     kube = KubeApi(load_api_client())
     token_client = TokenClient(
@@ -175,7 +179,8 @@ async def token_request_event(
     **_: Any,
 ) -> None:
     if type == "DELETED":
-        _reconciler(memo).forget(body.metadata.namespace or "", body.metadata.name or "")
+        metadata = body.metadata
+        _reconciler(memo).forget(metadata.namespace or "", metadata.name or "", metadata.uid)
 
 
 def _watched_secret(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:

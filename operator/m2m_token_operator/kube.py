@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3.exceptions
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 PEERING_GROUP = "kopf.dev"
 PEERING_VERSION = "v1"
 CLUSTER_PEERING_PLURAL = "clusterkopfpeerings"
+
+# (connect, read) seconds for every API call: a hung connection must not hold a
+# TokenRequest's lock (and with it its Kopf handlers) for ever.
+REQUEST_TIMEOUT = (10.0, 30.0)
 
 JsonObject = dict[str, Any]
 _T = TypeVar("_T")
@@ -93,6 +98,9 @@ class KubeApi:
             if status == 409:
                 raise Conflict(action=action, status=status, reason=reason) from None
             raise KubeError(action=action, status=status, reason=reason) from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            # Refused, reset or timed out before any answer: the same to the caller as a 5xx.
+            raise KubeError(action=action, status=None, reason=type(error).__name__) from None
 
     @staticmethod
     def _json(response: Any) -> JsonObject:
@@ -105,17 +113,34 @@ class KubeApi:
         try:
             response = await self._call(
                 f"read Secret {namespace}/{name}",
-                lambda: self._core.read_namespaced_secret(name, namespace, _preload_content=False),
+                lambda: self._core.read_namespaced_secret(
+                    name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                ),
             )
         except NotFound:
             return None
         return self._json(response)
 
+    async def list_secrets(self, namespace: str, *, label_selector: str) -> list[JsonObject]:
+        response = await self._call(
+            f"list Secrets in {namespace}",
+            lambda: self._core.list_namespaced_secret(
+                namespace,
+                label_selector=label_selector,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+        )
+        items: list[JsonObject] = self._json(response).get("items") or []
+        return items
+
     async def create_secret(self, namespace: str, body: Any) -> JsonObject:
         self.writes += 1
         response = await self._call(
             f"create Secret {namespace}/{body['metadata']['name']}",
-            lambda: self._core.create_namespaced_secret(namespace, body, _preload_content=False),
+            lambda: self._core.create_namespaced_secret(
+                namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
         )
         return self._json(response)
 
@@ -126,7 +151,7 @@ class KubeApi:
         response = await self._call(
             f"replace Secret {namespace}/{name}",
             lambda: self._core.replace_namespaced_secret(
-                name, namespace, body, _preload_content=False
+                name, namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
             ),
         )
         return self._json(response)
@@ -139,7 +164,11 @@ class KubeApi:
             await self._call(
                 f"delete Secret {namespace}/{name}",
                 lambda: self._core.delete_namespaced_secret(
-                    name, namespace, body=body, _preload_content=False
+                    name,
+                    namespace,
+                    body=body,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 ),
             )
 
@@ -150,7 +179,13 @@ class KubeApi:
             response = await self._call(
                 f"read TokenRequest {namespace}/{name}",
                 lambda: self._custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 ),
             )
         except NotFound:
@@ -159,18 +194,28 @@ class KubeApi:
 
     async def patch_token_request_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> None:
+    ) -> bool:
+        """Write the status subresource; False when the TokenRequest no longer exists."""
         self.writes += 1
         body = {"status": dict(status)}
         try:
             await self._call(
                 f"patch TokenRequest {namespace}/{name} status",
                 lambda: self._custom.patch_namespaced_custom_object_status(
-                    GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    name,
+                    body,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 ),
             )
         except NotFound:
             logger.debug("TokenRequest %s/%s is gone; status not written", namespace, name)
+            return False
+        return True
 
     # Kopf's peering (read only: Kopf itself writes the keep-alives)
 
@@ -184,6 +229,7 @@ class KubeApi:
                     CLUSTER_PEERING_PLURAL,
                     name,
                     _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 ),
             )
         except NotFound:
@@ -197,7 +243,9 @@ class KubeApi:
         try:
             await self._call(
                 f"create Event in {namespace}",
-                lambda: self._core.create_namespaced_event(namespace, body, _preload_content=False),
+                lambda: self._core.create_namespaced_event(
+                    namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                ),
             )
         except KubeError as error:
             # An event is a courtesy: losing one must never stop a token from being delivered.

@@ -92,10 +92,26 @@ def record_refresh_failure(namespace: str, name: str, *, reason: str) -> None:
 
 
 def forget_token_request(namespace: str, name: str) -> None:
-    """A deleted TokenRequest must not leave a gauge that alerts forever."""
+    """A deleted TokenRequest must not leave a gauge that alerts forever, nor counters that
+    pile up as namespaces come and go. A paused replica forgets them too: only the active
+    one speaks for a TokenRequest."""
     for gauge in (TOKEN_READY, TOKEN_EXPIRY):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
+    for labels in _label_sets(REFRESH_FAILURES):
+        if labels.get("namespace") == namespace and labels.get("name") == name:
+            with contextlib.suppress(KeyError):
+                REFRESH_FAILURES.remove(namespace, name, labels["reason"])
+
+
+def _label_sets(metric: Counter) -> list[dict[str, str]]:
+    """The label sets a labelled metric holds now (from what it would expose)."""
+    seen: list[dict[str, str]] = []
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels not in seen:
+                seen.append(dict(sample.labels))
+    return seen
 
 
 def serve(port: int) -> None:

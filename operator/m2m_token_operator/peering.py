@@ -76,6 +76,7 @@ class PeeringGate:
         read_peering: Callable[[str], Awaitable[JsonObject | None]],
         clock: Callable[[], datetime],
         on_resume: Callable[[], None] | None = None,
+        on_pause: Callable[[], None] | None = None,
         freshness: timedelta = timedelta(seconds=1),
         poll_interval: float = 5.0,
     ) -> None:
@@ -83,6 +84,7 @@ class PeeringGate:
         self._read = read_peering
         self._clock = clock
         self._on_resume = on_resume
+        self._on_pause = on_pause
         self._freshness = freshness
         self._poll_interval = poll_interval
         self._checked_at: datetime | None = None
@@ -111,9 +113,13 @@ class PeeringGate:
     async def _evaluate(self, now: datetime) -> None:
         try:
             peering = await self._read(self._config.name)
-        except KubeError as error:
+        except Exception as error:  # whatever the failure, the gate must live on
             # Keep the last decision: an unreadable peering proves nothing about the peers.
-            logger.warning("Peering %s unreadable, decision kept: %s", self._config.name, error)
+            logger.warning(
+                "Peering %s unreadable, decision kept: %s",
+                self._config.name,
+                error if isinstance(error, KubeError) else type(error).__name__,
+            )
             return
         self._checked_at = now
         if peering is None:
@@ -143,3 +149,5 @@ class PeeringGate:
         else:
             self._opened.clear()
             logger.info("Refreshes paused: %s", why)
+            if self._on_pause is not None:
+                self._on_pause()

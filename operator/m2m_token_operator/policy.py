@@ -3,14 +3,18 @@
 Kept apart from the cache so that the arithmetic, which decides how often the
 token endpoint is called, can be tested exactly with made-up times.
 
-Refresh: by default when one third of the lifetime remains (a 3599 s token at
-about 40 minutes), or `refresh_before` ahead of expiry when a TokenRequest asks
-for that. A jitter drawn once per token spreads tokens issued in the same
-second. Two clamps keep every lifetime from seconds to days sensible: never
-later than `floor` before expiry (leaving time to retry and for the kubelet to
-update mounted files), never sooner than `min_interval` after issue (so a
-refreshBefore longer than the lifetime cannot make a tight loop). Both clamps
-shrink with short lifetimes so that they never cross.
+Refresh, as the API contract says: by default when one third of the lifetime
+remains (a 3599 s token at about 40 minutes), or `refresh_before` ahead of
+expiry when a TokenRequest asks for that. A `refresh_before` at least as long
+as the lifetime cannot be honoured and falls back to the default rule, as
+cert-manager does for a renewBefore at least as long as the duration. An
+endpoint's `refresh_in` hint is not used: the contract alone decides. A jitter
+drawn once per token spreads tokens issued in the same second. Two clamps keep
+every lifetime from seconds to days sensible: never later than `floor` before
+expiry (leaving time to retry and for the kubelet to update mounted files),
+never sooner than `min_interval` after issue (so a refreshBefore just short of
+the lifetime cannot make a tight loop). Both clamps shrink with short lifetimes
+so that they never cross.
 
 Retry: capped exponential backoff with jitter for transient failures, never
 sooner than the endpoint's Retry-After (capped, so a hostile or broken header
@@ -55,11 +59,10 @@ class RefreshPolicy:
             return token.issued_at
         # Jitter only ever moves the refresh earlier: never later than anyone asked for.
         jitter = min(self.jitter, lifetime * 0.05) * _fraction(jitter_fraction)
-        if refresh_before is None:
-            due = lifetime * 2 / 3
-            if token.refresh_in is not None and _ZERO < token.refresh_in < due:
-                due = token.refresh_in  # the endpoint asked to be asked again sooner
-            point = token.issued_at + due - jitter
+        if refresh_before is None or refresh_before >= lifetime:
+            # The default, also for a refreshBefore this token's lifetime cannot honour.
+            # token.refresh_in (an endpoint hint) is deliberately ignored: the contract decides.
+            point = token.issued_at + lifetime * 2 / 3 - jitter
         else:
             point = token.expires_at - refresh_before - jitter
         latest = token.expires_at - min(self.floor, lifetime / 4)

@@ -11,6 +11,7 @@ key is woken at once, so one call to the token endpoint serves them all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
@@ -22,7 +23,7 @@ from typing import Any
 
 from m2m_token_operator import metrics
 from m2m_token_operator.cache import CacheKey, CacheResult, TokenCache
-from m2m_token_operator.client import AccessToken, TokenEndpointError
+from m2m_token_operator.client import AccessToken, TokenEndpointError, client_id_shown
 from m2m_token_operator.credentials import (
     ClientCredentials,
     CredentialsError,
@@ -38,7 +39,7 @@ from m2m_token_operator.scheduler import Scheduler
 from m2m_token_operator.secret_output import (
     Owner,
     WriteOutcome,
-    delete_owned_secret,
+    delete_other_owned_secrets,
     is_owned_by,
     render_secret,
     secret_data,
@@ -158,11 +159,16 @@ class TokenRequestReconciler:
         subscription = self._learn(body)
         await self._sync(subscription)
 
-    def forget(self, namespace: str, name: str) -> None:
-        """The TokenRequest is gone; its Secret goes with it through garbage collection."""
-        subscription = self._subscriptions.pop((namespace, name), None)
-        if subscription is None:
+    def forget(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """The TokenRequest is gone; its Secret goes with it through garbage collection.
+
+        With `uid`, only that object: the DELETED event of an object deleted and created
+        again under the same name may arrive after the new one was learnt.
+        """
+        subscription = self._subscriptions.get((namespace, name))
+        if subscription is None or (uid is not None and subscription.uid != uid):
             return
+        del self._subscriptions[(namespace, name)]
         self._unindex(subscription)
         self.scheduler.schedule(subscription.ref, None)
         metrics.forget_token_request(namespace, name)
@@ -182,6 +188,11 @@ class TokenRequestReconciler:
             return
         if deleted or self._secret_drifted(subscription, secret):
             self.scheduler.schedule(owner_ref, self._clock())
+
+    def paused(self) -> None:
+        """Another replica serves now: only it may speak for the TokenRequests in metrics."""
+        for subscription in self._subscriptions.values():
+            metrics.forget_token_request(subscription.namespace, subscription.name)
 
     def resume_after_pause(self) -> None:
         """This replica takes over again: what it learnt before its pause may be stale.
@@ -220,6 +231,14 @@ class TokenRequestReconciler:
         except SpecError as error:
             spec_error = str(error)
         previous = self._subscriptions.get((namespace, name))
+        if previous is not None and previous.uid != metadata["uid"]:
+            # Deleted and created again under the same name: nothing carries over but the
+            # lock, which keeps looks at one name one at a time.
+            self._unindex(previous)
+            self.scheduler.schedule(previous.ref, None)
+            previous = dataclasses.replace(
+                previous, key=None, status=dict(body.get("status") or {})
+            )
         subscription = Subscription(
             namespace=namespace,
             name=name,
@@ -340,8 +359,17 @@ class TokenRequestReconciler:
                 # Not Kopf's to retry: it would call the token endpoint again on its own
                 # schedule. The token already fetched stays cached for the next look.
                 await self._api_failed(subscription, error)
+            except Exception:
+                # A bug must not silently end this TokenRequest's refreshes: look again later.
+                logger.exception("%s look failed unexpectedly", subscription.log_context)
+                subscription.api_failures += 1
+                self.scheduler.reschedule(subscription.ref, self._retry_at(subscription))
             else:
                 subscription.api_failures = 0
+
+    def _current(self, subscription: Subscription) -> bool:
+        """Still the object's latest version (not deleted or replaced during an await)."""
+        return self._subscriptions.get(subscription.ref) is subscription
 
     async def _sync_locked(self, subscription: Subscription) -> None:
         if subscription.stale:
@@ -359,7 +387,6 @@ class TokenRequestReconciler:
             )
             self.scheduler.reschedule(subscription.ref, None)
             return
-        await self._remove_previous_secret(subscription)
         if await self._secret_taken(subscription):
             # Nothing could be delivered: no token is fetched for it (the deletion of that
             # Secret arrives through the watch and brings this TokenRequest back).
@@ -380,6 +407,10 @@ class TokenRequestReconciler:
             await self._credentials_failed(subscription, error)
             return
         REDACTOR.register(credentials.client_secret)
+        if not client_id_shown(credentials.client_id):
+            REDACTOR.register(credentials.client_id)  # perhaps a secret in the wrong key
+        if not self._current(subscription):
+            return
         subscription.credentials_failures = 0
         subscription.credentials_failed_at = None
         key = CacheKey.for_credentials(credentials, subscription.spec.scope)
@@ -400,6 +431,10 @@ class TokenRequestReconciler:
             refresh_before=subscription.spec.refresh_before,
         )
         metrics.record_cache_lookup(fetched=result.fetched)
+        if not self._current(subscription):
+            if result.fetched and result.token is not None:
+                self._fan_out(key, subscription.ref)  # the others still want it
+            return
         if result.token is not None:
             REDACTOR.register(result.token.value)
         if result.fetched:
@@ -419,21 +454,14 @@ class TokenRequestReconciler:
         fresh.status = dict(current.get("status") or {})
         self.scheduler.schedule(fresh.ref, self._clock())
 
-    async def _remove_previous_secret(self, subscription: Subscription) -> None:
-        """A new spec.secretName: the old Secret, if this TokenRequest owns it, goes away."""
+    async def _remove_previous_secrets(self, subscription: Subscription) -> None:
+        """After a spec.secretName change: the old Secret goes, once the new one is written."""
         assert subscription.spec is not None
-        previous_name = subscription.status.get("secretName")
-        if previous_name and previous_name != subscription.spec.secret_name:
-            deleted = await delete_owned_secret(
-                self._kube,
-                namespace=subscription.namespace,
-                name=previous_name,
-                owner_uid=subscription.uid,
-            )
-            if deleted:
-                logger.info(
-                    "%s deleted its previous Secret %s", subscription.log_context, previous_name
-                )
+        deleted = await delete_other_owned_secrets(
+            self._kube, owner=subscription.owner, keep=subscription.spec.secret_name
+        )
+        for name in deleted:
+            logger.info("%s deleted its previous Secret %s", subscription.log_context, name)
 
     def _fan_out(self, key: CacheKey, origin: ObjectRef) -> None:
         now = self._clock()
@@ -529,12 +557,15 @@ class TokenRequestReconciler:
             )
         except KubeError as status_error:
             logger.warning("%s status not written: %s", subscription.log_context, status_error)
-        retry_at = now + self._retry.backoff(
+        retry_at = self._retry_at(subscription)
+        wake = min(retry_at, token.expires_at) if token else retry_at
+        self.scheduler.reschedule(subscription.ref, wake)
+
+    def _retry_at(self, subscription: Subscription) -> datetime:
+        return self._clock() + self._retry.backoff(
             failures=subscription.api_failures,
             jitter_fraction=random.random(),  # noqa: S311 (spreads retries; not a secret)
         )
-        wake = min(retry_at, token.expires_at) if token else retry_at
-        self.scheduler.reschedule(subscription.ref, wake)
 
     async def _token_in_secret(self, subscription: Subscription) -> AccessToken | None:
         """What the workload reads now: the unexpired token in the owned Secret, if any."""
@@ -588,6 +619,9 @@ class TokenRequestReconciler:
                 seal=result.key.seal(credentials.client_secret, result.token),
             )
             outcome = await write_secret(self._kube, desired=desired, owner_uid=subscription.uid)
+            if outcome is WriteOutcome.CREATED:
+                # Only now: the workload keeps its old Secret until the new one holds a token.
+                await self._remove_previous_secrets(subscription)
         failure: Failure | None = None
         if outcome is WriteOutcome.CONFLICT:  # created by someone else since _secret_taken
             failure = self._conflict_failure(subscription)
@@ -606,7 +640,7 @@ class TokenRequestReconciler:
         )
         self.scheduler.reschedule(subscription.ref, self._next_wake(result, outcome))
 
-    def _next_wake(self, result: CacheResult, outcome: WriteOutcome | None) -> datetime | None:
+    def _next_wake(self, result: CacheResult, outcome: WriteOutcome | None) -> datetime:
         candidates: list[datetime] = []
         if result.error is None and result.refresh_at is not None:
             candidates.append(result.refresh_at)
@@ -614,10 +648,11 @@ class TokenRequestReconciler:
             candidates.append(result.next_attempt_at)
         if result.token is not None:
             candidates.append(result.token.expires_at)  # Ready must turn False on time
-        if outcome is WriteOutcome.CONFLICT:
-            # The Secret's deletion wakes us through the watch; this is the safety net.
+        if outcome is WriteOutcome.CONFLICT or not candidates:
+            # A watch event (the Secret's deletion) wakes us sooner; this is the safety net,
+            # also for an answer that left nothing to wait for (a token born expired).
             candidates.append(self._clock() + self._retry.maximum)
-        return min(candidates) if candidates else None
+        return min(candidates)
 
     async def _publish(
         self,
@@ -656,9 +691,13 @@ class TokenRequestReconciler:
         if written and not new_token:
             logger.info("%s Secret restored after drift", subscription.log_context)
         if status_changed(previous, desired):
-            await self._kube.patch_token_request_status(
+            found = await self._kube.patch_token_request_status(
                 subscription.namespace, subscription.name, desired
             )
+            if not found:
+                # Deleted without a DELETED event reaching us (a watch gap): stop serving it.
+                self.forget(subscription.namespace, subscription.name, subscription.uid)
+                return
             subscription.status = desired
         for event in events:
             await self._kube.create_event(
@@ -671,6 +710,8 @@ class TokenRequestReconciler:
                     now=now,
                 ),
             )
+        if not self._current(subscription):
+            return  # deleted meanwhile: its metrics are gone and must stay gone
         metrics.observe_token_request(
             subscription.namespace,
             subscription.name,

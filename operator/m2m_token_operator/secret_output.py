@@ -60,7 +60,11 @@ def format_time(moment: datetime) -> str:
 
 
 def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+    """An RFC 3339 time in UTC; one without an offset (say, hand-edited) is taken as UTC."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)  # not the process's local time zone
+    return moment.astimezone(UTC)
 
 
 def _b64(text: str) -> str:
@@ -180,13 +184,18 @@ async def write_secret(
     return WriteOutcome.UPDATED
 
 
-async def delete_owned_secret(kube: KubeApi, *, namespace: str, name: str, owner_uid: str) -> bool:
-    """Delete a Secret this TokenRequest owns (after a secretName change); True if deleted."""
-    existing = await kube.read_secret(namespace, name)
-    if existing is None or not is_owned_by(existing, owner_uid):
-        return False
-    await kube.delete_secret(namespace, name, uid=existing["metadata"]["uid"])
-    return True
+async def delete_other_owned_secrets(kube: KubeApi, *, owner: Owner, keep: str) -> list[str]:
+    """Delete the Secrets this TokenRequest owns under another name than `keep` (left by a
+    spec.secretName change, also one made while the operator was down); their names."""
+    selector = f"{TOKEN_REQUEST_LABEL}={owner.name}"
+    deleted: list[str] = []
+    for secret in await kube.list_secrets(owner.namespace, label_selector=selector):
+        metadata = secret.get("metadata", {})
+        name = str(metadata.get("name", ""))
+        if name and name != keep and is_owned_by(secret, owner.uid):
+            await kube.delete_secret(owner.namespace, name, uid=metadata["uid"])
+            deleted.append(name)
+    return deleted
 
 
 def token_from_secret(

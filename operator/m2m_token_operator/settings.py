@@ -30,6 +30,8 @@ from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
 
 MICROSOFT_LOGIN_HOST = "login.microsoftonline.com"
 LOG_FORMATS = ("json", "text")
+# Kopf takes any integer; bounded so that every peer can hold it in a 32-bit integer.
+PEERING_PRIORITY_LIMIT = 2**31 - 1
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -56,6 +58,7 @@ class Settings:
     fetch_workers: int
     metrics_port: int
     log_format: str
+    peering_priority: int | None = None  # None: derived from the host name (see handlers)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -127,6 +130,12 @@ class Settings:
             fetch_workers=reader.integer("M2M_FETCH_WORKERS", default=8, low=1, high=256),
             metrics_port=reader.integer("M2M_METRICS_PORT", default=8080, low=0, high=65535),
             log_format=reader.choice("M2M_LOG_FORMAT", default="json", choices=LOG_FORMATS),
+            peering_priority=reader.optional_integer(
+                "M2M_PEERING_PRIORITY",
+                example=100,
+                low=-PEERING_PRIORITY_LIMIT,
+                high=PEERING_PRIORITY_LIMIT,
+            ),
         )
         if settings.retry_max < settings.retry_initial:
             reader.problem(
@@ -225,16 +234,20 @@ class _Reader:
         return timedelta(seconds=value)
 
     def integer(self, name: str, *, default: int, low: int, high: int) -> int:
+        value = self.optional_integer(name, example=default, low=low, high=high)
+        return default if value is None else value
+
+    def optional_integer(self, name: str, *, example: int, low: int, high: int) -> int | None:
         raw = self.text(name)
         if not raw:
-            return default
+            return None
         try:
             value = int(raw)
         except ValueError:
             value = low - 1
         if not low <= value <= high:
-            self.problem(name, raw, f"a whole number from {low} to {high}, such as {default}")
-            return default
+            self.problem(name, raw, f"a whole number from {low} to {high}, such as {example}")
+            return None
         return value
 
     def boolean(self, name: str, *, default: bool) -> bool:

@@ -754,3 +754,34 @@ async def test_a_failing_status_write_is_retried_by_the_operator_not_kopf(
     assert token_endpoint.count == 1
     assert "reason=KubernetesAPIError attempts=1 patch TokenRequest" in operator.all_text
     assert "Handler 'create' failed" not in operator.all_text
+
+
+async def test_a_new_secret_name_that_is_taken_keeps_the_old_secret(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    """The workload keeps its token until the new Secret really holds one."""
+    kube.create_token_request(NS, NAME, TARGET)
+    await wait_condition(kube, "Ready", "True")
+    first = token_in_secret(kube)
+    kube.create_secret(NS, "taken", {"password": "someone-elses"})
+
+    kube.patch_token_request(NS, NAME, {"spec": {"secretName": "taken"}})
+    await wait_condition(kube, "Ready", "False", "SecretConflict")
+    assert token_in_secret(kube) == first  # the old Secret is still there
+    assert kube.read_secret(NS, "taken") == {"password": "someone-elses"}
+
+    kube.core.delete_namespaced_secret("taken", NS)
+    await wait_for(lambda: token_in_secret(kube, name="taken"), message="the new Secret")
+    await wait_for(lambda: kube.read_secret(NS, NAME) is None, message="the old one deleted")
+
+
+async def test_a_token_request_gone_without_a_deleted_event_is_forgotten(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    """A 404 on the status write (a deletion the watch never delivered) ends the serving."""
+    kube.emulator["patch", kmock.resource(TOKEN_REQUESTS)][kmock.subresource("status")][:1] << 404
+    kube.create_token_request(NS, NAME, TARGET)
+    await wait_for(
+        lambda: f"tokenrequest={NS}/{NAME} scope={SCOPE} forgotten" in operator.all_text,
+        message="forgotten after the 404",
+    )

@@ -7,13 +7,33 @@ from types import SimpleNamespace
 import pytest
 
 from m2m_token_operator import handlers
+from m2m_token_operator.__main__ import main
+from m2m_token_operator.settings import Settings
 
 
 def test_peering_priority_is_configurable_else_derived_from_the_host() -> None:
-    assert handlers.peering_priority({"M2M_PEERING_PRIORITY": "42"}) == 42
-    derived = handlers.peering_priority({})
+    assert handlers.peering_priority(Settings.from_env({"M2M_PEERING_PRIORITY": "42"})) == 42
+    assert handlers.peering_priority(Settings.from_env({"M2M_PEERING_PRIORITY": "0"})) == 0
+    derived = handlers.peering_priority(Settings.from_env({}))
     assert 1 <= derived <= 1_000_000
-    assert handlers.peering_priority({}) == derived  # stable for one pod
+    assert handlers.peering_priority(Settings.from_env({})) == derived  # stable for one pod
+
+
+def test_a_bad_peering_priority_stops_the_process_before_kopf_starts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Validated with the other settings: exit code 2 and one line, no crashing handler."""
+    import kopf.cli
+
+    def kopf_must_not_start(**_: object) -> None:
+        raise AssertionError("Kopf was started with an invalid M2M_PEERING_PRIORITY")
+
+    monkeypatch.setattr(kopf.cli, "main", kopf_must_not_start)
+    monkeypatch.setenv("M2M_PEERING_PRIORITY", "high")
+    with pytest.raises(SystemExit) as caught:
+        main([])
+    assert caught.value.code == 2
+    assert "M2M_PEERING_PRIORITY='high' is not valid" in capsys.readouterr().err
 
 
 async def test_liveness_fails_when_the_scheduler_is_dead_or_stalled() -> None:
@@ -52,7 +72,7 @@ def _peering_settings(*, standalone: bool, clusterwide: bool) -> SimpleNamespace
 def test_the_scheduler_follows_kopf_peering_only_when_it_can_tell_itself_apart(
     standalone: bool, clusterwide: bool, environ: dict[str, str], gated: bool
 ) -> None:
-    reconciler = SimpleNamespace(resume_after_pause=lambda: None)
+    reconciler = SimpleNamespace(resume_after_pause=lambda: None, paused=lambda: None)
     gate = handlers.peering_gate(
         _peering_settings(standalone=standalone, clusterwide=clusterwide),  # type: ignore[arg-type]
         kube=SimpleNamespace(read_cluster_peering=None),  # type: ignore[arg-type]

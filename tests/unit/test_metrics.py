@@ -67,3 +67,16 @@ def test_cache_lookups_and_refresh_failures() -> None:
     failures = sample("m2m_token_refresh_failures_total", labels)
     metrics.record_refresh_failure("shop", "orders", reason="Throttled")
     assert sample("m2m_token_refresh_failures_total", labels) == failures + 1
+
+
+def test_forgetting_a_token_request_drops_its_failure_counters_too() -> None:
+    """TokenRequests come and go (preview namespaces): their series must not pile up."""
+    metrics.record_refresh_failure("preview-7", "orders-api", reason="Throttled")
+    metrics.record_refresh_failure("preview-7", "orders-api", reason="EndpointUnavailable")
+    metrics.record_refresh_failure("preview-7", "kept", reason="Throttled")
+    labels = {"namespace": "preview-7", "name": "orders-api", "reason": "Throttled"}
+    assert sample("m2m_token_refresh_failures_total", labels) == 1
+    metrics.forget_token_request("preview-7", "orders-api")
+    assert REGISTRY.get_sample_value("m2m_token_refresh_failures_total", labels) is None
+    other = {"namespace": "preview-7", "name": "kept", "reason": "Throttled"}
+    assert sample("m2m_token_refresh_failures_total", other) == 1

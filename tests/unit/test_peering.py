@@ -162,3 +162,32 @@ async def test_due_work_waits_while_paused_and_runs_once_resumed() -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert handled == ["orders"]
+
+
+async def test_any_failure_to_read_the_peering_keeps_the_decision() -> None:
+    """A transport error (not an API answer) must not kill the scheduler that asked."""
+    clock = [NOW]
+    peering = FakePeering()
+    paused: list[int] = []
+    gate = PeeringGate(
+        config=PeeringConfig(name="m2m-token-operator", identity=ME, priority=100, mandatory=True),
+        read_peering=peering.read,
+        clock=lambda: clock[0],
+        on_pause=lambda: paused.append(1),
+    )
+    assert await gate.confirm_active() is True
+
+    async def broken(name: str) -> JsonObject | None:
+        raise ConnectionResetError("reset by peer")
+
+    gate._read = broken
+    clock[0] = NOW + timedelta(seconds=5)
+    assert await gate.confirm_active() is True
+    assert paused == []
+
+    gate._read = peering.read
+    assert peering.body is not None
+    peering.body["status"]["higher"] = peer(200)
+    clock[0] = NOW + timedelta(seconds=10)
+    assert await gate.confirm_active() is False
+    assert paused == [1]  # the reconciler drops its per-TokenRequest metrics here

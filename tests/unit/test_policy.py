@@ -56,9 +56,12 @@ def test_ten_minute_token() -> None:
     assert after_issue(REFRESH.refresh_at(short, refresh_before=None, jitter_fraction=0)) == 400
     # jitter is capped at 5 % of the lifetime: 30 s here.
     assert after_issue(REFRESH.refresh_at(short, refresh_before=None, jitter_fraction=1)) == 370
-    # refreshBefore longer than the lifetime: not sooner than min_interval (60 s) after issue.
+    # refreshBefore longer than the lifetime cannot be honoured: the default rule applies.
     long_ask = REFRESH.refresh_at(short, refresh_before=timedelta(hours=1), jitter_fraction=0)
-    assert after_issue(long_ask) == 60
+    assert after_issue(long_ask) == 400
+    # refreshBefore just short of the lifetime: not sooner than min_interval (60 s) after issue.
+    near_ask = REFRESH.refresh_at(short, refresh_before=timedelta(seconds=599), jitter_fraction=0)
+    assert after_issue(near_ask) == 60
     # refreshBefore tiny: not later than the floor (60 s) before expiry.
     tiny_ask = REFRESH.refresh_at(short, refresh_before=timedelta(seconds=1), jitter_fraction=0)
     assert after_issue(tiny_ask) == 540
@@ -70,8 +73,10 @@ def test_five_second_token_clamps_shrink_with_the_lifetime() -> None:
     assert after_issue(default) == pytest.approx(5 * 2 / 3 - 0.25)  # jitter ≤ 5 % = 0.25 s
     late = REFRESH.refresh_at(tiny, refresh_before=timedelta(seconds=1), jitter_fraction=0)
     assert after_issue(late) == pytest.approx(3.75)  # floor = lifetime / 4
-    early = REFRESH.refresh_at(tiny, refresh_before=timedelta(minutes=10), jitter_fraction=0)
+    early = REFRESH.refresh_at(tiny, refresh_before=timedelta(seconds=4), jitter_fraction=0)
     assert after_issue(early) == pytest.approx(2.5)  # min interval = lifetime / 2
+    too_long = REFRESH.refresh_at(tiny, refresh_before=timedelta(minutes=10), jitter_fraction=0)
+    assert after_issue(too_long) == pytest.approx(5 * 2 / 3)  # cannot be honoured: the default
 
 
 def test_three_second_token_is_refreshed_before_it_expires() -> None:
@@ -92,13 +97,37 @@ def test_28_hour_token() -> None:
     assert long.expires_at - too_close == timedelta(seconds=60)
 
 
-def test_refresh_in_from_the_endpoint_brings_the_refresh_forward_only() -> None:
+@pytest.mark.parametrize("ask", [timedelta(seconds=3599), timedelta(hours=1), timedelta(days=2)])
+def test_refresh_before_not_shorter_than_the_lifetime_falls_back_to_the_default(
+    ask: timedelta,
+) -> None:
+    """Like cert-manager's renewBefore >= duration: not a refresh every min_interval."""
+    hour = token(3599)
+    for fraction in (0.0, 0.5, 1.0):
+        asked = REFRESH.refresh_at(hour, refresh_before=ask, jitter_fraction=fraction)
+        default = REFRESH.refresh_at(hour, refresh_before=None, jitter_fraction=fraction)
+        assert asked == default
+    point = REFRESH.refresh_at(hour, refresh_before=ask, jitter_fraction=1)
+    assert after_issue(point) == pytest.approx(3599 * 2 / 3 - 30)  # with the usual jitter
+
+
+def test_refresh_before_just_short_of_the_lifetime_is_still_clamped_to_min_interval() -> None:
+    hour = token(3599)
+    point = REFRESH.refresh_at(hour, refresh_before=timedelta(seconds=3598), jitter_fraction=0)
+    assert after_issue(point) == 60
+
+
+def test_refresh_in_from_the_endpoint_is_ignored() -> None:
+    """The contract alone decides: one third of the lifetime remaining, or refreshBefore."""
     asked_sooner = token(86400, refresh_in=43200)
     point = REFRESH.refresh_at(asked_sooner, refresh_before=None, jitter_fraction=0)
-    assert after_issue(point) == 43200
+    assert after_issue(point) == 57600
     asked_later = token(3600, refresh_in=3500)
     point = REFRESH.refresh_at(asked_later, refresh_before=None, jitter_fraction=0)
     assert after_issue(point) == 2400
+    with_ask = token(86400, refresh_in=600)
+    point = REFRESH.refresh_at(with_ask, refresh_before=timedelta(hours=1), jitter_fraction=0)
+    assert after_issue(point) == 86400 - 3600
 
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)

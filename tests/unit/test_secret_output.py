@@ -149,3 +149,27 @@ def test_a_token_is_reused_only_when_its_seal_verifies() -> None:
     # Written before seals existed: not reused.
     del secret["metadata"]["annotations"]["m2m.dev/seal"]
     assert reread(secret, lambda token: key.seal("s3cr3t", token)) is None
+
+
+def test_parse_time_takes_a_timestamp_without_an_offset_as_utc() -> None:
+    """A hand-edited "2026-11-29T10:00:00" is UTC, whatever the process's time zone."""
+    import os
+    import time
+
+    from m2m_token_operator.secret_output import parse_time
+
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "EST5"  # a POSIX rule, no tz database needed: UTC-5
+    time.tzset()
+    try:
+        expected = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
+        assert parse_time("2026-11-29T10:00:00") == expected
+        assert parse_time("2026-11-29T10:00:00").tzinfo == UTC
+        assert parse_time("2026-11-29T10:00:00Z") == expected
+        assert parse_time("2026-11-29T11:00:00+01:00") == expected
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()

@@ -28,6 +28,7 @@ def test_defaults() -> None:
     assert settings.fetch_workers == 8
     assert settings.metrics_port == 8080
     assert settings.log_format == "json"
+    assert settings.peering_priority is None
     assert settings.refresh_policy() == RefreshPolicy()
     assert settings.retry_policy() == RetryPolicy()
 
@@ -51,6 +52,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "M2M_FETCH_WORKERS": "16",
             "M2M_METRICS_PORT": "0",
             "M2M_LOG_FORMAT": "Text",
+            "M2M_PEERING_PRIORITY": " 200 ",
         }
     )
     assert settings.cluster_name == "prod-gcp"
@@ -70,6 +72,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
         permanent_hold=timedelta(seconds=900),
     )
     assert (settings.fetch_workers, settings.metrics_port, settings.log_format) == (16, 0, "text")
+    assert settings.peering_priority == 200
     assert settings.endpoint_policy() == EndpointPolicy(
         allowed_hosts=settings.allowed_endpoint_hosts, allow_insecure_http=True
     )
@@ -120,6 +123,9 @@ def test_default_allow_list_prefers_the_mounted_endpoint_file(tmp_path: Path) ->
         ("M2M_FETCH_WORKERS", "2.5", "whole number from 1 to 256"),
         ("M2M_METRICS_PORT", "70000", "whole number from 0 to 65535"),
         ("M2M_LOG_FORMAT", "yaml", "'json' or 'text'"),
+        ("M2M_PEERING_PRIORITY", "high", "whole number from -2147483647 to 2147483647"),
+        ("M2M_PEERING_PRIORITY", "1.5", "whole number from -2147483647 to 2147483647"),
+        ("M2M_PEERING_PRIORITY", "9999999999", "whole number from -2147483647 to 2147483647"),
         ("M2M_CREDENTIALS_DIR", "/nonexistent/m2m", "an existing directory"),
     ],
 )
@@ -136,3 +142,8 @@ def test_all_problems_are_reported_at_once() -> None:
         Settings.from_env({"M2M_FETCH_WORKERS": "many", "M2M_LOG_FORMAT": "xml"})
     assert "M2M_FETCH_WORKERS='many'" in str(caught.value)
     assert "M2M_LOG_FORMAT='xml'" in str(caught.value)
+
+
+def test_peering_priority_may_be_negative_and_empty_means_unset() -> None:
+    assert Settings.from_env({"M2M_PEERING_PRIORITY": "-5"}).peering_priority == -5
+    assert Settings.from_env({"M2M_PEERING_PRIORITY": " "}).peering_priority is None
