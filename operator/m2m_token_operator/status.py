@@ -42,6 +42,7 @@ KUBERNETES_API_ERROR = "KubernetesAPIError"
 # Event-only reasons.
 TOKEN_REFRESHED = "TokenRefreshed"
 SECRET_RESTORED = "SecretRestored"
+TOKEN_EXPIRED = "TokenExpired"
 
 COMPONENT = "m2m-token-operator"
 
@@ -185,9 +186,19 @@ def transition_events(
         )  # fmt: skip
     old_status, old_reason = condition_reason(previous, DEGRADED)
     new_status, new_reason = condition_reason(desired, DEGRADED)
-    if new_status == "True" and (old_status != "True" or old_reason != new_reason):
+    new_failure = new_status == "True" and (old_status != "True" or old_reason != new_reason)
+    if new_failure:
         degraded = _conditions_by_type(desired)[DEGRADED]
         events.append(EventSpec("Warning", str(new_reason), str(degraded.get("message", ""))))
+    was_ready, _ = condition_reason(previous, READY)
+    now_ready, _ = condition_reason(desired, READY)
+    if was_ready == "True" and now_ready == "False" and not new_failure:
+        # The last token ran out while a failure already reported went on: the moment the
+        # workload is left without a valid token deserves its own word.
+        events.append(
+            EventSpec("Warning", TOKEN_EXPIRED,
+                      f"Secret {desired.get('secretName')} no longer holds an unexpired token")
+        )  # fmt: skip
     return events
 
 

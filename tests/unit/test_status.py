@@ -105,6 +105,25 @@ def test_events_once_per_state_change() -> None:
     assert [(e.type, e.reason) for e in events] == [("Normal", "TokenRefreshed")]
 
 
+def test_the_last_token_running_out_is_its_own_warning() -> None:
+    """Refreshes already failing (reported once); then the token expires: one more word."""
+    issued = build_status(observe(), {})
+    failing = build_status(observe(failure=Failure("EndpointUnavailable", "503")), issued)
+    expired = build_status(
+        observe(token=None, failure=Failure("EndpointUnavailable", "503")), failing
+    )
+    assert condition_reason(expired, "Ready")[0] == "False"
+    events = transition_events(previous=failing, desired=expired, new_token_written=False,
+                               secret_restored=False)  # fmt: skip
+    assert [(e.type, e.reason) for e in events] == [("Warning", "TokenExpired")]
+    assert "orders-api-token" in events[0].message
+    # A new failure that takes Ready down with it is reported once, by its own reason.
+    conflict = build_status(observe(token=None, failure=Failure("SecretConflict", "taken")), issued)
+    events = transition_events(previous=issued, desired=conflict, new_token_written=False,
+                               secret_restored=False)  # fmt: skip
+    assert [(e.type, e.reason) for e in events] == [("Warning", "SecretConflict")]
+
+
 def test_event_body_names_the_token_request() -> None:
     events = transition_events(previous={}, desired=build_status(observe(), {}),
                                new_token_written=True, secret_restored=False)  # fmt: skip
