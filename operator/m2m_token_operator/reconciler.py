@@ -149,7 +149,8 @@ class TokenRequestReconciler:
         self._subscriptions: dict[ObjectRef, Subscription] = {}
         self._by_key: defaultdict[CacheKey, set[ObjectRef]] = defaultdict(set)
         self._by_credentials: defaultdict[ObjectRef, set[ObjectRef]] = defaultdict(set)
-        self._by_secret: dict[ObjectRef, ObjectRef] = {}
+        # A set: two TokenRequests may name one Secret (one owns it, the other is in conflict).
+        self._by_secret: defaultdict[ObjectRef, set[ObjectRef]] = defaultdict(set)
         self.scheduler: Scheduler[ObjectRef] = Scheduler(clock=clock, handle=self._scheduled)
 
     # Entry points (called from Kopf handlers)
@@ -180,14 +181,12 @@ class TokenRequestReconciler:
         ref = (metadata.get("namespace", ""), metadata.get("name", ""))
         for subscriber in self._by_credentials.get(ref, ()):
             self.scheduler.schedule(subscriber, self._clock())
-        owner_ref = self._by_secret.get(ref)
-        if owner_ref is None:
-            return
-        subscription = self._subscriptions.get(owner_ref)
-        if subscription is None:
-            return
-        if deleted or self._secret_drifted(subscription, secret):
-            self.scheduler.schedule(owner_ref, self._clock())
+        for named_by in self._by_secret.get(ref, ()):
+            subscription = self._subscriptions.get(named_by)
+            if subscription is None:
+                continue
+            if deleted or self._secret_drifted(subscription, secret):
+                self.scheduler.schedule(named_by, self._clock())
 
     def paused(self) -> None:
         """Another replica serves now: only it may speak for the TokenRequests in metrics."""
@@ -263,7 +262,7 @@ class TokenRequestReconciler:
         if subscription.key is not None:
             self._by_key[subscription.key].add(ref)
         if subscription.spec is not None:
-            self._by_secret[(subscription.namespace, subscription.spec.secret_name)] = ref
+            self._by_secret[(subscription.namespace, subscription.spec.secret_name)].add(ref)
             if subscription.spec.credentials_secret:
                 credentials = (subscription.namespace, subscription.spec.credentials_secret)
                 self._by_credentials[credentials].add(ref)
@@ -272,13 +271,24 @@ class TokenRequestReconciler:
         ref = subscription.ref
         if subscription.key is not None and not keep_key:
             self._drop_from_key(subscription.key, ref)
-        for secret_ref, owner in list(self._by_secret.items()):
-            if owner == ref:
-                del self._by_secret[secret_ref]
-        for credentials, subscribers in list(self._by_credentials.items()):
-            subscribers.discard(ref)
-            if not subscribers:
-                del self._by_credentials[credentials]
+        if subscription.spec is None:
+            return  # an invalid spec was never indexed by Secret names
+        named = [(subscription.namespace, subscription.spec.secret_name)]
+        self._discard(self._by_secret, named, ref)
+        if subscription.spec.credentials_secret:
+            credentials = [(subscription.namespace, subscription.spec.credentials_secret)]
+            self._discard(self._by_credentials, credentials, ref)
+
+    @staticmethod
+    def _discard(
+        index: defaultdict[ObjectRef, set[ObjectRef]], at: list[ObjectRef], ref: ObjectRef
+    ) -> None:
+        for secret_ref in at:
+            subscribers = index.get(secret_ref)
+            if subscribers is not None:
+                subscribers.discard(ref)
+                if not subscribers:
+                    del index[secret_ref]
 
     def _drop_from_key(self, key: CacheKey, ref: ObjectRef) -> None:
         subscribers = self._by_key.get(key)

@@ -785,3 +785,17 @@ async def test_a_token_request_gone_without_a_deleted_event_is_forgotten(
         lambda: f"tokenrequest={NS}/{NAME} scope={SCOPE} forgotten" in operator.all_text,
         message="forgotten after the 404",
     )
+
+
+async def test_drift_of_a_secret_two_token_requests_name_is_repaired_by_its_owner(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    kube.create_token_request(NS, NAME, TARGET)
+    await wait_condition(kube, "Ready", "True")
+    first = token_in_secret(kube)
+    kube.create_token_request(NS, "same-secret", {**TARGET, "secretName": NAME})
+    await wait_condition(kube, "Ready", "False", "SecretConflict", name="same-secret")
+
+    edited = base64.b64encode(b"edited").decode()
+    kube.core.patch_namespaced_secret(NAME, NS, {"data": {"token": edited}})
+    await wait_for(lambda: token_in_secret(kube) == first, message="the owner's repair")
