@@ -87,8 +87,14 @@ def observe_token_request(
     )
 
 
+# The failure reasons recorded per TokenRequest, so that forgetting one removes exactly its
+# counter series without scanning every series of every TokenRequest.
+_failure_reasons: dict[tuple[str, str], set[str]] = {}
+
+
 def record_refresh_failure(namespace: str, name: str, *, reason: str) -> None:
     REFRESH_FAILURES.labels(namespace=namespace, name=name, reason=reason).inc()
+    _failure_reasons.setdefault((namespace, name), set()).add(reason)
 
 
 def forget_token_request(namespace: str, name: str) -> None:
@@ -98,20 +104,9 @@ def forget_token_request(namespace: str, name: str) -> None:
     for gauge in (TOKEN_READY, TOKEN_EXPIRY):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
-    for labels in _label_sets(REFRESH_FAILURES):
-        if labels.get("namespace") == namespace and labels.get("name") == name:
-            with contextlib.suppress(KeyError):
-                REFRESH_FAILURES.remove(namespace, name, labels["reason"])
-
-
-def _label_sets(metric: Counter) -> list[dict[str, str]]:
-    """The label sets a labelled metric holds now (from what it would expose)."""
-    seen: list[dict[str, str]] = []
-    for family in metric.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total") and sample.labels not in seen:
-                seen.append(dict(sample.labels))
-    return seen
+    for reason in _failure_reasons.pop((namespace, name), set()):
+        with contextlib.suppress(KeyError):
+            REFRESH_FAILURES.remove(namespace, name, reason)
 
 
 def serve(port: int) -> None:

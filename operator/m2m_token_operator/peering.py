@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from m2m_token_operator.kube import JsonObject, KubeError
@@ -44,6 +44,8 @@ class PeeringConfig:
 def _peer_deadline(info: Mapping[str, Any], now: datetime) -> datetime:
     lastseen_text = info.get("lastseen")
     lastseen = datetime.fromisoformat(str(lastseen_text)) if lastseen_text else now
+    if lastseen.tzinfo is None:
+        lastseen = lastseen.replace(tzinfo=UTC)  # as Kopf's iso8601 parser reads it
     lifetime = info.get("lifetime")
     return lastseen + (timedelta(seconds=int(lifetime)) if lifetime else DEFAULT_PEER_LIFETIME)
 
@@ -59,7 +61,7 @@ def blocking_peers(
         try:
             peer_priority = int(info.get("priority", 0))
             alive = _peer_deadline(info, now) > now
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             continue  # a record Kopf itself could not read either
         if alive and peer_priority >= priority:
             blocking.append(peer_id)

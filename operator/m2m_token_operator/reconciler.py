@@ -81,6 +81,8 @@ class Subscription:
     credentials_failures: int = 0
     credentials_failed_at: datetime | None = None
     api_failures: int = 0  # consecutive looks ended by a Kubernetes API error
+    # Owned Secrets under an old spec.secretName may remain: delete once the new one is written.
+    cleanup_pending: bool = False
     # Another replica served the object while this one was paused: re-read before acting.
     stale: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -238,6 +240,8 @@ class TokenRequestReconciler:
             previous = dataclasses.replace(
                 previous, key=None, status=dict(body.get("status") or {})
             )
+        stale = previous is not None and previous.stale
+        status = dict(body.get("status") or {})
         subscription = Subscription(
             namespace=namespace,
             name=name,
@@ -245,9 +249,16 @@ class TokenRequestReconciler:
             generation=int(metadata.get("generation") or 0),
             spec=spec,
             spec_error=spec_error,
-            status=dict(body.get("status") or {}) if previous is None else previous.status,
+            # After a pause the body is newer than what this replica remembers.
+            status=status if previous is None or stale else previous.status,
+            stale=stale,
+        )
+        delivered_to = subscription.status.get("secretName")
+        subscription.cleanup_pending = bool(
+            spec is not None and delivered_to and delivered_to != spec.secret_name
         )
         if previous is not None:
+            subscription.cleanup_pending = subscription.cleanup_pending or previous.cleanup_pending
             subscription.lock = previous.lock
             subscription.key = previous.key
             # The key's membership carries over: dropping it here would forget a token
@@ -457,11 +468,13 @@ class TokenRequestReconciler:
         """After a pause: learn the object as it is now (the active replica handled its
         changes, so Kopf will not replay them here), or forget it if it went away."""
         current = await self._kube.read_token_request(subscription.namespace, subscription.name)
+        if not self._current(subscription):
+            return  # Kopf's re-listing taught us the object meanwhile (maybe a new one)
         if current is None or current.get("metadata", {}).get("uid") != subscription.uid:
-            self.forget(subscription.namespace, subscription.name)
+            self.forget(subscription.namespace, subscription.name, subscription.uid)
             return
         fresh = self._learn(current)
-        fresh.status = dict(current.get("status") or {})
+        fresh.stale = False  # learnt from the object as it is now
         self.scheduler.schedule(fresh.ref, self._clock())
 
     async def _remove_previous_secrets(self, subscription: Subscription) -> None:
@@ -554,7 +567,12 @@ class TokenRequestReconciler:
             hint = "check the operator's RBAC, admission policies and quotas for Secrets here"
         else:
             hint = "retrying with backoff"
-        token = await self._token_in_secret(subscription)
+        try:
+            token = await self._token_in_secret(subscription)
+        except KubeError:
+            # The Secret cannot be read either: assume what was last delivered is still
+            # there rather than turn Ready False on an API blip.
+            token = self._cache.peek(subscription.key).token if subscription.key else None
         try:
             await self._publish(
                 subscription,
@@ -581,12 +599,7 @@ class TokenRequestReconciler:
         """What the workload reads now: the unexpired token in the owned Secret, if any."""
         if subscription.spec is None:
             return None
-        try:
-            secret = await self._kube.read_secret(
-                subscription.namespace, subscription.spec.secret_name
-            )
-        except KubeError:
-            return None
+        secret = await self._kube.read_secret(subscription.namespace, subscription.spec.secret_name)
         if secret is None:
             return None
         return token_from_secret(
@@ -629,9 +642,10 @@ class TokenRequestReconciler:
                 seal=result.key.seal(credentials.client_secret, result.token),
             )
             outcome = await write_secret(self._kube, desired=desired, owner_uid=subscription.uid)
-            if outcome is WriteOutcome.CREATED:
+            if outcome is not WriteOutcome.CONFLICT and subscription.cleanup_pending:
                 # Only now: the workload keeps its old Secret until the new one holds a token.
                 await self._remove_previous_secrets(subscription)
+                subscription.cleanup_pending = False
         failure: Failure | None = None
         if outcome is WriteOutcome.CONFLICT:  # created by someone else since _secret_taken
             failure = self._conflict_failure(subscription)

@@ -799,3 +799,17 @@ async def test_drift_of_a_secret_two_token_requests_name_is_repaired_by_its_owne
     edited = base64.b64encode(b"edited").decode()
     kube.core.patch_namespaced_secret(NAME, NS, {"data": {"token": edited}})
     await wait_for(lambda: token_in_secret(kube) == first, message="the owner's repair")
+
+
+async def test_secret_name_changed_while_the_operator_was_down_leaves_no_old_secret(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    run = operator_factory.start()
+    kube.create_token_request(NS, NAME, TARGET)
+    await wait_condition(kube, "Ready", "True")
+    run.stop()
+
+    kube.patch_token_request(NS, NAME, {"spec": {"secretName": "renamed"}})
+    operator_factory.start()
+    await wait_for(lambda: token_in_secret(kube, name="renamed"), message="the new Secret")
+    await wait_for(lambda: kube.read_secret(NS, NAME) is None, message="the old one deleted")

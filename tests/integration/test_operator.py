@@ -230,8 +230,14 @@ async def test_spec_change_takes_effect_at_once(
         message="token for the new scope",
     )
     assert token_endpoint.calls[-1].form["scope"] == new_scope
+    # The Secret is written before the status: wait for the status of generation 2.
+    await wait_for(
+        lambda: (kube.read_status(NS, "orders-api") or {}).get("observedGeneration") == 2,
+        message="generation 2 observed",
+    )
     status = await wait_ready(kube, "orders-api")
     assert status["observedGeneration"] == 2
+    assert status["scope"] == new_scope
 
     # A new secretName: the new Secret is written, the old owned one deleted.
     kube.patch_token_request(NS, "orders-api", {"spec": {"secretName": "payments-token"}})

@@ -191,3 +191,13 @@ async def test_any_failure_to_read_the_peering_keeps_the_decision() -> None:
     clock[0] = NOW + timedelta(seconds=10)
     assert await gate.confirm_active() is False
     assert paused == [1]  # the reconciler drops its per-TokenRequest metrics here
+
+
+def test_odd_peer_records_are_read_as_kopf_reads_them_and_never_raise() -> None:
+    naive_recent = (NOW - timedelta(seconds=1)).replace(tzinfo=None).isoformat()
+    peers = {
+        "naive-but-alive": {"priority": 200, "lifetime": 60, "lastseen": naive_recent},
+        "huge-lifetime": {"priority": 200, "lifetime": 10**30, "lastseen": NOW.isoformat()},
+        "year-9999": {"priority": 200, "lifetime": 60, "lastseen": "9999-12-31T23:59:59+00:00"},
+    }
+    assert blocking_peers(peers, identity=ME, priority=100, now=NOW) == ["naive-but-alive"]
