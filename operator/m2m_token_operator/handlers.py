@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 STATE_PREFIX = "operator.m2m.dev"
 # The scheduler turns at least every 30 s; three missed turns mean it is stuck.
 SCHEDULER_STALL = timedelta(seconds=90)
+# Kopf itself needs a few seconds to join the peering; five minutes unread is a fault.
+PEERING_UNREAD = timedelta(minutes=5)
 
 
 def utc_now() -> datetime:
@@ -118,6 +120,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     gate = peering_gate(settings, kube=kube, reconciler=reconciler, environ=os.environ)
     if gate is not None:
         reconciler.scheduler.gate = gate
+        memo["peering_gate"] = gate
         memo["peering_task"] = asyncio.create_task(gate.run(), name="m2m-peering-gate")
     memo["scheduler_task"] = asyncio.create_task(reconciler.scheduler.run(), name="m2m-scheduler")
     metrics.serve(config.metrics_port)
@@ -144,6 +147,10 @@ def scheduler_alive(memo: kopf.Memo, **_: Any) -> str:
     last = _reconciler(memo).scheduler.last_loop_at
     if last is None or utc_now() - last > SCHEDULER_STALL:
         raise RuntimeError("the refresh scheduler is stalled")
+    gate: PeeringGate | None = memo.get("peering_gate")
+    if gate is not None and gate.active is None and utc_now() - gate.started_at > PEERING_UNREAD:
+        # Never read (e.g. RBAC without `get` on it): refreshes would wait for ever.
+        raise RuntimeError("the peering object has never been readable; refreshes wait on it")
     return last.isoformat()
 
 

@@ -94,6 +94,7 @@ class PeeringGate:
         self._lock = asyncio.Lock()
         # None until the peering has been read once: Kopf also starts paused.
         self.active: bool | None = None
+        self.started_at = clock()
 
     async def confirm_active(self) -> bool:
         """Whether this replica may act now, from a reading at most `freshness` old."""

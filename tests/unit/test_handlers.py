@@ -80,3 +80,22 @@ def test_the_scheduler_follows_kopf_peering_only_when_it_can_tell_itself_apart(
         environ=environ,
     )
     assert (gate is not None) == gated
+
+
+async def test_liveness_fails_when_the_peering_was_never_readable() -> None:
+    scheduler = SimpleNamespace(last_loop_at=datetime.now(UTC))
+    running = asyncio.create_task(asyncio.sleep(60))
+    gate = SimpleNamespace(active=None, started_at=datetime.now(UTC))
+    memo = {
+        "reconciler": SimpleNamespace(scheduler=scheduler),
+        "scheduler_task": running,
+        "peering_gate": gate,
+    }
+    assert handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]  # still joining
+    gate.started_at = datetime.now(UTC) - timedelta(minutes=6)
+    with pytest.raises(RuntimeError, match="peering object has never been readable"):
+        handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]
+    gate.active = False  # a standby that has read it: alive
+    assert handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
