@@ -102,6 +102,14 @@ class KubeApi:
             # Refused, reset or timed out before any answer: the same to the caller as a 5xx.
             raise KubeError(action=action, status=None, reason=type(error).__name__) from None
 
+    async def _read_or_none(self, action: str, function: Callable[[], Any]) -> JsonObject | None:
+        """A point read: the object as JSON, or None when it does not exist."""
+        try:
+            response = await self._call(action, function)
+        except NotFound:
+            return None
+        return self._json(response)
+
     @staticmethod
     def _json(response: Any) -> JsonObject:
         data: JsonObject = json.loads(response.data)
@@ -110,16 +118,12 @@ class KubeApi:
     # Secrets
 
     async def read_secret(self, namespace: str, name: str) -> JsonObject | None:
-        try:
-            response = await self._call(
-                f"read Secret {namespace}/{name}",
-                lambda: self._core.read_namespaced_secret(
-                    name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-                ),
-            )
-        except NotFound:
-            return None
-        return self._json(response)
+        return await self._read_or_none(
+            f"read Secret {namespace}/{name}",
+            lambda: self._core.read_namespaced_secret(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+        )
 
     async def list_secrets(self, namespace: str, *, label_selector: str) -> list[JsonObject]:
         response = await self._call(
@@ -175,22 +179,18 @@ class KubeApi:
     # TokenRequests
 
     async def read_token_request(self, namespace: str, name: str) -> JsonObject | None:
-        try:
-            response = await self._call(
-                f"read TokenRequest {namespace}/{name}",
-                lambda: self._custom.get_namespaced_custom_object(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
-                ),
-            )
-        except NotFound:
-            return None
-        return self._json(response)
+        return await self._read_or_none(
+            f"read TokenRequest {namespace}/{name}",
+            lambda: self._custom.get_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+        )
 
     async def patch_token_request_status(
         self, namespace: str, name: str, status: Mapping[str, Any]
@@ -220,21 +220,17 @@ class KubeApi:
     # Kopf's peering (read only: Kopf itself writes the keep-alives)
 
     async def read_cluster_peering(self, name: str) -> JsonObject | None:
-        try:
-            response = await self._call(
-                f"read ClusterKopfPeering {name}",
-                lambda: self._custom.get_cluster_custom_object(
-                    PEERING_GROUP,
-                    PEERING_VERSION,
-                    CLUSTER_PEERING_PLURAL,
-                    name,
-                    _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
-                ),
-            )
-        except NotFound:
-            return None
-        return self._json(response)
+        return await self._read_or_none(
+            f"read ClusterKopfPeering {name}",
+            lambda: self._custom.get_cluster_custom_object(
+                PEERING_GROUP,
+                PEERING_VERSION,
+                CLUSTER_PEERING_PLURAL,
+                name,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+        )
 
     # Events
 

@@ -554,6 +554,18 @@ def test_swapped_client_id_and_secret_do_not_leak(
             assert leaked not in text
 
 
+def identity_with_client_id(httpserver: HTTPServer, client_id: str) -> ClientCredentials:
+    """The operator's identity with `client_id`, against an endpoint that echoes it back."""
+    httpserver.expect_request(PATH).respond_with_handler(not_found_echoing_client_id)
+    return ClientCredentials(
+        token_endpoint=httpserver.url_for(PATH),
+        client_id=client_id,
+        client_secret=SECRET,
+        source="operator identity",
+        realm="",
+    )
+
+
 @pytest.mark.parametrize(
     "client_id",
     [
@@ -571,15 +583,7 @@ def test_swapped_client_id_and_secret_do_not_leak(
 def test_client_id_not_safe_to_show_is_withheld(
     httpserver: HTTPServer, client: TokenClient, client_id: str
 ) -> None:
-    credentials = ClientCredentials(
-        token_endpoint=httpserver.url_for(PATH),
-        client_id=client_id,
-        client_secret=SECRET,
-        source="operator identity",
-        realm="",
-    )
-    httpserver.expect_request(PATH).respond_with_handler(not_found_echoing_client_id)
-    error = fetch_error(client, credentials)
+    error = fetch_error(client, identity_with_client_id(httpserver, client_id))
     assert "operator identity (client id <not a GUID, not shown>)" in str(error)
     for leaked in (client_id, quote(client_id, safe=""), quote_plus(client_id)):
         assert leaked not in str(error)
@@ -591,15 +595,7 @@ def test_client_id_not_safe_to_show_is_withheld(
 def test_guid_or_plain_client_id_is_shown(
     httpserver: HTTPServer, client: TokenClient, client_id: str
 ) -> None:
-    credentials = ClientCredentials(
-        token_endpoint=httpserver.url_for(PATH),
-        client_id=client_id,
-        client_secret=SECRET,
-        source="operator identity",
-        realm="",
-    )
-    httpserver.expect_request(PATH).respond_with_handler(not_found_echoing_client_id)
-    error = fetch_error(client, credentials)
+    error = fetch_error(client, identity_with_client_id(httpserver, client_id))
     assert f"operator identity (client id {client_id})" in str(error)
     assert f"identifier '{client_id}' was not found" in str(error)
 
