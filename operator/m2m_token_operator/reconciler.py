@@ -567,12 +567,14 @@ class TokenRequestReconciler:
             hint = "check the operator's RBAC, admission policies and quotas for Secrets here"
         else:
             hint = "retrying with backoff"
+        in_secret: WriteOutcome | None = WriteOutcome.UNCHANGED  # read back: it is there
         try:
             token = await self._token_in_secret(subscription)
         except KubeError:
             # The Secret cannot be read either: assume what was last delivered is still
             # there rather than turn Ready False on an API blip.
             token = self._cache.peek(subscription.key).token if subscription.key else None
+            in_secret = None
         try:
             await self._publish(
                 subscription,
@@ -581,7 +583,7 @@ class TokenRequestReconciler:
                 failure=Failure(reason, f"{error}; {hint}"),
                 failures=subscription.api_failures,
                 failed_at=now,
-                outcome=None,
+                outcome=in_secret if token is not None else None,
             )
         except KubeError as status_error:
             logger.warning("%s status not written: %s", subscription.log_context, status_error)
@@ -705,7 +707,14 @@ class TokenRequestReconciler:
         previous = subscription.status
         desired = build_status(observation, previous)
         written = outcome in (WriteOutcome.CREATED, WriteOutcome.UPDATED)
-        new_token = written and previous.get("expiresAt") != desired.get("expiresAt")
+        # Also when the Secret already held it (UNCHANGED): the look that wrote it may have
+        # failed on the status write, and its event must not be lost with it.
+        delivered = written or outcome is WriteOutcome.UNCHANGED
+        new_token = (
+            delivered
+            and desired.get("expiresAt") is not None
+            and previous.get("expiresAt") != desired.get("expiresAt")
+        )
         events = transition_events(
             previous=previous,
             desired=desired,

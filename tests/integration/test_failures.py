@@ -129,6 +129,10 @@ def token_in_secret(kube: Kube, name: str = NAME, namespace: str = NS) -> str | 
     return (kube.read_secret(namespace, name) or {}).get("token")
 
 
+def events(kube: Kube, name: str = NAME, namespace: str = NS) -> list[str]:
+    return [e["reason"] for e in kube.events_for(namespace, name)]
+
+
 def warnings(kube: Kube, name: str = NAME, namespace: str = NS) -> list[str]:
     return [e["reason"] for e in kube.events_for(namespace, name) if e["type"] == "Warning"]
 
@@ -754,6 +758,9 @@ async def test_a_failing_status_write_is_retried_by_the_operator_not_kopf(
     assert token_endpoint.count == 1
     assert "reason=KubernetesAPIError attempts=1 patch TokenRequest" in operator.all_text
     assert "Handler 'create' failed" not in operator.all_text
+    # The look that wrote the Secret failed on its status: the next one still says so.
+    await wait_for(lambda: "TokenIssued" in events(kube), message="the TokenIssued event")
+    assert [reason for reason in events(kube) if reason != "KubernetesAPIError"] == ["TokenIssued"]
 
 
 async def test_a_new_secret_name_that_is_taken_keeps_the_old_secret(
