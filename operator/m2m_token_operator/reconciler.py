@@ -346,15 +346,15 @@ class TokenRequestReconciler:
             policy=self._endpoint_policy,
         )
 
-    async def _seed_from_secret(
-        self, subscription: Subscription, key: CacheKey, credentials: ClientCredentials
+    def _seed_from_secret(
+        self,
+        subscription: Subscription,
+        key: CacheKey,
+        credentials: ClientCredentials,
+        secret: Mapping[str, Any] | None,
     ) -> None:
         """After a restart the owned Secret still holds a good token: reuse it, call nobody."""
-        assert subscription.spec is not None
-        if self._cache.peek(key).token is not None:
-            return
-        secret = await self._kube.read_secret(subscription.namespace, subscription.spec.secret_name)
-        if secret is None:
+        if secret is None or self._cache.peek(key).token is not None:
             return
         token = token_from_secret(
             secret,
@@ -408,7 +408,11 @@ class TokenRequestReconciler:
             )
             self.scheduler.reschedule(subscription.ref, None)
             return
-        if await self._secret_taken(subscription):
+        # Read once per look: for the conflict check, the seeding and the write.
+        existing = await self._kube.read_secret(
+            subscription.namespace, subscription.spec.secret_name
+        )
+        if existing is not None and not is_owned_by(existing, subscription.uid):
             # Nothing could be delivered: no token is fetched for it (the deletion of that
             # Secret arrives through the watch and brings this TokenRequest back).
             await self._publish(
@@ -445,7 +449,7 @@ class TokenRequestReconciler:
             subscription.key = key
             self._by_key[key].add(subscription.ref)
             if first_look:
-                await self._seed_from_secret(subscription, key, credentials)
+                self._seed_from_secret(subscription, key, credentials, existing)
         result = await self._cache.get(
             credentials,
             subscription.spec.scope,
@@ -462,7 +466,7 @@ class TokenRequestReconciler:
             self._log_fetch(subscription, result)
             if result.token is not None:
                 self._fan_out(key, subscription.ref)
-        await self._deliver(subscription, result, credentials)
+        await self._deliver(subscription, result, credentials, existing)
 
     async def _relearn(self, subscription: Subscription) -> None:
         """After a pause: learn the object as it is now (the active replica handled its
@@ -612,14 +616,6 @@ class TokenRequestReconciler:
             seal_for=None,  # what the workload reads now, whoever wrote it
         )
 
-    async def _secret_taken(self, subscription: Subscription) -> bool:
-        """Whether spec.secretName names a Secret this TokenRequest does not own."""
-        assert subscription.spec is not None
-        existing = await self._kube.read_secret(
-            subscription.namespace, subscription.spec.secret_name
-        )
-        return existing is not None and not is_owned_by(existing, subscription.uid)
-
     @staticmethod
     def _conflict_failure(subscription: Subscription) -> Failure:
         assert subscription.spec is not None
@@ -630,12 +626,15 @@ class TokenRequestReconciler:
         )
 
     async def _deliver(
-        self, subscription: Subscription, result: CacheResult, credentials: ClientCredentials
+        self,
+        subscription: Subscription,
+        result: CacheResult,
+        credentials: ClientCredentials,
+        existing: Mapping[str, Any] | None,
     ) -> None:
         assert subscription.spec is not None
         outcome: WriteOutcome | None = None
         if result.token is not None:
-            assert subscription.spec is not None
             desired = render_secret(
                 owner=subscription.owner,
                 secret_name=subscription.spec.secret_name,
@@ -643,13 +642,15 @@ class TokenRequestReconciler:
                 token=result.token,
                 seal=result.key.seal(credentials.client_secret, result.token),
             )
-            outcome = await write_secret(self._kube, desired=desired, owner_uid=subscription.uid)
+            outcome = await write_secret(
+                self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
+            )
             if outcome is not WriteOutcome.CONFLICT and subscription.cleanup_pending:
                 # Only now: the workload keeps its old Secret until the new one holds a token.
                 await self._remove_previous_secrets(subscription)
                 subscription.cleanup_pending = False
         failure: Failure | None = None
-        if outcome is WriteOutcome.CONFLICT:  # created by someone else since _secret_taken
+        if outcome is WriteOutcome.CONFLICT:  # created by someone else since the look's read
             failure = self._conflict_failure(subscription)
         elif result.error is not None:
             failure = _failure_from(result.error)

@@ -159,12 +159,18 @@ def merge_for_replace(existing: Mapping[str, Any], desired: Mapping[str, Any]) -
 
 
 async def write_secret(
-    kube: KubeApi, *, desired: Mapping[str, Any], owner_uid: str
+    kube: KubeApi,
+    *,
+    desired: Mapping[str, Any],
+    owner_uid: str,
+    existing: Mapping[str, Any] | None,
 ) -> WriteOutcome:
-    """Create or repair the Secret; never touch one this TokenRequest does not own."""
+    """Create or repair the Secret; never touch one this TokenRequest does not own.
+
+    `existing` is the Secret as read earlier in the same look (None: it did not exist);
+    a change since then makes the create or the guarded replace fail, never overwrite.
+    """
     namespace = desired["metadata"]["namespace"]
-    name = desired["metadata"]["name"]
-    existing = await kube.read_secret(namespace, name)
     if existing is None:
         try:
             await kube.create_secret(namespace, desired)

@@ -129,6 +129,11 @@ def token_in_secret(kube: Kube, name: str = NAME, namespace: str = NS) -> str | 
     return (kube.read_secret(namespace, name) or {}).get("token")
 
 
+def status_writes(kube: Kube) -> Any:
+    """The kmock view of TokenRequest status writes, to put a failing reaction in front."""
+    return kube.emulator["patch", kmock.resource(TOKEN_REQUESTS)][kmock.subresource("status")]
+
+
 def events(kube: Kube, name: str = NAME, namespace: str = NS) -> list[str]:
     return [e["reason"] for e in kube.events_for(namespace, name)]
 
@@ -749,10 +754,7 @@ async def test_refused_secret_writes_are_reported_and_retried_without_a_new_toke
 async def test_a_failing_status_write_is_retried_by_the_operator_not_kopf(
     kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
 ) -> None:
-    status_patches = kube.emulator["patch", kmock.resource(TOKEN_REQUESTS)][
-        kmock.subresource("status")
-    ]
-    status_patches[:1] << 500
+    status_writes(kube)[:1] << 500
     kube.create_token_request(NS, NAME, TARGET)
     await wait_condition(kube, "Ready", "True", "TokenIssued")
     assert token_endpoint.count == 1
@@ -786,7 +788,7 @@ async def test_a_token_request_gone_without_a_deleted_event_is_forgotten(
     kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
 ) -> None:
     """A 404 on the status write (a deletion the watch never delivered) ends the serving."""
-    kube.emulator["patch", kmock.resource(TOKEN_REQUESTS)][kmock.subresource("status")][:1] << 404
+    status_writes(kube)[:1] << 404
     kube.create_token_request(NS, NAME, TARGET)
     await wait_for(
         lambda: f"tokenrequest={NS}/{NAME} scope={SCOPE} forgotten" in operator.all_text,
