@@ -15,7 +15,8 @@ request decides what happens to it:
 
 * :class:`Fail`: answer with this status and a Kubernetes ``Status`` body
   (nothing reaches the API server, so nothing changes);
-* :class:`Delay`: wait, then forward (a slow API server);
+* :class:`Delay`: wait, then forward (a slow API server; :meth:`FaultProxy.clear`
+  ends the waits);
 * :class:`DropWatch`: forward a watch, then close the connection after that
   many events (a broken stream);
 * :class:`Gone`: answer a watch with one ``ERROR`` event of code 410, as the
@@ -37,6 +38,7 @@ tests, sync or async.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import re
@@ -271,6 +273,7 @@ class FaultProxy:
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
+        self._released = asyncio.Event()  # set (and replaced) to end every Delay at once
         self._watches: dict[int, tuple[web.Request, str]] = {}  # open watch streams by id
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -316,7 +319,15 @@ class FaultProxy:
         self.rules.remove(rule)
 
     def clear(self) -> None:
+        """Remove every rule, and let the requests that a :class:`Delay` holds go on now."""
         self.rules.clear()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._release_held)
+
+    def _release_held(self) -> None:
+        self._released.set()
+        self._released = asyncio.Event()
 
     def drop_watches(self, path: str = "") -> int:
         """Close every open watch stream whose path matches ``path`` (re.search); how many."""
@@ -434,6 +445,7 @@ class FaultProxy:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
+        self._released = asyncio.Event()
         connector = aiohttp.TCPConnector(ssl=self._ssl, limit=0)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         async with aiohttp.ClientSession(
@@ -462,7 +474,8 @@ class FaultProxy:
         watch = is_watch(request.path, request.query_string)
         action = self.rules.select(request.method, request.path, request.query_string)
         if isinstance(action, Delay):
-            await asyncio.sleep(action.seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), action.seconds)
         if isinstance(action, Fail):
             self._record(request, action.status, injected=True, watch=watch)
             return web.json_response(

@@ -3,7 +3,9 @@ and what an injected answer looks like on the wire (through a real loopback upst
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -117,3 +119,20 @@ def test_drop_watch_cuts_the_stream_after_n_events(
     ):
         received.extend(response.iter_lines())
     assert [json.loads(line)["object"]["n"] for line in received] == [0]
+
+
+def test_clear_lets_delayed_requests_go_on_at_once(
+    httpserver: HTTPServer, proxy: FaultProxy
+) -> None:
+    httpserver.expect_request(SECRET).respond_with_json({"kind": "Secret"})
+    held = proxy.add(Rule(Delay(60), times=None))
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pending = pool.submit(requests.get, f"{proxy.url}{SECRET}", timeout=30)
+    deadline = time.monotonic() + 5
+    while held.applied < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)  # polling for the positive signal: the request is held
+    assert held.applied == 1
+    assert not pending.done()
+    proxy.clear()
+    assert pending.result(timeout=5).json() == {"kind": "Secret"}
+    pool.shutdown()
