@@ -274,7 +274,8 @@ class FaultProxy:
         self._startup_error: BaseException | None = None
         self._stop: asyncio.Event | None = None
         self._released = asyncio.Event()  # set (and replaced) to end every Delay at once
-        self._watches: dict[int, tuple[web.Request, str]] = {}  # open watch streams by id
+        # The open watch streams by id: the client's request, its path, the API server's answer.
+        self._watches: dict[int, tuple[web.Request, str, aiohttp.ClientResponse]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -337,10 +338,10 @@ class FaultProxy:
         pattern = re.compile(path)
 
         def drop() -> int:
-            doomed = [r for r, p in self._watches.values() if pattern.search(p)]
-            for request in doomed:
-                if request.transport is not None:
-                    request.transport.abort()
+            doomed = [(r, u) for r, p, u in self._watches.values() if pattern.search(p)]
+            for request, upstream in doomed:
+                _abort(request)
+                upstream.close()
             return len(doomed)
 
         return asyncio.run_coroutine_threadsafe(_call(drop), loop).result(10)
@@ -353,7 +354,7 @@ class FaultProxy:
         pattern = re.compile(path)
 
         def collect() -> list[str]:
-            return [p for _, p in self._watches.values() if pattern.search(p)]
+            return [p for _, p, _ in self._watches.values() if pattern.search(p)]
 
         return asyncio.run_coroutine_threadsafe(_call(collect), loop).result(10)
 
@@ -466,8 +467,9 @@ class FaultProxy:
             try:
                 await self._stop.wait()
             finally:
-                for request, _ in list(self._watches.values()):
+                for request, _, upstream in list(self._watches.values()):
                     _abort(request)
+                    upstream.close()
                 await runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -505,7 +507,14 @@ class FaultProxy:
         url = f"{self.upstream}{request.path_qs}"
         try:
             upstream = await self._session.request(
-                request.method, url, headers=headers, data=body or None, allow_redirects=False
+                request.method,
+                url,
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+                # The kubernetes client sends JSON bodies without a Content-Type (the API
+                # server assumes JSON); aiohttp's default, octet-stream, would get a 415.
+                skip_auto_headers=("Content-Type",),
             )
         except (aiohttp.ClientError, OSError) as error:
             self._record(request, 502, injected=False, watch=watch)
@@ -528,7 +537,7 @@ class FaultProxy:
                     await response.write(chunk)
                 await response.write_eof()
                 return response
-            self._watches[id(request)] = (request, request.path)
+            self._watches[id(request)] = (request, request.path, upstream)
             try:
                 events = 0
                 if drop_after == 0:
