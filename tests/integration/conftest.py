@@ -4,6 +4,8 @@
   from ``devenv`` (about 3 s once the binaries are cached, ``make binaries``),
   with the shipped CRD, namespace, ServiceAccount, RBAC and peering installed
   by ``devenv.install`` (as in the e2e tier).
+* ``garbage_collector`` (session): waits until the garbage collector watches
+  TokenRequests; for the tests that need it to delete a Secret whose owner is gone.
 * ``operator_token`` (session): a token of the operator's ServiceAccount: the
   operator has exactly the rights ``manifests/`` grants.
 * ``proxy``: a fresh :class:`devenv.faultproxy.FaultProxy` per test, between the
@@ -23,9 +25,11 @@ so a test (sync or async) may call the blocking ``kubernetes`` client directly.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
@@ -38,6 +42,9 @@ from .harness import (
     CLIENT_ID,
     CLIENT_SECRET,
     CLUSTER_NAME,
+    GROUP,
+    PLURAL,
+    VERSION,
     Kube,
     OperatorFactory,
     OperatorRun,
@@ -70,6 +77,47 @@ def control_plane() -> Iterator[ControlPlane]:
         with cluster.api_client() as api:
             install_operator(api)
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def garbage_collector(control_plane: ControlPlane) -> None:
+    """Wait until the garbage collector watches TokenRequests (for tests that need it to
+    delete a Secret whose owner is gone).
+
+    kube-controller-manager looks for new resource types every 30 s; an owner of a type it
+    does not monitor yet leaves its dependents in place (retried with a growing backoff).
+    The signal: a TokenRequest deleted in the foreground is gone, which only the garbage
+    collector can do (it removes the ``foregroundDeletion`` finalizer).
+    """
+    with control_plane.api_client() as api:
+        core = kubernetes.client.CoreV1Api(api)
+        custom = kubernetes.client.CustomObjectsApi(api)
+        namespace = f"gc-probe-{uuid.uuid4().hex[:8]}"
+        body: Any = {"metadata": {"name": namespace}}
+        core.create_namespace(body)
+        probe: Any = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TokenRequest",
+            "metadata": {"name": "gc-probe"},
+            "spec": {"scope": "api://gc-probe/.default"},
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, probe)
+        options: Any = {"propagationPolicy": "Foreground"}
+        custom.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "gc-probe", body=options
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gc-probe")
+            except kubernetes.client.ApiException as error:
+                if error.status == 404:
+                    break
+                raise
+            if time.monotonic() > deadline:
+                raise TimeoutError("the garbage collector did not take up TokenRequests in 120 s")
+            time.sleep(0.2)  # polling for the positive signal above
+        core.delete_namespace(namespace)
 
 
 @pytest.fixture(scope="session")

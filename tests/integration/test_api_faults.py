@@ -1,6 +1,6 @@
 """The API server misbehaving under the operator, injected by the fault proxy: a conflict on
 the Secret replace, watch streams that break or answer ``410 Gone``, a slow API server
-under the liveness probe; and an object deleted and re-created under the same name.
+under the liveness probe.
 
 Each test waits for positive signals (the proxy's record of what the operator sent,
 status fields, events, log lines) and drives the operator only through its public
@@ -106,39 +106,6 @@ async def test_conflict_on_the_secret_replace_is_not_reported_as_delivered(
     assert status["expiresAt"] == issued["expiresAt"], "a token the Secret does not hold"
     assert "TokenRefreshed" not in reasons(kube)
     assert conditions(kube)["Degraded"]["status"] == "True"
-
-
-# ---- deleted and re-created under the same name ---------------------------------------------
-
-
-async def test_token_request_recreated_under_the_same_name_gets_its_own_secret(
-    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
-) -> None:
-    old = kube.create_token_request(NS, NAME, TARGET)
-    await wait_ready(kube)
-    kube.delete_token_request(NS, NAME)
-    new = kube.create_token_request(NS, NAME, TARGET)
-    assert new["metadata"]["uid"] != old["metadata"]["uid"]
-
-    def owned_by_the_new_one() -> dict[str, Any] | None:
-        secret = kube.read_secret_object(NS, NAME)
-        owners = (secret or {}).get("metadata", {}).get("ownerReferences") or []
-        uids = [o["uid"] for o in owners]
-        return secret if uids == [new["metadata"]["uid"]] else None
-
-    # The garbage collector takes the old Secret (its owner is gone); the operator writes
-    # one for the new TokenRequest, which the collector then leaves alone.
-    secret = await wait_for(owned_by_the_new_one, timeout=30, message="the new owner's Secret")
-    status = await wait_ready(kube)
-    assert status["observedGeneration"] == 1
-    assert status["secretName"] == NAME
-    assert token_in_secret(kube) in token_endpoint.tokens
-    assert secret["metadata"]["labels"]["m2m.dev/token-request"] == NAME
-    # The old TokenRequest's Secret was never served for the new one.
-    history = [v for v in kube.versions(SECRETS, NS, NAME) if v is not None]
-    owners = [v["metadata"]["ownerReferences"][0]["uid"] for v in history]
-    assert owners[0] == old["metadata"]["uid"]
-    assert owners[-1] == new["metadata"]["uid"]
 
 
 # ---- watch streams that break -------------------------------------------------------------

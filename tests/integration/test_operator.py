@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from .harness import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -23,6 +25,7 @@ from .harness import (
 )
 
 NS = "shop"
+NAME = "orders-api"
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 SCOPE = f"api://{CLUSTER_NAME}.orders.orders-api/.default"
 TARGET = {"target": {"application": "orders-api", "namespace": "orders"}}
@@ -267,6 +270,7 @@ async def test_spec_change_takes_effect_at_once(
     assert token_endpoint.count == calls
 
 
+@pytest.mark.usefixtures("garbage_collector")
 async def test_deleting_the_token_request_needs_no_operator(
     kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
 ) -> None:
@@ -289,6 +293,37 @@ async def test_deleting_the_token_request_needs_no_operator(
     last = deleted[-2]
     assert last is not None
     assert last["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+
+
+@pytest.mark.usefixtures("garbage_collector")
+async def test_token_request_recreated_under_the_same_name_gets_its_own_secret(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    old = kube.create_token_request(NS, NAME, TARGET)
+    await wait_ready(kube, NAME)
+    kube.delete_token_request(NS, NAME)
+    new = kube.create_token_request(NS, NAME, TARGET)
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+
+    def owned_by_the_new_one() -> dict[str, Any] | None:
+        secret = kube.read_secret_object(NS, NAME)
+        owners = (secret or {}).get("metadata", {}).get("ownerReferences") or []
+        uids = [o["uid"] for o in owners]
+        return secret if uids == [new["metadata"]["uid"]] else None
+
+    # The garbage collector takes the old Secret (its owner is gone); the operator writes
+    # one for the new TokenRequest, which the collector then leaves alone.
+    secret = await wait_for(owned_by_the_new_one, timeout=30, message="the new owner's Secret")
+    status = await wait_ready(kube, NAME)
+    assert status["observedGeneration"] == 1
+    assert status["secretName"] == NAME
+    assert (kube.read_secret(NS, NAME) or {}).get("token") in token_endpoint.tokens
+    assert secret["metadata"]["labels"]["m2m.dev/token-request"] == NAME
+    # The old TokenRequest's Secret was taken by the collector, not adopted.
+    history = [v for v in kube.versions(SECRETS, NS, NAME) if v is not None]
+    owners = [v["metadata"]["ownerReferences"][0]["uid"] for v in history]
+    assert owners[0] == old["metadata"]["uid"]
+    assert owners[-1] == new["metadata"]["uid"]
 
 
 async def test_no_secret_or_token_in_logs_status_or_events(
