@@ -257,6 +257,11 @@ async def test_spec_change_takes_effect_at_once(
     kube.patch_token_request(NS, "orders-api", {"spec": {"secretName": "payments-token"}})
     await wait_for(lambda: kube.read_secret(NS, "payments-token"), message="new Secret")
     await wait_for(lambda: kube.read_secret(NS, "orders-api") is None, message="old Secret gone")
+    # Ready is still True from generation 2: wait for the status of generation 3.
+    await wait_for(
+        lambda: (kube.read_status(NS, "orders-api") or {}).get("observedGeneration") == 3,
+        message="generation 3 observed",
+    )
     status = await wait_ready(kube, "orders-api")
     assert status["secretName"] == "payments-token"
 
