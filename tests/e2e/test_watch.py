@@ -21,9 +21,7 @@ OURS = {"app.kubernetes.io/managed-by": "m2m-token-operator"}
 
 
 def _secret(name: str, labels: dict[str, str]) -> k8s.V1Secret:
-    return k8s.V1Secret(
-        metadata=k8s.V1ObjectMeta(name=name, labels=labels), string_data={"k": "v"}
-    )
+    return k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name, labels=labels), string_data={"k": "v"})
 
 
 async def _next(queue: asyncio.Queue[tuple[str, str]]) -> tuple[str, str]:
