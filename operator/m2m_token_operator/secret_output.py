@@ -208,7 +208,6 @@ def is_owned_by(secret: Mapping[str, Any], owner_uid: str) -> bool:
 
 def _differs(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     """True when the live Secret lacks anything the desired one says (extra keys count too)."""
-    live_meta = existing.get("metadata", {})
     want_meta = desired["metadata"]
     if existing.get("type", "Opaque") != desired["type"]:
         return True
