@@ -162,6 +162,8 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
             "name": body.metadata.name,
             "uid": body.metadata.uid,
             "generation": body.metadata.get("generation"),
+            # m2m.dev/refresh: a value set while the operator was down is seen at resume.
+            "annotations": copy.deepcopy(dict(body.metadata.annotations)),
         },
         "spec": copy.deepcopy(dict(body.spec)),
         "status": copy.deepcopy(dict(body.status)),
