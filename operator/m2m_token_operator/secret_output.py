@@ -218,6 +218,19 @@ def _differs(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     return not is_owned_by(existing, want_meta["ownerReferences"][0]["uid"])
 
 
+def template_drifted_from(secret: Mapping[str, Any], template: SecretTemplate) -> bool:
+    """Whether a live Secret misses or contradicts `template`, or keeps keys it dropped.
+
+    For a watch event on the Secret: the template's part of `_differs`, without a
+    token at hand (the reconciler's drift check wakes the TokenRequest on True).
+    """
+    annotations = dict(template.annotations)
+    if template:
+        annotations[TEMPLATE_KEYS_ANNOTATION] = template_keys(template)
+    desired = {"metadata": {"labels": dict(template.labels), "annotations": annotations}}
+    return template_drifted(secret, desired)
+
+
 def merge_for_replace(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> JsonObject:
     """Desired content on top of the live object, keeping labels and annotations others added
     (but not those an earlier spec.secretTemplate put there and the current one drops)."""

@@ -26,6 +26,7 @@ from m2m_token_operator.secret_output import (
     merge_for_replace,
     render_secret,
     template_drifted,
+    template_drifted_from,
     templated_keys,
 )
 
@@ -225,3 +226,16 @@ def test_an_unreadable_record_removes_nothing(record: str) -> None:
     replaced = merge_for_replace(before, render(None))
     assert replaced["metadata"]["labels"]["team"] == "shop"  # kept: not known to be ours
     assert TEMPLATE_KEYS_ANNOTATION not in replaced["metadata"]["annotations"]
+
+
+def test_template_drift_seen_from_a_watch_event() -> None:
+    secret = live(render(RELOADER), **{"other/label": "x"})
+    assert not template_drifted_from(secret, RELOADER)
+    edited = copy.deepcopy(secret)
+    edited["metadata"]["annotations"]["reloader.stakater.com/match"] = "false"
+    assert template_drifted_from(edited, RELOADER)
+    # The template now drops a key that the Secret still has: drift until it is removed.
+    assert template_drifted_from(secret, SecretTemplate(labels={"team": "shop"}))
+    assert template_drifted_from(secret, SecretTemplate())
+    # A Secret never templated and an empty template: nothing to do.
+    assert not template_drifted_from(live(render(None)), SecretTemplate())
