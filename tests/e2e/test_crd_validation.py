@@ -214,7 +214,16 @@ def test_status_token_is_stored_and_shown_in_the_wide_roles_column(
             "expiresAt": "2026-11-29T10:00:00Z",
         },
         "lastRefreshRequest": "r" * 253,
-    }
+        # Every other column filled too, so that the table splits into its columns.
+        "scope": VALID_SCOPE,
+        "secretName": "orders-api",
+        "expiresAt": "2026-11-29T10:00:00Z",
+        "refreshAt": "2026-11-29T09:40:00Z",
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "TokenIssued", "message": "ok",
+             "lastTransitionTime": "2026-11-29T09:00:00Z"},
+        ],
+    }  # fmt: skip
     kube.custom.patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, PLURAL, "orders-api", {"status": status}
     )
