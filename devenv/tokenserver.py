@@ -67,7 +67,7 @@ SHORT_TOKEN_EXPIRY = 20
 DEFAULT_TOKEN_EXPIRY = 3600
 NO_ROLES_ISSUER = "noroles"
 ROLE = "access_as_application"
-TENANT_ID = "e2e-tenant"
+TENANT_ID = "local-tenant"
 
 # Start-up is dominated by JIT warm-up of a short-lived test server: C1 only and
 # the serial collector roughly halve it (3-4 s to 1.5 s here). -UsePerfData keeps
