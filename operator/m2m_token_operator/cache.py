@@ -14,7 +14,9 @@ must not notice either. So the cache:
   one failure into a storm of requests; a permanent failure is held, unless
   the client secret has been rotated since, which is worth trying at once;
 - accepts tokens read back from the operator's own Secrets after a restart
-  (seeding), so a restart costs no call at all.
+  (seeding), so a restart costs no call at all;
+- on request (`force`, the `m2m.dev/refresh` annotation) fetches a new token
+  although the one held is fresh, at most once per key every `FORCE_INTERVAL`.
 
 The blocking fetch runs on a bounded thread pool, never on the event loop.
 Everything else runs on the event loop only, so no state here needs a lock.
@@ -38,6 +40,10 @@ from m2m_token_operator.credentials import ClientCredentials
 from m2m_token_operator.policy import RefreshPolicy, RetryPolicy, is_permanent
 
 logger = logging.getLogger(__name__)
+
+# At most one forced fetch per key this often: a burst of refresh requests (many
+# TokenRequests sharing a key, a script annotating in a loop) coalesces onto one call.
+FORCE_INTERVAL = timedelta(seconds=10)
 
 
 def token_jitter(token: AccessToken) -> float:
@@ -124,6 +130,7 @@ class CacheStats:
     failures: int = 0  # failed calls plus recorded failures
     coalesced: int = 0  # gets that waited for another get's request
     held: int = 0  # gets refused a request by backoff or a hold
+    forced: int = 0  # forced fetches started (`force`)
 
 
 @dataclass(slots=True, eq=False)
@@ -136,6 +143,7 @@ class _Entry:
     retry_at: datetime | None = None
     failed_fingerprint: str | None = None
     flight: asyncio.Task[None] | None = None
+    forced_at: datetime | None = None  # when the last forced fetch started
     # Memos of pure functions of the fields above; cleared whenever those change.
     refresh_points: dict[timedelta | None, datetime] = field(default_factory=dict)
     fresh_results: dict[timedelta | None, tuple[datetime, CacheResult]] = field(
@@ -222,6 +230,56 @@ class TokenCache:
             key, entry, now=self._clock(), refresh_before=refresh_before, fetched=started
         )
 
+    async def force(
+        self,
+        credentials: ClientCredentials,
+        scope: str,
+        *,
+        refresh_before: timedelta | None = None,
+    ) -> CacheResult:
+        """A new token now, although the one held may be fresh (a forced refresh).
+
+        Single flight with `get`: a request already running for the key is joined,
+        not doubled, and its token is the new one. Otherwise one request starts,
+        unless the last forced one started less than FORCE_INTERVAL ago (then the
+        result says `fetched=False` and the token is the one that request got), or
+        the endpoint asked to wait (Retry-After) and that time has not come.
+        Backoff and the hold after a permanent failure are bypassed: a person
+        asking after fixing something is exactly when to try again. The caller
+        wakes the key's other subscribers when `fetched` is True, as after `get`.
+        """
+        key = CacheKey.for_credentials(credentials, scope)
+        entry = self._entries.setdefault(key, _Entry())
+        now = self._clock()
+        flight = entry.flight
+        started = flight is None
+        if flight is None:
+            if not self._may_force(entry, now):
+                self.stats.held += 1
+                return self._result(
+                    key, entry, now=now, refresh_before=refresh_before, fetched=False
+                )
+            entry.forced_at = now
+            self.stats.forced += 1
+            flight = asyncio.get_running_loop().create_task(
+                self._fly(key, entry, credentials, scope), name=f"m2m-token-force {key.scope}"
+            )
+            entry.flight = flight
+        else:
+            self.stats.coalesced += 1
+        await asyncio.shield(flight)
+        return self._result(
+            key, entry, now=self._clock(), refresh_before=refresh_before, fetched=started
+        )
+
+    def force_allowed_at(self, key: CacheKey) -> datetime | None:
+        """The earliest a forced fetch may start for `key`; None: at once."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        times = [t for t in (self._forced_until(entry), self._retry_after_until(entry)) if t]
+        return max(times) if times else None
+
     def record_failure(
         self, key: CacheKey, error: Exception, *, credentials_fingerprint: str | None = None
     ) -> CacheResult:
@@ -263,6 +321,23 @@ class TokenCache:
         self._entries.pop(key, None)
 
     # Internals: all run on the event loop.
+
+    @staticmethod
+    def _forced_until(entry: _Entry) -> datetime | None:
+        return None if entry.forced_at is None else entry.forced_at + FORCE_INTERVAL
+
+    @staticmethod
+    def _retry_after_until(entry: _Entry) -> datetime | None:
+        retry_after = getattr(entry.error, "retry_after", None)
+        if isinstance(retry_after, int | float) and retry_after > 0:
+            return entry.retry_at
+        return None
+
+    def _may_force(self, entry: _Entry, now: datetime) -> bool:
+        for until in (self._forced_until(entry), self._retry_after_until(entry)):
+            if until is not None and now < until:
+                return False
+        return True
 
     def _held(self, entry: _Entry, credentials: ClientCredentials, now: datetime) -> bool:
         if entry.retry_at is None or now >= entry.retry_at:
