@@ -5,7 +5,6 @@ import copy
 from datetime import UTC, datetime, timedelta
 
 from m2m_token_operator.cache import CacheKey
-from m2m_token_operator.client import AccessToken
 from m2m_token_operator.secret_output import (
     Owner,
     _differs,
@@ -15,6 +14,7 @@ from m2m_token_operator.secret_output import (
     render_secret,
     token_from_secret,
 )
+from m2m_token_operator.tokens import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 OWNER = Owner(namespace="shop", name="orders-api", uid="uid-1")
