@@ -94,6 +94,10 @@ def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    await startup(settings, memo)
+
+
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     """Build the operator's objects into `memo`; safe to retry (Kopf retries on failure)."""
     previous: Runtime | None = memo.get("runtime")
     if previous is not None:
@@ -136,9 +140,6 @@ def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -
     reconciler = TokenRequestReconciler(settings=config, kube=kube, cache=cache, clock=utc_now)
     memo["kube"] = kube
     memo["reconciler"] = reconciler
-    server = metrics.serve(config.metrics_port)
-    if server is not None:
-        runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
     # The peering read has its own client and thread, with a short time-out: looks that
     # queue on a slow API server must not keep the gate (and the scheduler loop behind
     # it, which liveness watches) waiting.
@@ -153,10 +154,18 @@ def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -
         memo["peering_gate"] = gate
         memo["peering_task"] = runtime.start(gate.run(), name="m2m-peering-gate")
     memo["scheduler_task"] = runtime.start(reconciler.scheduler.run(), name="m2m-scheduler")
+    # Last, and it can fail (the port is taken): everything above is closed again then.
+    server = metrics.serve(config.metrics_port)
+    if server is not None:
+        runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    await shutdown(memo)
+
+
+async def shutdown(memo: kopf.Memo) -> None:
     """Stop the tasks, then close the token cache's pool, the token client and the API pools."""
     runtime: Runtime | None = memo.get("runtime")
     if runtime is not None:

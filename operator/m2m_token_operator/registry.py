@@ -72,9 +72,7 @@ class Subscription:
 class Registry:
     """Subscriptions by name, and the three reverse indexes kept in step with them."""
 
-    def __init__(
-        self, *, default_cluster: str, on_key_unused: Callable[[CacheKey], None]
-    ) -> None:
+    def __init__(self, *, default_cluster: str, on_key_unused: Callable[[CacheKey], None]) -> None:
         self._default_cluster = default_cluster
         self._on_key_unused = on_key_unused  # the cache forgets a token nobody needs
         self._subscriptions: dict[ObjectRef, Subscription] = {}

@@ -401,6 +401,48 @@ def test_restart_reuses_the_token_in_the_secret(
     assert log_problems(operator.log_text()) == []
 
 
+def test_credentials_lost_while_down_keep_ready_while_the_secret_holds_a_token(
+    kube: Kube, namespace: str, operator: OperatorProcess, token_server: TokenServer
+) -> None:
+    """Ready turns False only when no unexpired token remains, also right after a restart:
+    the first look after it fails on the credentials with an empty cache."""
+    kube.create_secret(
+        namespace,
+        "azure-shop-frontend",
+        credentials("e2e-shop-frontend", "e2e-frontend-secret-abc", token_server.token_endpoint()),
+    )
+    kube.create_token_request(
+        namespace,
+        token_request(
+            "orders-as-frontend", target=ORDERS, credentials_secret="azure-shop-frontend"
+        ),
+    )
+    before = kube.wait_ready(namespace, "orders-as-frontend", operator=operator)
+    secret_before = kube.wait_secret(namespace, "orders-as-frontend")
+
+    assert operator.stop() == 0
+    kube.core.delete_namespaced_secret("azure-shop-frontend", namespace)
+    operator.start()
+
+    def degraded() -> JsonObject | None:
+        body = kube.get_token_request(namespace, "orders-as-frontend") or {}
+        status: JsonObject = body.get("status") or {}
+        reason = condition_of(status, "Degraded").get("reason")
+        return status if reason == "CredentialsMissing" else None
+
+    status = wait_for(degraded, timeout=30, what="Degraded CredentialsMissing", operator=operator)
+    ready = condition_of(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "TokenIssued")
+    assert condition_of(status, "Degraded")["status"] == "True"
+    assert status["expiresAt"] == before["status"]["expiresAt"]
+    secret_after = kube.get_secret(namespace, "orders-as-frontend")
+    assert secret_after is not None
+    assert secret_after.token == secret_before.token
+    expected = [line for line in log_problems(operator.log_text()) if "CredentialsMissing" in line]
+    assert expected  # the failure is reported, and nothing else went wrong
+    assert [line for line in log_problems(operator.log_text()) if line not in expected] == []
+
+
 def test_restart_with_a_token_due_for_refresh(
     kube: Kube, namespace: str, start_operator: OperatorFactory
 ) -> None:
