@@ -19,8 +19,11 @@ from devenv.tokenserver import SHORT_ISSUER, TokenServer, jwt_claims
 from ._support import (
     API_VERSION,
     CLUSTER_NAME,
+    GROUP,
     MANAGED_BY,
     OPERATOR_CLIENT_ID,
+    PLURAL,
+    VERSION,
     JsonObject,
     Kube,
     NamespaceFactory,
@@ -364,6 +367,43 @@ def test_deleting_token_request_while_operator_is_down(
         timeout=GC_TIMEOUT,
         what="garbage collection of the Secret while the operator is down",
     )
+
+
+def test_token_request_being_deleted_is_no_longer_served(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """Another controller's finalizer keeps a deleted TokenRequest for a while: its Secret,
+    removed meanwhile (as foreground deletion does), is not created again."""
+    body = token_request("orders-api", target=ORDERS)
+    body["metadata"]["finalizers"] = ["example.com/hold"]
+    kube.create_token_request(namespace, body)
+    kube.wait_ready(namespace, "orders-api", operator=operator)
+    kube.wait_secret(namespace, "orders-api")
+    try:
+        kube.delete_token_request(namespace, "orders-api")  # only marked: the finalizer holds
+        operator.wait_for_log(
+            rf"tokenrequest={namespace}/orders-api .*forgotten \(being deleted\)", timeout=30
+        )
+        since = operator.log_size()
+        kube.core.delete_namespaced_secret("orders-api", namespace)
+        operator.wait_for_log(
+            rf"\[{namespace}/orders-api\] Handler 'secret' succeeded", timeout=30, since=since
+        )
+        # Served since: a later TokenRequest in the same namespace.
+        kube.create_token_request(namespace, token_request("later", target=ORDERS))
+        kube.wait_ready(namespace, "later", operator=operator)
+        kube.wait_secret(namespace, "later")
+        assert kube.get_secret(namespace, "orders-api") is None
+    finally:
+        kube.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "orders-api", {"metadata": {"finalizers": None}}
+        )
+    wait_for(
+        lambda: kube.get_token_request(namespace, "orders-api") is None,
+        timeout=30,
+        what="the TokenRequest to go once released",
+    )
+    assert log_problems(operator.log_text()) == []
 
 
 # --- restart ----------------------------------------------------------------------
