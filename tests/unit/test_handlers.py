@@ -12,6 +12,8 @@ import pytest
 
 from m2m_token_operator import handlers, kube, metrics
 from m2m_token_operator.__main__ import main
+from m2m_token_operator.kube import KubeApi
+from m2m_token_operator.peering import PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.settings import Settings
@@ -186,3 +188,28 @@ async def test_a_failed_startup_leaks_nothing_and_a_retry_starts_cleanly(
     assert retried.closed
     assert memo["scheduler_task"].done()
     assert memo["reconciler"]._cache._executor._shutdown
+
+
+async def test_the_peering_read_has_its_own_client_and_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Looks queued on a slow API server must not hold up the gate, nor the scheduler
+    loop behind it that liveness watches."""
+    _use_kubeconfig(monkeypatch, tmp_path)
+    monkeypatch.setenv("M2M_METRICS_PORT", "0")
+    monkeypatch.setenv("POD_ID", "pod-0")
+    settings = kopf.OperatorSettings()
+    settings.peering.clusterwide = True
+    settings.peering.standalone = False
+    memo = kopf.Memo()
+    await handlers.startup(settings, memo)
+    try:
+        gate: PeeringGate = memo["peering_gate"]
+        peering_kube = gate._read.__self__  # type: ignore[attr-defined]
+        assert isinstance(peering_kube, KubeApi)
+        assert peering_kube is not memo["kube"]
+        assert peering_kube._executor._max_workers == 1
+        assert peering_kube._timeout == handlers.PEERING_READ_TIMEOUT
+    finally:
+        await handlers.shutdown(memo)
+    assert peering_kube._executor._shutdown
