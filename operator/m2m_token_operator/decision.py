@@ -87,7 +87,7 @@ class Outcome:
     write_status: bool = False  # it differs from the previous status
     events: tuple[EventSpec, ...] = ()
     failure: Failure | None = None
-    count_failure: str | None = None  # a failure reason to count in the metrics
+    count_failures: tuple[str, ...] = ()  # failure reasons to count in the metrics
     credentials_failures: int = 0
     api_failures: int = 0
     wake_at: datetime | None = None
@@ -163,7 +163,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
     secret_name = spec.secret_name if spec else facts.name
     token, delivered = _token_in_secret(facts, now)
     log: list[tuple[int, str]] = []
-    count_failure: str | None = None
+    count_failures: list[str] = []
     # Counters move only with what this look learnt about them.
     credentials_failures = facts.credentials_failures
     api_failures = 0
@@ -174,6 +174,22 @@ def decide(facts: Facts, now: datetime) -> Outcome:
     wake: list[datetime] = []
     cache = facts.cache
 
+    if cache is not None and cache.fetched:
+        # Whatever happened after it, this look's call to the token endpoint is told once.
+        if cache.token is not None and cache.error is None:
+            expires = cache.token.expires_at.isoformat()
+            log.append((logging.INFO, f"token obtained, expires {expires}"))
+        elif cache.error is not None:
+            reason = failure_from(cache.error).reason
+            count_failures.append(reason)
+            log.append(
+                (
+                    logging.WARNING,
+                    f"token request failed: reason={reason} attempts={cache.failures}"
+                    f"{failure_fields(cache.error)}",
+                )
+            )
+
     if spec is None:
         failure = Failure(INVALID_SPEC, facts.spec_error or "invalid spec")
         # Nothing to wait for: the next spec edit brings the object back.
@@ -181,7 +197,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         failure = _api_failure(facts.api_error)
         api_failures = facts.api_failures + 1
         failed_attempts, failed_at = api_failures, now
-        count_failure = failure.reason
+        count_failures.append(failure.reason)
         log.append(
             (
                 logging.WARNING,
@@ -201,7 +217,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         failure = failure_from(error)
         credentials_failures = facts.credentials_failures + 1
         failed_attempts, failed_at = credentials_failures, now
-        count_failure = error.reason
+        count_failures.append(error.reason)
         log.append(
             (
                 logging.WARNING,
@@ -223,19 +239,6 @@ def decide(facts: Facts, now: datetime) -> Outcome:
             refresh_at = cache.next_attempt_at
         else:
             refresh_at = cache.refresh_at
-        if cache.fetched and cache.token is not None and cache.error is None:
-            log.append(
-                (logging.INFO, f"token obtained, expires {cache.token.expires_at.isoformat()}")
-            )
-        elif cache.fetched and cache.error is not None:
-            count_failure = failure_from(cache.error).reason
-            log.append(
-                (
-                    logging.WARNING,
-                    f"token request failed: reason={count_failure} attempts={cache.failures}"
-                    f"{failure_fields(cache.error)}",
-                )
-            )
         if cache.error is None and cache.refresh_at is not None:
             wake.append(cache.refresh_at)
         if cache.next_attempt_at is not None:
@@ -288,7 +291,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         write_status=status_changed(previous, desired),
         events=tuple(events),
         failure=failure,
-        count_failure=count_failure,
+        count_failures=tuple(count_failures),
         credentials_failures=credentials_failures,
         api_failures=api_failures,
         wake_at=min(wake) if wake else None,

@@ -320,10 +320,8 @@ class TokenRequestReconciler:
             return
         subscription.credentials_failures = outcome.credentials_failures
         subscription.api_failures = outcome.api_failures
-        if outcome.count_failure is not None:
-            metrics.record_refresh_failure(
-                subscription.namespace, subscription.name, reason=outcome.count_failure
-            )
+        for reason in outcome.count_failures:
+            metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=reason)
         # First: a status write that fails below must not leave the object without one.
         self.scheduler.reschedule(subscription.ref, outcome.wake_at)
         if outcome.status is None:

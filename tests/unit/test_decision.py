@@ -149,7 +149,7 @@ def test_credentials_reasons_without_a_token(reason: str) -> None:
     assert outcome.credentials_failures == 3
     assert outcome.status is not None
     assert outcome.status["failedAttempts"] == 3
-    assert outcome.count_failure == reason
+    assert outcome.count_failures == (reason,)
     assert outcome.wake_at == NOW + RETRY.permanent_hold  # or sooner, by the watch
     assert reasons(outcome) == [("Warning", reason)]
 
@@ -168,7 +168,7 @@ def test_endpoint_failures_without_a_token(error: TokenEndpointError) -> None:
     outcome = decide(facts_of(cache=served(None, error=error, failures=1)), NOW)
     assert conditions(outcome) == (("False", error.reason), ("True", error.reason))
     assert outcome.token is None
-    assert outcome.count_failure == error.reason
+    assert outcome.count_failures == (error.reason,)
     assert outcome.wake_at == NOW + timedelta(seconds=5)  # the cache's next attempt
     assert any("token request failed" in message for _, message in outcome.log)
 
@@ -194,7 +194,7 @@ def test_secret_conflict() -> None:
     outcome = decide(facts_of(secret_foreign=True), NOW)
     assert conditions(outcome) == (("False", "SecretConflict"), ("True", "SecretConflict"))
     assert outcome.wake_at == NOW + RETRY.maximum
-    assert outcome.count_failure is None  # no attempt was made
+    assert outcome.count_failures == ()  # no attempt was made
 
 
 def test_secret_created_by_someone_else_during_the_look_is_a_conflict() -> None:
@@ -206,6 +206,8 @@ def test_secret_created_by_someone_else_during_the_look_is_a_conflict() -> None:
 def test_secret_write_failed() -> None:
     error = KubeError(action="create Secret shop/orders-api-token", status=403, reason="Forbidden")
     outcome = decide(facts_of(cache=served(NEW), api_error=error, api_failures=1), NOW)
+    # The token was fetched in this look: that is told, whatever happened after.
+    assert any("token obtained" in message for _, message in outcome.log)
     assert conditions(outcome) == (("False", "SecretWriteFailed"), ("True", "SecretWriteFailed"))
     assert outcome.status is not None
     assert "HTTP 403" in str(outcome.status["conditions"][1]["message"])
