@@ -2,13 +2,18 @@
 
 import asyncio
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
+import aiohttp
 import kopf
 import kubernetes
 import pytest
+from kopf._cogs.structs import ephemera
+from kopf._core.engines import probing
 
 from m2m_token_operator import handlers, kube, metrics
 from m2m_token_operator.__main__ import main
@@ -213,3 +218,37 @@ async def test_the_peering_read_has_its_own_client_and_thread(
     finally:
         await handlers.shutdown(memo)
     assert peering_kube._executor._shutdown
+
+
+async def test_a_failing_probe_answers_healthz_over_http_at_once() -> None:
+    """Kopf's health endpoint with our probe registered: a stalled scheduler is a 500 at
+    once, not a request that hangs while Kopf retries the probe (the kubelet's time-out)."""
+    scheduler = SimpleNamespace(last_loop_at=datetime.now(UTC) - timedelta(minutes=5))
+    running = asyncio.create_task(asyncio.sleep(60))
+    memo = kopf.Memo()
+    memo["reconciler"] = SimpleNamespace(scheduler=scheduler)
+    memo["scheduler_task"] = running
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    url = f"http://127.0.0.1:{port}/healthz"
+    listening = asyncio.Event()
+    reporter = asyncio.create_task(
+        probing.health_reporter(
+            url,
+            memo=cast(ephemera.AnyMemo, memo),
+            indices=cast(ephemera.Indices, {}),
+            registry=kopf.get_default_registry(),
+            settings=kopf.OperatorSettings(),
+            ready_flag=listening,
+        )
+    )
+    try:
+        await listening.wait()
+        async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+            response = await session.get(url)
+        assert response.status == 500
+    finally:
+        for task in (reporter, running):
+            task.cancel()
+        await asyncio.gather(reporter, running, return_exceptions=True)
