@@ -35,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from m2m_token_operator.client import AccessToken, TokenEndpointError
 from m2m_token_operator.credentials import ClientCredentials
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy, is_permanent
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.tokens import AccessToken, TokenEndpointError, is_permanent
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class CacheStats:
     hits: int = 0  # gets answered FRESH without waiting
     misses: int = 0  # every other get
     requests: int = 0  # calls to `fetch`
-    failures: int = 0  # failed calls plus recorded failures
+    failures: int = 0  # failed calls
     coalesced: int = 0  # gets that waited for another get's request
     held: int = 0  # gets refused a request by backoff or a hold
     forced: int = 0  # forced fetches started (`force`)
@@ -181,11 +181,8 @@ class TokenCache:
         self._entries: dict[CacheKey, _Entry] = {}
         self.stats = CacheStats()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def close(self) -> None:
-        """Stop the worker threads; a request already running finishes on its own."""
+        """Stop the worker threads (at operator stop); a request already running finishes."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def get(
@@ -279,14 +276,6 @@ class TokenCache:
             return None
         times = [t for t in (self._forced_until(entry), self._retry_after_until(entry)) if t]
         return max(times) if times else None
-
-    def record_failure(
-        self, key: CacheKey, error: Exception, *, credentials_fingerprint: str | None = None
-    ) -> CacheResult:
-        """A failure that happened without a request (unusable credentials), kept like any other."""
-        entry = self._entries.setdefault(key, _Entry())
-        self._failed(entry, error, fingerprint=credentials_fingerprint)
-        return self._result(key, entry, now=self._clock(), refresh_before=None, fetched=False)
 
     def seed(self, key: CacheKey, token: AccessToken) -> None:
         """Adopt a token read back from an owned Secret, unless a later-expiring one is held."""

@@ -49,10 +49,9 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
 
 import requests
@@ -60,6 +59,15 @@ import requests.adapters
 
 from m2m_token_operator import __version__
 from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.tokens import (
+    AccessToken,
+    CredentialsRejected,
+    EndpointUnavailable,
+    ScopeRejected,
+    Throttled,
+    TokenEndpointError,
+    utc_now,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,77 +97,6 @@ THROTTLE_CODES = frozenset({50196})
 _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _PLAIN_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _CLIENT_ID_WITHHELD = "<not a GUID, not shown>"
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class AccessToken:
-    """A token as issued. Its value never shows in repr, logs or messages."""
-
-    value: str = field(repr=False)
-    token_type: str
-    issued_at: datetime  # UTC, when the request was sent: a conservative start of validity
-    expires_at: datetime
-    refresh_in: timedelta | None = None  # Entra's hint to ask again sooner, when it sends one
-    ext_expires_at: datetime | None = None
-
-    @property
-    def lifetime(self) -> timedelta:
-        return self.expires_at - self.issued_at
-
-    def expired(self, now: datetime) -> bool:
-        return now >= self.expires_at
-
-
-class TokenEndpointError(Exception):
-    """The token endpoint did not issue a token. `str()` never holds a secret or a token."""
-
-    reason: ClassVar[str] = "EndpointUnavailable"
-    permanent: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        http_status: int | None = None,
-        error: str | None = None,
-        error_description: str | None = None,
-        error_codes: tuple[int, ...] = (),
-        trace_id: str | None = None,
-        correlation_id: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.error = error
-        self.error_description = error_description
-        self.error_codes = error_codes
-        self.trace_id = trace_id
-        self.correlation_id = correlation_id
-        self.retry_after = retry_after  # seconds, as the endpoint asked
-
-
-class CredentialsRejected(TokenEndpointError):
-    reason = "CredentialsRejected"
-    permanent = True
-
-
-class ScopeRejected(TokenEndpointError):
-    reason = "ScopeRejected"
-    permanent = True
-
-
-class Throttled(TokenEndpointError):
-    reason = "Throttled"
-    permanent = False
-
-
-class EndpointUnavailable(TokenEndpointError):
-    reason = "EndpointUnavailable"
-    permanent = False
 
 
 def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
@@ -518,8 +455,9 @@ class TokenClient:
             raise malformed("with an access_token holding spaces or control characters")
         try:
             expires_in = _seconds(payload.get("expires_in"))
-            ext_expires_in = _seconds(payload.get("ext_expires_in"))
-            refresh_in = _seconds(payload.get("refresh_in"))
+            # Read only to refuse pathological answers: the contract alone decides refreshes.
+            _seconds(payload.get("ext_expires_in"))
+            _seconds(payload.get("refresh_in"))
         except OverflowError:
             raise malformed(
                 "with an expires_in, ext_expires_in or refresh_in too large to be a number"
@@ -538,10 +476,6 @@ class TokenClient:
             token_type=token_type.strip()[:40],
             issued_at=issued_at,
             expires_at=issued_at + timedelta(seconds=int(expires_in)),
-            refresh_in=None if refresh_in is None else timedelta(seconds=refresh_in),
-            ext_expires_at=None
-            if ext_expires_in is None
-            else issued_at + timedelta(seconds=ext_expires_in),
         )
         logger.debug("token issued by %s, valid for %gs", shown, expires_in)
         return token

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from m2m_token_operator.client import AccessToken
-from m2m_token_operator.kube import API_VERSION, KIND, Conflict, JsonObject, KubeApi
+from m2m_token_operator.kube import API_VERSION, KIND, Conflict, JsonObject, KubeApi, NotFound
 from m2m_token_operator.models import SecretTemplate
+from m2m_token_operator.tokens import AccessToken
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "m2m-token-operator"
@@ -59,6 +59,9 @@ class WriteOutcome(enum.Enum):
     UPDATED = "updated"
     UNCHANGED = "unchanged"
     CONFLICT = "conflict"  # a Secret of that name exists and is not ours: left exactly as it was
+    # The Secret changed between the look's read and the replace (HTTP 409): it still holds
+    # what was read, not the new content. Written again on the next look.
+    RACED = "raced"
 
 
 def format_time(moment: datetime) -> str:
@@ -278,8 +281,16 @@ async def write_secret(
     try:
         await kube.replace_secret(namespace, merge_for_replace(existing, desired))
     except Conflict:
-        # It changed under us; the change will arrive as an event and be looked at again.
-        return WriteOutcome.UNCHANGED
+        # It changed under us: our content is not in it. Not "unchanged": the caller must
+        # neither report the new token as delivered nor wait for its refresh point.
+        return WriteOutcome.RACED
+    except NotFound:
+        # Deleted since the look's read (say, by a person): create it again at once.
+        try:
+            await kube.create_secret(namespace, desired)
+        except Conflict:
+            return WriteOutcome.RACED  # and created again by someone: look again soon
+        return WriteOutcome.CREATED
     return WriteOutcome.UPDATED
 
 

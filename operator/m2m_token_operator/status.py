@@ -18,9 +18,9 @@ from datetime import datetime
 from typing import Any
 
 from m2m_token_operator.claims import TokenClaims, decode_claims
-from m2m_token_operator.client import AccessToken
 from m2m_token_operator.kube import API_VERSION, KIND, JsonObject
 from m2m_token_operator.secret_output import format_time
+from m2m_token_operator.tokens import AccessToken
 
 READY = "Ready"
 DEGRADED = "Degraded"

@@ -16,16 +16,16 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from m2m_token_operator.cache import CacheKey, CacheResult, Freshness, TokenCache, token_jitter
-from m2m_token_operator.client import (
+from m2m_token_operator.client import TokenClient
+from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.tokens import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
     Throttled,
-    TokenClient,
 )
-from m2m_token_operator.credentials import ClientCredentials, CredentialsError
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
 
 SCOPE = "api://prod-gcp.orders.orders-api/.default"
 OTHER_SCOPE = "api://prod-gcp.orders.billing-api/.default"
@@ -401,40 +401,6 @@ async def test_rotated_secret_does_not_skip_a_transient_backoff(
     await cache.get(identity(secret="a"), SCOPE)
     await cache.get(identity(secret="b"), SCOPE)
     assert len(fetch.calls) == 1
-
-
-async def test_recorded_credentials_failure(
-    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
-) -> None:
-    key = CacheKey.for_credentials(identity(realm="shop"), SCOPE)
-    error = CredentialsError("Secret shop/azure not found", reason="CredentialsMissing")
-    recorded = cache.record_failure(key, error)
-    assert recorded.error is error
-    assert recorded.failures == 1
-    assert recorded.freshness is Freshness.NONE
-    assert recorded.next_attempt_at == START + timedelta(seconds=300)
-    assert cache.peek(key).failures == 1
-    # Usable credentials turned up: they differ from the missing ones, so no hold.
-    result = await cache.get(identity(realm="shop"), SCOPE)
-    assert result.token is not None
-    assert result.failures == 0
-    assert len(fetch.calls) == 1
-
-
-async def test_recorded_failure_with_the_same_fingerprint_holds(
-    cache: TokenCache, fetch: CountingFetch
-) -> None:
-    credentials = identity()
-    key = CacheKey.for_credentials(credentials, SCOPE)
-    cache.record_failure(
-        key,
-        CredentialsError("endpoint not allowed", reason="EndpointNotAllowed"),
-        credentials_fingerprint=credentials.fingerprint(),
-    )
-    held = await cache.get(credentials, SCOPE)
-    assert held.token is None
-    assert not held.fetched
-    assert fetch.calls == []
 
 
 async def test_unexpected_fetch_exception_is_a_failure_not_a_crash(
