@@ -30,7 +30,9 @@ from m2m_token_operator.credentials import (
     EndpointPolicy,
     credentials_from_secret,
     operator_identity,
+    operator_token_endpoint,
 )
+from m2m_token_operator.federation import federated_identity
 from m2m_token_operator.kube import JsonObject, KubeApi, KubeError
 from m2m_token_operator.models import SpecError, TokenRequestSpec, parse_spec
 from m2m_token_operator.policy import RetryPolicy
@@ -333,12 +335,31 @@ class TokenRequestReconciler:
 
     async def _credentials(self, subscription: Subscription) -> ClientCredentials:
         assert subscription.spec is not None
+        account_name = subscription.spec.credentials_service_account
+        if account_name is not None:
+            # Workload identity federation: looked at afresh each time (no watch), so an
+            # annotation or a ServiceAccount that appears is found by the next retry.
+            account = await self._kube.read_service_account(subscription.namespace, account_name)
+            default_endpoint = await asyncio.to_thread(
+                operator_token_endpoint, self._settings, self._environ
+            )
+            return federated_identity(
+                account,
+                namespace=subscription.namespace,
+                name=account_name,
+                policy=self._endpoint_policy,
+                default_endpoint=default_endpoint,
+                allow_insecure_http=self._settings.allow_insecure_http,
+                audience=self._settings.federation_audience,
+                mint=self._kube.mint_service_account_token,  # blocking: on the fetch thread
+            )
         if subscription.spec.credentials_secret is None:
             # Read afresh each time: a mounted Secret may have been rotated in place.
             return await asyncio.to_thread(operator_identity, self._settings, self._environ)
         secret = await self._kube.read_secret(
             subscription.namespace, subscription.spec.credentials_secret
         )
+        # Read afresh at each look: a rotated secret or key is used at the next request.
         return credentials_from_secret(
             None if secret is None else (secret.get("data") or {}),
             namespace=subscription.namespace,
@@ -361,7 +382,7 @@ class TokenRequestReconciler:
             owner_uid=subscription.uid,
             scope=key.scope,
             now=self._clock(),
-            seal_for=lambda token: key.seal(credentials.client_secret, token),
+            seal_for=lambda token: key.seal(credentials.seal_secret, token),
         )
         if token is not None:
             REDACTOR.register(token.value)
@@ -431,7 +452,7 @@ class TokenRequestReconciler:
         except CredentialsError as error:
             await self._credentials_failed(subscription, error)
             return
-        REDACTOR.register(credentials.client_secret)
+        # The secret, key or assertion is registered with REDACTOR where it is read or made.
         if not client_id_shown(credentials.client_id):
             REDACTOR.register(credentials.client_id)  # perhaps a secret in the wrong key
         if not self._current(subscription):
@@ -640,7 +661,7 @@ class TokenRequestReconciler:
                 secret_name=subscription.spec.secret_name,
                 scope=subscription.spec.scope,
                 token=result.token,
-                seal=result.key.seal(credentials.client_secret, result.token),
+                seal=result.key.seal(credentials.seal_secret, result.token),
             )
             outcome = await write_secret(
                 self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
