@@ -70,7 +70,7 @@ class ServiceAccountGone(TokenEndpointError):
 class ServiceAccountTokenFailed(TokenEndpointError):
     """The API server failed to mint the token (5xx, unreachable): retried with backoff."""
 
-    reason = "KubernetesApiError"
+    reason = "KubernetesAPIError"  # as status.KUBERNETES_API_ERROR
     permanent = False
 
 
