@@ -63,7 +63,12 @@ import requests.adapters
 
 from m2m_token_operator import __version__
 from m2m_token_operator.assertion import JWT_BEARER
-from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.credentials import (
+    CLIENT_SECRET,
+    FEDERATED,
+    PRIVATE_KEY_JWT,
+    ClientCredentials,
+)
 from m2m_token_operator.redaction import REDACTOR
 
 logger = logging.getLogger(__name__)
@@ -273,6 +278,20 @@ _CREDENTIALS_ADVICE = (
     "Check AZURE_APP_CLIENT_ID and AZURE_APP_CLIENT_SECRET (an expired or rotated client"
     " secret must be replaced) and that AZURE_OPENID_CONFIG_TOKEN_ENDPOINT names the right tenant"
 )
+# A rejected assertion has other causes than a rejected secret.
+_METHOD_ADVICE = {
+    PRIVATE_KEY_JWT: (
+        "Check AZURE_APP_CLIENT_ID, that AZURE_APP_JWK is a key registered for this application"
+        " (its kid/x5t must match a certificate of the app registration), and that"
+        " AZURE_OPENID_CONFIG_TOKEN_ENDPOINT names the right tenant"
+    ),
+    FEDERATED: (
+        "Check the ServiceAccount's azure.workload.identity/client-id, and that the"
+        " application has a federated credential for this cluster's service account issuer,"
+        " the subject system:serviceaccount:<namespace>:<name> and the audience the operator"
+        " uses (M2M_FEDERATION_AUDIENCE)"
+    ),
+}
 _REFUSED_ADVICE = (
     "Check that AZURE_OPENID_CONFIG_TOKEN_ENDPOINT is the tenant's OAuth 2.0 token endpoint"
     " (…/oauth2/v2.0/token) and that the client may use the client-credentials grant"
@@ -379,7 +398,7 @@ class TokenClient:
                 body = self._read(response, shown=shown)
                 return self._interpret(
                     response, body, issued_at=issued_at, scope=scope, shown=shown, who=who,
-                    scrub=scrub,
+                    scrub=scrub, method=credentials.method,
                 )  # fmt: skip
         except TokenEndpointError:
             raise
@@ -442,6 +461,7 @@ class TokenClient:
         shown: str,
         who: str,
         scrub: Callable[[str], str],
+        method: str = CLIENT_SECRET,
     ) -> AccessToken:
         status = response.status_code
         try:
@@ -469,6 +489,8 @@ class TokenClient:
         retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
 
         kind, template, advice = _classify(status=status, error=error, codes=codes)
+        if kind is CredentialsRejected:
+            advice = _METHOD_ADVICE.get(method, advice)
         location = response.headers.get("Location")
         what = template.format(
             shown=shown,

@@ -16,7 +16,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 
 from m2m_token_operator.assertion import JWT_BEARER
-from m2m_token_operator.client import TokenClient
+from m2m_token_operator.client import CredentialsRejected, TokenClient
 from m2m_token_operator.credentials import (
     FEDERATED,
     CredentialsError,
@@ -347,3 +347,44 @@ def test_the_secret_form_is_unchanged(httpserver: HTTPServer) -> None:
     form = parse_qs(request.get_data(as_text=True), strict_parsing=True)
     assert "client_assertion" not in form
     assert form["client_secret"] == ["a-client-secret"]
+
+
+def test_a_rejected_assertion_gets_advice_about_the_federated_credential(
+    api_server: HTTPServer, kube: KubeApi, httpserver: HTTPServer
+) -> None:
+    api_server.expect_request(MINT_PATH, method="POST").respond_with_json(
+        {"status": {"token": SA_TOKEN, "expirationTimestamp": "2026-11-29T09:10:00Z"}}, status=201
+    )
+    httpserver.expect_request("/token", method="POST").respond_with_json(
+        {
+            "error": "invalid_client",
+            "error_description": f"AADSTS700213: No matching federated identity record {SA_TOKEN}",
+            "error_codes": [700213],
+        },
+        status=400,
+    )
+    credentials = federated_identity(
+        account(
+            {
+                CLIENT_ID_ANNOTATION: CLIENT_ID,
+                TOKEN_ENDPOINT_ANNOTATION: httpserver.url_for("/token"),
+            }
+        ),
+        namespace="shop",
+        name="shop-fe",
+        policy=POLICY,
+        default_endpoint=None,
+        allow_insecure_http=True,
+        audience=DEFAULT_AUDIENCE,
+        mint=kube.mint_service_account_token,
+    )
+    client = TokenClient(connect_timeout=2, read_timeout=2)
+    try:
+        with pytest.raises(CredentialsRejected) as caught:
+            client.fetch(credentials, SCOPE)
+    finally:
+        client.close()
+    message = str(caught.value)
+    assert "federated credential" in message
+    assert "AZURE_APP_CLIENT_SECRET" not in message
+    assert SA_TOKEN not in message  # an echoed assertion is scrubbed
