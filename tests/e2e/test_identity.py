@@ -6,6 +6,13 @@ federation opt-in is real: without a RoleBinding to
 token endpoint is mock-oauth2-server behind a small recording front on
 loopback, which keeps each form the operator sent (to check the assertion's
 claims and signature) and can refuse a chosen client secret as Entra would.
+
+mock-oauth2-server checks a client assertion's `sub` against `client_id`, as
+RFC 7523 asks of private_key_jwt; a federated assertion (a ServiceAccount
+token, `sub` = `system:serviceaccount:...`) is checked by Entra against the
+application's federated credential instead. The front stands in for that
+check: it records the assertion (the test checks its claims) and forwards the
+request upstream with a stand-in client secret.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import jwt
 import pytest
@@ -47,6 +54,14 @@ RIGHT_SECRET = "e2e-right-secret-4d5e6f"
 WRONG_SECRET = "e2e-wrong-secret-7a8b9c"
 
 
+def _federated(form: dict[str, str]) -> bool:
+    assertion = form.get("client_assertion")
+    if assertion is None:
+        return False
+    claims = jwt.decode(assertion, options={"verify_signature": False})
+    return str(claims.get("sub", "")).startswith("system:serviceaccount:")
+
+
 @dataclass(frozen=True)
 class Recorded:
     path: str
@@ -58,6 +73,7 @@ class RecordingFront:
 
     A form whose client_secret is in `refused` gets Entra's answer to a wrong
     secret (401 invalid_client) instead: mock-oauth2-server accepts any secret.
+    A federated assertion is forwarded as a stand-in client secret (see above).
     """
 
     def __init__(self, upstream: str) -> None:
@@ -85,6 +101,11 @@ class RecordingFront:
                     ).encode()
                     content_type = "application/json"
                 else:
+                    if _federated(form):
+                        upstream_form = {
+                            k: v for k, v in form.items() if not k.startswith("client_assertion")
+                        }
+                        body = urlencode({**upstream_form, "client_secret": "federated"}).encode()
                     forwarded = requests.post(
                         front.upstream + self.path,
                         data=body,
