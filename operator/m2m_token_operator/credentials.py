@@ -41,7 +41,12 @@ from urllib.parse import SplitResult, urlsplit
 
 import urllib3.util
 
-from m2m_token_operator.assertion import JWK_KEY, InvalidKeyError, parse_private_jwk
+from m2m_token_operator.assertion import (
+    JWK_KEY,
+    InvalidKeyError,
+    parse_private_jwk,
+    private_members,
+)
 from m2m_token_operator.redaction import REDACTOR
 
 if TYPE_CHECKING:
@@ -133,6 +138,8 @@ def private_key_credentials(
 ) -> ClientCredentials:
     """An identity proven by private_key_jwt; a JWK that is not usable is CredentialsInvalid."""
     REDACTOR.register(jwk)
+    for member in private_members(jwk):
+        REDACTOR.register(member)
     try:
         key = parse_private_jwk(jwk)
     except InvalidKeyError as error:

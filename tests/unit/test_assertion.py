@@ -275,3 +275,9 @@ def test_private_key_jwt_form_on_the_wire(
     assert claims["exp"] - claims["iat"] <= 600
     header = jwt.get_unverified_header(assertion)
     assert (header["kid"], header["x5t"]) == ("thumbprint-1", "c2hhMS10aHVtYnByaW50")
+
+
+def test_the_private_members_are_registered_with_the_redactor() -> None:
+    jwk = jwk_of(rsa_key(2048, 2))
+    credentials_from_secret(secret_data(jwk), namespace="shop", name="azure", policy=POLICY)
+    assert REDACTOR.scrub(f"d={jwk['d']} p={jwk['p']}") == "d=[REDACTED] p=[REDACTED]"
