@@ -7,7 +7,9 @@ The Kubernetes API and the token endpoint are real HTTP servers on loopback
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -16,6 +18,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 
 from m2m_token_operator.assertion import JWT_BEARER
+from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import CredentialsRejected, TokenClient
 from m2m_token_operator.credentials import (
     FEDERATED,
@@ -35,7 +38,7 @@ from m2m_token_operator.federation import (
     federated_identity,
 )
 from m2m_token_operator.kube import KubeApi, KubeError, NotFound
-from m2m_token_operator.policy import is_permanent
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy, is_permanent
 from m2m_token_operator.redaction import REDACTOR
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -388,3 +391,50 @@ def test_a_rejected_assertion_gets_advice_about_the_federated_credential(
     assert "federated credential" in message
     assert "AZURE_APP_CLIENT_SECRET" not in message
     assert SA_TOKEN not in message  # an echoed assertion is scrubbed
+
+
+async def test_the_mint_runs_on_the_fetch_thread_never_on_the_event_loop(
+    httpserver: HTTPServer,
+) -> None:
+    threads: list[str] = []
+
+    def mint(
+        namespace: str, name: str, *, audience: str, expiration_seconds: int
+    ) -> tuple[str, str | None]:
+        threads.append(threading.current_thread().name)
+        return SA_TOKEN, None
+
+    httpserver.expect_request("/token", method="POST").respond_with_json(
+        {"token_type": "Bearer", "expires_in": 3599, "access_token": "issued-token-value"}
+    )
+    credentials = federated_identity(
+        account(
+            {
+                CLIENT_ID_ANNOTATION: CLIENT_ID,
+                TOKEN_ENDPOINT_ANNOTATION: httpserver.url_for("/token"),
+            }
+        ),
+        namespace="shop",
+        name="shop-fe",
+        policy=POLICY,
+        default_endpoint=None,
+        allow_insecure_http=True,
+        audience=DEFAULT_AUDIENCE,
+        mint=mint,
+    )
+    client = TokenClient(connect_timeout=2, read_timeout=2)
+    cache = TokenCache(
+        fetch=client.fetch,
+        refresh_policy=RefreshPolicy(),
+        retry_policy=RetryPolicy(),
+        clock=lambda: datetime.now(UTC),
+    )
+    try:
+        result = await cache.get(credentials, SCOPE)
+    finally:
+        cache.close()
+        client.close()
+    assert result.token is not None
+    assert len(threads) == 1
+    assert threads[0].startswith("m2m-token-fetch")
+    assert threads[0] != threading.main_thread().name
