@@ -21,6 +21,7 @@ registered with the log redactor.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,6 +38,8 @@ from m2m_token_operator.credentials import (
 )
 from m2m_token_operator.kube import KubeError, NotFound
 from m2m_token_operator.redaction import REDACTOR
+
+logger = logging.getLogger(__name__)
 
 CLIENT_ID_ANNOTATION = "azure.workload.identity/client-id"
 TENANT_ID_ANNOTATION = "azure.workload.identity/tenant-id"
@@ -175,7 +178,7 @@ def federated_identity(
 
     def assertion() -> str:
         try:
-            token, _expires = mint(
+            token, expires = mint(
                 namespace, name, audience=audience, expiration_seconds=EXPIRATION_SECONDS
             )
         except NotFound:
@@ -194,6 +197,8 @@ def federated_identity(
                 f"Minting a token for {source} failed ({error}); it is retried with backoff"
             ) from None
         REDACTOR.register(token)
+        # The API server may shorten the lifetime asked for; it is used at once anyway.
+        logger.debug("minted a token of %s for %s, expires %s", source, audience, expires)
         return token
 
     return ClientCredentials(
