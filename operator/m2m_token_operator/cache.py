@@ -3,8 +3,9 @@
 The token endpoint is shared, rate-limited and sometimes down; the workloads
 must not notice either. So the cache:
 
-- keys tokens by (token endpoint, client id, scope) within one identity's realm,
-  so TokenRequests that share an identity and scope share one token;
+- keys tokens by (token endpoint, client id, scope, credential fingerprint),
+  so TokenRequests that present the same credential for the same scope share
+  one token, and a credential never gets a token obtained with another;
 - runs at most one request per key at a time (single flight): concurrent
   callers wait for the same answer instead of each calling the endpoint;
 - serves a token until its refresh point, and after a failed refresh keeps
@@ -61,20 +62,24 @@ def token_jitter(token: AccessToken) -> float:
 class CacheKey:
     """What one token is for.
 
-    The contract's key is (endpoint, client id, scope) within one identity.
-    `realm` is the namespace whose credentials Secret holds the identity ("" for
-    the operator's own): a namespace that merely copies another namespace's
-    client id can then never be served that namespace's token.
+    The contract's key: (endpoint, client id, scope, credential fingerprint). The
+    fingerprint (`ClientCredentials.fingerprint`, a keyed hash of the client secret,
+    the private key, or the ServiceAccount's namespace/name/uid) makes a credentials
+    Secret that copies another's client id with a wrong secret a different key: it
+    is never served the token obtained with the right one. Two namespaces holding
+    the very same secret share a token; each could have fetched it itself.
     """
 
     token_endpoint: str
     client_id: str
     scope: str
-    realm: str
+    fingerprint: str
 
     @classmethod
     def for_credentials(cls, credentials: ClientCredentials, scope: str) -> CacheKey:
-        return cls(credentials.token_endpoint, credentials.client_id, scope, credentials.realm)
+        return cls(
+            credentials.token_endpoint, credentials.client_id, scope, credentials.fingerprint()
+        )
 
     def seal(self, client_secret: str, token: AccessToken) -> str:
         """An HMAC, keyed by the identity's client secret, binding `token` to this key.
@@ -86,9 +91,10 @@ class CacheKey:
         """
         message = "\n".join(
             (
+                # Not the fingerprint: its key is per process, and a restarted operator
+                # must verify the seals it wrote before.
                 self.token_endpoint,
                 self.client_id,
-                self.realm,
                 self.scope,
                 token.value,
                 token.token_type,
@@ -99,8 +105,11 @@ class CacheKey:
         return hmac.new(client_secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
     def __str__(self) -> str:
-        realm = self.realm or "operator"
-        return f"{self.scope} as {self.client_id} at {self.token_endpoint} (realm {realm})"
+        # A prefix of the fingerprint tells keys apart in logs; it reveals nothing.
+        return (
+            f"{self.scope} as {self.client_id} at {self.token_endpoint}"
+            f" (credential {self.fingerprint[:8]})"
+        )
 
 
 class Freshness(enum.Enum):

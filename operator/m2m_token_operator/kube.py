@@ -104,8 +104,13 @@ class KubeApi:
 
     async def _call(self, action: str, function: Callable[[], _T]) -> _T:
         loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._blocking, action, function)
+
+    @staticmethod
+    def _blocking(action: str, function: Callable[[], _T]) -> _T:
+        """Run one client call here and now, turning its failures into `KubeError`s."""
         try:
-            return await loop.run_in_executor(self._executor, function)
+            return function()
         except kubernetes.client.ApiException as error:
             # The body of an API error can echo the object sent (a Secret's data):
             # only the status and the short reason phrase travel on.
@@ -193,6 +198,51 @@ class KubeApi:
                     _request_timeout=self._timeout,
                 ),
             )
+
+    # ServiceAccounts (workload identity federation)
+
+    async def read_service_account(self, namespace: str, name: str) -> JsonObject | None:
+        return await self._read_or_none(
+            f"read ServiceAccount {namespace}/{name}",
+            lambda: self._core.read_namespaced_service_account(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+        )
+
+    def mint_service_account_token(
+        self, namespace: str, name: str, *, audience: str, expiration_seconds: int
+    ) -> tuple[str, str | None]:
+        """A new token of the ServiceAccount (TokenRequest API): (token, expirationTimestamp).
+
+        Blocking, on purpose: it is called on the token-fetch worker thread, right
+        before the token request that presents it, so the token is never cached,
+        stored or handed to the event loop. Not counted in `writes`: it changes no
+        object. The API server may shorten the lifetime asked for; the caller reads
+        the expiration it returns. Raises `KubeError` (403: the namespace has not
+        granted the operator `create serviceaccounts/token`; `NotFound`: no such
+        ServiceAccount).
+        """
+        body: Any = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": expiration_seconds},
+        }
+        response = self._blocking(
+            f"create token for ServiceAccount {namespace}/{name}",
+            lambda: self._core.create_namespaced_service_account_token(
+                name, namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+        )
+        status = self._json(response).get("status") or {}
+        token = status.get("token")
+        if not isinstance(token, str) or not token:
+            raise KubeError(
+                action=f"create token for ServiceAccount {namespace}/{name}",
+                status=None,
+                reason="the answer holds no token",
+            )
+        expires = status.get("expirationTimestamp")
+        return token, expires if isinstance(expires, str) else None
 
     # TokenRequests
 

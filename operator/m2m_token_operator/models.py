@@ -66,7 +66,10 @@ class TokenRequestSpec:
     scope: str
     secret_name: str
     refresh_before: timedelta | None
-    credentials_secret: str | None  # spec.credentials.secretRef.name; None = the operator's own
+    credentials_secret: str | None  # spec.credentials.secretRef.name
+    # spec.credentials.serviceAccountRef.name (workload identity federation); when neither
+    # this nor credentials_secret is set: the operator's own identity
+    credentials_service_account: str | None = None
     secret_template: SecretTemplate = field(default_factory=SecretTemplate)
 
 
@@ -239,6 +242,17 @@ def parse_secret_template(value: object) -> SecretTemplate:
     )
 
 
+def _same_namespace_ref(value: object, *, field: str) -> str:
+    """The name of an object in the TokenRequest's own namespace; a `namespace` is refused."""
+    ref = _mapping(value, field=field)
+    if ref.get("namespace") is not None:
+        raise SpecError(
+            f"{field}.namespace is not supported: the object must be in the same namespace as"
+            " the TokenRequest; remove the namespace field"
+        )
+    return _check_dns_subdomain(ref.get("name"), field=f"{field}.name")
+
+
 def parse_spec(
     spec: Mapping[str, Any], *, name: str, namespace: str, default_cluster: str
 ) -> TokenRequestSpec:
@@ -291,20 +305,25 @@ def parse_spec(
             raise SpecError(f"spec.refreshBefore: {error}") from None
 
     credentials_secret: str | None = None
+    credentials_service_account: str | None = None
     credentials = spec.get("credentials")
     if credentials is not None:
         credentials = _mapping(credentials, field="spec.credentials")
         secret_ref = credentials.get("secretRef")
-        if secret_ref is None:
+        account_ref = credentials.get("serviceAccountRef")
+        if (secret_ref is None) == (account_ref is None):
             raise SpecError(
-                "spec.credentials.secretRef.name is required when spec.credentials is set:"
-                " the Secret in this namespace holding AZURE_APP_CLIENT_ID,"
-                " AZURE_APP_CLIENT_SECRET and AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"
+                "spec.credentials must set exactly one of secretRef (a Secret in this namespace"
+                " holding AZURE_APP_CLIENT_ID, AZURE_OPENID_CONFIG_TOKEN_ENDPOINT and"
+                " AZURE_APP_JWK or AZURE_APP_CLIENT_SECRET) or serviceAccountRef (a"
+                " ServiceAccount in this namespace, for workload identity federation)"
             )
-        secret_ref = _mapping(secret_ref, field="spec.credentials.secretRef")
-        credentials_secret = _check_dns_subdomain(
-            secret_ref.get("name"), field="spec.credentials.secretRef.name"
-        )
+        if secret_ref is not None:
+            credentials_secret = _same_namespace_ref(secret_ref, field="spec.credentials.secretRef")
+        else:
+            credentials_service_account = _same_namespace_ref(
+                account_ref, field="spec.credentials.serviceAccountRef"
+            )
 
     return TokenRequestSpec(
         scope=resolved,
@@ -312,4 +331,5 @@ def parse_spec(
         refresh_before=refresh_before,
         credentials_secret=credentials_secret,
         secret_template=parse_secret_template(spec.get("secretTemplate")),
+        credentials_service_account=credentials_service_account,
     )

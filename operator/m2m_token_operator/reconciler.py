@@ -33,8 +33,10 @@ from m2m_token_operator.credentials import (
     CredentialsError,
     credentials_from_secret,
     operator_identity,
+    operator_token_endpoint,
 )
 from m2m_token_operator.decision import Facts, Outcome, decide
+from m2m_token_operator.federation import federated_identity
 from m2m_token_operator.kube import KubeApi, KubeError
 from m2m_token_operator.policy import RetryPolicy
 from m2m_token_operator.redaction import REDACTOR
@@ -262,7 +264,7 @@ class TokenRequestReconciler:
                 credentials = await self._credentials(subscription)
             except CredentialsError as error:
                 return dataclasses.replace(facts, credentials_error=error)
-            REDACTOR.register(credentials.client_secret)
+            # The secret, key or assertion is registered with REDACTOR where it is read or made.
             if not client_id_shown(credentials.client_id):
                 REDACTOR.register(credentials.client_id)  # perhaps a secret in the wrong key
             if not self.registry.current(subscription):
@@ -360,12 +362,31 @@ class TokenRequestReconciler:
 
     async def _credentials(self, subscription: Subscription) -> ClientCredentials:
         assert subscription.spec is not None
+        account_name = subscription.spec.credentials_service_account
+        if account_name is not None:
+            # Workload identity federation: looked at afresh each time (no watch), so an
+            # annotation or a ServiceAccount that appears is found by the next retry.
+            account = await self._kube.read_service_account(subscription.namespace, account_name)
+            default_endpoint = await asyncio.to_thread(
+                operator_token_endpoint, self._settings, self._environ
+            )
+            return federated_identity(
+                account,
+                namespace=subscription.namespace,
+                name=account_name,
+                policy=self._endpoint_policy,
+                default_endpoint=default_endpoint,
+                allow_insecure_http=self._settings.allow_insecure_http,
+                audience=self._settings.federation_audience,
+                mint=self._kube.mint_service_account_token,  # blocking: on the fetch thread
+            )
         if subscription.spec.credentials_secret is None:
             # Read afresh each time: a mounted Secret may have been rotated in place.
             return await asyncio.to_thread(operator_identity, self._settings, self._environ)
         secret = await self._kube.read_secret(
             subscription.namespace, subscription.spec.credentials_secret
         )
+        # Read afresh at each look: a rotated secret or key is used at the next request.
         return credentials_from_secret(
             None if secret is None else (secret.get("data") or {}),
             namespace=subscription.namespace,
@@ -375,7 +396,7 @@ class TokenRequestReconciler:
 
     def _seal(self, key: CacheKey, credentials: ClientCredentials, token: AccessToken) -> str:
         """The restart seal written beside a token, and the one it is checked against."""
-        return key.seal(credentials.client_secret, token)
+        return key.seal(credentials.seal_secret, token)
 
     def _token_in(
         self, subscription: Subscription, secret: Mapping[str, Any] | None

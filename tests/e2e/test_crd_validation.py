@@ -48,6 +48,24 @@ REJECTED: dict[str, tuple[dict[str, Any], str]] = {
         {"scope": VALID_SCOPE, "credentials": {"secretRef": {"name": "x", "namespace": "other"}}},
         "secretRef.namespace is not supported",
     ),
+    "credentials-both-sources": (
+        {
+            "scope": VALID_SCOPE,
+            "credentials": {"secretRef": {"name": "x"}, "serviceAccountRef": {"name": "y"}},
+        },
+        "exactly one of spec.credentials.secretRef or spec.credentials.serviceAccountRef",
+    ),
+    "credentials-no-source": (
+        {"scope": VALID_SCOPE, "credentials": {}},
+        "exactly one of spec.credentials.secretRef or spec.credentials.serviceAccountRef",
+    ),
+    "service-account-in-another-namespace": (
+        {
+            "scope": VALID_SCOPE,
+            "credentials": {"serviceAccountRef": {"name": "x", "namespace": "other"}},
+        },
+        "serviceAccountRef.namespace is not supported",
+    ),
     "scope-not-api-default": (
         {"scope": "https://graph.microsoft.com/.default"},
         "spec.scope",
@@ -120,6 +138,24 @@ def test_secret_ref_namespace_is_rejected_without_strict_validation(
         _create(kube, namespace, body, strict=False)
     assert rejected.value.status == 422
     assert "secretRef.namespace is not supported" in _rejection(rejected.value)
+
+
+def test_service_account_ref_namespace_is_rejected_without_strict_validation(
+    kube: Kube, namespace: str
+) -> None:
+    body = token_request("x", scope=VALID_SCOPE)
+    body["spec"]["credentials"] = {"serviceAccountRef": {"name": "x", "namespace": namespace}}
+    with pytest.raises(ApiException) as rejected:
+        _create(kube, namespace, body, strict=False)
+    assert rejected.value.status == 422
+    assert "serviceAccountRef.namespace is not supported" in _rejection(rejected.value)
+
+
+def test_service_account_ref_is_accepted_as_written(kube: Kube, namespace: str) -> None:
+    body = token_request("federated", scope=VALID_SCOPE)
+    body["spec"]["credentials"] = {"serviceAccountRef": {"name": "shop-frontend"}}
+    created = _create(kube, namespace, body)
+    assert created["spec"] == body["spec"]
 
 
 def test_valid_token_request_is_accepted_as_written(kube: Kube, namespace: str) -> None:

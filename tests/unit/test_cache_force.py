@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 
 from m2m_token_operator.cache import FORCE_INTERVAL, CacheKey, Freshness, TokenCache
-from m2m_token_operator.client import CredentialsRejected, EndpointUnavailable, Throttled
+from m2m_token_operator.tokens import CredentialsRejected, EndpointUnavailable, Throttled
 from tests.unit.test_cache import SCOPE, START, CountingFetch, FakeClock, identity, make_cache
 
 

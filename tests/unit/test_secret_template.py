@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from m2m_token_operator.client import AccessToken
 from m2m_token_operator.models import (
     MAX_TEMPLATE_ENTRIES,
     SecretTemplate,
@@ -29,6 +28,7 @@ from m2m_token_operator.secret_output import (
     template_drifted_from,
     templated_keys,
 )
+from m2m_token_operator.tokens import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 OWNER = Owner(namespace="shop", name="orders-api", uid="uid-1")

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from m2m_token_operator.claims import TokenClaims
-from m2m_token_operator.client import AccessToken
 from m2m_token_operator.status import (
     NO_APP_ROLES,
     REFRESH_REQUESTED,
@@ -18,6 +17,7 @@ from m2m_token_operator.status import (
     status_changed,
     transition_events,
 )
+from m2m_token_operator.tokens import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 SCOPE = "api://prod-gcp.orders.orders-api/.default"
