@@ -14,7 +14,6 @@ import socket
 import time
 from typing import Any
 
-import pytest
 import requests
 
 from devenv.faultproxy import Delay, Fail, Gone, Rule
@@ -77,14 +76,12 @@ def free_port() -> int:
 # ---- a conflict on the Secret replace ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 10 defect 2: a 409 on the Secret replace is taken for 'unchanged' and the "
-    "new token reported as delivered",
-)
 async def test_conflict_on_the_secret_replace_is_not_reported_as_delivered(
     kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
 ) -> None:
+    """Issue 10, defect 2: a 409 on the replace was taken for "unchanged" and the new token
+    reported as delivered (status expiresAt, TokenRefreshed) while the Secret held the old.
+    It is a race, not a failure: the Secret keeps the old token, and the write is retried."""
     token_endpoint.expires_in = FAST_REFRESH_LIFETIME
     operator_factory.start(env=FAST_REFRESH_ENV)
     kube.create_token_request(NS, NAME, FAST_REFRESH_SPEC)
@@ -92,9 +89,9 @@ async def test_conflict_on_the_secret_replace_is_not_reported_as_delivered(
     first = token_in_secret(kube)
     assert first == token_endpoint.tokens[0]
 
-    # Every replace of this Secret from now on conflicts (someone else keeps writing it).
+    # Every replace of this Secret conflicts (someone else keeps writing it) until removed.
     namespace = kube.ns(NS)
-    kube.proxy.add(
+    conflict = kube.proxy.add(
         Rule(Fail(409), method="PUT", path=rf"/namespaces/{namespace}/secrets/{NAME}$", times=None)
     )
     refused = await kube.proxy.wait_for("PUT", rf"/secrets/{NAME}$", status=409, timeout=10)
@@ -102,13 +99,25 @@ async def test_conflict_on_the_secret_replace_is_not_reported_as_delivered(
     await kube.proxy.wait_for(
         "PATCH", rf"/tokenrequests/{NAME}/status$", since=refused[0].at, timeout=10
     )
-    await wait_for(lambda: token_endpoint.count >= 2, message="the refresh's token")
-
-    assert token_in_secret(kube) == first  # the new token never reached the Secret
+    assert token_endpoint.count == 2  # the refresh's token was fetched ...
+    assert token_in_secret(kube) == first  # ... and never reached the Secret
     status = kube.read_status(NS, NAME) or {}
     assert status["expiresAt"] == issued["expiresAt"], "a token the Secret does not hold"
+    assert conditions(kube)["Ready"]["status"] == "True"  # the old token still serves
     assert "TokenRefreshed" not in reasons(kube)
-    assert conditions(kube)["Degraded"]["status"] == "True"
+
+    # The write is tried again soon; once the replace goes through, the new token lands.
+    await kube.proxy.wait_for("PUT", rf"/secrets/{NAME}$", status=409, count=2, timeout=10)
+    kube.proxy.remove(conflict)
+    second = await wait_for(
+        lambda: (token := token_in_secret(kube)) != first and token, message="the new token"
+    )
+    assert second == token_endpoint.tokens[-1]
+    await wait_for(lambda: "TokenRefreshed" in reasons(kube), message="TokenRefreshed")
+    await wait_for(
+        lambda: (kube.read_status(NS, NAME) or {}).get("expiresAt", "") > issued["expiresAt"],
+        message="the new token's expiry in the status",
+    )
 
 
 # ---- watch streams that break -------------------------------------------------------------
