@@ -33,7 +33,7 @@ from m2m_token_operator.tokens import utc_now
 
 logger = logging.getLogger(__name__)
 
-# Kopf keeps its own handling state on the TokenRequest; under our domain, not Kopf's.
+# Where Kopf would keep handling state on a TokenRequest: under our domain, not Kopf's.
 STATE_PREFIX = "operator.m2m.dev"
 # The scheduler turns at least every 30 s; three missed turns mean it is stuck.
 SCHEDULER_STALL = timedelta(seconds=90)
@@ -113,6 +113,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
 def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -> None:
     redaction.install()
     config = Settings.from_env()
+    # Only watch-event handlers are registered, so Kopf stores no state on the objects;
+    # should one ever be added, its state goes under our domain, not Kopf's.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STATE_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=STATE_PREFIX, key="last-handled-configuration"
@@ -207,17 +209,16 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     }
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, id="resume")
-@kopf.on.create(GROUP, VERSION, PLURAL, id="create")
-@kopf.on.update(GROUP, VERSION, PLURAL, id="update", field="spec")
-async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _reconciler(memo).reconcile(_plain(body))
-
-
-# The event handlers are coroutines on purpose: Kopf runs plain functions in a thread pool,
+# One watch-event handler for TokenRequests, and no create/update/resume handlers: those
+# make Kopf write its handling state (a progress and a last-handled-configuration
+# annotation) onto every object it handles, one more PATCH per TokenRequest and a watch
+# event back for each. Level-triggered instead: the initial listing (type None) is the
+# resume, and any event whose uid or metadata.generation is new to the reconciler is a
+# create or a spec change. Status writes, labels and annotations move neither.
+# The handlers are coroutines on purpose: Kopf runs plain functions in a thread pool,
 # and the reconciler and its scheduler are event-loop-only (from another thread, a wake-up
 # of the scheduler can be lost, and their dicts and heap would be shared without a lock).
-@kopf.on.event(GROUP, VERSION, PLURAL, id="deleted")
+@kopf.on.event(GROUP, VERSION, PLURAL, id="tokenrequest")
 async def token_request_event(
     type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
     body: kopf.Body,
@@ -225,11 +226,13 @@ async def token_request_event(
     **_: Any,
 ) -> None:
     metadata = body.metadata
+    reconciler = _reconciler(memo)
     if type == "DELETED":
-        _reconciler(memo).forget(metadata.namespace or "", metadata.name or "", metadata.uid)
+        reconciler.forget(metadata.namespace or "", metadata.name or "", metadata.uid)
     elif metadata.get("deletionTimestamp"):
-        # A metadata-only change: `on.update(field="spec")` never sees it, every event does.
-        _reconciler(memo).being_deleted(metadata.namespace or "", metadata.name or "", metadata.uid)
+        reconciler.being_deleted(metadata.namespace or "", metadata.name or "", metadata.uid)
+    else:
+        await reconciler.observed(_plain(body))
 
 
 def _refresh_asked(body: kopf.Body, **_: Any) -> bool:

@@ -95,6 +95,24 @@ class TokenRequestReconciler:
         subscription = self._learn(body)
         await self._look(subscription)
 
+    async def observed(self, body: Mapping[str, Any]) -> None:
+        """A watch event or the initial listing: look again only if the spec is new to us.
+
+        A new object (or one re-created under the same name) and a new
+        metadata.generation (a spec change) bring a look at once; events that change
+        neither (our own status writes, labels, annotations) cost nothing.
+        """
+        metadata = body.get("metadata", {})
+        known = self.registry.get((metadata.get("namespace", ""), metadata.get("name", "")))
+        if (
+            known is not None
+            and not known.stale
+            and known.uid == metadata.get("uid")
+            and known.generation == int(metadata.get("generation") or 0)
+        ):
+            return
+        await self.reconcile(body)
+
     def forget(self, namespace: str, name: str, uid: str | None = None) -> None:
         """The TokenRequest is gone; its Secret goes with it through garbage collection.
 
