@@ -19,15 +19,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
+import kubernetes
 
-from m2m_token_operator import metrics, redaction
+from m2m_token_operator import metrics, redaction, seal
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
-from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, load_api_client
+from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, KubeError, load_api_client
+from m2m_token_operator.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.peering import PeeringConfig, PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from m2m_token_operator.settings import Settings
+from m2m_token_operator.watch import LabelSelectedWatch
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +106,14 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.enabled = False  # our events are posted by the reconciler, one per change
     settings.peering.priority = peering_priority(config)
 
-    kube = KubeApi(load_api_client())
+    api_client = load_api_client()
+    kube = KubeApi(api_client)
+    try:
+        seal_key = await _seal_key(kube, config)
+    except BaseException:
+        kube.close()  # Kopf runs this handler again: one thread pool per attempt at most
+        api_client.close()  # type: ignore[no-untyped-call]
+        raise
     token_client = TokenClient(
         connect_timeout=config.connect_timeout, read_timeout=config.read_timeout
     )
@@ -114,9 +124,32 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         clock=utc_now,
         max_workers=config.fetch_workers,
     )
-    reconciler = TokenRequestReconciler(settings=config, kube=kube, cache=cache, clock=utc_now)
+    identity_namespaces = OperatorIdentityNamespaces(config.operator_identity_namespace_selector)
+    reconciler = TokenRequestReconciler(
+        settings=config,
+        kube=kube,
+        cache=cache,
+        clock=utc_now,
+        seal_key=seal_key,
+        identity_namespaces=identity_namespaces,
+    )
     memo["kube"] = kube
     memo["reconciler"] = reconciler
+    if identity_namespaces.selector is not None:
+        identity_namespaces.set_on_change(reconciler.namespace_allowed_changed)
+        watch = LabelSelectedWatch(
+            name="operator identity namespaces",
+            lister=kubernetes.client.CoreV1Api(api_client).list_namespace,
+            label_selector=identity_namespaces.selector,
+            on_event=identity_namespaces.on_event,
+        )
+        identity_namespaces.set_synced_check(watch.synced.is_set)
+        memo["namespaces_task"] = asyncio.create_task(watch.run(), name="m2m-namespaces-watch")
+    else:
+        logger.info(
+            "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR is not set: no namespace may use the"
+            " operator's own identity"
+        )
     gate = peering_gate(settings, kube=kube, reconciler=reconciler, environ=os.environ)
     if gate is not None:
         reconciler.scheduler.gate = gate
@@ -126,9 +159,29 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     metrics.serve(config.metrics_port)
 
 
+async def _seal_key(kube: KubeApi, config: Settings) -> seal.SealKey:
+    """The restart seal's key, read or created once; an API failure is retried by Kopf."""
+    namespace, name = config.seal_key_secret
+    try:
+        return await seal.load_or_create(kube, namespace=namespace, name=name)
+    except KubeError as error:
+        hint = ""
+        if error.status == 403:
+            hint = (
+                f"; grant get (resourceNames: [{name}]) and create on secrets in {namespace}"
+                " (the Role m2m-token-operator-seal-key in manifests/rbac.yaml)"
+            )
+        raise kopf.TemporaryError(
+            f"Cannot read or create the seal key Secret {namespace}/{name}: {error}{hint}",
+            delay=10,
+        ) from None
+    except seal.SealKeyError as error:
+        raise kopf.PermanentError(str(error)) from None
+
+
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    tasks = [memo.get("scheduler_task"), memo.get("peering_task")]
+    tasks = [memo.get("scheduler_task"), memo.get("peering_task"), memo.get("namespaces_task")]
     running: list[asyncio.Task[None]] = [task for task in tasks if task is not None]
     for task in running:
         task.cancel()

@@ -18,7 +18,7 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from m2m_token_operator import metrics
@@ -33,14 +33,18 @@ from m2m_token_operator.credentials import (
 )
 from m2m_token_operator.kube import JsonObject, KubeApi, KubeError
 from m2m_token_operator.models import SpecError, TokenRequestSpec, parse_spec
+from m2m_token_operator.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.policy import RetryPolicy
 from m2m_token_operator.redaction import REDACTOR
 from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.seal import SealKey
 from m2m_token_operator.secret_output import (
     Owner,
     WriteOutcome,
     delete_other_owned_secrets,
+    format_time,
     is_owned_by,
+    parse_time,
     render_secret,
     secret_data,
     secret_labels,
@@ -51,11 +55,13 @@ from m2m_token_operator.settings import Settings
 from m2m_token_operator.status import (
     INVALID_SPEC,
     KUBERNETES_API_ERROR,
+    OPERATOR_IDENTITY_NOT_ALLOWED,
     SECRET_CONFLICT,
     SECRET_WRITE_FAILED,
     Failure,
     Observation,
     build_status,
+    condition_reason,
     event_body,
     status_changed,
     transition_events,
@@ -64,6 +70,8 @@ from m2m_token_operator.status import (
 logger = logging.getLogger(__name__)
 
 ObjectRef = tuple[str, str]  # (namespace, name)
+# While the list of namespaces granted the operator's identity has not arrived yet.
+NAMESPACES_PENDING_RETRY = timedelta(seconds=1)
 
 
 @dataclass
@@ -136,12 +144,16 @@ class TokenRequestReconciler:
         kube: KubeApi,
         cache: TokenCache,
         clock: Callable[[], datetime],
+        seal_key: SealKey,
+        identity_namespaces: OperatorIdentityNamespaces,
         environ: Mapping[str, str] | None = None,
     ) -> None:
         self._settings = settings
         self._kube = kube
         self._cache = cache
         self._clock = clock
+        self._seal_key = seal_key
+        self._identity_namespaces = identity_namespaces
         self._environ = environ
         self._retry: RetryPolicy = settings.retry_policy()
         self._endpoint_policy = EndpointPolicy(
@@ -189,6 +201,14 @@ class TokenRequestReconciler:
                 continue
             if deleted or self._secret_drifted(subscription, secret):
                 self.scheduler.schedule(named_by, self._clock())
+
+    def namespace_allowed_changed(self, namespace: str) -> None:
+        """The namespace gained or lost the operator's identity: look at its users now."""
+        now = self._clock()
+        for subscription in self._subscriptions.values():
+            spec = subscription.spec
+            if subscription.namespace == namespace and spec and spec.credentials_secret is None:
+                self.scheduler.schedule(subscription.ref, now)
 
     def paused(self) -> None:
         """Another replica serves now: only it may speak for the TokenRequests in metrics."""
@@ -361,7 +381,7 @@ class TokenRequestReconciler:
             owner_uid=subscription.uid,
             scope=key.scope,
             now=self._clock(),
-            seal_for=lambda token: key.seal(credentials.client_secret, token),
+            seal_for=lambda token: self._seal_key.seal(key, credentials, token),
         )
         if token is not None:
             REDACTOR.register(token.value)
@@ -426,6 +446,16 @@ class TokenRequestReconciler:
             )
             self.scheduler.reschedule(subscription.ref, self._clock() + self._retry.maximum)
             return
+        if subscription.spec.credentials_secret is None:
+            allowed = self._identity_namespaces.allowed(subscription.namespace)
+            if allowed is None:
+                # Never "not allowed" for a namespace merely not heard of yet.
+                wake = self._clock() + NAMESPACES_PENDING_RETRY
+                self.scheduler.reschedule(subscription.ref, wake)
+                return
+            if not allowed:
+                await self._operator_identity_not_allowed(subscription, existing)
+                return
         try:
             credentials = await self._credentials(subscription)
         except CredentialsError as error:
@@ -552,6 +582,63 @@ class TokenRequestReconciler:
         wake = min(retry_at, token.expires_at) if token else retry_at
         self.scheduler.reschedule(subscription.ref, wake)
 
+    async def _operator_identity_not_allowed(
+        self, subscription: Subscription, existing: Mapping[str, Any] | None
+    ) -> None:
+        """No token request as the operator's identity here; a token in the Secret serves on.
+
+        The namespace never had the grant, or lost it (its label changed): the Secret
+        keeps what it holds until that expires, and the status says why nothing new comes.
+        """
+        assert subscription.spec is not None
+        if subscription.key is not None:
+            # Out of the shared entry: its refreshes are not for this namespace any more.
+            self._drop_from_key(subscription.key, subscription.ref)
+            subscription.key = None
+        now = self._clock()
+        token = None
+        if existing is not None:
+            token = token_from_secret(
+                existing,
+                owner_uid=subscription.uid,
+                scope=subscription.spec.scope,
+                now=now,
+                seal_for=None,  # what the workload reads now
+            )
+        message = self._identity_namespaces.denial_message(subscription.namespace)
+        if token is not None:
+            message += (
+                f". The token in Secret {subscription.spec.secret_name} stays until it expires"
+                f" at {format_time(token.expires_at)}; no new token is fetched"
+            )
+        # The failure time stays that of the first look that found the grant missing.
+        failed_at = now
+        _, degraded_reason = condition_reason(subscription.status, "Degraded")
+        previous_time = subscription.status.get("lastFailureTime")
+        if degraded_reason == OPERATOR_IDENTITY_NOT_ALLOWED and previous_time:
+            failed_at = parse_time(str(previous_time))
+        else:
+            metrics.record_refresh_failure(
+                subscription.namespace, subscription.name, reason=OPERATOR_IDENTITY_NOT_ALLOWED
+            )
+            logger.warning(
+                "%s not served: reason=%s (the namespace does not match the operator identity"
+                " namespace selector)",
+                subscription.log_context,
+                OPERATOR_IDENTITY_NOT_ALLOWED,
+            )
+        await self._publish(
+            subscription,
+            token=token,
+            refresh_at=None,
+            failure=Failure(OPERATOR_IDENTITY_NOT_ALLOWED, message),
+            failures=1,
+            failed_at=failed_at,
+            outcome=None,
+        )
+        # A label change wakes it through namespace_allowed_changed; Ready must flip on time.
+        self.scheduler.reschedule(subscription.ref, token.expires_at if token else None)
+
     async def _api_failed(self, subscription: Subscription, error: KubeError) -> None:
         """The API server refused a read or write: report it, keep the token, try again."""
         now = self._clock()
@@ -640,7 +727,7 @@ class TokenRequestReconciler:
                 secret_name=subscription.spec.secret_name,
                 scope=subscription.spec.scope,
                 token=result.token,
-                seal=result.key.seal(credentials.client_secret, result.token),
+                seal=self._seal_key.seal(result.key, credentials, result.token),
             )
             outcome = await write_secret(
                 self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
