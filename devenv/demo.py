@@ -51,6 +51,7 @@ from devenv.tokenserver import TokenServer, TokenServerError, ensure_classpath, 
 
 CLUSTER_NAME = "local"
 OPERATOR_CLIENT_ID = "m2m-demo-operator"
+DEMO_NAMESPACE = "demo"
 # The examples' TokenRequests, in the order they are applied; all in namespace `demo`.
 EXAMPLE_FILES = (
     "tokenrequest-target.yaml",
@@ -58,6 +59,8 @@ EXAMPLE_FILES = (
     "credentials-secret.yaml",
     "tokenrequest-credentials.yaml",
 )
+# Who may use the operator's own identity: only the demo namespace.
+OPERATOR_IDENTITY_SELECTOR = f"kubernetes.io/metadata.name in ({DEMO_NAMESPACE})"
 CLAIMS_SHOWN = ("aud", "iss", "sub", "iat", "exp")
 READY_TIMEOUT = 60.0
 GROUP, VERSION, PLURAL = "m2m.dev", "v1alpha1", "tokenrequests"
@@ -249,6 +252,9 @@ def run(*, exit_after_showing: bool, work_dir: Path) -> int:
                 # The local token server speaks http on 127.0.0.1: allowed here only.
                 "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS": "true",
                 "M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS": f"127.0.0.1:{token_server.port}",
+                # The examples without spec.credentials use the operator's own identity:
+                # an administrator's grant, here to the demo namespace only.
+                "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": OPERATOR_IDENTITY_SELECTOR,
             },
         )
         with console.step("Starting the operator as its ServiceAccount"):
@@ -258,10 +264,14 @@ def run(*, exit_after_showing: bool, work_dir: Path) -> int:
                 f"pid {operator.pid}, M2M_CLUSTER_NAME={CLUSTER_NAME}, all namespaces;"
                 f" log: {operator.log_file}"
             )
+            console.note(
+                "its own identity only for namespaces matching"
+                f" M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR={OPERATOR_IDENTITY_SELECTOR!r}"
+            )
 
         with console.step("Applying examples/ and waiting until the TokenRequests are Ready"):
             core = k8s.CoreV1Api(api)
-            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name="demo")))
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=DEMO_NAMESPACE)))
             objects = _example_objects(token_server)
             apply_objects(api, objects)
             token_requests = []

@@ -227,6 +227,7 @@ class TokenServer(StartStop):
         self.upstream_port = 0  # mock-oauth2-server's own
         self._process: ManagedProcess | None = None
         self._front: VerifyingFront | None = None
+        self._issuer: tuple[str, JwksSource] | None = None
 
     @property
     def base_url(self) -> str:
@@ -242,16 +243,28 @@ class TokenServer(StartStop):
         """`client_id` authenticates with private_key_jwt, verified with this public JWK."""
         self.front.register_jwk(client_id, public_jwk)
 
+    def trust_issuer(self, issuer: str, jwks: JwksSource) -> None:
+        """The default issuer of `register_federated`: e.g. the cluster's ServiceAccounts."""
+        self._issuer = (issuer, jwks)
+
     def register_federated(
         self,
         client_id: str,
-        *,
         subject: str,
-        issuer: str,
-        jwks: JwksSource,
+        *,
+        issuer: str | None = None,
+        jwks: JwksSource | None = None,
         audience: str = FEDERATION_AUDIENCE,
     ) -> None:
-        """`client_id` trusts tokens of `issuer` (keys from `jwks()`) for `subject`."""
+        """`client_id` trusts tokens of `issuer` (keys from `jwks()`) for `subject`.
+
+        Without `issuer`/`jwks`, those of `trust_issuer` (the e2e fixture `federation`
+        sets the control plane's): subject `system:serviceaccount:<namespace>:<name>`.
+        """
+        if issuer is None or jwks is None:
+            if self._issuer is None:
+                raise TokenServerError("register_federated needs an issuer: call trust_issuer")
+            issuer, jwks = issuer or self._issuer[0], jwks or self._issuer[1]
         self.front.register_federated(
             client_id, subject=subject, issuer=issuer, jwks=jwks, audience=audience
         )

@@ -85,6 +85,8 @@ def operator_env(
         "M2M_RETRY_INITIAL_SECONDS": "0.2",
         "M2M_RETRY_MAX_SECONDS": "2",
         "M2M_METRICS_PORT": "0",
+        # Every namespace may use the operator's own identity (the label every namespace has).
+        "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": "kubernetes.io/metadata.name",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }
@@ -104,6 +106,8 @@ def operator_env(
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # Where the operator keeps the restart seal's key Secret (its own namespace).
+    kube.ensure_namespace("m2m-token-operator")
     # The kubernetes client reads $KUBECONFIG once, when it is imported (long before this
     # fixture), into KUBE_CONFIG_DEFAULT_LOCATION; load_kube_config() reads that constant.
     monkeypatch.setattr(
