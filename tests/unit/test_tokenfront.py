@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+from devenv.jwk import PRIVATE_MEMBERS, new_application_jwk
 from devenv.tokenfront import ASSERTION_TYPE, FEDERATION_AUDIENCE, VerifyingFront
 
 CLIENT_ID = "app-with-key"
@@ -253,3 +254,29 @@ def test_a_service_account_token_of_another_key_is_rejected(
     _assert_rejected(
         _with_assertion(federated_front, forged, FEDERATED_CLIENT), 700027, "InvalidSignature"
     )
+
+
+def test_an_application_jwk_signs_assertions_the_front_accepts(
+    front: VerifyingFront,
+) -> None:
+    """devenv.jwk makes what an identity provisioning operator writes: kid = x5t."""
+    private, public = new_application_jwk()
+    assert private["kid"] == private["x5t"]
+    assert not set(PRIVATE_MEMBERS) & set(public)
+    front.register_jwk(CLIENT_ID, public)
+    signing_key = jwt.PyJWK(private, algorithm="RS256")
+    now = int(time.time())
+    assertion = jwt.encode(
+        {
+            "aud": _endpoint(front),
+            "iss": CLIENT_ID,
+            "sub": CLIENT_ID,
+            "jti": str(uuid.uuid4()),
+            "nbf": now,
+            "exp": now + 300,
+        },
+        signing_key.key,
+        algorithm="RS256",
+        headers={"kid": private["kid"], "x5t": private["x5t"]},
+    )
+    assert _with_assertion(front, assertion).status_code == 200
