@@ -617,6 +617,9 @@ class TokenRequestReconciler:
         previous_time = subscription.status.get("lastFailureTime")
         if degraded_reason == OPERATOR_IDENTITY_NOT_ALLOWED and previous_time:
             failed_at = parse_time(str(previous_time))
+            logger.debug(
+                "%s still not served: reason=%s", subscription.log_context, degraded_reason
+            )
         else:
             metrics.record_refresh_failure(
                 subscription.namespace, subscription.name, reason=OPERATOR_IDENTITY_NOT_ALLOWED

@@ -405,6 +405,9 @@ class WatchEvent:
     namespace: str | None
     type: str  # ADDED, MODIFIED, DELETED
     object: JsonObject
+    # The object before a MODIFIED: a selector watch sees an object that stops (starts)
+    # matching as DELETED (ADDED), as the API server sends it.
+    previous: JsonObject | None = None
 
 
 @attrs.define(kw_only=True)
@@ -548,10 +551,17 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return str(self._resource_version)
 
     def _publish(
-        self, resource: kmock.resource, namespace: str | None, type_: str, obj: JsonObject
+        self,
+        resource: kmock.resource,
+        namespace: str | None,
+        type_: str,
+        obj: JsonObject,
+        previous: JsonObject | None = None,
     ) -> None:
         version = int(obj["metadata"]["resourceVersion"])
-        self._log.append(WatchEvent(version, resource, namespace, type_, copy.deepcopy(obj)))
+        self._log.append(
+            WatchEvent(version, resource, namespace, type_, copy.deepcopy(obj), previous)
+        )
         self._log_versions.append(version)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
@@ -580,10 +590,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         self, resource: kmock.resource, namespace: str | None, body: JsonObject
     ) -> JsonObject:
         body["metadata"]["resourceVersion"] = self._next_version()
-        self.objects[resource, namespace, body["metadata"]["name"]].history.append(
-            copy.deepcopy(body)
-        )
-        self._publish(resource, namespace, "MODIFIED", body)
+        history = self.objects[resource, namespace, body["metadata"]["name"]].history
+        previous = copy.deepcopy(history[-1]) if history and history[-1] is not None else None
+        history.append(copy.deepcopy(body))
+        self._publish(resource, namespace, "MODIFIED", body, previous)
         self._schedule_gc()
         return body
 
@@ -1147,12 +1157,18 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 while position < len(self._log):
                     event = self._log[position]
                     position += 1
-                    if (
-                        event.resource == resource
-                        and namespace in (None, event.namespace)
-                        and predicate(event.object)
-                    ):
-                        yield {"type": event.type, "object": copy.deepcopy(event.object)}
+                    if event.resource != resource or namespace not in (None, event.namespace):
+                        continue
+                    matches = predicate(event.object)
+                    kind = event.type
+                    if kind == "MODIFIED" and event.previous is not None:
+                        matched = predicate(event.previous)
+                        if matched and not matches:
+                            kind, matches = "DELETED", True  # stopped matching the selector
+                        elif matches and not matched:
+                            kind = "ADDED"  # started matching it
+                    if matches:
+                        yield {"type": kind, "object": copy.deepcopy(event.object)}
                 remaining = deadline - loop.time() if deadline is not None else 0.5
                 if remaining <= 0 or transport is None or transport.is_closing():
                     return

@@ -18,6 +18,8 @@ the emulator and the token endpoint each run in their own threads, so a test
 
 from __future__ import annotations
 
+import base64
+import contextlib
 from collections.abc import Iterator
 
 import kubernetes
@@ -106,8 +108,20 @@ def operator_env(
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    # Where the operator keeps the restart seal's key Secret (its own namespace).
+    # The restart seal's key Secret, as a running cluster has it (the operator's first
+    # start creates it; the e2e tests cover that). Seeded in the emulator's store, not
+    # through the API: tests that count or fail Secret requests see the operator's only.
     kube.ensure_namespace("m2m-token-operator")
+    with contextlib.suppress(Exception):  # made by a previous operator_env of this emulator
+        kube.call(
+            kube.server.emulator.create,
+            "v1/secrets",
+            "m2m-token-operator",
+            {
+                "metadata": {"name": "m2m-token-operator-seal-key"},
+                "data": {"key": base64.b64encode(b"integration-seal-key-32-bytes!!!").decode()},
+            },
+        )
     # The kubernetes client reads $KUBECONFIG once, when it is imported (long before this
     # fixture), into KUBE_CONFIG_DEFAULT_LOCATION; load_kube_config() reads that constant.
     monkeypatch.setattr(
