@@ -144,7 +144,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
             on_event=identity_namespaces.on_event,
         )
         identity_namespaces.set_synced_check(watch.synced.is_set)
-        memo["namespaces_task"] = asyncio.create_task(watch.run(), name="m2m-namespaces-watch")
+        memo["namespaces_task"] = asyncio.create_task(
+            _watch_namespaces(watch, reconciler), name="m2m-namespaces-watch"
+        )
     else:
         logger.info(
             "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR is not set: no namespace may use the"
@@ -157,6 +159,20 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         memo["peering_task"] = asyncio.create_task(gate.run(), name="m2m-peering-gate")
     memo["scheduler_task"] = asyncio.create_task(reconciler.scheduler.run(), name="m2m-scheduler")
     metrics.serve(config.metrics_port)
+
+
+async def _watch_namespaces(watch: LabelSelectedWatch, reconciler: TokenRequestReconciler) -> None:
+    """Run the Namespace watch; once its first list is in, TokenRequests waiting for it go on."""
+
+    async def wake_when_synced() -> None:
+        await watch.synced.wait()
+        reconciler.namespace_allowed_changed(None)
+
+    waker = asyncio.create_task(wake_when_synced(), name="m2m-namespaces-synced")
+    try:
+        await watch.run()
+    finally:
+        waker.cancel()
 
 
 async def _seal_key(kube: KubeApi, config: Settings) -> seal.SealKey:

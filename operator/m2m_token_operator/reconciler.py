@@ -11,6 +11,7 @@ key is woken at once, so one call to the token endpoint serves them all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -70,8 +71,9 @@ from m2m_token_operator.status import (
 logger = logging.getLogger(__name__)
 
 ObjectRef = tuple[str, str]  # (namespace, name)
-# While the list of namespaces granted the operator's identity has not arrived yet.
-NAMESPACES_PENDING_RETRY = timedelta(seconds=1)
+# While the list of namespaces granted the operator's identity has not arrived yet: a
+# safety net only, since its arrival wakes every TokenRequest that waits for it.
+NAMESPACES_PENDING_RETRY = timedelta(seconds=30)
 
 
 @dataclass
@@ -202,12 +204,17 @@ class TokenRequestReconciler:
             if deleted or self._secret_drifted(subscription, secret):
                 self.scheduler.schedule(named_by, self._clock())
 
-    def namespace_allowed_changed(self, namespace: str) -> None:
-        """The namespace gained or lost the operator's identity: look at its users now."""
+    def namespace_allowed_changed(self, namespace: str | None) -> None:
+        """The namespace gained or lost the operator's identity: look at its users now.
+
+        None: every namespace (the first list of granted namespaces has arrived).
+        """
         now = self._clock()
         for subscription in self._subscriptions.values():
             spec = subscription.spec
-            if subscription.namespace == namespace and spec and spec.credentials_secret is None:
+            if namespace not in (None, subscription.namespace):
+                continue
+            if spec is not None and spec.credentials_secret is None:
                 self.scheduler.schedule(subscription.ref, now)
 
     def paused(self) -> None:
@@ -428,6 +435,15 @@ class TokenRequestReconciler:
             )
             self.scheduler.reschedule(subscription.ref, None)
             return
+        allowed = True
+        if subscription.spec.credentials_secret is None:
+            allowed_here = self._identity_namespaces.allowed(subscription.namespace)
+            if allowed_here is None:
+                # Never "not allowed" for a namespace merely not heard of yet.
+                wake = self._clock() + NAMESPACES_PENDING_RETRY
+                self.scheduler.reschedule(subscription.ref, wake)
+                return
+            allowed = allowed_here
         # Read once per look: for the conflict check, the seeding and the write.
         existing = await self._kube.read_secret(
             subscription.namespace, subscription.spec.secret_name
@@ -446,16 +462,9 @@ class TokenRequestReconciler:
             )
             self.scheduler.reschedule(subscription.ref, self._clock() + self._retry.maximum)
             return
-        if subscription.spec.credentials_secret is None:
-            allowed = self._identity_namespaces.allowed(subscription.namespace)
-            if allowed is None:
-                # Never "not allowed" for a namespace merely not heard of yet.
-                wake = self._clock() + NAMESPACES_PENDING_RETRY
-                self.scheduler.reschedule(subscription.ref, wake)
-                return
-            if not allowed:
-                await self._operator_identity_not_allowed(subscription, existing)
-                return
+        if not allowed:
+            await self._operator_identity_not_allowed(subscription, existing)
+            return
         try:
             credentials = await self._credentials(subscription)
         except CredentialsError as error:
@@ -616,7 +625,8 @@ class TokenRequestReconciler:
         _, degraded_reason = condition_reason(subscription.status, "Degraded")
         previous_time = subscription.status.get("lastFailureTime")
         if degraded_reason == OPERATOR_IDENTITY_NOT_ALLOWED and previous_time:
-            failed_at = parse_time(str(previous_time))
+            with contextlib.suppress(ValueError):
+                failed_at = parse_time(str(previous_time))
             logger.debug(
                 "%s still not served: reason=%s", subscription.log_context, degraded_reason
             )
