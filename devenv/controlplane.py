@@ -224,7 +224,7 @@ def service_account_jwks(api_client: k8s.ApiClient) -> dict[str, Any]:
     method, url, headers, body, post_params = api_client.param_serialize(
         "GET",
         "/openid/v1/jwks",
-        header_params={"Accept": "application/json"},
+        header_params={"Accept": "application/jwk-set+json"},
         auth_settings=["BearerToken"],
     )
     response = api_client.call_api(method, url, headers, body, post_params, _request_timeout=10)
