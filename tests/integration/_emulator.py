@@ -591,7 +591,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     ) -> JsonObject:
         body["metadata"]["resourceVersion"] = self._next_version()
         history = self.objects[resource, namespace, body["metadata"]["name"]].history
-        previous = copy.deepcopy(history[-1]) if history and history[-1] is not None else None
+        last = history[-1] if history else None
+        previous: JsonObject | None = None if last is None else copy.deepcopy(dict(last))
         history.append(copy.deepcopy(body))
         self._publish(resource, namespace, "MODIFIED", body, previous)
         self._schedule_gc()
