@@ -340,9 +340,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(401, json.dumps(entra_error(rejected.code, rejected.description)).encode())
             return
         except Exception as error:  # a broken check (e.g. the JWKS unreachable): say so
-            body = {"error": "server_error", "error_description": f"front: {error!r}"}
+            problem = {"error": "server_error", "error_description": f"front: {error!r}"}
             front.record(FrontRequest(client_id, "client_assertion", False, None, repr(error)))
-            self._send(500, json.dumps(body).encode())
+            self._send(500, json.dumps(problem).encode())
             return
         front.record(FrontRequest(client_id, method, True, None))
         if dummy_secret:
