@@ -11,26 +11,31 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import time
 import uuid
 from typing import Any
 
 import jwt
+import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from kubernetes import client as k8s
 
-from devenv.install import OPERATOR_NAMESPACE
+from devenv.controlplane import Cluster
+from devenv.install import OPERATOR_NAMESPACE, REPO_ROOT
 from devenv.operatorprocess import OperatorProcess
 from devenv.tokenfront import ASSERTION_TYPE, FEDERATION_AUDIENCE
 from devenv.tokenserver import TokenServer, jwt_claims
 
 from ._support import (
+    CLUSTER_NAME,
     OPERATOR_CLIENT_ID,
     Kube,
     OperatorFactory,
     condition_of,
+    kubectl,
     log_problems,
     token_request,
     wait_for,
@@ -284,3 +289,82 @@ def test_front_verifies_private_key_jwt_and_refuses_a_replay(token_server: Token
         algorithm="RS256",
     )
     assert _rejected_with(_with_assertion(token_server, client_id, wrong_aud), 700027)
+
+
+# --- the admission policy of docs/security.md -----------------------------------------------
+
+
+def _documented_policy() -> str:
+    """The ValidatingAdmissionPolicy (and binding) exactly as docs/security.md shows it."""
+    text = (REPO_ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
+    [policy] = [block for block in blocks if "kind: ValidatingAdmissionPolicy\n" in block]
+    return str(policy)
+
+
+@pytest.mark.usefixtures("operator_installed")
+def test_the_documented_admission_policy_covers_target_and_scope(
+    control_plane: Cluster, kube: Kube, namespace: str, admin_api: k8s.ApiClient
+) -> None:
+    policy = _documented_policy()
+    assert "expression: \"'prod-gcp'\"" in policy
+    applied = kubectl(
+        control_plane,
+        "apply",
+        "-f",
+        "-",
+        stdin=policy.replace("expression: \"'prod-gcp'\"", f"expression: \"'{CLUSTER_NAME}'\""),
+    )
+    assert applied.returncode == 0, applied.stderr
+    try:
+        k8s.CoreV1Api(admin_api).patch_namespace(
+            namespace, {"metadata": {"labels": {"m2m.dev/require-own-credentials": "true"}}}
+        )
+        own = {"credentials": {"secretRef": {"name": "azure-app"}}}
+
+        def attempt(name: str, spec: dict[str, Any]) -> str | None:
+            """None when admitted, else the denial message."""
+            body = token_request(name)
+            body["spec"] = spec
+            try:
+                kube.create_token_request(namespace, body)
+            except k8s.ApiException as error:
+                text = str(error.body)
+                if "ValidatingAdmissionPolicy 'm2m-require-own-credentials'" not in text:
+                    raise  # the CRD's own validation, say: not what this test is about
+                return text
+            kube.delete_token_request(namespace, name)
+            return None
+
+        # The policy takes effect within a second or two of its creation.
+        wait_for(
+            lambda: attempt("probe", {"scope": _scope(namespace)}) is not None,
+            timeout=30,
+            what="the admission policy to take effect",
+        )
+        target = {"application": "orders-api"}
+        denied: dict[str, dict[str, Any]] = {
+            "no-credentials": {"target": target},
+            "other-namespace": {**own, "target": {**target, "namespace": "orders"}},
+            "other-cluster": {**own, "target": {**target, "cluster": "prod-aws"}},
+            "scope-other-namespace": {**own, "scope": "api://e2e.orders.orders-api/.default"},
+            "scope-other-cluster": {
+                **own,
+                "scope": f"api://prod-aws.{namespace}.orders-api/.default",
+            },
+            "scope-not-an-app": {**own, "scope": f"api://e2e.{namespace}.a.b/.default"},
+        }
+        for name, spec in denied.items():
+            message = attempt(name, spec)
+            assert message is not None, f"{name} was admitted"
+            assert "m2m-require-own-credentials" in message
+        admitted: dict[str, dict[str, Any]] = {
+            "own-target": {**own, "target": {**target, "namespace": namespace}},
+            "own-cluster": {**own, "target": {**target, "cluster": CLUSTER_NAME}},
+            "own-scope": {**own, "scope": f"api://e2e.{namespace}.orders-api/.default"},
+        }
+        for name, spec in admitted.items():
+            assert attempt(name, spec) is None, f"{name} was denied"
+    finally:
+        for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+            kubectl(control_plane, "delete", kind, "m2m-require-own-credentials")
