@@ -16,7 +16,8 @@ verifies before it lets a request through:
   (`system:serviceaccount:<namespace>:<name>`) and `aud`, not expired;
 - a client registered with a secret (`register_secret`): `client_secret` must
   match (else AADSTS7000215, as Entra answers a wrong secret);
-- any other client with `client_secret`: passed through unchanged, as before.
+- any other client: passed through unchanged, as before (its assertions
+  unverified, unless `strict`, which rejects them as Entra does: AADSTS700016).
 
 A verified assertion becomes a client-credentials request with a dummy secret
 to mock-oauth2-server, whose answer is returned as it is. A rejected one gets
@@ -93,8 +94,14 @@ class _Rejected(Exception):
 class VerifyingFront:
     """The HTTP server on 127.0.0.1 in front of `upstream` (mock-oauth2-server's base URL)."""
 
-    def __init__(self, upstream: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, upstream: str, *, strict: bool = False, clock: Callable[[], float] = time.time
+    ) -> None:
         self.upstream = upstream.rstrip("/")
+        # strict: an assertion of a client registered with neither a JWK nor a federated
+        # credential is rejected (AADSTS700016), as Entra does. Not strict (the default):
+        # it goes upstream unverified, as it did before this front existed.
+        self.strict = strict
         self._clock = clock
         self._lock = threading.Lock()
         self._jwks: dict[str, dict[str, Any]] = {}
@@ -198,12 +205,14 @@ class VerifyingFront:
                 self._check_private_key_jwt(client_id, assertion, public_jwk, endpoint_url)
             elif federated is not None:
                 self._check_federated(client_id, assertion, federated)
-            else:
+            elif self.strict:
                 raise _Rejected(
                     AADSTS_UNKNOWN_CLIENT,
                     f"Application with identifier '{client_id}' has no certificate or federated"
                     " credential registered for client assertions",
                 )
+            else:
+                return "client_assertion (unverified)", False  # as mock-oauth2-server had it
             return "client_assertion", True
         if "client_secret" in form:
             if secret is not None and form["client_secret"] != secret:

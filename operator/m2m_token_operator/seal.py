@@ -5,7 +5,7 @@ wrote, so that a restart costs no call to the token endpoint and no write. Those
 Secrets live in tenants' namespaces and their users may edit them, so a token
 is taken back only when the Secret's `m2m.dev/seal` annotation verifies: an
 HMAC-SHA256 over the token, its times, and everything its cache entry stands
-for (endpoint, client id, realm, scope, the credential).
+for (endpoint, client id, scope, the credential).
 
 The HMAC key is the operator's own: 32 random bytes in a Secret in the
 operator's namespace (`m2m-token-operator-seal-key`), created once by whichever
@@ -35,8 +35,8 @@ from m2m_token_operator.kube import Conflict, JsonObject, KubeApi
 
 if TYPE_CHECKING:
     from m2m_token_operator.cache import CacheKey
-    from m2m_token_operator.client import AccessToken
     from m2m_token_operator.credentials import ClientCredentials
+    from m2m_token_operator.tokens import AccessToken
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,13 @@ class SealKey:
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def credential_binding(self, credentials: ClientCredentials) -> str:
-        """The credential, as seen through the key: equal for an unchanged credential only."""
-        return self._mac(b"credential\n" + credentials.client_secret.encode())
+        """The credential, as seen through the key: equal for an unchanged credential only.
+
+        `seal_secret` is stable across restarts (unlike the cache key's fingerprint, whose
+        key is per process): the client secret, a secret derived from the private key, or
+        a ServiceAccount's namespace/name/uid.
+        """
+        return self._mac(b"credential\n" + credentials.seal_secret.encode())
 
     def seal(self, key: CacheKey, credentials: ClientCredentials, token: AccessToken) -> str:
         """The seal written beside `token` in its Secret, for the cache entry `key`."""
@@ -79,7 +84,6 @@ class SealKey:
                 "seal",
                 key.token_endpoint,
                 key.client_id,
-                key.realm,
                 key.scope,
                 self.credential_binding(credentials),
                 token.value,

@@ -70,6 +70,8 @@ class Settings:
     metrics_port: int
     log_format: str
     peering_priority: int | None = None  # None: derived from the host name (see handlers)
+    # The audience of the ServiceAccount tokens minted for workload identity federation.
+    federation_audience: str = "api://AzureADTokenExchange"
     # None: no namespace may use the operator's own identity (see namespaces.py).
     operator_identity_namespace_selector: str | None = None
     # (namespace, name) of the Secret holding the restart seal's HMAC key (see seal.py).
@@ -163,6 +165,8 @@ class Settings:
                 low=-PEERING_PRIORITY_LIMIT,
                 high=PEERING_PRIORITY_LIMIT,
             ),
+            federation_audience=reader.text("M2M_FEDERATION_AUDIENCE")
+            or "api://AzureADTokenExchange",
             operator_identity_namespace_selector=selector,
             seal_key_secret=_seal_key_secret(reader, env),
         )

@@ -12,8 +12,7 @@ from typing import Any, cast
 import pytest
 
 from m2m_token_operator.cache import CacheKey
-from m2m_token_operator.client import AccessToken
-from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.credentials import ClientCredentials, secret_credentials
 from m2m_token_operator.kube import Conflict, JsonObject, KubeApi
 from m2m_token_operator.seal import (
     KEY_BYTES,
@@ -24,18 +23,18 @@ from m2m_token_operator.seal import (
     new_key_secret,
 )
 from m2m_token_operator.secret_output import Owner, render_secret, token_from_secret
+from m2m_token_operator.tokens import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 SCOPE = "api://prod.orders.orders-api/.default"
 ENDPOINT = "https://login.example/t/oauth2/v2.0/token"
 CLIENT_SECRET = "s3cr3t-value-of-the-client"
 KEY = SealKey(b"k" * KEY_BYTES)
-CREDENTIALS = ClientCredentials(
+CREDENTIALS = secret_credentials(
     token_endpoint=ENDPOINT,
     client_id="client-1",
     client_secret=CLIENT_SECRET,
     source="operator identity",
-    realm="",
 )
 CACHE_KEY = CacheKey.for_credentials(CREDENTIALS, SCOPE)
 TOKEN = AccessToken(
@@ -48,17 +47,16 @@ TOKEN = AccessToken(
 
 def _with(**changes: Any) -> tuple[CacheKey, ClientCredentials, AccessToken]:
     """The seal's inputs with one thing changed."""
-    key_names = {"token_endpoint", "client_id", "scope", "realm"}
+    key_names = {"token_endpoint", "client_id", "scope"}
     secret = changes.pop("client_secret", CLIENT_SECRET)
-    key = dataclasses.replace(CACHE_KEY, **{k: v for k, v in changes.items() if k in key_names})
     token = dataclasses.replace(TOKEN, **{k: v for k, v in changes.items() if k not in key_names})
-    credentials = dataclasses.replace(
-        CREDENTIALS,
-        token_endpoint=key.token_endpoint,
-        client_id=key.client_id,
+    credentials = secret_credentials(
+        token_endpoint=changes.get("token_endpoint", ENDPOINT),
+        client_id=changes.get("client_id", "client-1"),
         client_secret=secret,
-        realm=key.realm,
+        source="operator identity",
     )
+    key = CacheKey.for_credentials(credentials, changes.get("scope", SCOPE))
     return key, credentials, token
 
 
@@ -76,7 +74,6 @@ def test_the_same_inputs_give_the_same_versioned_seal() -> None:
         {"token_endpoint": "https://login.example/other/oauth2/v2.0/token"},
         {"client_id": "client-2"},
         {"scope": "api://prod.orders.payments/.default"},
-        {"realm": "shop"},
         {"client_secret": "rotated-while-the-operator-was-down"},
         {"value": "header.payload.other-signature"},
         {"token_type": "pop"},

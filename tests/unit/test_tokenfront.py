@@ -160,9 +160,12 @@ def test_a_replayed_jti_is_rejected(front: VerifyingFront, rsa_key: rsa.RSAPriva
     _assert_rejected(_with_assertion(front, assertion), 700027, "replay")
 
 
-def test_an_assertion_for_an_unregistered_client_is_rejected(
+def test_an_assertion_for_an_unregistered_client_is_rejected_when_strict(
     front: VerifyingFront, rsa_key: rsa.RSAPrivateKey
 ) -> None:
+    passed = _with_assertion(front, _assertion(rsa_key, front))
+    assert passed.json()["form"]["client_assertion"]  # not strict: upstream, unverified
+    front.strict = True
     _assert_rejected(_with_assertion(front, _assertion(rsa_key, front)), 700016, CLIENT_ID)
 
 
