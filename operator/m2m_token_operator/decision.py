@@ -85,6 +85,8 @@ class Facts:
     write: WriteOutcome | None = None  # None: nothing was written (no token to write)
     api_error: KubeError | None = None  # the Kubernetes API call that ended the look
     api_failures: int = 0  # consecutive, before this look
+    # The m2m.dev/refresh value this look forced a fetch for (recorded in status).
+    refresh_request: str | None = None
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         failed_attempts=failed_attempts,
         last_failure_at=failed_at,
         now=now,
+        last_refresh_request=facts.refresh_request if facts.cache is not None else None,
     )
     previous = facts.previous_status
     desired = build_status(observation, previous)

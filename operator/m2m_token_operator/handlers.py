@@ -325,16 +325,9 @@ async def refresh_annotation(
     value = refresh.pending_request(body.metadata.annotations, body.status)
     if value is None:
         return
-    reconciler = _reconciler(memo)
-    # TODO(lead): TokenRequestReconciler.refresh_requested(namespace, name, value) lives in
-    # reconciler.py (not edited on this branch); see docs/architecture.md, "Force a refresh".
-    # Until it exists the annotation is noticed here and ignored.
-    refresh_requested = getattr(reconciler, "refresh_requested", None)
-    if refresh_requested is None:
-        logger.debug("m2m.dev/refresh on %s/%s: not wired yet", body.metadata.namespace,
-                     body.metadata.name)  # fmt: skip
-        return
-    await refresh_requested(body.metadata.namespace or "", body.metadata.name or "", value)
+    _reconciler(memo).refresh_requested(
+        body.metadata.namespace or "", body.metadata.name or "", value
+    )
 
 
 def _watched_secret(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:

@@ -52,6 +52,7 @@ from m2m_token_operator.secret_output import (
     render_secret,
     secret_data,
     secret_labels,
+    template_drifted_from,
     token_from_secret,
     write_secret,
 )
@@ -157,6 +158,14 @@ class TokenRequestReconciler:
             if spec is not None and _uses_operator_identity(spec):
                 self.scheduler.schedule(subscription.ref, now)
 
+    def refresh_requested(self, namespace: str, name: str, value: str) -> None:
+        """A new m2m.dev/refresh value: fetch a new token at the next look, which is now."""
+        subscription = self.registry.get((namespace, name))
+        if subscription is None or subscription.refresh_request == value:
+            return  # not learnt yet: learning finds the annotation in the object itself
+        subscription.refresh_request = value
+        self.scheduler.schedule(subscription.ref, self._clock())
+
     def paused(self) -> None:
         """Another replica serves now: only it may speak for the TokenRequests in metrics."""
         for subscription in self.registry:
@@ -200,6 +209,8 @@ class TokenRequestReconciler:
         labels = secret.get("metadata", {}).get("labels") or {}
         if any(labels.get(k) != v for k, v in secret_labels(subscription.owner).items()):
             return True
+        if template_drifted_from(secret, subscription.spec.secret_template):
+            return True  # the template's labels and annotations are kept like the data
         return not is_owned_by(secret, subscription.uid)
 
     # One look: gather → decide → apply
@@ -315,9 +326,17 @@ class TokenRequestReconciler:
                 self.registry.use_key(subscription, key)
                 if first_look:
                     self._seed_from_secret(subscription, key, credentials, existing)
-            result = await self._cache.get(
-                credentials, spec.scope, refresh_before=spec.refresh_before
-            )
+            forced = subscription.refresh_request
+            if forced is not None:
+                # m2m.dev/refresh: a new token now, bypassing the cache (rate-limited per key).
+                facts = dataclasses.replace(facts, refresh_request=forced)
+                result = await self._cache.force(
+                    credentials, spec.scope, refresh_before=spec.refresh_before
+                )
+            else:
+                result = await self._cache.get(
+                    credentials, spec.scope, refresh_before=spec.refresh_before
+                )
             metrics.record_cache_lookup(fetched=result.fetched)
             if result.token is not None:
                 REDACTOR.register(result.token.value)
@@ -334,6 +353,7 @@ class TokenRequestReconciler:
                 scope=spec.scope,
                 token=result.token,
                 seal=self._seal(key, credentials, result.token),
+                template=spec.secret_template,
             )
             written = await write_secret(
                 self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
@@ -374,6 +394,9 @@ class TokenRequestReconciler:
                 self.forget(subscription.namespace, subscription.name, subscription.uid)
                 return
             subscription.status = outcome.status
+        handled = outcome.observation.last_refresh_request if outcome.observation else None
+        if handled is not None and subscription.refresh_request == handled:
+            subscription.refresh_request = None  # recorded in status: done
         now = self._clock()
         for event in outcome.events:
             await self._kube.create_event(

@@ -26,6 +26,7 @@ from typing import Any
 from m2m_token_operator.cache import CacheKey
 from m2m_token_operator.kube import JsonObject
 from m2m_token_operator.models import SpecError, TokenRequestSpec, parse_spec
+from m2m_token_operator.refresh import pending_request
 from m2m_token_operator.secret_output import Owner
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Subscription:
     stale: bool = False
     # metadata.deletionTimestamp is set: the object is going away and is served no more.
     deleting: bool = False
+    # An m2m.dev/refresh value not handled yet (refresh.recorded_value form): force a fetch.
+    refresh_request: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -132,6 +135,10 @@ class Registry:
             stale=stale,
             deleting=bool(metadata.get("deletionTimestamp")),
         )
+        # A value set while the operator was down is in the object itself.
+        subscription.refresh_request = pending_request(
+            metadata.get("annotations"), subscription.status
+        ) or (previous.refresh_request if previous is not None and not replaced else None)
         delivered_to = subscription.status.get("secretName")
         subscription.cleanup_pending = bool(
             spec is not None and delivered_to and delivered_to != spec.secret_name

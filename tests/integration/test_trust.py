@@ -1,7 +1,7 @@
 """The operator's own identity, only in namespaces the selector grants it to.
 
-The emulator evaluates the label selector of the operator's Namespace watch as
-the API server does; the real API server is in tests/e2e/test_trust.py.
+The operator's Namespace watch runs against the real API server here, with the
+operator in this process; tests/e2e/test_trust.py runs it as a process.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SELECTOR = {"M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": f"{LABEL}=allowed"}
 
 
 def label(kube: Kube, value: str | None) -> None:
-    kube.core.patch_namespace(NS, {"metadata": {"labels": {LABEL: value}}})
+    kube.core.patch_namespace(kube.ns(NS), {"metadata": {"labels": {LABEL: value}}})
 
 
 async def test_a_namespace_gets_and_loses_the_operator_identity_with_its_label(

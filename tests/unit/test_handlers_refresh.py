@@ -17,7 +17,7 @@ class RecordingReconciler:
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, str]] = []
 
-    async def refresh_requested(self, namespace: str, name: str, value: str) -> None:
+    def refresh_requested(self, namespace: str, name: str, value: str) -> None:
         self.requests.append((namespace, name, value))
 
 
@@ -55,9 +55,3 @@ async def test_a_long_value_is_handed_over_in_its_recorded_form() -> None:
     await refresh_annotation(type=None, body=body({"m2m.dev/refresh": "x" * 1000}), memo=memo)
     [(_, _, value)] = reconciler.requests
     assert value.startswith("sha256:")
-
-
-async def test_without_the_reconciler_method_the_annotation_is_ignored() -> None:
-    memo = kopf.Memo(reconciler=object())
-    # Must not raise: until the reconciler is wired, Kopf would otherwise retry for ever.
-    await refresh_annotation(type="MODIFIED", body=body({"m2m.dev/refresh": "v"}), memo=memo)
