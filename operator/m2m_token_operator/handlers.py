@@ -105,7 +105,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
     kube = KubeApi(load_api_client())
     token_client = TokenClient(
-        connect_timeout=config.connect_timeout, read_timeout=config.read_timeout
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        deadline=config.request_deadline,
     )
     cache = TokenCache(
         fetch=metrics.instrument_fetch(token_client.fetch),

@@ -12,6 +12,7 @@ mounted Secret is rotated in place while the operator keeps running.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping
@@ -59,6 +60,10 @@ class Settings:
     metrics_port: int
     log_format: str
     peering_priority: int | None = None  # None: derived from the host name (see handlers)
+    # A total for one token request, headers and body (connect + read timeouts by default).
+    request_deadline: float = 20.0
+    # Looks in flight at once per namespace, so no namespace can take every worker.
+    namespace_concurrency: int = 4
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -135,6 +140,17 @@ class Settings:
                 example=100,
                 low=-PEERING_PRIORITY_LIMIT,
                 high=PEERING_PRIORITY_LIMIT,
+            ),
+        )
+        settings = dataclasses.replace(
+            settings,
+            request_deadline=reader.seconds(
+                "M2M_REQUEST_DEADLINE_SECONDS",
+                default=settings.connect_timeout + settings.read_timeout,
+                minimum=0,
+            ),
+            namespace_concurrency=reader.integer(
+                "M2M_NAMESPACE_CONCURRENCY", default=4, low=1, high=256
             ),
         )
         if settings.retry_max < settings.retry_initial:
