@@ -87,6 +87,10 @@ def peering_gate(
     )
 
 
+def _namespace_of(ref: tuple[str, str]) -> str:
+    return ref[0]
+
+
 def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
     reconciler: TokenRequestReconciler = memo["reconciler"]
     return reconciler
@@ -117,6 +121,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         max_workers=config.fetch_workers,
     )
     reconciler = TokenRequestReconciler(settings=config, kube=kube, cache=cache, clock=utc_now)
+    # No namespace may hold more than its share of the looks in flight (and the fetches).
+    reconciler.scheduler.fair_by(_namespace_of, limit=config.namespace_concurrency)
     memo["kube"] = kube
     memo["reconciler"] = reconciler
     gate = peering_gate(settings, kube=kube, reconciler=reconciler, environ=os.environ)
