@@ -306,6 +306,7 @@ class TokenRequestReconciler:
         if subscribers is None:
             return
         subscribers.discard(ref)
+        self._cache.unsubscribe(key, ref)  # its refresh_before no longer counts for the key
         if not subscribers:
             del self._by_key[key]
             self._cache.forget(key)  # nobody needs this token any more
@@ -450,6 +451,8 @@ class TokenRequestReconciler:
             self._by_key[key].add(subscription.ref)
             if first_look:
                 self._seed_from_secret(subscription, key, credentials, existing)
+        # The shared token is refreshed at the latest point its subscribers allow.
+        self._cache.subscribe(key, subscription.ref, subscription.spec.refresh_before)
         result = await self._cache.get(
             credentials,
             subscription.spec.scope,
