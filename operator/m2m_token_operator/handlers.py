@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hashlib
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
 
-from m2m_token_operator import metrics, redaction
+from m2m_token_operator import metrics, redaction, watches
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, load_api_client
 from m2m_token_operator.peering import PeeringConfig, PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
-from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from m2m_token_operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ def _namespace_of(ref: tuple[str, str]) -> str:
     return ref[0]
 
 
+def _secret_changed(
+    reconciler: TokenRequestReconciler, secret: Mapping[str, Any], deleted: bool
+) -> None:
+    reconciler.secret_changed(secret, deleted=deleted)
+
+
 def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
     reconciler: TokenRequestReconciler = memo["reconciler"]
     return reconciler
@@ -131,13 +138,21 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         memo["peering_gate"] = gate
         memo["peering_task"] = asyncio.create_task(gate.run(), name="m2m-peering-gate")
     memo["scheduler_task"] = asyncio.create_task(reconciler.scheduler.run(), name="m2m-scheduler")
+    # Owned (and opted-in credentials) Secrets, selected by the API server; a client of
+    # their own, so that watches never wait for the pool of reads and writes.
+    memo["secret_feed"], memo["watch_tasks"] = watches.start(
+        load_api_client(), functools.partial(_secret_changed, reconciler), environ=os.environ
+    )
     metrics.serve(config.metrics_port)
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    tasks = [memo.get("scheduler_task"), memo.get("peering_task")]
+    tasks = [memo.get("scheduler_task"), memo.get("peering_task"), *memo.get("watch_tasks", [])]
     running: list[asyncio.Task[None]] = [task for task in tasks if task is not None]
+    feed: watches.SecretFeed | None = memo.get("secret_feed")
+    if feed is not None and feed.debouncer is not None:
+        feed.debouncer.cancel()
     for task in running:
         task.cancel()
     await asyncio.gather(*running, return_exceptions=True)
@@ -196,26 +211,3 @@ async def token_request_event(
     if type == "DELETED":
         metadata = body.metadata
         _reconciler(memo).forget(metadata.namespace or "", metadata.name or "", metadata.uid)
-
-
-def _watched_secret(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
-    """Owned Secrets (drift) and credentials Secrets named by a TokenRequest (recovery)."""
-    if body.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE:
-        return True
-    reconciler: TokenRequestReconciler | None = memo.get("reconciler")
-    if reconciler is None:
-        return False
-    return reconciler.is_interesting_secret(body.metadata.namespace or "", body.metadata.name or "")
-
-
-@kopf.on.event("", "v1", "secrets", id="secret", when=_watched_secret)
-async def secret_event(
-    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
-    body: kopf.Body,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    _reconciler(memo).secret_changed(
-        {"metadata": dict(body.metadata), "data": dict(body.get("data") or {})},
-        deleted=type == "DELETED",
-    )
