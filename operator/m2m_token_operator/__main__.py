@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     ensure_peering_identity(os.environ)
     # The Secret watches (watches.py) serve the namespaces Kopf serves.
-    os.environ[SERVED_NAMESPACES_ENV] = ",".join(namespace_patterns(args))
+    os.environ[SERVED_NAMESPACES_ENV] = "\n".join(namespace_patterns(args))
     kopf.cli.main(
         args=kopf_arguments(args, log_format=settings.log_format),
         prog_name="m2m-token-operator",

@@ -26,7 +26,6 @@ people's Secrets out; RBAC then needs cluster-wide list/watch on Secrets).
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import functools
 import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -34,6 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import kubernetes
+
+# Kopf's own matcher, so that our Secret watches serve exactly the namespaces Kopf serves.
+from kopf._cogs.structs.references import NamespaceName, match_namespace
 
 from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from m2m_token_operator.watch import DELETED, LabelSelectedWatch
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
 CREDENTIALS_LABEL = "m2m.dev/credentials"
 CREDENTIALS_SELECTOR = f"{CREDENTIALS_LABEL}=true"
-# Set by the console script from --namespace flags (comma-separated); unset: all namespaces.
+# Set by the console script from --namespace flags (one per line); unset: all namespaces.
 SERVED_NAMESPACES_ENV = "M2M_SERVED_NAMESPACES"
 # Quiet period after a credentials Secret's change, and the longest a change waits.
 DEBOUNCE_SECONDS = 1.0
@@ -101,26 +103,18 @@ class Debouncer(Generic[K, V]):
 def served_namespaces(environ: Mapping[str, str]) -> list[str]:
     """The --namespace patterns the operator runs with; [] means all namespaces."""
     raw = environ.get(SERVED_NAMESPACES_ENV, "")
-    return [part.strip() for part in raw.split(",") if part.strip()]
+    return [line.strip() for line in raw.splitlines() if line.strip()]
 
 
 def namespace_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """Kopf's --namespace semantics for our filter: globs, and '!' to exclude."""
+    """Exactly Kopf's --namespace semantics: any of the patterns, each with globs and '!'."""
     if not patterns:
         return lambda _: True
-    include = [p for p in patterns if not p.startswith("!")]
-    exclude = [p[1:] for p in patterns if p.startswith("!")]
-
-    def matches(namespace: str) -> bool:
-        if any(fnmatch.fnmatchcase(namespace, p) for p in exclude):
-            return False
-        return not include or any(fnmatch.fnmatchcase(namespace, p) for p in include)
-
-    return matches
+    return lambda namespace: any(match_namespace(NamespaceName(namespace), p) for p in patterns)
 
 
 def _is_glob(pattern: str) -> bool:
-    return pattern.startswith("!") or any(c in pattern for c in "*?[")
+    return any(c in pattern for c in "*?[!,")
 
 
 @dataclass

@@ -122,19 +122,21 @@ async def test_events_of_namespaces_not_served_are_dropped() -> None:
 
 
 def test_namespace_matcher_follows_kopf_globs_and_exclusions() -> None:
-    matches = namespace_matcher(["team-*", "!team-secret"])
+    matches = namespace_matcher(["team-*, !team-secret", "extra"])
     assert matches("team-a")
+    assert matches("extra")
     assert not matches("team-secret")
     assert not matches("other")
     assert namespace_matcher([])("anything")
     assert namespace_matcher(["!kube-*"])("default")
+    assert not namespace_matcher(["!kube-*"])("kube-system")
 
 
 def test_served_namespaces_come_from_the_command_line() -> None:
     args = ["--standalone", "--namespace=team-a", "-n", "team-b", "--namespace", "x-*"]
     patterns = namespace_patterns(args)
     assert patterns == ["team-a", "team-b", "x-*"]
-    assert served_namespaces({"M2M_SERVED_NAMESPACES": ",".join(patterns)}) == patterns
+    assert served_namespaces({"M2M_SERVED_NAMESPACES": "\n".join(patterns)}) == patterns
     assert served_namespaces({}) == []
     assert namespace_patterns(["--all-namespaces"]) == []
 
