@@ -25,6 +25,7 @@ from m2m_token_operator import metrics
 from m2m_token_operator.cache import CacheKey, CacheResult, TokenCache
 from m2m_token_operator.client import AccessToken, TokenEndpointError, client_id_shown
 from m2m_token_operator.credentials import (
+    CREDENTIALS_MISSING,
     ClientCredentials,
     CredentialsError,
     EndpointPolicy,
@@ -551,7 +552,12 @@ class TokenRequestReconciler:
             error=error,
             jitter_fraction=0.5,
         )
-        # The watch on the credentials Secret brings a fix sooner; this is the safety net.
+        if error.reason == CREDENTIALS_MISSING:  # a look only reads the Secret: cheap, so
+            # it is found on the backoff schedule (unlabelled Secrets are not watched).
+            retry_at = now + self._retry.backoff(
+                failures=subscription.credentials_failures, jitter_fraction=0.5
+            )
+        # The watch on an opted-in credentials Secret brings a fix sooner; this is the net.
         wake = min(retry_at, token.expires_at) if token else retry_at
         self.scheduler.reschedule(subscription.ref, wake)
 

@@ -362,8 +362,9 @@ async def test_throttled_request_waits_for_retry_after(
 # ---- 5. credentials Secret missing, then created ---------------------------------------------
 
 
+@pytest.mark.parametrize("opted_in", [True, False], ids=["labelled", "unlabelled"])
 async def test_missing_credentials_secret_recovers_once_created(
-    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun, opted_in: bool
 ) -> None:
     kube.create_token_request(
         NS, NAME, {**TARGET, "credentials": {"secretRef": {"name": CREDENTIALS}}}
@@ -373,16 +374,23 @@ async def test_missing_credentials_secret_recovers_once_created(
     await asyncio.sleep(0.3)
     assert token_endpoint.count == 0
 
-    # Only the Secret appears: nobody touches the TokenRequest, its watch brings recovery
-    # (the 300 s hold of a permanent failure would otherwise apply).
-    kube.create_credentials_secret(
+    # Only the Secret appears; nobody touches the TokenRequest. Labelled
+    # m2m.dev/credentials=true it is watched and brings recovery at once (after the
+    # 1 s debounce); unlabelled it is found by the retry schedule (5 s after the
+    # failure), never by the 300 s hold of a permanent failure.
+    kube.create_secret(
         NS,
         CREDENTIALS,
-        client_id="shop-frontend-client",
-        client_secret="shop-frontend-s3cr3t",
-        token_endpoint=token_endpoint.url,
+        {
+            "AZURE_APP_CLIENT_ID": "shop-frontend-client",
+            "AZURE_APP_CLIENT_SECRET": "shop-frontend-s3cr3t",
+            "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": token_endpoint.url,
+        },
+        labels={"m2m.dev/credentials": "true"} if opted_in else None,
     )
-    status = await wait_condition(kube, "Ready", "True", "TokenIssued")
+    status = await wait_condition(
+        kube, "Ready", "True", "TokenIssued", timeout=4.0 if opted_in else 10.0
+    )
     assert by_type(status)["Degraded"]["reason"] == "RefreshSucceeded"
     assert status["failedAttempts"] == 0
     assert token_endpoint.count == 1
