@@ -187,6 +187,10 @@ def _watch_forever(
             if error.status != 410:
                 raise
             version = _version(list_fn(**kw))  # too old: go on from now
+        except Exception:
+            if recorder.stop.is_set():
+                return  # the control plane is going away at the end of the run
+            raise
 
 
 def start_recording(kubeconfig: Path, recorder: Recorder) -> list[threading.Thread]:
