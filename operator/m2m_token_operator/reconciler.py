@@ -82,6 +82,7 @@ class Subscription:
     credentials_failures: int = 0
     credentials_failed_at: datetime | None = None
     api_failures: int = 0  # consecutive looks ended by a Kubernetes API error
+    conflicts: int = 0  # consecutive looks that found a foreign Secret under secretName
     # Owned Secrets under an old spec.secretName may remain: delete once the new one is written.
     cleanup_pending: bool = False
     # Another replica served the object while this one was paused: re-read before acting.
@@ -415,8 +416,10 @@ class TokenRequestReconciler:
             subscription.namespace, subscription.spec.secret_name
         )
         if existing is not None and not is_owned_by(existing, subscription.uid):
-            # Nothing could be delivered: no token is fetched for it (the deletion of that
-            # Secret arrives through the watch and brings this TokenRequest back).
+            # Nothing could be delivered: no token is fetched for it. A foreign Secret is not
+            # watched (only owned ones are): each look for it to be gone is one GET, on the
+            # backoff schedule (5 s doubling to 5 min).
+            subscription.conflicts += 1
             await self._publish(
                 subscription,
                 token=None,
@@ -426,8 +429,10 @@ class TokenRequestReconciler:
                 failed_at=None,
                 outcome=WriteOutcome.CONFLICT,
             )
-            self.scheduler.reschedule(subscription.ref, self._clock() + self._retry.maximum)
+            backoff = self._retry.backoff(failures=subscription.conflicts, jitter_fraction=0.5)
+            self.scheduler.reschedule(subscription.ref, self._clock() + backoff)
             return
+        subscription.conflicts = 0
         try:
             credentials = await self._credentials(subscription)
         except CredentialsError as error:
