@@ -115,13 +115,20 @@ def secret_tokens(kube: Kube, name: str = NAME, namespace: str = NS) -> list[str
 
 
 def create_identity(kube: Kube, token_endpoint: TokenEndpoint, app: str) -> None:
-    """The credentials Secret CREDENTIALS for client `app` (secret `<app>-s3cr3t`)."""
-    kube.create_credentials_secret(
+    """The credentials Secret CREDENTIALS for client `app` (secret `<app>-s3cr3t`).
+
+    Labelled m2m.dev/credentials=true: watched, so its deletion and re-creation wake
+    the TokenRequest at once (unlabelled ones are found on the retry schedule).
+    """
+    kube.create_secret(
         NS,
         CREDENTIALS,
-        client_id=app,
-        client_secret=f"{app}-s3cr3t",
-        token_endpoint=token_endpoint.url,
+        {
+            "AZURE_APP_CLIENT_ID": app,
+            "AZURE_APP_CLIENT_SECRET": f"{app}-s3cr3t",
+            "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": token_endpoint.url,
+        },
+        labels={"m2m.dev/credentials": "true"},
     )
 
 
