@@ -17,18 +17,20 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import kopf
 
-from m2m_token_operator import metrics, redaction, watches
+from m2m_token_operator import metrics, redaction, refresh, watches
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, load_api_client
 from m2m_token_operator.peering import PeeringConfig, PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
+from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.settings import Settings
+from m2m_token_operator.tokens import utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +40,8 @@ STATE_PREFIX = "operator.m2m.dev"
 SCHEDULER_STALL = timedelta(seconds=90)
 # Kopf itself needs a few seconds to join the peering; five minutes unread is a fault.
 PEERING_UNREAD = timedelta(minutes=5)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+# (connect, read) seconds for the peering read: well inside SCHEDULER_STALL.
+PEERING_READ_TIMEOUT = (5.0, 10.0)
 
 
 def peering_priority(config: Settings) -> int:
@@ -88,6 +88,10 @@ def peering_gate(
     )
 
 
+def _close(api: Any) -> None:
+    api.close()
+
+
 def _namespace_of(ref: tuple[str, str]) -> str:
     return ref[0]
 
@@ -105,6 +109,23 @@ def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    await startup(settings, memo)
+
+
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
+    """Build the operator's objects into `memo`; safe to retry (Kopf retries on failure)."""
+    previous: Runtime | None = memo.get("runtime")
+    if previous is not None:
+        await previous.close()  # a failed earlier attempt leaves nothing running
+    runtime = memo["runtime"] = Runtime()
+    try:
+        _start(settings, memo, runtime)
+    except BaseException:
+        await runtime.close()
+        raise
+
+
+def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -> None:
     redaction.install()
     config = Settings.from_env()
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STATE_PREFIX)
@@ -114,54 +135,76 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.enabled = False  # our events are posted by the reconciler, one per change
     settings.peering.priority = peering_priority(config)
 
-    kube = KubeApi(load_api_client())
-    token_client = TokenClient(
-        connect_timeout=config.connect_timeout,
-        read_timeout=config.read_timeout,
-        deadline=config.request_deadline,
+    kube = runtime.closing(KubeApi(load_api_client()), lambda: kube.close(), name="kube")
+    token_client = runtime.closing(
+        TokenClient(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            deadline=config.request_deadline,
+        ),
+        lambda: token_client.close(),
+        name="token client",
     )
-    cache = TokenCache(
-        fetch=metrics.instrument_fetch(token_client.fetch),
-        refresh_policy=config.refresh_policy(),
-        retry_policy=config.retry_policy(),
-        clock=utc_now,
-        max_workers=config.fetch_workers,
+    cache = runtime.closing(
+        TokenCache(
+            fetch=metrics.instrument_fetch(token_client.fetch),
+            refresh_policy=config.refresh_policy(),
+            retry_policy=config.retry_policy(),
+            clock=utc_now,
+            max_workers=config.fetch_workers,
+        ),
+        lambda: cache.close(),
+        name="token cache",
     )
     reconciler = TokenRequestReconciler(settings=config, kube=kube, cache=cache, clock=utc_now)
     # No namespace may hold more than its share of the looks in flight (and the fetches).
     reconciler.scheduler.fair_by(_namespace_of, limit=config.namespace_concurrency)
     memo["kube"] = kube
     memo["reconciler"] = reconciler
-    gate = peering_gate(settings, kube=kube, reconciler=reconciler, environ=os.environ)
+    # The peering read has its own client and thread, with a short time-out: looks that
+    # queue on a slow API server must not keep the gate (and the scheduler loop behind
+    # it, which liveness watches) waiting.
+    peering_kube = runtime.closing(
+        KubeApi(load_api_client(), max_workers=1, request_timeout=PEERING_READ_TIMEOUT),
+        lambda: peering_kube.close(),
+        name="peering kube",
+    )
+    gate = peering_gate(settings, kube=peering_kube, reconciler=reconciler, environ=os.environ)
     if gate is not None:
         reconciler.scheduler.gate = gate
         memo["peering_gate"] = gate
-        memo["peering_task"] = asyncio.create_task(gate.run(), name="m2m-peering-gate")
-    memo["scheduler_task"] = asyncio.create_task(reconciler.scheduler.run(), name="m2m-scheduler")
+        memo["peering_task"] = runtime.start(gate.run(), name="m2m-peering-gate")
+    memo["scheduler_task"] = runtime.start(reconciler.scheduler.run(), name="m2m-scheduler")
     # Owned (and opted-in credentials) Secrets, selected by the API server; a client of
     # their own, so that watches never wait for the pool of reads and writes.
-    memo["secret_feed"], memo["watch_tasks"] = watches.start(
-        load_api_client(), functools.partial(_secret_changed, reconciler), environ=os.environ
+    watch_api = runtime.closing(load_api_client(), lambda: _close(watch_api), name="watch api")
+    feed, secret_watches = watches.build(
+        watch_api, functools.partial(_secret_changed, reconciler), environ=os.environ
     )
-    metrics.serve(config.metrics_port)
+    runtime.closing(feed, feed.close, name="secret feed")
+    for watch in secret_watches:
+        runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
+    # Last, and it can fail (the port is taken): everything above is closed again then.
+    server = metrics.serve(config.metrics_port)
+    if server is not None:
+        runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    tasks = [memo.get("scheduler_task"), memo.get("peering_task"), *memo.get("watch_tasks", [])]
-    running: list[asyncio.Task[None]] = [task for task in tasks if task is not None]
-    feed: watches.SecretFeed | None = memo.get("secret_feed")
-    if feed is not None and feed.debouncer is not None:
-        feed.debouncer.cancel()
-    for task in running:
-        task.cancel()
-    await asyncio.gather(*running, return_exceptions=True)
-    kube: KubeApi | None = memo.get("kube")
-    if kube is not None:
-        kube.close()
+    await shutdown(memo)
 
 
-@kopf.on.probe(id="scheduler")
+async def shutdown(memo: kopf.Memo) -> None:
+    """Stop the tasks, then close the token cache's pool, the token client and the API pools."""
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is not None:
+        await runtime.close()
+
+
+# PERMANENT: a raising probe answers /healthz at once with the failure. Kopf's default
+# (TEMPORARY) retries it every 60 s while the kubelet's request waits and times out.
+@kopf.on.probe(id="scheduler", errors=kopf.ErrorsMode.PERMANENT)
 def scheduler_alive(memo: kopf.Memo, **_: Any) -> str:
     """Liveness: fails when refreshes can no longer happen, not merely when the process lives."""
     task: asyncio.Task[None] | None = memo.get("scheduler_task")
@@ -185,6 +228,9 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
             "name": body.metadata.name,
             "uid": body.metadata.uid,
             "generation": body.metadata.get("generation"),
+            # m2m.dev/refresh: a value set while the operator was down is seen at resume.
+            "annotations": copy.deepcopy(dict(body.metadata.annotations)),
+            "deletionTimestamp": body.metadata.get("deletionTimestamp"),
         },
         "spec": copy.deepcopy(dict(body.spec)),
         "status": copy.deepcopy(dict(body.status)),
@@ -208,6 +254,43 @@ async def token_request_event(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
+    metadata = body.metadata
     if type == "DELETED":
-        metadata = body.metadata
         _reconciler(memo).forget(metadata.namespace or "", metadata.name or "", metadata.uid)
+    elif metadata.get("deletionTimestamp"):
+        # A metadata-only change: `on.update(field="spec")` never sees it, every event does.
+        _reconciler(memo).being_deleted(metadata.namespace or "", metadata.name or "", metadata.uid)
+
+
+def _refresh_asked(body: kopf.Body, **_: Any) -> bool:
+    """A new m2m.dev/refresh value not yet recorded in status.lastRefreshRequest."""
+    return refresh.pending_request(body.metadata.annotations, body.status) is not None
+
+
+# The annotation is metadata, not spec: `@kopf.on.update(field="spec")` never sees it and
+# metadata.generation does not move. A watch-event handler compares the annotation with
+# status.lastRefreshRequest on every event instead (level-triggered): a value set while
+# the operator was down is seen in the initial listing, and once the status records it,
+# later events of the same object say nothing new.
+@kopf.on.event(
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="refresh",
+    annotations={refresh.REFRESH_ANNOTATION: kopf.PRESENT},
+    when=_refresh_asked,
+)
+async def refresh_annotation(
+    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    if type == "DELETED":
+        return
+    value = refresh.pending_request(body.metadata.annotations, body.status)
+    if value is None:
+        return
+    _reconciler(memo).refresh_requested(
+        body.metadata.namespace or "", body.metadata.name or "", value
+    )

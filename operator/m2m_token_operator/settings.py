@@ -64,6 +64,8 @@ class Settings:
     request_deadline: float = 20.0
     # Looks in flight at once per namespace, so no namespace can take every worker.
     namespace_concurrency: int = 4
+    # The audience of the ServiceAccount tokens minted for workload identity federation.
+    federation_audience: str = "api://AzureADTokenExchange"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -141,6 +143,8 @@ class Settings:
                 low=-PEERING_PRIORITY_LIMIT,
                 high=PEERING_PRIORITY_LIMIT,
             ),
+            federation_audience=reader.text("M2M_FEDERATION_AUDIENCE")
+            or "api://AzureADTokenExchange",
         )
         settings = dataclasses.replace(
             settings,

@@ -142,6 +142,11 @@ class SecretFeed:
             (_namespace(obj), str(metadata.get("name") or "")), (obj, kind == DELETED)
         )
 
+    def close(self) -> None:
+        """Drop debounced looks not yet taken (the operator stops)."""
+        if self.debouncer is not None:
+            self.debouncer.cancel()
+
     def _deliver_debounced(
         self, _: tuple[str, str], latest: tuple[Mapping[str, Any], bool]
     ) -> None:
@@ -192,23 +197,19 @@ def secret_watches(
     return watches
 
 
-def start(
+def build(
     api_client: kubernetes.client.ApiClient,
     sink: SecretSink,
     *,
     environ: Mapping[str, str],
-) -> tuple[SecretFeed, list[asyncio.Task[None]]]:
-    """Start the Secret watches on the running loop; cancel the tasks to stop them."""
+) -> tuple[SecretFeed, list[LabelSelectedWatch]]:
+    """The feed and the watches for the namespaces served; run each watch as a task."""
     namespaces = served_namespaces(environ)
     feed = SecretFeed(sink=sink, serves=namespace_matcher(namespaces))
-    tasks = [
-        asyncio.create_task(watch.run(), name=f"m2m-watch-{watch.name}")
-        for watch in secret_watches(api_client, feed, namespaces=namespaces)
-    ]
     logger.info(
         "Watching owned Secrets (%s) and opted-in credentials Secrets (%s) in %s",
         OWNED_SELECTOR,
         CREDENTIALS_SELECTOR,
         ", ".join(namespaces) or "all namespaces",
     )
-    return feed, tasks
+    return feed, secret_watches(api_client, feed, namespaces=namespaces)

@@ -12,14 +12,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from m2m_token_operator.cache import CacheKey, TokenCache
-from m2m_token_operator.client import (
+from m2m_token_operator.credentials import ClientCredentials, secret_credentials
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.tokens import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
 )
-from m2m_token_operator.credentials import ClientCredentials
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
 
 SCOPE = "api://prod-gcp.shop.orders-api/.default"
 OTHER_SCOPE = "api://prod-gcp.shop.other-api/.default"
@@ -41,7 +41,7 @@ class CountingFetch:
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
-        self.calls: list[tuple[str, str, str]] = []  # (client id, secret, scope)
+        self.calls: list[tuple[str, str | None, str]] = []  # (client id, secret, scope)
         self.outcomes: list[Exception] = []
 
     def __call__(self, credentials: ClientCredentials, scope: str) -> AccessToken:
@@ -58,12 +58,11 @@ class CountingFetch:
 
 
 def identity() -> ClientCredentials:
-    return ClientCredentials(
+    return secret_credentials(
         token_endpoint="https://login.microsoftonline.com/t/oauth2/v2.0/token",
         client_id="client-1",
         client_secret="secret-1",
         source="operator identity",
-        realm="",
     )
 
 
@@ -122,11 +121,11 @@ async def test_the_kept_record_ends_with_its_hold(
     fetch.outcomes.append(CredentialsRejected("AADSTS7000215: invalid secret"))
     rejected = await cache.get(identity(), SCOPE)
     cache.forget(rejected.key)
-    assert len(cache) == 1  # kept: the hold has not passed
+    assert cache.peek(rejected.key).error is rejected.error  # kept: the hold has not passed
     assert rejected.next_attempt_at is not None
     clock.now = rejected.next_attempt_at
     cache.forget(CacheKey.for_credentials(identity(), OTHER_SCOPE))  # any forget prunes
-    assert len(cache) == 0  # bounded: gone once the hold is over
+    assert cache.peek(rejected.key).error is None  # bounded: gone once the hold is over
     result = await cache.get(identity(), SCOPE)
     assert result.token is not None
     assert len(fetch.calls) == 2
@@ -135,7 +134,7 @@ async def test_the_kept_record_ends_with_its_hold(
 async def test_a_success_leaves_nothing_behind(cache: TokenCache) -> None:
     result = await cache.get(identity(), SCOPE)
     cache.forget(result.key)
-    assert len(cache) == 0
+    assert cache.peek(result.key).token is None
 
 
 async def test_a_transient_backoff_is_kept_too(

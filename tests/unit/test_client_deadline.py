@@ -14,11 +14,33 @@ from collections.abc import Iterator
 
 import pytest
 
-from m2m_token_operator.client import EndpointUnavailable, TokenClient
-from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.client import TokenClient
+from m2m_token_operator.credentials import ClientCredentials, secret_credentials
+from m2m_token_operator.tokens import EndpointUnavailable
 
 SECRET = "drip-client-secret-Q~x"
 BODY = b'{"access_token": "eyJ0eXAiOiJKV1QifQ.e30.c2ln", "expires_in": 3600}'
+
+
+def _read_request(conn: socket.socket) -> None:
+    """The whole request (head and form body), so that closing never resets the client."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
 
 
 class DripServer:
@@ -46,7 +68,7 @@ class DripServer:
 
     def _drip(self, conn: socket.socket) -> None:
         with conn:
-            conn.recv(65536)  # the request (small; one read is enough on loopback)
+            _read_request(conn)
             payload = self.payload
             if self.head_at_once:
                 split = payload.index(b"\r\n\r\n") + 4
@@ -63,6 +85,7 @@ class DripServer:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=5)  # accept() wakes every 0.1 s to see the flag
         self._listener.close()
 
 
@@ -83,12 +106,11 @@ def drip(request: pytest.FixtureRequest) -> Iterator[DripServer]:
 
 
 def _credentials(port: int) -> ClientCredentials:
-    return ClientCredentials(
+    return secret_credentials(
         client_id="drip-client",
         client_secret=SECRET,
         token_endpoint=f"http://127.0.0.1:{port}/token",
         source="test",
-        realm="",
     )
 
 

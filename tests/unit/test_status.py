@@ -2,7 +2,6 @@
 
 from datetime import UTC, datetime, timedelta
 
-from m2m_token_operator.client import AccessToken
 from m2m_token_operator.status import (
     DEGRADED,
     READY,
@@ -14,6 +13,7 @@ from m2m_token_operator.status import (
     status_changed,
     transition_events,
 )
+from m2m_token_operator.tokens import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 TOKEN = AccessToken(
