@@ -130,7 +130,10 @@ class SecretFeed:
             self.debouncer = Debouncer(self._deliver_debounced)
 
     def owned(self, kind: str, obj: dict[str, Any]) -> None:
-        if self.serves(_namespace(obj)):
+        namespace = _namespace(obj)
+        if self.serves(namespace):
+            name = (obj.get("metadata") or {}).get("name")
+            logger.debug("Owned Secret %s/%s: %s", namespace, name, kind)
             self.sink(_plain(obj), kind == DELETED)
 
     def credentials(self, kind: str, obj: dict[str, Any]) -> None:
