@@ -257,6 +257,20 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def wait_quiet(operator: OperatorProcess, *, quiet: float, timeout: float) -> float:
+    """Wait until the operator's log has not grown for `quiet` seconds; how long it took."""
+    started = time.monotonic()
+    size, since = operator.log_size(), started
+    while time.monotonic() - since < quiet:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"the operator's log never went quiet within {timeout}s")
+        time.sleep(0.2)
+        current = operator.log_size()
+        if current != size:
+            size, since = current, time.monotonic()
+    return round(time.monotonic() - started, 2)
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
@@ -277,6 +291,7 @@ class Options:
     latency: float
     timeout: float
     log_dir: Path | None
+    verbose: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -292,6 +307,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--latency", type=float, default=0.05, help="token endpoint latency (s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per phase (s)")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the operator's log")
+    parser.add_argument(
+        "--verbose", action="store_true", help="the operator logs at debug level (costs CPU)"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -310,6 +328,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         latency=args.latency,
         timeout=args.timeout,
         log_dir=args.log_dir,
+        verbose=args.verbose,
     )
 
 
@@ -427,7 +446,7 @@ def run(options: Options) -> dict[str, Any]:
                 token_endpoint=endpoint.url,
             ),
             cluster_name="bench",
-            args=["--standalone", "--all-namespaces"],
+            args=["--standalone", "--all-namespaces", *(["--verbose"] if options.verbose else [])],
             settings={
                 "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS": "true",
                 "M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS": f"127.0.0.1:{endpoint.port}",
@@ -461,7 +480,10 @@ def run(options: Options) -> dict[str, Any]:
             result["rss_loaded_mib"] = round(rss_mib(operator.pid), 1)
             result["loadavg_burst"] = loadavg()
 
-            # Idle: nothing is due for the next 40 minutes (1 h tokens).
+            # Idle: nothing is due for the next 40 minutes (1 h tokens). The window starts
+            # once the burst's tail is done: the operator's log quiet for 3 s (Kopf logs a
+            # line for every TokenRequest event it handles).
+            result["settle_s"] = wait_quiet(operator, quiet=3.0, timeout=options.timeout)
             idle_from = time.monotonic()
             cpu_from = cpu_seconds(operator.pid)
             time.sleep(options.idle_seconds)  # measuring a window, not waiting for an outcome
