@@ -65,8 +65,11 @@ from devenv.operatorprocess import Identity, OperatorProcess
 
 GROUP, VERSION, PLURAL = "m2m.dev", "v1alpha1", "tokenrequests"
 MANAGED_BY = "app.kubernetes.io/managed-by=m2m-token-operator"
-# Kopf logs this once per object after its resume handlers ran: "looked at it".
-RESUMED = re.compile(r"Resuming is processed")
+# Kopf's line once an object's handlers ran after a start: "looked at it" (resume handlers
+# in older versions, the one event handler since Kopf keeps no state on TokenRequests).
+LOOKED = re.compile(
+    r"\[([^\]/]+/[^\]]+)\] (?:Resuming is processed|Handler 'tokenrequest' succeeded)"
+)
 
 
 # --- the fake token endpoint -------------------------------------------------------
@@ -396,7 +399,7 @@ def restart(operator: OperatorProcess, endpoint: TokenEndpoint, recorder: Record
     operator.start(timeout=timeout)
     assert operator.pid is not None
     wait_until(
-        lambda: len(RESUMED.findall(operator.log_text()[log_from:])) >= n,
+        lambda: len(set(LOOKED.findall(operator.log_text()[log_from:]))) >= n,
         timeout=timeout,
         what=f"resume of all {n} TokenRequests",
     )

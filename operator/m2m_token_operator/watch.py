@@ -30,7 +30,6 @@ import contextlib
 import json
 import logging
 import random
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -62,20 +61,6 @@ def _post(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> No
     """Run `callback` on the loop; nothing when the loop has closed (the operator stops)."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(callback)
-
-
-def _interrupt(response: Any) -> None:
-    """Unblock the watch thread's read; it then sees the stop flag and ends.
-
-    The socket is shut down rather than the response closed: closing it from this
-    thread while the watch thread is blocked reading it waits for the reader's lock,
-    i.e. for the next event, which may never come (the operator then never stops).
-    """
-    connection = getattr(response, "connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Gone(Exception):
@@ -152,7 +137,10 @@ class LabelSelectedWatch:
             self._stop.set()
             response = self._response
             if response is not None:
-                _interrupt(response)
+                # Unblocks the thread's read; it then sees the stop flag and ends. Not
+                # close(): that waits for the lock the blocked read holds, on the event loop.
+                with contextlib.suppress(Exception):
+                    response.shutdown()
 
     # Everything below runs on the watch's own thread.
 

@@ -85,7 +85,9 @@ def test_no_secret_or_token_in_log_status_or_events(
     operator.stop()
     operator.start()
     kube.wait_ready(namespace, "app", operator=operator)
-    operator.wait_for_log(rf"\[{namespace}/forbidden\] Handler 'resume' succeeded", timeout=30)
+    operator.wait_for_log(
+        rf"\[{namespace}/forbidden\] Handler 'tokenrequest' succeeded", timeout=30
+    )
     for name in ("own", "app"):
         secret = kube.get_secret(namespace, name)
         assert secret is not None

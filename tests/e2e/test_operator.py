@@ -426,7 +426,9 @@ def test_restart_reuses_the_token_in_the_secret(
         since=restart_at,
     )
     operator.wait_for_log(
-        rf"\[{namespace}/orders-api\] Handler 'resume' succeeded", timeout=30, since=restart_at
+        rf"\[{namespace}/orders-api\] Handler 'tokenrequest' succeeded",
+        timeout=30,
+        since=restart_at,
     )
     after = kube.get_token_request(namespace, "orders-api")
     secret_after = kube.get_secret(namespace, "orders-api")

@@ -205,7 +205,7 @@ async def test_restart_with_a_valid_token_costs_no_call_and_no_write(
     kube.create_token_request(NS, "orders-api", TARGET)
     await wait_ready(kube, "orders-api")
     await wait_for(
-        lambda: "Handler 'create' succeeded" in first.all_text, message="the create handler done"
+        lambda: "Handler 'tokenrequest' succeeded" in first.all_text, message="the first look done"
     )
     first.stop()
     secret_versions = len(kube.versions(SECRETS, NS, "orders-api"))
@@ -218,7 +218,8 @@ async def test_restart_with_a_valid_token_costs_no_call_and_no_write(
     # The positive signal that the restart looked at it: Kopf's resume handler returned,
     # after the whole look (Secret read, decision, and any write) was done.
     await wait_for(
-        lambda: "Handler 'resume' succeeded" in run.all_text, message="the resume handler done"
+        lambda: "Handler 'tokenrequest' succeeded" in run.all_text,
+        message="the look after the restart done",
     )
     run.stop()
     assert token_endpoint.count == 1
