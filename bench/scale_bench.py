@@ -454,6 +454,9 @@ def run(options: Options) -> dict[str, Any]:
                 "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS": "true",
                 "M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS": f"127.0.0.1:{endpoint.port}",
                 "M2M_LOG_FORMAT": "text",
+                # The operator's identity serves only selected namespaces: here, every one
+                # (a selector every namespace matches; ignored by versions without it).
+                "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": "kubernetes.io/metadata.name",
             },
             name="operator",
         )
