@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration e2e binaries bench clean
+.PHONY: demo test lint unit integration e2e binaries bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ e2e: binaries
 
 bench: $(STAMP)
 	$(BIN)/python bench/cache_bench.py
+
+## bench-scale: the whole operator on a real control plane; one JSON line (BENCH_ARGS=--quick)
+bench-scale: binaries
+	PYTHONPATH=. $(BIN)/python bench/scale_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

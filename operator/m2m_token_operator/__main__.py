@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from m2m_token_operator.settings import Settings, SettingsError
+from m2m_token_operator.watches import SERVED_NAMESPACES_ENV
 
 HANDLERS_MODULE = "m2m_token_operator.handlers"
 _NAMESPACE_FLAGS = ("-n", "--namespace", "-A", "--all-namespaces")
@@ -30,6 +31,21 @@ def kopf_arguments(args: Sequence[str], *, log_format: str) -> list[str]:
         # the bare message, and a log that cannot tell an error from a debug line is no use.
         arguments.append(f"--log-format={'json' if log_format == 'json' else 'full'}")
     return [*arguments, *args]
+
+
+def namespace_patterns(args: Sequence[str]) -> list[str]:
+    """The --namespace/-n values among Kopf's arguments (none: all namespaces)."""
+    patterns: list[str] = []
+    taking = False
+    for arg in args:
+        if taking:
+            patterns.append(arg)
+            taking = False
+        elif arg in ("-n", "--namespace"):
+            taking = True
+        elif arg.startswith("--namespace="):
+            patterns.append(arg.split("=", 1)[1])
+    return patterns
 
 
 def ensure_peering_identity(environ: dict[str, str] | os._Environ[str]) -> str:
@@ -65,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"m2m-token-operator: invalid settings: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     ensure_peering_identity(os.environ)
+    # The Secret watches (watches.py) serve the namespaces Kopf serves.
+    os.environ[SERVED_NAMESPACES_ENV] = "\n".join(namespace_patterns(args))
     kopf.cli.main(
         args=kopf_arguments(args, log_format=settings.log_format),
         prog_name="m2m-token-operator",

@@ -16,6 +16,12 @@ must not notice either. So the cache:
   the client secret has been rotated since, which is worth trying at once;
 - accepts tokens read back from the operator's own Secrets after a restart
   (seeding), so a restart costs no call at all;
+- keeps a key's failure record (its hold or backoff) after the last subscriber
+  leaves, until that hold or backoff ends, so toggling a TokenRequest's scope
+  or identity away and back cannot buy one token request per edit;
+- refreshes a shared key at the LATEST refresh point its subscribers allow
+  (`subscribe`): one subscriber with a large `refreshBefore` must not make the
+  operator refresh, and rewrite every other namespace's Secret, early;
 - on request (`force`, the `m2m.dev/refresh` annotation) fetches a new token
   although the one held is fresh, at most once per key every `FORCE_INTERVAL`.
 
@@ -28,9 +34,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import heapq
+import itertools
 import logging
 import random as _random
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -88,6 +96,9 @@ class CacheKey:
         )
 
 
+_SHARED = object()  # memo key of a subscribed key's one shared refresh point
+
+
 class Freshness(enum.Enum):
     FRESH = "fresh"  # before its refresh point
     STALE = "stale"  # due for refresh (the refresh failed or is held back) but not expired
@@ -131,9 +142,7 @@ class _Entry:
     forced_at: datetime | None = None  # when the last forced fetch started
     # Memos of pure functions of the fields above; cleared whenever those change.
     refresh_points: dict[timedelta | None, datetime] = field(default_factory=dict)
-    fresh_results: dict[timedelta | None, tuple[datetime, CacheResult]] = field(
-        default_factory=dict
-    )
+    fresh_results: dict[object, tuple[datetime, CacheResult]] = field(default_factory=dict)
 
     def store(self, token: AccessToken, jitter: float) -> None:
         self.token = token
@@ -164,6 +173,12 @@ class TokenCache:
             max_workers=max_workers, thread_name_prefix="m2m-token-fetch"
         )
         self._entries: dict[CacheKey, _Entry] = {}
+        # Who uses a key, with the refresh_before each asked for (see `subscribe`).
+        self._subscribers: dict[CacheKey, dict[Hashable, timedelta | None]] = {}
+        # Forgotten keys whose failure record is kept until its hold/backoff ends.
+        self._retained: dict[CacheKey, datetime] = {}
+        self._retained_heap: list[tuple[datetime, int, CacheKey]] = []
+        self._sequence = itertools.count()
         self.stats = CacheStats()
 
     def close(self) -> None:
@@ -179,9 +194,10 @@ class TokenCache:
     ) -> CacheResult:
         """The token for this identity and scope, fetched only when due and allowed."""
         key = CacheKey.for_credentials(credentials, scope)
+        self._retained.pop(key, None)  # wanted again: its record is live, not retained
         entry = self._entries.get(key)
         if entry is not None:
-            memo = entry.fresh_results.get(refresh_before)
+            memo = entry.fresh_results.get(self._memo_key(key, refresh_before))
             if memo is not None and self._clock() < memo[0]:
                 self.stats.hits += 1
                 return memo[1]
@@ -291,8 +307,86 @@ class TokenCache:
         )
 
     def forget(self, key: CacheKey) -> None:
-        """Drop the token and failure record of a key nobody uses any more."""
-        self._entries.pop(key, None)
+        """Drop the token of a key nobody uses any more; its failure record ends on its own.
+
+        A key whose last attempt failed keeps that record until the hold or backoff it
+        set has passed (then it is dropped): a TokenRequest that switches its scope or
+        identity away and back must meet the same hold, not a fresh request per switch.
+        """
+        self._subscribers.pop(key, None)
+        now = self._clock()
+        self._prune_retained(now)
+        entry = self._entries.pop(key, None)
+        if entry is None or entry.retry_at is None or entry.retry_at <= now:
+            return
+        if entry.error is None or entry.flight is not None:
+            return
+        kept = _Entry(
+            error=entry.error,
+            failures=entry.failures,
+            last_failure_at=entry.last_failure_at,
+            retry_at=entry.retry_at,
+            failed_fingerprint=entry.failed_fingerprint,
+        )
+        self._entries[key] = kept
+        self._retained[key] = entry.retry_at
+        heapq.heappush(self._retained_heap, (entry.retry_at, next(self._sequence), key))
+
+    def _prune_retained(self, now: datetime) -> None:
+        heap = self._retained_heap
+        while heap and heap[0][0] <= now:
+            until, _, key = heapq.heappop(heap)
+            if self._retained.get(key) == until:
+                del self._retained[key]
+                self._entries.pop(key, None)
+
+    def subscribe(
+        self, key: CacheKey, subscriber: Hashable, refresh_before: timedelta | None
+    ) -> None:
+        """Record that `subscriber` uses `key` with this refresh_before (idempotent).
+
+        While a key has subscribers, its refresh point is the latest one that any of
+        their refresh_before values gives, whatever refresh_before `get` is passed: the
+        token is shared, so it is refreshed once, as late as the subscribers allow.
+        """
+        subscribers = self._subscribers.setdefault(key, {})
+        if subscriber in subscribers and subscribers[subscriber] == refresh_before:
+            return
+        subscribers[subscriber] = refresh_before
+        self._changed_subscribers(key)
+
+    def unsubscribe(self, key: CacheKey, subscriber: Hashable) -> None:
+        subscribers = self._subscribers.get(key)
+        if subscribers is None or subscriber not in subscribers:
+            return
+        del subscribers[subscriber]
+        if not subscribers:
+            del self._subscribers[key]
+        self._changed_subscribers(key)
+
+    def _changed_subscribers(self, key: CacheKey) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.fresh_results.clear()
+
+    def _memo_key(self, key: CacheKey, refresh_before: timedelta | None) -> object:
+        return _SHARED if self._subscribers.get(key) else refresh_before
+
+    def _refresh_point(
+        self, key: CacheKey, entry: _Entry, token: AccessToken, refresh_before: timedelta | None
+    ) -> datetime:
+        subscribers = self._subscribers.get(key)
+        wanted = set(subscribers.values()) if subscribers else {refresh_before}
+        points: list[datetime] = []
+        for before in wanted:
+            point = entry.refresh_points.get(before)
+            if point is None:
+                point = self._refresh.refresh_at(
+                    token, refresh_before=before, jitter_fraction=entry.jitter
+                )
+                entry.refresh_points[before] = point
+            points.append(point)
+        return max(points)
 
     # Internals: all run on the event loop.
 
@@ -381,12 +475,7 @@ class TokenCache:
                 next_attempt_at=entry.retry_at,
                 fetched=fetched,
             )
-        refresh_at = entry.refresh_points.get(refresh_before)
-        if refresh_at is None:
-            refresh_at = self._refresh.refresh_at(
-                token, refresh_before=refresh_before, jitter_fraction=entry.jitter
-            )
-            entry.refresh_points[refresh_before] = refresh_at
+        refresh_at = self._refresh_point(key, entry, token, refresh_before)
         next_attempt = refresh_at if entry.retry_at is None else max(refresh_at, entry.retry_at)
         fresh = now < refresh_at
         result = CacheResult(
@@ -401,5 +490,5 @@ class TokenCache:
             fetched=fetched,
         )
         if fresh and not fetched:
-            entry.fresh_results[refresh_before] = (refresh_at, result)
+            entry.fresh_results[self._memo_key(key, refresh_before)] = (refresh_at, result)
         return result

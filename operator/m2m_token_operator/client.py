@@ -68,6 +68,7 @@ from m2m_token_operator.credentials import (
     PRIVATE_KEY_JWT,
     ClientCredentials,
 )
+from m2m_token_operator.deadline import DeadlineAdapter, watchdog
 from m2m_token_operator.redaction import REDACTOR
 from m2m_token_operator.tokens import (
     AccessToken,
@@ -271,8 +272,11 @@ class TokenClient:
         session: requests.Session | None = None,
         clock: Callable[[], datetime] = utc_now,
         pool_size: int = 10,
+        deadline: float | None = None,
     ) -> None:
         self._timeout = (connect_timeout, read_timeout)
+        # A total for the whole answer: a drip-feeding endpoint never trips a read timeout.
+        self._deadline = deadline
         self._clock = clock
         if session is None:
             session = requests.Session()
@@ -280,7 +284,7 @@ class TokenClient:
             session.trust_env = True
             # Cookies set for one identity must not ride along with another identity's request.
             session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-            adapter = requests.adapters.HTTPAdapter(
+            adapter = DeadlineAdapter(
                 pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0
             )
             session.mount("https://", adapter)
@@ -323,6 +327,33 @@ class TokenClient:
         # carry RFC 3339 seconds, and a restarted operator must read back the same instants.
         issued_at = self._clock().replace(microsecond=0)
         logger.debug("requesting a token for scope %s from %s as %s", scope, shown, who)
+        with watchdog(self._deadline) as dog:
+            try:
+                return self._exchange(
+                    endpoint, form, issued_at, scope, shown, who, scrub, credentials.method
+                )
+            except (TokenEndpointError, requests.RequestException, ValueError, UnicodeError):
+                if dog is None or not dog.expired:
+                    raise
+            message = (
+                f"The token endpoint {shown} did not complete its answer within the"
+                f" {dog.seconds:g}s deadline (M2M_REQUEST_DEADLINE_SECONDS);"
+                " it is retried with backoff"
+            )
+            logger.debug("token request to %s failed: %s", shown, message)
+            raise EndpointUnavailable(message) from None
+
+    def _exchange(
+        self,
+        endpoint: str,
+        form: Mapping[str, str],
+        issued_at: datetime,
+        scope: str,
+        shown: str,
+        who: str,
+        scrub: Callable[[str], str],
+        method: str,
+    ) -> AccessToken:
         try:
             with self._session.post(
                 endpoint,
@@ -335,7 +366,7 @@ class TokenClient:
                 body = self._read(response, shown=shown)
                 return self._interpret(
                     response, body, issued_at=issued_at, scope=scope, shown=shown, who=who,
-                    scrub=scrub, method=credentials.method,
+                    scrub=scrub, method=method,
                 )  # fmt: skip
         except TokenEndpointError:
             raise

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from m2m_token_operator.cache import CacheResult
-from m2m_token_operator.credentials import CredentialsError
+from m2m_token_operator.credentials import CREDENTIALS_MISSING, CredentialsError
 from m2m_token_operator.kube import JsonObject, KubeError
 from m2m_token_operator.models import TokenRequestSpec
 from m2m_token_operator.policy import RetryPolicy
@@ -85,6 +85,7 @@ class Facts:
     write: WriteOutcome | None = None  # None: nothing was written (no token to write)
     api_error: KubeError | None = None  # the Kubernetes API call that ended the look
     api_failures: int = 0  # consecutive, before this look
+    conflicts: int = 0  # consecutive looks that found a foreign Secret, before this look
     # The m2m.dev/refresh value this look forced a fetch for (recorded in status).
     refresh_request: str | None = None
 
@@ -103,6 +104,7 @@ class Outcome:
     count_failures: tuple[str, ...] = ()  # failure reasons to count in the metrics
     credentials_failures: int = 0
     api_failures: int = 0
+    conflicts: int = 0
     wake_at: datetime | None = None
     secret_restored: bool = False  # a Secret was rewritten with the same token (drift)
     log: tuple[tuple[int, str], ...] = field(default=())  # (level, message), no secret
@@ -208,6 +210,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
     # Counters move only with what this look learnt about them.
     credentials_failures = facts.credentials_failures
     api_failures = 0
+    conflicts = 0
     refresh_at: datetime | None = None
     failed_attempts = 0
     failed_at: datetime | None = None
@@ -249,10 +252,12 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         # The token fetched (if any) stays cached: the next look writes it without a request.
         wake.append(_retry_soon(facts, now))
     elif facts.secret_foreign or facts.write is WriteOutcome.CONFLICT:
-        # Nothing could be delivered: no token is fetched for it (the deletion of that
-        # Secret arrives through the watch and brings this TokenRequest back).
+        # Nothing could be delivered: no token is fetched for it. A foreign Secret is not
+        # watched (only owned ones are): each look for it to be gone is one GET, on the
+        # backoff schedule (5 s doubling to 5 min).
         failure = conflict_failure(secret_name)
-        wake.append(now + facts.retry.maximum)
+        conflicts = facts.conflicts + 1
+        wake.append(now + facts.retry.backoff(failures=conflicts, jitter_fraction=0.5))
     elif facts.operator_identity_denied is not None:
         failure, failed_at, first = _operator_identity_denied(facts, token, secret_name, now)
         failed_attempts = 1
@@ -280,12 +285,19 @@ def decide(facts: Facts, now: datetime) -> Outcome:
                 f"credentials unusable: reason={error.reason} attempts={credentials_failures}",
             )
         )
-        # The watch on the credentials Secret brings a fix sooner; this is the safety net.
-        wake.append(
-            facts.retry.next_attempt_at(
-                now=now, failures=credentials_failures, error=error, jitter_fraction=0.5
+        if error.reason == CREDENTIALS_MISSING:
+            # A look only reads the Secret: cheap, so it is looked for on the backoff
+            # schedule (unlabelled credentials Secrets are not watched), not the hold.
+            wake.append(
+                now + facts.retry.backoff(failures=credentials_failures, jitter_fraction=0.5)
             )
-        )
+        else:
+            # The watch on an opted-in credentials Secret brings a fix sooner.
+            wake.append(
+                facts.retry.next_attempt_at(
+                    now=now, failures=credentials_failures, error=error, jitter_fraction=0.5
+                )
+            )
     elif cache is not None:
         credentials_failures = 0  # the credentials were usable
         if cache.error is not None:
@@ -351,6 +363,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         count_failures=tuple(count_failures),
         credentials_failures=credentials_failures,
         api_failures=api_failures,
+        conflicts=conflicts,
         wake_at=min(wake) if wake else None,
         secret_restored=restored,
         log=tuple(log),

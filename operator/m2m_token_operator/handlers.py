@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import hashlib
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
 import kopf
 import kubernetes
 
-from m2m_token_operator import metrics, redaction, refresh, seal
+from m2m_token_operator import metrics, redaction, refresh, seal, watches
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, KubeError, load_api_client
@@ -29,7 +31,6 @@ from m2m_token_operator.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.peering import PeeringConfig, PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
-from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from m2m_token_operator.settings import Settings
 from m2m_token_operator.tokens import utc_now
 from m2m_token_operator.watch import LabelSelectedWatch
@@ -90,6 +91,20 @@ def peering_gate(
     )
 
 
+def _close(api: Any) -> None:
+    api.close()
+
+
+def _namespace_of(ref: tuple[str, str]) -> str:
+    return ref[0]
+
+
+def _secret_changed(
+    reconciler: TokenRequestReconciler, secret: Mapping[str, Any], deleted: bool
+) -> None:
+    reconciler.secret_changed(secret, deleted=deleted)
+
+
 def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
     reconciler: TokenRequestReconciler = memo["reconciler"]
     return reconciler
@@ -129,7 +144,11 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     kube = runtime.closing(KubeApi(api_client), lambda: kube.close(), name="kube")
     seal_key = await _seal_key(kube, config)
     token_client = runtime.closing(
-        TokenClient(connect_timeout=config.connect_timeout, read_timeout=config.read_timeout),
+        TokenClient(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            deadline=config.request_deadline,
+        ),
         lambda: token_client.close(),
         name="token client",
     )
@@ -153,6 +172,8 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
         seal_key=seal_key,
         identity_namespaces=identity_namespaces,
     )
+    # No namespace may hold more than its share of the looks in flight (and the fetches).
+    reconciler.scheduler.fair_by(_namespace_of, limit=config.namespace_concurrency)
     memo["kube"] = kube
     memo["reconciler"] = reconciler
     if identity_namespaces.selector is not None:
@@ -186,6 +207,15 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
         memo["peering_gate"] = gate
         memo["peering_task"] = runtime.start(gate.run(), name="m2m-peering-gate")
     memo["scheduler_task"] = runtime.start(reconciler.scheduler.run(), name="m2m-scheduler")
+    # Owned (and opted-in credentials) Secrets, selected by the API server; a client of
+    # their own, so that watches never wait for the pool of reads and writes.
+    watch_api = runtime.closing(load_api_client(), lambda: _close(watch_api), name="watch api")
+    feed, secret_watches = watches.build(
+        watch_api, functools.partial(_secret_changed, reconciler), environ=os.environ
+    )
+    runtime.closing(feed, feed.close, name="secret feed")
+    for watch in secret_watches:
+        runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
     # Last, and it can fail (the port is taken): everything above is closed again then.
     server = metrics.serve(config.metrics_port)
     if server is not None:
@@ -330,27 +360,4 @@ async def refresh_annotation(
         return
     _reconciler(memo).refresh_requested(
         body.metadata.namespace or "", body.metadata.name or "", value
-    )
-
-
-def _watched_secret(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:
-    """Owned Secrets (drift) and credentials Secrets named by a TokenRequest (recovery)."""
-    if body.metadata.labels.get(MANAGED_BY_LABEL) == MANAGED_BY_VALUE:
-        return True
-    reconciler: TokenRequestReconciler | None = memo.get("reconciler")
-    if reconciler is None:
-        return False
-    return reconciler.is_interesting_secret(body.metadata.namespace or "", body.metadata.name or "")
-
-
-@kopf.on.event("", "v1", "secrets", id="secret", when=_watched_secret)
-async def secret_event(
-    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
-    body: kopf.Body,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    _reconciler(memo).secret_changed(
-        {"metadata": dict(body.metadata), "data": dict(body.get("data") or {})},
-        deleted=type == "DELETED",
     )

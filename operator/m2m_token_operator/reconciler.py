@@ -96,7 +96,11 @@ class TokenRequestReconciler:
         self._random = random
         self._retry: RetryPolicy = settings.retry_policy()
         self._endpoint_policy = settings.endpoint_policy()
-        self.registry = Registry(default_cluster=settings.cluster_name, on_key_unused=cache.forget)
+        self.registry = Registry(
+            default_cluster=settings.cluster_name,
+            on_key_unused=cache.forget,
+            on_key_left=cache.unsubscribe,
+        )
         self.scheduler: Scheduler[ObjectRef] = Scheduler(clock=clock, handle=self._scheduled)
 
     # Entry points (called from Kopf handlers)
@@ -292,6 +296,7 @@ class TokenRequestReconciler:
             deleting=subscription.deleting,
             credentials_failures=subscription.credentials_failures,
             api_failures=subscription.api_failures,
+            conflicts=subscription.conflicts,
             remembered_token=self._cache.peek(subscription.key).token if subscription.key else None,
         )
 
@@ -344,6 +349,8 @@ class TokenRequestReconciler:
                 self.registry.use_key(subscription, key)
                 if first_look:
                     self._seed_from_secret(subscription, key, credentials, existing)
+            # The shared token is refreshed at the latest point its subscribers allow.
+            self._cache.subscribe(key, subscription.ref, spec.refresh_before)
             forced = subscription.refresh_request
             if forced is not None:
                 # m2m.dev/refresh: a new token now, bypassing the cache (rate-limited per key).
@@ -396,6 +403,7 @@ class TokenRequestReconciler:
             self.forget(subscription.namespace, subscription.name, subscription.uid)
             return
         subscription.credentials_failures = outcome.credentials_failures
+        subscription.conflicts = outcome.conflicts
         subscription.api_failures = outcome.api_failures
         for reason in outcome.count_failures:
             metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=reason)

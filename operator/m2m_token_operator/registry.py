@@ -47,6 +47,7 @@ class Subscription:
     status: JsonObject  # the status as last read or written
     key: CacheKey | None = None
     credentials_failures: int = 0  # consecutive looks ended by unusable credentials
+    conflicts: int = 0  # consecutive looks that found a foreign Secret under secretName
     api_failures: int = 0  # consecutive looks ended by a Kubernetes API error
     # Owned Secrets under an old spec.secretName may remain: delete once the new one is written.
     cleanup_pending: bool = False
@@ -75,9 +76,17 @@ class Subscription:
 class Registry:
     """Subscriptions by name, and the three reverse indexes kept in step with them."""
 
-    def __init__(self, *, default_cluster: str, on_key_unused: Callable[[CacheKey], None]) -> None:
+    def __init__(
+        self,
+        *,
+        default_cluster: str,
+        on_key_unused: Callable[[CacheKey], None],
+        on_key_left: Callable[[CacheKey, ObjectRef], None] | None = None,
+    ) -> None:
         self._default_cluster = default_cluster
         self._on_key_unused = on_key_unused  # the cache forgets a token nobody needs
+        # The cache drops this subscriber's refresh_before from the key's shared point.
+        self._on_key_left = on_key_left
         self._subscriptions: dict[ObjectRef, Subscription] = {}
         self._by_key: defaultdict[CacheKey, set[ObjectRef]] = defaultdict(set)
         self._by_credentials: defaultdict[ObjectRef, set[ObjectRef]] = defaultdict(set)
@@ -226,6 +235,8 @@ class Registry:
         if subscribers is None:
             return
         subscribers.discard(ref)
+        if self._on_key_left is not None:
+            self._on_key_left(key, ref)
         if not subscribers:
             del self._by_key[key]
             self._on_key_unused(key)  # nobody needs this token any more

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
@@ -28,6 +30,10 @@ class Gate(Protocol):
     async def confirm_active(self) -> bool: ...
 
     async def wait_active(self) -> None: ...
+
+
+def _one_group(_: object) -> Hashable:
+    return None
 
 
 class Scheduler(Generic[Target]):
@@ -48,9 +54,28 @@ class Scheduler(Generic[Target]):
         self._due: dict[Target, datetime] = {}
         self._sequence = itertools.count()
         self._changed = asyncio.Event()
-        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self._running: set[asyncio.Task[None]] = set()
+        # Fair dispatch (see `fair_by`): due targets queue per group, groups take turns.
+        self._group_of: Callable[[Target], Hashable] = _one_group
+        self._group_limit = concurrency
+        self._queues: dict[Hashable, deque[Target]] = {}
+        self._turns: deque[Hashable] = deque()  # groups with queued targets, next first
+        self._active: Counter[Hashable] = Counter()
         self.last_loop_at: datetime | None = None  # liveness: the loop is turning
+
+    def fair_by(self, group_of: Callable[[Target], Hashable], *, limit: int) -> None:
+        """Share the `concurrency` slots fairly between groups (e.g. namespaces).
+
+        Without it due targets run first come, first served: a namespace with 1,000 due
+        TokenRequests would hold every slot (and so every fetch worker behind them) while
+        another namespace's single refresh waits for all of them. With it, due targets
+        queue per group, a free slot goes to the next group in turn (round robin), and no
+        group holds more than `limit` slots at once, so one group's burst delays another's
+        refresh by at most one look, never by the burst.
+        """
+        self._group_of = group_of
+        self._group_limit = max(1, min(limit, self._concurrency))
 
     def schedule(self, target: Target, at: datetime | None) -> None:
         """Set (or with None, cancel) the one due time of a target; an earlier one wins."""
@@ -99,14 +124,57 @@ class Scheduler(Generic[Target]):
         return max(0.0, (self._heap[0][0] - now).total_seconds())
 
     async def _run_one(self, target: Target) -> None:
-        async with self._slots:
-            try:
-                await self._handle(target)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # One broken TokenRequest must not stop the refreshes of all others.
-                logger.exception("Scheduled work for %s failed", target)
+        try:
+            await self._handle(target)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # One broken TokenRequest must not stop the refreshes of all others.
+            logger.exception("Scheduled work for %s failed", target)
+
+    def _enqueue(self, target: Target) -> None:
+        group = self._group_of(target)
+        queue = self._queues.get(group)
+        if queue is None:
+            queue = self._queues[group] = deque()
+            self._turns.append(group)
+        queue.append(target)
+
+    def _dispatch(self) -> None:
+        """Start queued targets while slots are free, one group after the other."""
+        skipped = 0  # groups passed over in a row because they are at their limit
+        while self._turns and len(self._running) < self._concurrency:
+            if skipped >= len(self._turns):
+                return  # every waiting group is at its limit
+            group = self._turns[0]
+            if self._active[group] >= self._group_limit:
+                self._turns.rotate(-1)
+                skipped += 1
+                continue
+            skipped = 0
+            queue = self._queues[group]
+            target = queue.popleft()
+            if queue:
+                self._turns.rotate(-1)  # its next target waits for the others' turns
+            else:
+                self._turns.popleft()
+                del self._queues[group]
+            self._active[group] += 1
+            task = asyncio.create_task(self._run_one(target))
+            self._running.add(task)
+            task.add_done_callback(functools.partial(self._finished, group=group))
+
+    def _finished(self, task: asyncio.Task[None], *, group: Hashable) -> None:
+        self._running.discard(task)
+        self._active[group] -= 1
+        if self._active[group] <= 0:
+            del self._active[group]
+        self._dispatch()
+
+    @property
+    def queued(self) -> int:
+        """Due targets waiting for a slot."""
+        return sum(len(queue) for queue in self._queues.values())
 
     def _has_due(self, now: datetime) -> bool:
         delay = self._seconds_to_next(now)
@@ -131,9 +199,8 @@ class Scheduler(Generic[Target]):
                     await self._wait_for_gate()
                     continue
                 for target in self._pop_due(now):
-                    task = asyncio.create_task(self._run_one(target))
-                    self._running.add(task)
-                    task.add_done_callback(self._running.discard)
+                    self._enqueue(target)
+                self._dispatch()
                 delay = self._seconds_to_next(self._clock())
                 self._changed.clear()
                 # Wake at least every 30 s so that liveness sees a turning loop and a
@@ -142,6 +209,8 @@ class Scheduler(Generic[Target]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=timeout)
         finally:
+            self._queues.clear()  # nothing new starts while the running ones stop
+            self._turns.clear()
             for task in list(self._running):
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)

@@ -12,6 +12,7 @@ mounted Secret is rotated in place while the operator keeps running.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -70,6 +71,10 @@ class Settings:
     metrics_port: int
     log_format: str
     peering_priority: int | None = None  # None: derived from the host name (see handlers)
+    # A total for one token request, headers and body (connect + read timeouts by default).
+    request_deadline: float = 20.0
+    # Looks in flight at once per namespace, so no namespace can take every worker.
+    namespace_concurrency: int = 4
     # The audience of the ServiceAccount tokens minted for workload identity federation.
     federation_audience: str = "api://AzureADTokenExchange"
     # None: no namespace may use the operator's own identity (see namespaces.py).
@@ -169,6 +174,17 @@ class Settings:
             or "api://AzureADTokenExchange",
             operator_identity_namespace_selector=selector,
             seal_key_secret=_seal_key_secret(reader, env),
+        )
+        settings = dataclasses.replace(
+            settings,
+            request_deadline=reader.seconds(
+                "M2M_REQUEST_DEADLINE_SECONDS",
+                default=settings.connect_timeout + settings.read_timeout,
+                minimum=0,
+            ),
+            namespace_concurrency=reader.integer(
+                "M2M_NAMESPACE_CONCURRENCY", default=4, low=1, high=256
+            ),
         )
         if settings.retry_max < settings.retry_initial:
             reader.problem(

@@ -386,8 +386,8 @@ def test_token_request_being_deleted_is_no_longer_served(
         )
         since = operator.log_size()
         kube.core.delete_namespaced_secret("orders-api", namespace)
-        operator.wait_for_log(
-            rf"\[{namespace}/orders-api\] Handler 'secret' succeeded", timeout=30, since=since
+        operator.wait_for_log(  # the label-selected watch delivered the deletion
+            rf"Owned Secret {namespace}/orders-api: DELETED", timeout=30, since=since
         )
         # Served since: a later TokenRequest in the same namespace.
         kube.create_token_request(namespace, token_request("later", target=ORDERS))

@@ -164,7 +164,8 @@ async def test_dropped_watches_are_resumed_and_changes_still_arrive(
     original = token_in_secret(kube)
 
     dropped = time.monotonic()
-    assert kube.proxy.drop_watches(f"{TOKEN_REQUEST_WATCH}|{SECRET_WATCH}") == 2
+    # TokenRequests (Kopf), owned Secrets and opted-in credentials Secrets (watches.py).
+    assert kube.proxy.drop_watches(f"{TOKEN_REQUEST_WATCH}|{SECRET_WATCH}") == 3
     await kube.proxy.wait_for("GET", TOKEN_REQUEST_WATCH, watch=True, since=dropped)
     await kube.proxy.wait_for("GET", SECRET_WATCH, watch=True, since=dropped)
 

@@ -119,13 +119,20 @@ def secret_tokens(kube: Kube, name: str = NAME, namespace: str = NS) -> list[str
 
 
 def create_identity(kube: Kube, token_endpoint: TokenEndpoint, app: str) -> None:
-    """The credentials Secret CREDENTIALS for client `app` (secret `<app>-s3cr3t`)."""
-    kube.create_credentials_secret(
+    """The credentials Secret CREDENTIALS for client `app` (secret `<app>-s3cr3t`).
+
+    Labelled m2m.dev/credentials=true: watched, so its deletion and re-creation wake
+    the TokenRequest at once (unlabelled ones are found on the retry schedule).
+    """
+    kube.create_secret(
         NS,
         CREDENTIALS,
-        client_id=app,
-        client_secret=f"{app}-s3cr3t",
-        token_endpoint=token_endpoint.url,
+        {
+            "AZURE_APP_CLIENT_ID": app,
+            "AZURE_APP_CLIENT_SECRET": f"{app}-s3cr3t",
+            "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": token_endpoint.url,
+        },
+        labels={"m2m.dev/credentials": "true"},
     )
 
 
@@ -380,8 +387,9 @@ async def test_throttled_request_waits_for_retry_after(
 # ---- 5. credentials Secret missing, then created ---------------------------------------------
 
 
+@pytest.mark.parametrize("opted_in", [True, False], ids=["labelled", "unlabelled"])
 async def test_missing_credentials_secret_recovers_once_created(
-    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun, opted_in: bool
 ) -> None:
     kube.create_token_request(
         NS, NAME, {**TARGET, "credentials": {"secretRef": {"name": CREDENTIALS}}}
@@ -391,16 +399,23 @@ async def test_missing_credentials_secret_recovers_once_created(
     # The look that reported it found no credentials before it could fetch anything.
     assert token_endpoint.count == 0
 
-    # Only the Secret appears: nobody touches the TokenRequest, its watch brings recovery
-    # (the 300 s hold of a permanent failure would otherwise apply).
-    kube.create_credentials_secret(
+    # Only the Secret appears; nobody touches the TokenRequest. Labelled
+    # m2m.dev/credentials=true it is watched and brings recovery at once (after the
+    # 1 s debounce); unlabelled it is found by the retry schedule (5 s after the
+    # failure), never by the 300 s hold of a permanent failure.
+    kube.create_secret(
         NS,
         CREDENTIALS,
-        client_id="shop-frontend-client",
-        client_secret="shop-frontend-s3cr3t",
-        token_endpoint=token_endpoint.url,
+        {
+            "AZURE_APP_CLIENT_ID": "shop-frontend-client",
+            "AZURE_APP_CLIENT_SECRET": "shop-frontend-s3cr3t",
+            "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": token_endpoint.url,
+        },
+        labels={"m2m.dev/credentials": "true"} if opted_in else None,
     )
-    status = await wait_condition(kube, "Ready", "True", "TokenIssued")
+    status = await wait_condition(
+        kube, "Ready", "True", "TokenIssued", timeout=4.0 if opted_in else 10.0
+    )
     assert by_type(status)["Degraded"]["reason"] == "RefreshSucceeded"
     assert status["failedAttempts"] == 0
     assert token_endpoint.count == 1

@@ -150,7 +150,12 @@ def test_credentials_reasons_without_a_token(reason: str) -> None:
     assert outcome.status is not None
     assert outcome.status["failedAttempts"] == 3
     assert outcome.count_failures == (reason,)
-    assert outcome.wake_at == NOW + RETRY.permanent_hold  # or sooner, by the watch
+    if reason == "CredentialsMissing":
+        # Looking again only reads the Secret (unlabelled ones are not watched): backoff.
+        assert outcome.wake_at == NOW + RETRY.backoff(failures=3, jitter_fraction=0.5)
+        assert outcome.wake_at == NOW + timedelta(seconds=20)
+    else:
+        assert outcome.wake_at == NOW + RETRY.permanent_hold  # or sooner, by the watch
     assert reasons(outcome) == [("Warning", reason)]
 
 
@@ -193,8 +198,15 @@ def test_a_failing_refresh_keeps_ready_while_the_token_is_valid() -> None:
 def test_secret_conflict() -> None:
     outcome = decide(facts_of(secret_foreign=True), NOW)
     assert conditions(outcome) == (("False", "SecretConflict"), ("True", "SecretConflict"))
-    assert outcome.wake_at == NOW + RETRY.maximum
+    # A foreign Secret is not watched: looked for again on the backoff schedule.
+    assert outcome.wake_at == NOW + timedelta(seconds=5)
+    assert outcome.conflicts == 1
     assert outcome.count_failures == ()  # no attempt was made
+    later = decide(facts_of(secret_foreign=True, conflicts=10), NOW)
+    assert later.wake_at == NOW + RETRY.maximum  # capped at 5 minutes
+    assert later.conflicts == 11
+    cleared = decide(facts_of(cache=served(NEW), write=WriteOutcome.CREATED, conflicts=3), NOW)
+    assert cleared.conflicts == 0
 
 
 def test_secret_created_by_someone_else_during_the_look_is_a_conflict() -> None:
@@ -316,7 +328,7 @@ def test_defect_1_credentials_failure_after_a_restart_keeps_ready_with_the_secre
     )
     assert conditions(outcome) == (("True", "TokenIssued"), ("True", "CredentialsMissing"))
     assert outcome.token == OLD
-    assert outcome.wake_at == min(NOW + RETRY.permanent_hold, OLD.expires_at)
+    assert outcome.wake_at == min(NOW + timedelta(seconds=5), OLD.expires_at)  # backoff
     assert reasons(outcome) == [("Warning", "CredentialsMissing")]
 
 

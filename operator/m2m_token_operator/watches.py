@@ -1,0 +1,218 @@
+"""Which Secrets reach the operator: only its own, and credentials Secrets that opt in.
+
+Why not Kopf: Kopf filters `labels=`/`when=` on the client, so watching
+`v1/secrets` through it means the API server sends, and Kopf keeps, every
+Secret in the cluster (2,000 Helm-release-sized Secrets took the process to
+532 MiB). Here two `LabelSelectedWatch`es pass their selector to the API
+server, so other Secrets never enter the process:
+
+- **owned Secrets** (`app.kubernetes.io/managed-by=m2m-token-operator`): drift
+  and deletion of a TokenRequest's Secret wake that TokenRequest at once;
+- **credentials Secrets that carry `m2m.dev/credentials=true`**: their
+  rotation, or their late creation, wakes the TokenRequests that name them.
+  Several edits in quick succession cause one look (`Debouncer`).
+
+Credentials Secrets without that label are not watched: they are read when a
+token is needed (every refresh), and one that is missing or broken is looked
+at again on the retry schedule (backoff from 5 s up to 5 min, and at once on
+any change of the TokenRequest). docs/operations.md has the trade-off.
+
+With `--namespace`, plain namespace names get one watch each (so a
+RoleBinding per namespace is enough); any glob makes it one cluster-wide watch
+whose events are filtered by namespace here (the selector still keeps other
+people's Secrets out; RBAC then needs cluster-wide list/watch on Secrets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import kubernetes
+
+# Kopf's own matcher, so that our Secret watches serve exactly the namespaces Kopf serves.
+from kopf._cogs.structs.references import NamespaceName, match_namespace
+
+from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
+from m2m_token_operator.watch import DELETED, LabelSelectedWatch
+
+logger = logging.getLogger(__name__)
+
+OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+CREDENTIALS_LABEL = "m2m.dev/credentials"
+CREDENTIALS_SELECTOR = f"{CREDENTIALS_LABEL}=true"
+# Set by the console script from --namespace flags (one per line); unset: all namespaces.
+SERVED_NAMESPACES_ENV = "M2M_SERVED_NAMESPACES"
+# Quiet period after a credentials Secret's change, and the longest a change waits.
+DEBOUNCE_SECONDS = 1.0
+DEBOUNCE_MAX_SECONDS = 2.0
+
+SecretSink = Callable[[Mapping[str, Any], bool], None]  # (secret, deleted)
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Debouncer(Generic[K, V]):
+    """Per key, call `fire(key, latest value)` once changes stop for `delay` seconds.
+
+    A key that keeps changing is still fired `max_delay` seconds after its first
+    unfired change, so a loop of edits gets one look per `max_delay`, not one per
+    edit, and never none. Runs on the event loop (its clock: the loop's time).
+    """
+
+    def __init__(
+        self,
+        fire: Callable[[K, V], None],
+        *,
+        delay: float = DEBOUNCE_SECONDS,
+        max_delay: float = DEBOUNCE_MAX_SECONDS,
+    ) -> None:
+        self._fire = fire
+        self._delay = delay
+        self._max_delay = max(delay, max_delay)
+        self._pending: dict[K, tuple[float, V, asyncio.TimerHandle]] = {}
+
+    def push(self, key: K, value: V) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = self._pending.get(key)
+        first = now if pending is None else pending[0]
+        if pending is not None:
+            pending[2].cancel()
+        at = min(now + self._delay, first + self._max_delay)
+        handle = loop.call_at(at, self._due, key)
+        self._pending[key] = (first, value, handle)
+
+    def _due(self, key: K) -> None:
+        _, value, _ = self._pending.pop(key)
+        self._fire(key, value)
+
+    def cancel(self) -> None:
+        for _, _, handle in self._pending.values():
+            handle.cancel()
+        self._pending.clear()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+def served_namespaces(environ: Mapping[str, str]) -> list[str]:
+    """The --namespace patterns the operator runs with; [] means all namespaces."""
+    raw = environ.get(SERVED_NAMESPACES_ENV, "")
+    return [line.strip() for line in raw.splitlines() if line.strip()]
+
+
+def namespace_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """Exactly Kopf's --namespace semantics: any of the patterns, each with globs and '!'."""
+    if not patterns:
+        return lambda _: True
+    return lambda namespace: any(match_namespace(NamespaceName(namespace), p) for p in patterns)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[!,")
+
+
+@dataclass
+class SecretFeed:
+    """Turns watch events into the reconciler's `secret_changed(secret, deleted=...)`."""
+
+    sink: SecretSink
+    serves: Callable[[str], bool]
+    debouncer: Debouncer[tuple[str, str], tuple[Mapping[str, Any], bool]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.debouncer is None:
+            self.debouncer = Debouncer(self._deliver_debounced)
+
+    def owned(self, kind: str, obj: dict[str, Any]) -> None:
+        namespace = _namespace(obj)
+        if self.serves(namespace):
+            name = (obj.get("metadata") or {}).get("name")
+            logger.debug("Owned Secret %s/%s: %s", namespace, name, kind)
+            self.sink(_plain(obj), kind == DELETED)
+
+    def credentials(self, kind: str, obj: dict[str, Any]) -> None:
+        if not self.serves(_namespace(obj)):
+            return
+        assert self.debouncer is not None
+        metadata = obj.get("metadata") or {}
+        self.debouncer.push(
+            (_namespace(obj), str(metadata.get("name") or "")), (obj, kind == DELETED)
+        )
+
+    def close(self) -> None:
+        """Drop debounced looks not yet taken (the operator stops)."""
+        if self.debouncer is not None:
+            self.debouncer.cancel()
+
+    def _deliver_debounced(
+        self, _: tuple[str, str], latest: tuple[Mapping[str, Any], bool]
+    ) -> None:
+        obj, deleted = latest
+        self.sink(_plain(obj), deleted)
+
+
+def _namespace(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("namespace") or "")
+
+
+def _plain(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What `secret_changed` reads: metadata and data, nothing else of the object."""
+    return {"metadata": dict(obj.get("metadata") or {}), "data": dict(obj.get("data") or {})}
+
+
+def secret_watches(
+    api_client: kubernetes.client.ApiClient, feed: SecretFeed, *, namespaces: Sequence[str]
+) -> list[LabelSelectedWatch]:
+    """The watches to run: owned and opted-in credentials Secrets, per namespace or all."""
+    core = kubernetes.client.CoreV1Api(api_client)
+    listers: list[tuple[str, Callable[..., Any]]]
+    if namespaces and not any(_is_glob(p) for p in namespaces):
+        listers = [
+            (namespace, functools.partial(core.list_namespaced_secret, namespace))
+            for namespace in namespaces
+        ]
+    else:
+        listers = [("all", core.list_secret_for_all_namespaces)]
+    watches: list[LabelSelectedWatch] = []
+    for where, lister in listers:
+        watches.append(
+            LabelSelectedWatch(
+                name=f"owned-secrets/{where}",
+                lister=lister,
+                label_selector=OWNED_SELECTOR,
+                on_event=feed.owned,
+            )
+        )
+        watches.append(
+            LabelSelectedWatch(
+                name=f"credentials-secrets/{where}",
+                lister=lister,
+                label_selector=CREDENTIALS_SELECTOR,
+                on_event=feed.credentials,
+            )
+        )
+    return watches
+
+
+def build(
+    api_client: kubernetes.client.ApiClient,
+    sink: SecretSink,
+    *,
+    environ: Mapping[str, str],
+) -> tuple[SecretFeed, list[LabelSelectedWatch]]:
+    """The feed and the watches for the namespaces served; run each watch as a task."""
+    namespaces = served_namespaces(environ)
+    feed = SecretFeed(sink=sink, serves=namespace_matcher(namespaces))
+    logger.info(
+        "Watching owned Secrets (%s) and opted-in credentials Secrets (%s) in %s",
+        OWNED_SELECTOR,
+        CREDENTIALS_SELECTOR,
+        ", ".join(namespaces) or "all namespaces",
+    )
+    return feed, secret_watches(api_client, feed, namespaces=namespaces)

@@ -1,0 +1,90 @@
+"""Sharded mode: two operator processes serve disjoint namespace sets, each only its own.
+
+As `manifests/components/shard` runs them: `--standalone` and a `--namespace`
+glob each, with the component's read-only namespace RBAC next to the shipped
+RBAC. Each shard has its own identity at its own issuer of the token server, so
+the `iss` claim of the token in a Secret says which process wrote it, and each
+process's log says which TokenRequests it handled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kubernetes import client as k8s
+
+from devenv.install import MANIFESTS_DIR, apply_objects, read_documents
+from devenv.tokenserver import TokenServer, jwt_claims
+
+from ._support import GROUP, PLURAL, VERSION, Kube, OperatorFactory, token_request
+
+NAMESPACE_RBAC = MANIFESTS_DIR / "components" / "shard" / "namespace-rbac.yaml"
+SHARDS = ("a", "b")
+
+
+@pytest.fixture
+def shard_namespaces(admin_api: k8s.ApiClient) -> Iterator[dict[str, list[str]]]:
+    """Two namespaces per shard, named to match that shard's glob only."""
+    apply_objects(admin_api, read_documents(NAMESPACE_RBAC))
+    core = k8s.CoreV1Api(admin_api)
+    custom = k8s.CustomObjectsApi(admin_api)
+    run = uuid.uuid4().hex[:6]
+    made = {shard: [f"shard-{run}-{shard}-{i}" for i in range(2)] for shard in SHARDS}
+    for names in made.values():
+        for name in names:
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+    try:
+        yield made
+    finally:
+        for names in made.values():
+            for name in names:
+                with contextlib.suppress(k8s.ApiException):
+                    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, name, PLURAL)
+                core.delete_namespace(name)
+
+
+def test_two_shards_serve_disjoint_namespaces_and_never_each_others(
+    start_operator: OperatorFactory,
+    kube: Kube,
+    token_server: TokenServer,
+    shard_namespaces: dict[str, list[str]],
+) -> None:
+    run = shard_namespaces["a"][0].split("-")[1]
+    operators = {
+        shard: start_operator(
+            name=f"shard-{shard}",
+            issuer=f"shard-{shard}",
+            args=("--standalone", f"--namespace=shard-{run}-{shard}-*"),
+        )
+        for shard in SHARDS
+    }
+    for shard in SHARDS:
+        for namespace in shard_namespaces[shard]:
+            kube.create_token_request(
+                namespace, token_request("api", scope="api://shared/.default")
+            )
+
+    for shard in SHARDS:
+        operator = operators[shard]
+        for namespace in shard_namespaces[shard]:
+            kube.wait_ready(namespace, "api", timeout=60, operator=operator)
+            secret = kube.wait_secret(namespace, "api", operator=operator)
+            # Written by this shard's process: its identity, at its issuer.
+            issuer = jwt_claims(secret.token)["iss"]
+            assert issuer == token_server.issuer_url(f"shard-{shard}"), (namespace, issuer)
+            # Kopf's line for the object: "[<namespace>/api] Handler 'tokenrequest' succeeded".
+            operator.wait_for_log(
+                rf"\[{namespace}/api\] Handler 'tokenrequest' succeeded", timeout=30
+            )
+
+    # Every TokenRequest was handled by exactly one process: each log names only its own
+    # (its own lines name every one of its objects, by Kopf's prefix and ours).
+    for shard, operator in operators.items():
+        log = operator.log_text()
+        other = next(s for s in SHARDS if s != shard)
+        for namespace in shard_namespaces[other]:
+            assert f"{namespace}/api" not in log, f"shard {shard} touched {namespace}/api"
+        assert operator.running
