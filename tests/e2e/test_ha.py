@@ -112,12 +112,17 @@ def test_replica_paused_by_a_higher_priority_one_stops_refreshing_and_catches_up
         kube.wait_ready(namespace, name, operator=low)
     first = kube.wait_secret(namespace, "orders-api", operator=low)
 
+    before_high = low.log_size()  # taken before the action whose lines we wait for
     high = start_operator(
         issuer=SHORT_ISSUER, args=peered, settings={"M2M_PEERING_PRIORITY": "200"}, name="high"
     )
-    low.wait_for_log(r"Pausing operations in favour of", timeout=30)
+    low.wait_for_log(r"Pausing operations in favour of", timeout=30, since=before_high)
     paused_at = _log_time(low, "Pausing operations in favour of")
-    low.wait_for_log(r"Refreshes paused: peers with the same or a higher priority", timeout=10)
+    low.wait_for_log(
+        r"Refreshes paused: peers with the same or a higher priority",
+        timeout=30,  # the gate reads the peering every 5 s, Kopf watches it
+        since=before_high,
+    )
     high.wait_for_log(RESUMED, timeout=30)
     second = kube.wait_secret(namespace, "orders-api", unlike=first.token, operator=high)
     third = kube.wait_secret(namespace, "orders-api", unlike=second.token, operator=high)
@@ -129,8 +134,10 @@ def test_replica_paused_by_a_higher_priority_one_stops_refreshing_and_catches_up
     # The higher one leaves cleanly (a rollout): the lower one resumes at once, forgets
     # the TokenRequest deleted meanwhile (no watch replays that), and serves the token
     # the other one left in the Secret before it refreshes it itself.
-    assert high.stop() == 0
+    # The offset is taken before the stop: the lower one may resume (and log it) before
+    # stop() returns, and a line written before the offset would never be found.
     low_log_size = low.log_size()
+    assert high.stop() == 0
     low.wait_for_log(r"Refreshes active", timeout=30, since=low_log_size)
     low.wait_for_log(
         rf"tokenrequest={namespace}/gone-while-paused \S+ forgotten", timeout=30, since=low_log_size
