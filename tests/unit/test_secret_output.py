@@ -2,7 +2,9 @@
 
 import base64
 import copy
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from m2m_token_operator.cache import CacheKey
 from m2m_token_operator.client import AccessToken
@@ -28,7 +30,7 @@ TOKEN = AccessToken(
 )
 
 
-def decoded(secret: dict) -> dict[str, str]:
+def decoded(secret: dict[str, Any]) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
 
 
@@ -126,14 +128,10 @@ def test_a_token_is_reused_only_when_its_seal_verifies() -> None:
     secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, seal=seal)
     now = NOW + timedelta(minutes=5)
 
-    def reread(secret: dict, seal_for: object) -> object:
-        return token_from_secret(
-            secret,
-            owner_uid="uid-1",
-            scope=SCOPE,
-            now=now,
-            seal_for=seal_for,  # type: ignore[arg-type]
-        )
+    def reread(
+        secret: dict[str, Any], seal_for: Callable[[AccessToken], str] | None
+    ) -> AccessToken | None:
+        return token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, seal_for=seal_for)
 
     assert reread(secret, lambda token: key.seal("s3cr3t", token)) == TOKEN
     other_client = CacheKey("https://login.example/t/token", "client-2", SCOPE, "")
