@@ -55,7 +55,7 @@ def test_standby_takes_over_when_the_active_replica_dies(
     # changes), with its watch-streams started "(paused)".
     active.wait_for_log(RESUMED, timeout=30)
     standby.wait_for_log(r"Keep-alive in '[^']+' cluster-wide: ok", timeout=30)
-    standby.wait_for_log(r"watch-stream for tokenrequests\S* cluster-wide \(paused\)", timeout=5)
+    standby.wait_for_log(r"watch-stream for tokenrequests\S* cluster-wide \(paused\)", timeout=30)
     assert RESUMED not in standby.log_text()
 
     # The active replica serves a TokenRequest with 20 s tokens and refreshes it.
