@@ -28,7 +28,7 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
-integration: $(STAMP)
+integration: binaries
 	$(BIN)/pytest tests/integration -q
 
 binaries: $(STAMP)

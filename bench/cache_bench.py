@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from m2m_token_operator.cache import Freshness, TokenCache
 from m2m_token_operator.client import TokenClient
-from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.credentials import secret_credentials
 from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
 
 HIT_GETS = 100_000
@@ -63,12 +63,11 @@ def scope(index: int) -> str:
 
 async def measure(endpoint: str) -> int:
     client = TokenClient(connect_timeout=2, read_timeout=5)
-    credentials = ClientCredentials(
+    credentials = secret_credentials(
         token_endpoint=endpoint,
         client_id="bench-client",
         client_secret="bench-secret",
         source="operator identity",
-        realm="",
     )
     cache = TokenCache(
         fetch=client.fetch,

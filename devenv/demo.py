@@ -194,12 +194,27 @@ def _show(cluster: ControlPlane, api: k8s.ApiClient, token_requests: list[tuple[
             print(f"    {claim:<4} {shown}")
 
 
+def _plugin_status(cluster: ControlPlane, namespace: str, name: str) -> None:
+    """`kubectl m2m status` for one TokenRequest, as a user would run it."""
+    Console.section(f"kubectl m2m status {name} -n {namespace}")
+    plugin = Path(sys.executable).parent / "kubectl-m2m"
+    result = subprocess.run(
+        [str(plugin), "status", name, "-n", namespace, f"--kubeconfig={cluster.kubeconfig}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    print(result.stdout + result.stderr, end="")
+
+
 def _explore_hints(cluster: ControlPlane, operator: OperatorProcess, work_dir: Path) -> None:
     Console.section("Explore (while this runs)")
     kubectl = cluster.binaries.kubectl
     print(f"  export KUBECONFIG={cluster.kubeconfig}")
     print(f"  {kubectl} get tokreq -A -w")
     print(f"  {kubectl} -n demo describe tokreq orders-api")
+    print(f"  {Path(sys.executable).parent / 'kubectl-m2m'} status orders-api -n demo")
     print(f"  {kubectl} -n demo get events")
     print(f"  tail -f {operator.log_file}")
     print(f"  logs of every component: {work_dir}")
@@ -276,6 +291,8 @@ def run(*, exit_after_showing: bool, work_dir: Path) -> int:
             _wait_ready(api, token_requests, operator)
 
         _show(cluster, api, token_requests)
+        if token_requests:
+            _plugin_status(cluster, *token_requests[0])
         print(f"\nReady in {console.elapsed():.1f}s.", flush=True)
         if exit_after_showing:
             print("Stopping (--exit).", flush=True)

@@ -14,7 +14,10 @@ What the server does with a client-credentials request, as configured here:
 - `client_id` and a non-empty `client_secret` are required (any values);
   without a secret it answers 401 `invalid_client`;
 - the JWT carries the requested scope in `aud` (a string), the client id in
-  `sub` and `azp`, and `iss` = `<base>/<issuer>`;
+  `sub` and `azp`, and `iss` = `<base>/<issuer>`; like an Entra ID token for a
+  client the target granted an app role, `tid` = `TENANT_ID` and `roles` =
+  `[ROLE]`, except at the issuer `noroles` (`NO_ROLES_ISSUER`), whose tokens
+  carry no `roles` (a target that granted nothing: `NoAppRoles`);
 - `expires_in` is the issuer's lifetime minus one second (3599 for 3600),
   because the server counts whole seconds from the JWT's `exp` down.
 """
@@ -42,8 +45,11 @@ from devenv.process import ManagedProcess, StartStop
 __all__ = [
     "DEFAULT_ISSUER",
     "MOCK_OAUTH2_SERVER_VERSION",
+    "NO_ROLES_ISSUER",
+    "ROLE",
     "SHORT_ISSUER",
     "SHORT_TOKEN_EXPIRY",
+    "TENANT_ID",
     "TokenServer",
     "TokenServerError",
     "ensure_classpath",
@@ -59,6 +65,9 @@ DEFAULT_ISSUER = "default"
 SHORT_ISSUER = "short"
 SHORT_TOKEN_EXPIRY = 20
 DEFAULT_TOKEN_EXPIRY = 3600
+NO_ROLES_ISSUER = "noroles"
+ROLE = "access_as_application"
+TENANT_ID = "local-tenant"
 
 # Start-up is dominated by JIT warm-up of a short-lived test server: C1 only and
 # the serial collector roughly halve it (3-4 s to 1.5 s here). -UsePerfData keeps
@@ -166,6 +175,8 @@ def server_config(token_expiry: Mapping[str, int]) -> dict[str, Any]:
                             "sub": "${clientId}",
                             "azp": "${clientId}",
                             "aud": ["${scope}"],
+                            "tid": TENANT_ID,
+                            **({} if issuer == NO_ROLES_ISSUER else {"roles": [ROLE]}),
                         },
                     }
                 ],
@@ -211,7 +222,11 @@ class TokenServer(StartStop):
         self.token_expiry: dict[str, int] = (
             dict(token_expiry)
             if token_expiry is not None
-            else {DEFAULT_ISSUER: DEFAULT_TOKEN_EXPIRY, SHORT_ISSUER: SHORT_TOKEN_EXPIRY}
+            else {
+                DEFAULT_ISSUER: DEFAULT_TOKEN_EXPIRY,
+                SHORT_ISSUER: SHORT_TOKEN_EXPIRY,
+                NO_ROLES_ISSUER: DEFAULT_TOKEN_EXPIRY,
+            }
         )
         self.version = version
         self.startup_timeout = startup_timeout

@@ -3,8 +3,9 @@
 The token endpoint is shared, rate-limited and sometimes down; the workloads
 must not notice either. So the cache:
 
-- keys tokens by (token endpoint, client id, scope) within one identity's realm,
-  so TokenRequests that share an identity and scope share one token;
+- keys tokens by (token endpoint, client id, scope, credential fingerprint),
+  so TokenRequests that present the same credential for the same scope share
+  one token, and a credential never gets a token obtained with another;
 - runs at most one request per key at a time (single flight): concurrent
   callers wait for the same answer instead of each calling the endpoint;
 - serves a token until its refresh point, and after a failed refresh keeps
@@ -14,7 +15,9 @@ must not notice either. So the cache:
   one failure into a storm of requests; a permanent failure is held, unless
   the client secret has been rotated since, which is worth trying at once;
 - accepts tokens read back from the operator's own Secrets after a restart
-  (seeding), so a restart costs no call at all.
+  (seeding), so a restart costs no call at all;
+- on request (`force`, the `m2m.dev/refresh` annotation) fetches a new token
+  although the one held is fresh, at most once per key every `FORCE_INTERVAL`.
 
 The blocking fetch runs on a bounded thread pool, never on the event loop.
 Everything else runs on the event loop only, so no state here needs a lock.
@@ -33,11 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from m2m_token_operator.client import AccessToken, TokenEndpointError
 from m2m_token_operator.credentials import ClientCredentials
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy, is_permanent
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.tokens import AccessToken, TokenEndpointError, is_permanent
 
 logger = logging.getLogger(__name__)
+
+# At most one forced fetch per key this often: a burst of refresh requests (many
+# TokenRequests sharing a key, a script annotating in a loop) coalesces onto one call.
+FORCE_INTERVAL = timedelta(seconds=10)
 
 
 def token_jitter(token: AccessToken) -> float:
@@ -55,20 +62,24 @@ def token_jitter(token: AccessToken) -> float:
 class CacheKey:
     """What one token is for.
 
-    The contract's key is (endpoint, client id, scope) within one identity.
-    `realm` is the namespace whose credentials Secret holds the identity ("" for
-    the operator's own): a namespace that merely copies another namespace's
-    client id can then never be served that namespace's token.
+    The contract's key: (endpoint, client id, scope, credential fingerprint). The
+    fingerprint (`ClientCredentials.fingerprint`, a keyed hash of the client secret,
+    the private key, or the ServiceAccount's namespace/name/uid) makes a credentials
+    Secret that copies another's client id with a wrong secret a different key: it
+    is never served the token obtained with the right one. Two namespaces holding
+    the very same secret share a token; each could have fetched it itself.
     """
 
     token_endpoint: str
     client_id: str
     scope: str
-    realm: str
+    fingerprint: str
 
     @classmethod
     def for_credentials(cls, credentials: ClientCredentials, scope: str) -> CacheKey:
-        return cls(credentials.token_endpoint, credentials.client_id, scope, credentials.realm)
+        return cls(
+            credentials.token_endpoint, credentials.client_id, scope, credentials.fingerprint()
+        )
 
     def seal(self, client_secret: str, token: AccessToken) -> str:
         """An HMAC, keyed by the identity's client secret, binding `token` to this key.
@@ -80,9 +91,10 @@ class CacheKey:
         """
         message = "\n".join(
             (
+                # Not the fingerprint: its key is per process, and a restarted operator
+                # must verify the seals it wrote before.
                 self.token_endpoint,
                 self.client_id,
-                self.realm,
                 self.scope,
                 token.value,
                 token.token_type,
@@ -93,8 +105,11 @@ class CacheKey:
         return hmac.new(client_secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
     def __str__(self) -> str:
-        realm = self.realm or "operator"
-        return f"{self.scope} as {self.client_id} at {self.token_endpoint} (realm {realm})"
+        # A prefix of the fingerprint tells keys apart in logs; it reveals nothing.
+        return (
+            f"{self.scope} as {self.client_id} at {self.token_endpoint}"
+            f" (credential {self.fingerprint[:8]})"
+        )
 
 
 class Freshness(enum.Enum):
@@ -121,9 +136,10 @@ class CacheStats:
     hits: int = 0  # gets answered FRESH without waiting
     misses: int = 0  # every other get
     requests: int = 0  # calls to `fetch`
-    failures: int = 0  # failed calls plus recorded failures
+    failures: int = 0  # failed calls
     coalesced: int = 0  # gets that waited for another get's request
     held: int = 0  # gets refused a request by backoff or a hold
+    forced: int = 0  # forced fetches started (`force`)
 
 
 @dataclass(slots=True, eq=False)
@@ -136,6 +152,7 @@ class _Entry:
     retry_at: datetime | None = None
     failed_fingerprint: str | None = None
     flight: asyncio.Task[None] | None = None
+    forced_at: datetime | None = None  # when the last forced fetch started
     # Memos of pure functions of the fields above; cleared whenever those change.
     refresh_points: dict[timedelta | None, datetime] = field(default_factory=dict)
     fresh_results: dict[timedelta | None, tuple[datetime, CacheResult]] = field(
@@ -173,11 +190,8 @@ class TokenCache:
         self._entries: dict[CacheKey, _Entry] = {}
         self.stats = CacheStats()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def close(self) -> None:
-        """Stop the worker threads; a request already running finishes on its own."""
+        """Stop the worker threads (at operator stop); a request already running finishes."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def get(
@@ -222,13 +236,55 @@ class TokenCache:
             key, entry, now=self._clock(), refresh_before=refresh_before, fetched=started
         )
 
-    def record_failure(
-        self, key: CacheKey, error: Exception, *, credentials_fingerprint: str | None = None
+    async def force(
+        self,
+        credentials: ClientCredentials,
+        scope: str,
+        *,
+        refresh_before: timedelta | None = None,
     ) -> CacheResult:
-        """A failure that happened without a request (unusable credentials), kept like any other."""
+        """A new token now, although the one held may be fresh (a forced refresh).
+
+        Single flight with `get`: a request already running for the key is joined,
+        not doubled, and its token is the new one. Otherwise one request starts,
+        unless the last forced one started less than FORCE_INTERVAL ago (then the
+        result says `fetched=False` and the token is the one that request got), or
+        the endpoint asked to wait (Retry-After) and that time has not come.
+        Backoff and the hold after a permanent failure are bypassed: a person
+        asking after fixing something is exactly when to try again. The caller
+        wakes the key's other subscribers when `fetched` is True, as after `get`.
+        """
+        key = CacheKey.for_credentials(credentials, scope)
         entry = self._entries.setdefault(key, _Entry())
-        self._failed(entry, error, fingerprint=credentials_fingerprint)
-        return self._result(key, entry, now=self._clock(), refresh_before=None, fetched=False)
+        now = self._clock()
+        flight = entry.flight
+        started = flight is None
+        if flight is None:
+            if not self._may_force(entry, now):
+                self.stats.held += 1
+                return self._result(
+                    key, entry, now=now, refresh_before=refresh_before, fetched=False
+                )
+            entry.forced_at = now
+            self.stats.forced += 1
+            flight = asyncio.get_running_loop().create_task(
+                self._fly(key, entry, credentials, scope), name=f"m2m-token-force {key.scope}"
+            )
+            entry.flight = flight
+        else:
+            self.stats.coalesced += 1
+        await asyncio.shield(flight)
+        return self._result(
+            key, entry, now=self._clock(), refresh_before=refresh_before, fetched=started
+        )
+
+    def force_allowed_at(self, key: CacheKey) -> datetime | None:
+        """The earliest a forced fetch may start for `key`; None: at once."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        times = [t for t in (self._forced_until(entry), self._retry_after_until(entry)) if t]
+        return max(times) if times else None
 
     def seed(self, key: CacheKey, token: AccessToken) -> None:
         """Adopt a token read back from an owned Secret, unless a later-expiring one is held."""
@@ -263,6 +319,23 @@ class TokenCache:
         self._entries.pop(key, None)
 
     # Internals: all run on the event loop.
+
+    @staticmethod
+    def _forced_until(entry: _Entry) -> datetime | None:
+        return None if entry.forced_at is None else entry.forced_at + FORCE_INTERVAL
+
+    @staticmethod
+    def _retry_after_until(entry: _Entry) -> datetime | None:
+        retry_after = getattr(entry.error, "retry_after", None)
+        if isinstance(retry_after, int | float) and retry_after > 0:
+            return entry.retry_at
+        return None
+
+    def _may_force(self, entry: _Entry, now: datetime) -> bool:
+        for until in (self._forced_until(entry), self._retry_after_until(entry)):
+            if until is not None and now < until:
+                return False
+        return True
 
     def _held(self, entry: _Entry, credentials: ClientCredentials, now: datetime) -> bool:
         if entry.retry_at is None or now >= entry.retry_at:

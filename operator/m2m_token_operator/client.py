@@ -1,7 +1,10 @@
 """One OAuth 2.0 client-credentials token request on the wire, and what its answer means.
 
 The request is exactly what the contract says: a form-encoded POST of
-`client_id`, `client_secret`, `grant_type=client_credentials` and `scope`.
+`client_id`, `grant_type=client_credentials`, `scope` and the proof: either
+`client_secret`, or `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`
+with a `client_assertion` made afresh for this request (a JWT signed with the
+application's private key, or a minted ServiceAccount token); never both.
 Redirects are never followed: a 307/308 would resend the client secret to
 whatever address the answer names. Proxies and CA bundles come from the
 environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE); certificates are
@@ -49,17 +52,32 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
 
 import requests
 import requests.adapters
 
 from m2m_token_operator import __version__
-from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.assertion import JWT_BEARER
+from m2m_token_operator.credentials import (
+    CLIENT_SECRET,
+    FEDERATED,
+    PRIVATE_KEY_JWT,
+    ClientCredentials,
+)
+from m2m_token_operator.redaction import REDACTOR
+from m2m_token_operator.tokens import (
+    AccessToken,
+    CredentialsRejected,
+    EndpointUnavailable,
+    ScopeRejected,
+    Throttled,
+    TokenEndpointError,
+    utc_now,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,77 +107,6 @@ THROTTLE_CODES = frozenset({50196})
 _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _PLAIN_NAME = re.compile(r"[a-z][a-z0-9-]{0,62}")
 _CLIENT_ID_WITHHELD = "<not a GUID, not shown>"
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class AccessToken:
-    """A token as issued. Its value never shows in repr, logs or messages."""
-
-    value: str = field(repr=False)
-    token_type: str
-    issued_at: datetime  # UTC, when the request was sent: a conservative start of validity
-    expires_at: datetime
-    refresh_in: timedelta | None = None  # Entra's hint to ask again sooner, when it sends one
-    ext_expires_at: datetime | None = None
-
-    @property
-    def lifetime(self) -> timedelta:
-        return self.expires_at - self.issued_at
-
-    def expired(self, now: datetime) -> bool:
-        return now >= self.expires_at
-
-
-class TokenEndpointError(Exception):
-    """The token endpoint did not issue a token. `str()` never holds a secret or a token."""
-
-    reason: ClassVar[str] = "EndpointUnavailable"
-    permanent: ClassVar[bool] = False
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        http_status: int | None = None,
-        error: str | None = None,
-        error_description: str | None = None,
-        error_codes: tuple[int, ...] = (),
-        trace_id: str | None = None,
-        correlation_id: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.http_status = http_status
-        self.error = error
-        self.error_description = error_description
-        self.error_codes = error_codes
-        self.trace_id = trace_id
-        self.correlation_id = correlation_id
-        self.retry_after = retry_after  # seconds, as the endpoint asked
-
-
-class CredentialsRejected(TokenEndpointError):
-    reason = "CredentialsRejected"
-    permanent = True
-
-
-class ScopeRejected(TokenEndpointError):
-    reason = "ScopeRejected"
-    permanent = True
-
-
-class Throttled(TokenEndpointError):
-    reason = "Throttled"
-    permanent = False
-
-
-class EndpointUnavailable(TokenEndpointError):
-    reason = "EndpointUnavailable"
-    permanent = False
 
 
 def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
@@ -268,6 +215,20 @@ _CREDENTIALS_ADVICE = (
     "Check AZURE_APP_CLIENT_ID and AZURE_APP_CLIENT_SECRET (an expired or rotated client"
     " secret must be replaced) and that AZURE_OPENID_CONFIG_TOKEN_ENDPOINT names the right tenant"
 )
+# A rejected assertion has other causes than a rejected secret.
+_METHOD_ADVICE = {
+    PRIVATE_KEY_JWT: (
+        "Check AZURE_APP_CLIENT_ID, that AZURE_APP_JWK is a key registered for this application"
+        " (its kid/x5t must match a certificate of the app registration), and that"
+        " AZURE_OPENID_CONFIG_TOKEN_ENDPOINT names the right tenant"
+    ),
+    FEDERATED: (
+        "Check the ServiceAccount's azure.workload.identity/client-id, and that the"
+        " application has a federated credential for this cluster's service account issuer,"
+        " the subject system:serviceaccount:<namespace>:<name> and the audience the operator"
+        " uses (M2M_FEDERATION_AUDIENCE)"
+    ),
+}
 _REFUSED_ADVICE = (
     "Check that AZURE_OPENID_CONFIG_TOKEN_ENDPOINT is the tenant's OAuth 2.0 token endpoint"
     " (…/oauth2/v2.0/token) and that the client may use the client-credentials grant"
@@ -335,21 +296,29 @@ class TokenClient:
     def fetch(self, credentials: ClientCredentials, scope: str) -> AccessToken:
         """Request a token now (blocking); raises a `TokenEndpointError` subclass on failure."""
         client_id = credentials.client_id
-        if client_id_shown(client_id):
-            scrub = _scrubber(credentials.client_secret)
-            who = f"{credentials.source} (client id {client_id})"
-        else:
-            # Possibly a secret in the wrong key: never named, and scrubbed like the secret.
-            scrub = _scrubber(credentials.client_secret, client_id)
-            who = f"{credentials.source} (client id {_CLIENT_ID_WITHHELD})"
-        endpoint = credentials.token_endpoint
-        shown = _shown_url(endpoint)
         form = {
             "client_id": credentials.client_id,
-            "client_secret": credentials.client_secret,
             "grant_type": "client_credentials",
             "scope": scope,
         }
+        if credentials.client_assertion is not None:
+            # May block (a ServiceAccount token is minted): this is the worker thread.
+            proof = credentials.client_assertion()
+            REDACTOR.register(proof)
+            form["client_assertion_type"] = JWT_BEARER
+            form["client_assertion"] = proof
+        else:
+            proof = credentials.client_secret or ""
+            form["client_secret"] = proof
+        if client_id_shown(client_id):
+            scrub = _scrubber(proof)
+            who = f"{credentials.source} (client id {client_id})"
+        else:
+            # Possibly a secret in the wrong key: never named, and scrubbed like the secret.
+            scrub = _scrubber(proof, client_id)
+            who = f"{credentials.source} (client id {_CLIENT_ID_WITHHELD})"
+        endpoint = credentials.token_endpoint
+        shown = _shown_url(endpoint)
         # Whole seconds, rounded down (never later than the truth): the Secret and the status
         # carry RFC 3339 seconds, and a restarted operator must read back the same instants.
         issued_at = self._clock().replace(microsecond=0)
@@ -366,7 +335,7 @@ class TokenClient:
                 body = self._read(response, shown=shown)
                 return self._interpret(
                     response, body, issued_at=issued_at, scope=scope, shown=shown, who=who,
-                    scrub=scrub,
+                    scrub=scrub, method=credentials.method,
                 )  # fmt: skip
         except TokenEndpointError:
             raise
@@ -429,6 +398,7 @@ class TokenClient:
         shown: str,
         who: str,
         scrub: Callable[[str], str],
+        method: str = CLIENT_SECRET,
     ) -> AccessToken:
         status = response.status_code
         try:
@@ -456,6 +426,8 @@ class TokenClient:
         retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
 
         kind, template, advice = _classify(status=status, error=error, codes=codes)
+        if kind is CredentialsRejected:
+            advice = _METHOD_ADVICE.get(method, advice)
         location = response.headers.get("Location")
         what = template.format(
             shown=shown,
@@ -518,8 +490,9 @@ class TokenClient:
             raise malformed("with an access_token holding spaces or control characters")
         try:
             expires_in = _seconds(payload.get("expires_in"))
-            ext_expires_in = _seconds(payload.get("ext_expires_in"))
-            refresh_in = _seconds(payload.get("refresh_in"))
+            # Read only to refuse pathological answers: the contract alone decides refreshes.
+            _seconds(payload.get("ext_expires_in"))
+            _seconds(payload.get("refresh_in"))
         except OverflowError:
             raise malformed(
                 "with an expires_in, ext_expires_in or refresh_in too large to be a number"
@@ -538,10 +511,6 @@ class TokenClient:
             token_type=token_type.strip()[:40],
             issued_at=issued_at,
             expires_at=issued_at + timedelta(seconds=int(expires_in)),
-            refresh_in=None if refresh_in is None else timedelta(seconds=refresh_in),
-            ext_expires_at=None
-            if ext_expires_in is None
-            else issued_at + timedelta(seconds=ext_expires_in),
         )
         logger.debug("token issued by %s, valid for %gs", shown, expires_in)
         return token

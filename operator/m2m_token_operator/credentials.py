@@ -1,9 +1,17 @@
-"""Where an identity comes from, and where its secret may be sent.
+"""Where an identity comes from, how it proves itself, and where it may be sent.
 
-An identity is a client id, a client secret and the token endpoint the secret
-is presented to. The operator has its own (environment variables, or files of
-a mounted Secret that an identity operator rotates in place), and a
-TokenRequest may name a Secret in its own namespace holding another.
+An identity is a client id, the token endpoint, and one way of proving it: a
+client secret, a private key that signs a fresh assertion per request
+(private_key_jwt), or a ServiceAccount token minted per request (workload
+identity federation, see `federation`). The operator has its own (environment
+variables, or files of a mounted Secret that an identity operator rotates in
+place), and a TokenRequest may name a Secret or a ServiceAccount in its own
+namespace holding another.
+
+A token is only ever shared between requests presenting the same credential:
+`ClientCredentials.fingerprint` is a keyed hash of the secret, of the private
+key, or of the ServiceAccount's namespace, name and uid, and it is part of the
+cache key.
 
 A Secret's token endpoint is written by whoever can write Secrets in that
 namespace, yet the operator would POST the secret there: without a check, a
@@ -20,16 +28,26 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import re
 import secrets as _random_bytes
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 import urllib3.util
+
+from m2m_token_operator.assertion import (
+    JWK_KEY,
+    InvalidKeyError,
+    parse_private_jwk,
+    private_members,
+)
+from m2m_token_operator.redaction import REDACTOR
 
 if TYPE_CHECKING:
     from m2m_token_operator.settings import Settings
@@ -39,6 +57,14 @@ CLIENT_ID_KEY = "AZURE_APP_CLIENT_ID"
 CLIENT_SECRET_KEY = "AZURE_APP_CLIENT_SECRET"
 TOKEN_ENDPOINT_KEY = "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"
 KEYS = (CLIENT_ID_KEY, CLIENT_SECRET_KEY, TOKEN_ENDPOINT_KEY)
+# A credentials Secret: both of these, and a private key (preferred) or a client secret.
+SECRET_REQUIRED_KEYS = (CLIENT_ID_KEY, TOKEN_ENDPOINT_KEY)
+SECRET_PROOF_KEYS = (JWK_KEY, CLIENT_SECRET_KEY)
+
+# How an identity proves itself on the wire.
+CLIENT_SECRET = "client_secret"
+PRIVATE_KEY_JWT = "private_key_jwt"
+FEDERATED = "workload_identity_federation"
 
 CREDENTIALS_MISSING = "CredentialsMissing"
 CREDENTIALS_INVALID = "CredentialsInvalid"
@@ -46,9 +72,9 @@ ENDPOINT_NOT_ALLOWED = "EndpointNotAllowed"
 
 OPERATOR_IDENTITY = "operator identity"
 
-# Fingerprints only ever compare two secrets held by this process; a per-process salt
+# Fingerprints only ever compare two credentials held by this process; a per-process key
 # makes a fingerprint that leaked into a heap dump useless for guessing the secret.
-_FINGERPRINT_SALT = _random_bytes.token_bytes(16)
+_FINGERPRINT_KEY = _random_bytes.token_bytes(32)
 # A DNS name or IPv4 address, or a bracketed IPv6 address, then an optional port.
 _NETLOC = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?")
 
@@ -63,17 +89,81 @@ class CredentialsError(Exception):
 
 @dataclass(frozen=True)
 class ClientCredentials:
-    """One identity: what is sent to which token endpoint. The secret never shows in repr."""
+    """One identity: how it proves itself, to which token endpoint. Secrets never show in repr.
+
+    Exactly one proof: `client_secret` (sent in the form), or `client_assertion`,
+    a callable producing a fresh assertion for each request (a JWT signed with a
+    private key, or a minted ServiceAccount token). The callable may block: the
+    token client calls it on its worker thread, right before the request.
+    """
 
     token_endpoint: str
     client_id: str
-    client_secret: str = field(repr=False)
     source: str  # for people: "operator identity" or "Secret shop/azure-shop-frontend"
-    realm: str  # "" for the operator's own identity, else the credentials Secret's namespace
+    method: str  # CLIENT_SECRET, PRIVATE_KEY_JWT or FEDERATED
+    # What the fingerprint is a keyed hash of: the secret, the private key's numbers, or
+    # the ServiceAccount's namespace/name/uid.
+    material: bytes = field(repr=False)
+    client_secret: str | None = field(default=None, repr=False)
+    client_assertion: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+    # Keys the HMAC sealing a token in its Secret (stable across restarts, unlike the
+    # fingerprint): the client secret, a secret derived from the private key, or, for a
+    # ServiceAccount, which holds no secret, its identity (see docs/security.md).
+    seal_secret: str = field(default="", repr=False)
 
     def fingerprint(self) -> str:
-        """A salted SHA-256 of the secret, so the cache can notice a rotated secret."""
-        return hashlib.sha256(_FINGERPRINT_SALT + self.client_secret.encode()).hexdigest()
+        """A keyed hash of the credential: equal only for the very same credential."""
+        message = self.method.encode() + b"\0" + self.material
+        return hmac.new(_FINGERPRINT_KEY, message, hashlib.sha256).hexdigest()
+
+
+def secret_credentials(
+    *, token_endpoint: str, client_id: str, client_secret: str, source: str
+) -> ClientCredentials:
+    """An identity proven by a client secret (registered with the log redactor)."""
+    REDACTOR.register(client_secret)
+    return ClientCredentials(
+        token_endpoint=token_endpoint,
+        client_id=client_id,
+        source=source,
+        method=CLIENT_SECRET,
+        material=client_secret.encode(),
+        client_secret=client_secret,
+        seal_secret=client_secret,
+    )
+
+
+def private_key_credentials(
+    *, token_endpoint: str, client_id: str, jwk: str, source: str
+) -> ClientCredentials:
+    """An identity proven by private_key_jwt; a JWK that is not usable is CredentialsInvalid."""
+    REDACTOR.register(jwk)
+    for member in private_members(jwk):
+        REDACTOR.register(member)
+    try:
+        key = parse_private_jwk(jwk)
+    except InvalidKeyError as error:
+        raise CredentialsError(
+            f"Credentials {source}: {JWK_KEY} is not a usable private RSA key: {error}; write"
+            " the application's private key as a JWK (kty RSA with its private members and a"
+            " kid)",
+            reason=CREDENTIALS_INVALID,
+        ) from None
+
+    def assertion() -> str:
+        signed = key.sign(client_id=client_id, audience=token_endpoint, now=datetime.now(UTC))
+        REDACTOR.register(signed)
+        return signed
+
+    return ClientCredentials(
+        token_endpoint=token_endpoint,
+        client_id=client_id,
+        source=source,
+        method=PRIVATE_KEY_JWT,
+        material=key.material,
+        client_assertion=assertion,
+        seal_secret=key.seal_secret(),
+    )
 
 
 def parse_host_entry(entry: str) -> tuple[str, int | None]:
@@ -238,31 +328,48 @@ def operator_identity(
         raise CredentialsError(
             f"The operator's own identity: {_inner(error)}", reason=error.reason
         ) from None
-    return ClientCredentials(
+    return secret_credentials(
         token_endpoint=values[TOKEN_ENDPOINT_KEY],
         client_id=values[CLIENT_ID_KEY],
         client_secret=values[CLIENT_SECRET_KEY],
         source=OPERATOR_IDENTITY,
-        realm="",
     )
+
+
+def operator_token_endpoint(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The operator's own token endpoint alone (None when unset), read afresh like the rest."""
+    env = os.environ if environ is None else environ
+    raw = None
+    if settings.credentials_dir:
+        raw = _read_file(settings.credentials_dir, TOKEN_ENDPOINT_KEY)
+    if raw is None:
+        raw = env.get(TOKEN_ENDPOINT_KEY)
+    return (raw or "").strip() or None
 
 
 def credentials_from_secret(
     data: Mapping[str, str] | None, *, namespace: str, name: str, policy: EndpointPolicy
 ) -> ClientCredentials:
-    """An identity from a credentials Secret's `.data` (None: the Secret does not exist)."""
+    """An identity from a credentials Secret's `.data` (None: the Secret does not exist).
+
+    It holds AZURE_APP_CLIENT_ID, AZURE_OPENID_CONFIG_TOKEN_ENDPOINT and a proof:
+    AZURE_APP_JWK (private_key_jwt, preferred) or AZURE_APP_CLIENT_SECRET.
+    """
     source = f"Secret {namespace}/{name}"
+    expected = (
+        f"it must hold {', '.join(SECRET_REQUIRED_KEYS)} and {JWK_KEY} or {CLIENT_SECRET_KEY}"
+    )
     if data is None:
         raise CredentialsError(
-            f"Credentials {source} not found: create it with the keys {', '.join(KEYS)}",
+            f"Credentials {source} not found: create it; {expected}",
             reason=CREDENTIALS_MISSING,
         )
     values: dict[str, str] = {}
-    missing: list[str] = []
-    for key in KEYS:
+    for key in (*SECRET_REQUIRED_KEYS, *SECRET_PROOF_KEYS):
         encoded = data.get(key)
         if encoded is None:
-            missing.append(key)
             continue
         try:
             if not isinstance(encoded, str):
@@ -276,12 +383,12 @@ def credentials_from_secret(
             ) from None
         if value:
             values[key] = value
-        else:
-            missing.append(key)
+    missing = [key for key in SECRET_REQUIRED_KEYS if key not in values]
+    if not any(key in values for key in SECRET_PROOF_KEYS):
+        missing.append(f"{JWK_KEY} or {CLIENT_SECRET_KEY}")
     if missing:
         raise CredentialsError(
-            f"Credentials {source} lacks a value for {', '.join(missing)}:"
-            f" it must hold {', '.join(KEYS)}",
+            f"Credentials {source} lacks a value for {', '.join(missing)}: {expected}",
             reason=CREDENTIALS_MISSING,
         )
     endpoint = values[TOKEN_ENDPOINT_KEY]
@@ -292,10 +399,16 @@ def credentials_from_secret(
         raise CredentialsError(
             f"Credentials {source}: {_inner(error)}", reason=error.reason
         ) from None
-    return ClientCredentials(
+    if JWK_KEY in values:
+        return private_key_credentials(
+            token_endpoint=endpoint,
+            client_id=values[CLIENT_ID_KEY],
+            jwk=values[JWK_KEY],
+            source=source,
+        )
+    return secret_credentials(
         token_endpoint=endpoint,
         client_id=values[CLIENT_ID_KEY],
         client_secret=values[CLIENT_SECRET_KEY],
         source=source,
-        realm=namespace,
     )

@@ -15,32 +15,32 @@ import hashlib
 import logging
 import os
 import socket
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import kopf
 
-from m2m_token_operator import metrics, redaction
+from m2m_token_operator import metrics, redaction, refresh
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, load_api_client
 from m2m_token_operator.peering import PeeringConfig, PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
+from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from m2m_token_operator.settings import Settings
+from m2m_token_operator.tokens import utc_now
 
 logger = logging.getLogger(__name__)
 
-# Kopf keeps its own handling state on the TokenRequest; under our domain, not Kopf's.
+# Where Kopf would keep handling state on a TokenRequest: under our domain, not Kopf's.
 STATE_PREFIX = "operator.m2m.dev"
 # The scheduler turns at least every 30 s; three missed turns mean it is stuck.
 SCHEDULER_STALL = timedelta(seconds=90)
 # Kopf itself needs a few seconds to join the peering; five minutes unread is a fault.
 PEERING_UNREAD = timedelta(minutes=5)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+# (connect, read) seconds for the peering read: well inside SCHEDULER_STALL.
+PEERING_READ_TIMEOUT = (5.0, 10.0)
 
 
 def peering_priority(config: Settings) -> int:
@@ -94,8 +94,27 @@ def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    await startup(settings, memo)
+
+
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
+    """Build the operator's objects into `memo`; safe to retry (Kopf retries on failure)."""
+    previous: Runtime | None = memo.get("runtime")
+    if previous is not None:
+        await previous.close()  # a failed earlier attempt leaves nothing running
+    runtime = memo["runtime"] = Runtime()
+    try:
+        _start(settings, memo, runtime)
+    except BaseException:
+        await runtime.close()
+        raise
+
+
+def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -> None:
     redaction.install()
     config = Settings.from_env()
+    # Only watch-event handlers are registered, so Kopf stores no state on the objects;
+    # should one ever be added, its state goes under our domain, not Kopf's.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STATE_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=STATE_PREFIX, key="last-handled-configuration"
@@ -103,42 +122,61 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.enabled = False  # our events are posted by the reconciler, one per change
     settings.peering.priority = peering_priority(config)
 
-    kube = KubeApi(load_api_client())
-    token_client = TokenClient(
-        connect_timeout=config.connect_timeout, read_timeout=config.read_timeout
+    kube = runtime.closing(KubeApi(load_api_client()), lambda: kube.close(), name="kube")
+    token_client = runtime.closing(
+        TokenClient(connect_timeout=config.connect_timeout, read_timeout=config.read_timeout),
+        lambda: token_client.close(),
+        name="token client",
     )
-    cache = TokenCache(
-        fetch=metrics.instrument_fetch(token_client.fetch),
-        refresh_policy=config.refresh_policy(),
-        retry_policy=config.retry_policy(),
-        clock=utc_now,
-        max_workers=config.fetch_workers,
+    cache = runtime.closing(
+        TokenCache(
+            fetch=metrics.instrument_fetch(token_client.fetch),
+            refresh_policy=config.refresh_policy(),
+            retry_policy=config.retry_policy(),
+            clock=utc_now,
+            max_workers=config.fetch_workers,
+        ),
+        lambda: cache.close(),
+        name="token cache",
     )
     reconciler = TokenRequestReconciler(settings=config, kube=kube, cache=cache, clock=utc_now)
     memo["kube"] = kube
     memo["reconciler"] = reconciler
-    gate = peering_gate(settings, kube=kube, reconciler=reconciler, environ=os.environ)
+    # The peering read has its own client and thread, with a short time-out: looks that
+    # queue on a slow API server must not keep the gate (and the scheduler loop behind
+    # it, which liveness watches) waiting.
+    peering_kube = runtime.closing(
+        KubeApi(load_api_client(), max_workers=1, request_timeout=PEERING_READ_TIMEOUT),
+        lambda: peering_kube.close(),
+        name="peering kube",
+    )
+    gate = peering_gate(settings, kube=peering_kube, reconciler=reconciler, environ=os.environ)
     if gate is not None:
         reconciler.scheduler.gate = gate
         memo["peering_gate"] = gate
-        memo["peering_task"] = asyncio.create_task(gate.run(), name="m2m-peering-gate")
-    memo["scheduler_task"] = asyncio.create_task(reconciler.scheduler.run(), name="m2m-scheduler")
-    metrics.serve(config.metrics_port)
+        memo["peering_task"] = runtime.start(gate.run(), name="m2m-peering-gate")
+    memo["scheduler_task"] = runtime.start(reconciler.scheduler.run(), name="m2m-scheduler")
+    # Last, and it can fail (the port is taken): everything above is closed again then.
+    server = metrics.serve(config.metrics_port)
+    if server is not None:
+        runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    tasks = [memo.get("scheduler_task"), memo.get("peering_task")]
-    running: list[asyncio.Task[None]] = [task for task in tasks if task is not None]
-    for task in running:
-        task.cancel()
-    await asyncio.gather(*running, return_exceptions=True)
-    kube: KubeApi | None = memo.get("kube")
-    if kube is not None:
-        kube.close()
+    await shutdown(memo)
 
 
-@kopf.on.probe(id="scheduler")
+async def shutdown(memo: kopf.Memo) -> None:
+    """Stop the tasks, then close the token cache's pool, the token client and the API pools."""
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is not None:
+        await runtime.close()
+
+
+# PERMANENT: a raising probe answers /healthz at once with the failure. Kopf's default
+# (TEMPORARY) retries it every 60 s while the kubelet's request waits and times out.
+@kopf.on.probe(id="scheduler", errors=kopf.ErrorsMode.PERMANENT)
 def scheduler_alive(memo: kopf.Memo, **_: Any) -> str:
     """Liveness: fails when refreshes can no longer happen, not merely when the process lives."""
     task: asyncio.Task[None] | None = memo.get("scheduler_task")
@@ -162,32 +200,73 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
             "name": body.metadata.name,
             "uid": body.metadata.uid,
             "generation": body.metadata.get("generation"),
+            # m2m.dev/refresh: a value set while the operator was down is seen at resume.
+            "annotations": copy.deepcopy(dict(body.metadata.annotations)),
+            "deletionTimestamp": body.metadata.get("deletionTimestamp"),
         },
         "spec": copy.deepcopy(dict(body.spec)),
         "status": copy.deepcopy(dict(body.status)),
     }
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, id="resume")
-@kopf.on.create(GROUP, VERSION, PLURAL, id="create")
-@kopf.on.update(GROUP, VERSION, PLURAL, id="update", field="spec")
-async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _reconciler(memo).reconcile(_plain(body))
-
-
-# The event handlers are coroutines on purpose: Kopf runs plain functions in a thread pool,
+# One watch-event handler for TokenRequests, and no create/update/resume handlers: those
+# make Kopf write its handling state (a progress and a last-handled-configuration
+# annotation) onto every object it handles, one more PATCH per TokenRequest and a watch
+# event back for each. Level-triggered instead: the initial listing (type None) is the
+# resume, and any event whose uid or metadata.generation is new to the reconciler is a
+# create or a spec change. Status writes, labels and annotations move neither.
+# The handlers are coroutines on purpose: Kopf runs plain functions in a thread pool,
 # and the reconciler and its scheduler are event-loop-only (from another thread, a wake-up
 # of the scheduler can be lost, and their dicts and heap would be shared without a lock).
-@kopf.on.event(GROUP, VERSION, PLURAL, id="deleted")
+@kopf.on.event(GROUP, VERSION, PLURAL, id="tokenrequest")
 async def token_request_event(
     type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
     body: kopf.Body,
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
+    metadata = body.metadata
+    reconciler = _reconciler(memo)
     if type == "DELETED":
-        metadata = body.metadata
-        _reconciler(memo).forget(metadata.namespace or "", metadata.name or "", metadata.uid)
+        reconciler.forget(metadata.namespace or "", metadata.name or "", metadata.uid)
+    elif metadata.get("deletionTimestamp"):
+        reconciler.being_deleted(metadata.namespace or "", metadata.name or "", metadata.uid)
+    else:
+        await reconciler.observed(_plain(body))
+
+
+def _refresh_asked(body: kopf.Body, **_: Any) -> bool:
+    """A new m2m.dev/refresh value not yet recorded in status.lastRefreshRequest."""
+    return refresh.pending_request(body.metadata.annotations, body.status) is not None
+
+
+# The annotation is metadata, not spec: `@kopf.on.update(field="spec")` never sees it and
+# metadata.generation does not move. A watch-event handler compares the annotation with
+# status.lastRefreshRequest on every event instead (level-triggered): a value set while
+# the operator was down is seen in the initial listing, and once the status records it,
+# later events of the same object say nothing new.
+@kopf.on.event(
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="refresh",
+    annotations={refresh.REFRESH_ANNOTATION: kopf.PRESENT},
+    when=_refresh_asked,
+)
+async def refresh_annotation(
+    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    if type == "DELETED":
+        return
+    value = refresh.pending_request(body.metadata.annotations, body.status)
+    if value is None:
+        return
+    _reconciler(memo).refresh_requested(
+        body.metadata.namespace or "", body.metadata.name or "", value
+    )
 
 
 def _watched_secret(body: kopf.Body, memo: kopf.Memo, **_: Any) -> bool:

@@ -34,6 +34,9 @@ CLUSTER_PEERING_PLURAL = "clusterkopfpeerings"
 # TokenRequest's lock (and with it its Kopf handlers) for ever.
 REQUEST_TIMEOUT = (10.0, 30.0)
 
+# See load_api_client: never urllib3's default of 3 retries with backoff.
+API_RETRIES = 1
+
 JsonObject = dict[str, Any]
 _T = TypeVar("_T")
 
@@ -66,6 +69,11 @@ def load_api_client() -> kubernetes.client.ApiClient:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration
         )
+    # Explicit: the client's default (None) means urllib3's 3 retries with backoff, so one
+    # call could take minutes on a slow API server while a look or the peering read waits.
+    # One retry, without backoff, of a connection that failed before the request was sent
+    # (urllib3 never retries a POST whose answer was lost); the reconciler retries the rest.
+    configuration.retries = API_RETRIES
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -75,19 +83,34 @@ class KubeApi:
     # Bodies are typed Any on purpose: the client sends plain dicts as they are,
     # while its type hints only name its generated models.
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, *, max_workers: int = 4) -> None:
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        *,
+        max_workers: int = 4,
+        request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
+    ) -> None:
+        self._api_client = api_client
+        self._timeout = request_timeout
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube-api")
         self.writes = 0  # every mutating call sent; tests and metrics read it
 
     def close(self) -> None:
+        """Stop the worker threads and the connection pool (at operator stop)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._api_client.close()  # type: ignore[no-untyped-call]
 
     async def _call(self, action: str, function: Callable[[], _T]) -> _T:
         loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._blocking, action, function)
+
+    @staticmethod
+    def _blocking(action: str, function: Callable[[], _T]) -> _T:
+        """Run one client call here and now, turning its failures into `KubeError`s."""
         try:
-            return await loop.run_in_executor(self._executor, function)
+            return function()
         except kubernetes.client.ApiException as error:
             # The body of an API error can echo the object sent (a Secret's data):
             # only the status and the short reason phrase travel on.
@@ -121,7 +144,7 @@ class KubeApi:
         return await self._read_or_none(
             f"read Secret {namespace}/{name}",
             lambda: self._core.read_namespaced_secret(
-                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                name, namespace, _preload_content=False, _request_timeout=self._timeout
             ),
         )
 
@@ -132,7 +155,7 @@ class KubeApi:
                 namespace,
                 label_selector=label_selector,
                 _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+                _request_timeout=self._timeout,
             ),
         )
         items: list[JsonObject] = self._json(response).get("items") or []
@@ -143,7 +166,7 @@ class KubeApi:
         response = await self._call(
             f"create Secret {namespace}/{body['metadata']['name']}",
             lambda: self._core.create_namespaced_secret(
-                namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                namespace, body, _preload_content=False, _request_timeout=self._timeout
             ),
         )
         return self._json(response)
@@ -155,7 +178,7 @@ class KubeApi:
         response = await self._call(
             f"replace Secret {namespace}/{name}",
             lambda: self._core.replace_namespaced_secret(
-                name, namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                name, namespace, body, _preload_content=False, _request_timeout=self._timeout
             ),
         )
         return self._json(response)
@@ -172,9 +195,54 @@ class KubeApi:
                     namespace,
                     body=body,
                     _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
+                    _request_timeout=self._timeout,
                 ),
             )
+
+    # ServiceAccounts (workload identity federation)
+
+    async def read_service_account(self, namespace: str, name: str) -> JsonObject | None:
+        return await self._read_or_none(
+            f"read ServiceAccount {namespace}/{name}",
+            lambda: self._core.read_namespaced_service_account(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+        )
+
+    def mint_service_account_token(
+        self, namespace: str, name: str, *, audience: str, expiration_seconds: int
+    ) -> tuple[str, str | None]:
+        """A new token of the ServiceAccount (TokenRequest API): (token, expirationTimestamp).
+
+        Blocking, on purpose: it is called on the token-fetch worker thread, right
+        before the token request that presents it, so the token is never cached,
+        stored or handed to the event loop. Not counted in `writes`: it changes no
+        object. The API server may shorten the lifetime asked for; the caller reads
+        the expiration it returns. Raises `KubeError` (403: the namespace has not
+        granted the operator `create serviceaccounts/token`; `NotFound`: no such
+        ServiceAccount).
+        """
+        body: Any = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": expiration_seconds},
+        }
+        response = self._blocking(
+            f"create token for ServiceAccount {namespace}/{name}",
+            lambda: self._core.create_namespaced_service_account_token(
+                name, namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            ),
+        )
+        status = self._json(response).get("status") or {}
+        token = status.get("token")
+        if not isinstance(token, str) or not token:
+            raise KubeError(
+                action=f"create token for ServiceAccount {namespace}/{name}",
+                status=None,
+                reason="the answer holds no token",
+            )
+        expires = status.get("expirationTimestamp")
+        return token, expires if isinstance(expires, str) else None
 
     # TokenRequests
 
@@ -188,7 +256,7 @@ class KubeApi:
                 PLURAL,
                 name,
                 _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+                _request_timeout=self._timeout,
             ),
         )
 
@@ -209,7 +277,7 @@ class KubeApi:
                     name,
                     body,
                     _preload_content=False,
-                    _request_timeout=REQUEST_TIMEOUT,
+                    _request_timeout=self._timeout,
                 ),
             )
         except NotFound:
@@ -228,7 +296,7 @@ class KubeApi:
                 CLUSTER_PEERING_PLURAL,
                 name,
                 _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT,
+                _request_timeout=self._timeout,
             ),
         )
 
@@ -240,7 +308,7 @@ class KubeApi:
             await self._call(
                 f"create Event in {namespace}",
                 lambda: self._core.create_namespaced_event(
-                    namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                    namespace, body, _preload_content=False, _request_timeout=self._timeout
                 ),
             )
         except KubeError as error:

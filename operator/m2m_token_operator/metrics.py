@@ -12,11 +12,12 @@ import contextlib
 import time
 from collections.abc import Callable
 from datetime import datetime
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from m2m_token_operator.client import AccessToken, TokenEndpointError
 from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.tokens import AccessToken, TokenEndpointError
 
 TOKEN_EXPIRY = Gauge(
     "m2m_token_expiry_timestamp_seconds",
@@ -109,6 +110,15 @@ def forget_token_request(namespace: str, name: str) -> None:
             REFRESH_FAILURES.remove(namespace, name, reason)
 
 
-def serve(port: int) -> None:
-    if port:
-        start_http_server(port)
+def serve(port: int) -> WSGIServer | None:
+    """Serve /metrics on `port` (0: not at all); the server, for `stop_serving`."""
+    if not port:
+        return None
+    server, _ = start_http_server(port)
+    return server
+
+
+def stop_serving(server: WSGIServer) -> None:
+    """Free the port, so that a retried startup can serve it again."""
+    server.shutdown()
+    server.server_close()

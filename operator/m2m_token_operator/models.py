@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -30,8 +30,33 @@ _DURATION = re.compile(r"(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?")
 _MAX_DURATION = timedelta(days=366)
 
 
+# spec.secretTemplate: bounded like the CRD says, so a map that slipped past the schema
+# (an older CRD) cannot make the Secret unwritable or huge.
+MAX_TEMPLATE_ENTRIES = 64
+MAX_LABEL_VALUE_LENGTH = 63
+MAX_ANNOTATION_VALUE_LENGTH = 2048  # 64 of them stay well inside the 256 KiB limit
+# Keys the operator owns on the Secret: the managed-by label and all of m2m.dev/*.
+RESERVED_KEYS = frozenset({"app.kubernetes.io/managed-by"})
+RESERVED_PREFIX = "m2m.dev"
+# A Kubernetes qualified name: an optional DNS-subdomain prefix and "/", then a name of
+# at most 63 characters (alphanumerics, '-', '_', '.'; alphanumeric at both ends).
+_QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
 class SpecError(ValueError):
     """A TokenRequest spec that cannot be acted on; the message goes to its status as is."""
+
+
+@dataclass(frozen=True)
+class SecretTemplate:
+    """spec.secretTemplate: labels and annotations the user wants on the Secret as well."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.labels or self.annotations)
 
 
 @dataclass(frozen=True)
@@ -41,7 +66,11 @@ class TokenRequestSpec:
     scope: str
     secret_name: str
     refresh_before: timedelta | None
-    credentials_secret: str | None  # spec.credentials.secretRef.name; None = the operator's own
+    credentials_secret: str | None  # spec.credentials.secretRef.name
+    # spec.credentials.serviceAccountRef.name (workload identity federation); when neither
+    # this nor credentials_secret is set: the operator's own identity
+    credentials_service_account: str | None = None
+    secret_template: SecretTemplate = field(default_factory=SecretTemplate)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -141,6 +170,89 @@ def _mapping(value: object, *, field: str) -> Mapping[str, Any]:
     return value
 
 
+def is_reserved_key(key: str) -> bool:
+    """Whether a label or annotation key on the Secret is the operator's own."""
+    return key in RESERVED_KEYS or ("/" in key and key.partition("/")[0] == RESERVED_PREFIX)
+
+
+def _check_key(key: object, *, field: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise SpecError(f"{field} has an empty or non-string key")
+    prefix, slash, name = key.rpartition("/")
+    valid = (
+        len(name) <= 63
+        and _QUALIFIED_NAME.fullmatch(name) is not None
+        and (not slash or (0 < len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix)))
+    )
+    if not valid:
+        raise SpecError(
+            f"{field} key {key[:80]!r} is not a valid key: use an optional DNS prefix and '/',"
+            " then at most 63 letters, digits, '-', '_' or '.', such as 'example.com/team'"
+        )
+    if is_reserved_key(key):
+        raise SpecError(
+            f"{field} key {key!r} is reserved: the operator sets app.kubernetes.io/managed-by"
+            " and every m2m.dev/ key on the Secret itself; remove it from the template"
+        )
+    return key
+
+
+def _string_map(
+    value: object, *, field: str, value_limit: int, label_values: bool
+) -> dict[str, str]:
+    if value is None:
+        return {}
+    entries = _mapping(value, field=field)
+    if len(entries) > MAX_TEMPLATE_ENTRIES:
+        raise SpecError(f"{field} has {len(entries)} entries: at most {MAX_TEMPLATE_ENTRIES}")
+    result: dict[str, str] = {}
+    for key, item in entries.items():
+        _check_key(key, field=field)
+        if not isinstance(item, str):
+            raise SpecError(f"{field}[{key!r}] must be a string")
+        if len(item) > value_limit:
+            raise SpecError(f"{field}[{key!r}] is longer than {value_limit} characters")
+        if label_values and not _LABEL_VALUE.fullmatch(item):
+            raise SpecError(
+                f"{field}[{key!r}] is not a valid label value: use letters, digits, '-', '_'"
+                " and '.', starting and ending with a letter or digit (or leave it empty)"
+            )
+        result[key] = item
+    return result
+
+
+def parse_secret_template(value: object) -> SecretTemplate:
+    """spec.secretTemplate, checked: `SpecError` says which key to fix."""
+    if value is None:
+        return SecretTemplate()
+    template = _mapping(value, field="spec.secretTemplate")
+    return SecretTemplate(
+        labels=_string_map(
+            template.get("labels"),
+            field="spec.secretTemplate.labels",
+            value_limit=MAX_LABEL_VALUE_LENGTH,
+            label_values=True,
+        ),
+        annotations=_string_map(
+            template.get("annotations"),
+            field="spec.secretTemplate.annotations",
+            value_limit=MAX_ANNOTATION_VALUE_LENGTH,
+            label_values=False,
+        ),
+    )
+
+
+def _same_namespace_ref(value: object, *, field: str) -> str:
+    """The name of an object in the TokenRequest's own namespace; a `namespace` is refused."""
+    ref = _mapping(value, field=field)
+    if ref.get("namespace") is not None:
+        raise SpecError(
+            f"{field}.namespace is not supported: the object must be in the same namespace as"
+            " the TokenRequest; remove the namespace field"
+        )
+    return _check_dns_subdomain(ref.get("name"), field=f"{field}.name")
+
+
 def parse_spec(
     spec: Mapping[str, Any], *, name: str, namespace: str, default_cluster: str
 ) -> TokenRequestSpec:
@@ -193,24 +305,31 @@ def parse_spec(
             raise SpecError(f"spec.refreshBefore: {error}") from None
 
     credentials_secret: str | None = None
+    credentials_service_account: str | None = None
     credentials = spec.get("credentials")
     if credentials is not None:
         credentials = _mapping(credentials, field="spec.credentials")
         secret_ref = credentials.get("secretRef")
-        if secret_ref is None:
+        account_ref = credentials.get("serviceAccountRef")
+        if (secret_ref is None) == (account_ref is None):
             raise SpecError(
-                "spec.credentials.secretRef.name is required when spec.credentials is set:"
-                " the Secret in this namespace holding AZURE_APP_CLIENT_ID,"
-                " AZURE_APP_CLIENT_SECRET and AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"
+                "spec.credentials must set exactly one of secretRef (a Secret in this namespace"
+                " holding AZURE_APP_CLIENT_ID, AZURE_OPENID_CONFIG_TOKEN_ENDPOINT and"
+                " AZURE_APP_JWK or AZURE_APP_CLIENT_SECRET) or serviceAccountRef (a"
+                " ServiceAccount in this namespace, for workload identity federation)"
             )
-        secret_ref = _mapping(secret_ref, field="spec.credentials.secretRef")
-        credentials_secret = _check_dns_subdomain(
-            secret_ref.get("name"), field="spec.credentials.secretRef.name"
-        )
+        if secret_ref is not None:
+            credentials_secret = _same_namespace_ref(secret_ref, field="spec.credentials.secretRef")
+        else:
+            credentials_service_account = _same_namespace_ref(
+                account_ref, field="spec.credentials.serviceAccountRef"
+            )
 
     return TokenRequestSpec(
         scope=resolved,
         secret_name=secret_name,
         refresh_before=refresh_before,
         credentials_secret=credentials_secret,
+        secret_template=parse_secret_template(spec.get("secretTemplate")),
+        credentials_service_account=credentials_service_account,
     )

@@ -27,21 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from m2m_token_operator.client import AccessToken, TokenEndpointError
-from m2m_token_operator.credentials import CredentialsError
+from m2m_token_operator.tokens import AccessToken, is_permanent
 
 _ZERO = timedelta(0)
 
 
 def _fraction(value: float) -> float:
     return min(1.0, max(0.0, value))
-
-
-def is_permanent(error: Exception) -> bool:
-    """Whether retrying without a change by a person is pointless."""
-    if isinstance(error, CredentialsError):
-        return True
-    return isinstance(error, TokenEndpointError) and error.permanent
 
 
 @dataclass(frozen=True)

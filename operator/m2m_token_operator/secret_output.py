@@ -12,13 +12,15 @@ from __future__ import annotations
 import base64
 import enum
 import hmac
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from m2m_token_operator.client import AccessToken
-from m2m_token_operator.kube import API_VERSION, KIND, Conflict, JsonObject, KubeApi
+from m2m_token_operator.kube import API_VERSION, KIND, Conflict, JsonObject, KubeApi, NotFound
+from m2m_token_operator.models import SecretTemplate
+from m2m_token_operator.tokens import AccessToken
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "m2m-token-operator"
@@ -31,6 +33,11 @@ ISSUED_AT_ANNOTATION = "m2m.dev/issued-at"
 # after a restart the token is reused only if it verifies, so an edited or planted token,
 # or one issued to another identity, is never served.
 SEAL_ANNOTATION = "m2m.dev/seal"
+# Which labels and annotations on the Secret came from spec.secretTemplate (compact JSON,
+# {"labels": [...], "annotations": [...]}, sorted), present only while the template has
+# any. A key removed from the template is then removed from the Secret, while the keys
+# other tools added (never in the template) stay, also across operator restarts.
+TEMPLATE_KEYS_ANNOTATION = "m2m.dev/template-keys"
 
 TOKEN_KEY = "token"
 TOKEN_TYPE_KEY = "token-type"
@@ -52,6 +59,9 @@ class WriteOutcome(enum.Enum):
     UPDATED = "updated"
     UNCHANGED = "unchanged"
     CONFLICT = "conflict"  # a Secret of that name exists and is not ours: left exactly as it was
+    # The Secret changed between the look's read and the replace (HTTP 409): it still holds
+    # what was read, not the new content. Written again on the next look.
+    RACED = "raced"
 
 
 def format_time(moment: datetime) -> str:
@@ -100,10 +110,55 @@ def secret_data(*, scope: str, token: AccessToken) -> dict[str, str]:
     }
 
 
+def template_keys(template: SecretTemplate) -> str:
+    """The value of TEMPLATE_KEYS_ANNOTATION for `template`."""
+    keys = {"labels": sorted(template.labels), "annotations": sorted(template.annotations)}
+    return json.dumps(keys, separators=(",", ":"))
+
+
+def templated_keys(secret: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """(labels, annotations) that the live Secret's template annotation says are templated.
+
+    Unreadable (hand-edited) content counts as none: at worst a key the template
+    dropped stays on the Secret; never is a key of someone else's removed.
+    """
+    annotations = secret.get("metadata", {}).get("annotations") or {}
+    try:
+        keys = json.loads(annotations.get(TEMPLATE_KEYS_ANNOTATION) or "{}")
+    except ValueError:
+        return set(), set()
+    if not isinstance(keys, dict):
+        return set(), set()
+
+    def strings(value: object) -> set[str]:
+        return {k for k in value if isinstance(k, str)} if isinstance(value, list) else set()
+
+    return strings(keys.get("labels")), strings(keys.get("annotations"))
+
+
 def render_secret(
-    *, owner: Owner, secret_name: str, scope: str, token: AccessToken, seal: str
+    *,
+    owner: Owner,
+    secret_name: str,
+    scope: str,
+    token: AccessToken,
+    seal: str,
+    template: SecretTemplate | None = None,
 ) -> JsonObject:
-    """The Secret exactly as the API contract describes it."""
+    """The Secret exactly as the API contract describes it, plus spec.secretTemplate's keys.
+
+    The operator's own labels and annotations win over the template's (the CRD
+    and `models.parse_secret_template` reject those keys anyway).
+    """
+    template = template or SecretTemplate()
+    annotations = {
+        **template.annotations,
+        EXPIRES_AT_ANNOTATION: format_time(token.expires_at),
+        ISSUED_AT_ANNOTATION: format_time(token.issued_at),
+        SEAL_ANNOTATION: seal,
+    }
+    if template:
+        annotations[TEMPLATE_KEYS_ANNOTATION] = template_keys(template)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -111,16 +166,42 @@ def render_secret(
         "metadata": {
             "name": secret_name,
             "namespace": owner.namespace,
-            "labels": secret_labels(owner),
-            "annotations": {
-                EXPIRES_AT_ANNOTATION: format_time(token.expires_at),
-                ISSUED_AT_ANNOTATION: format_time(token.issued_at),
-                SEAL_ANNOTATION: seal,
-            },
+            "labels": {**template.labels, **secret_labels(owner)},
+            "annotations": annotations,
             "ownerReferences": [owner_reference(owner)],
         },
         "data": secret_data(scope=scope, token=token),
     }
+
+
+def _dropped_template_keys(
+    existing: Mapping[str, Any], desired: Mapping[str, Any]
+) -> tuple[set[str], set[str]]:
+    """Labels and annotations the live Secret has from an earlier template, no longer wanted."""
+    labels, annotations = templated_keys(existing)
+    if TEMPLATE_KEYS_ANNOTATION not in desired["metadata"]["annotations"]:
+        annotations.add(TEMPLATE_KEYS_ANNOTATION)  # no template any more: the record goes too
+    return (
+        labels - set(desired["metadata"]["labels"]),
+        annotations - set(desired["metadata"]["annotations"]),
+    )
+
+
+def template_drifted(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether the live Secret's labels and annotations differ from what `desired` says:
+    one missing or changed, or one an earlier template put there and the current drops."""
+    live_meta = existing.get("metadata", {})
+    want_meta = desired["metadata"]
+    live_labels = live_meta.get("labels") or {}
+    live_annotations = live_meta.get("annotations") or {}
+    if any(live_labels.get(k) != v for k, v in want_meta["labels"].items()):
+        return True
+    if any(live_annotations.get(k) != v for k, v in want_meta["annotations"].items()):
+        return True
+    dropped_labels, dropped_annotations = _dropped_template_keys(existing, desired)
+    return any(k in live_labels for k in dropped_labels) or any(
+        k in live_annotations for k in dropped_annotations
+    )
 
 
 def is_owned_by(secret: Mapping[str, Any], owner_uid: str) -> bool:
@@ -130,30 +211,45 @@ def is_owned_by(secret: Mapping[str, Any], owner_uid: str) -> bool:
 
 def _differs(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     """True when the live Secret lacks anything the desired one says (extra keys count too)."""
-    live_meta = existing.get("metadata", {})
     want_meta = desired["metadata"]
     if existing.get("type", "Opaque") != desired["type"]:
         return True
     if (existing.get("data") or {}) != desired["data"]:
         return True
-    live_labels = live_meta.get("labels") or {}
-    live_annotations = live_meta.get("annotations") or {}
-    if any(live_labels.get(k) != v for k, v in want_meta["labels"].items()):
-        return True
-    if any(live_annotations.get(k) != v for k, v in want_meta["annotations"].items()):
+    if template_drifted(existing, desired):
         return True
     return not is_owned_by(existing, want_meta["ownerReferences"][0]["uid"])
 
 
+def template_drifted_from(secret: Mapping[str, Any], template: SecretTemplate) -> bool:
+    """Whether a live Secret misses or contradicts `template`, or keeps keys it dropped.
+
+    For a watch event on the Secret: the template's part of `_differs`, without a
+    token at hand (the reconciler's drift check wakes the TokenRequest on True).
+    """
+    annotations = dict(template.annotations)
+    if template:
+        annotations[TEMPLATE_KEYS_ANNOTATION] = template_keys(template)
+    desired = {"metadata": {"labels": dict(template.labels), "annotations": annotations}}
+    return template_drifted(secret, desired)
+
+
 def merge_for_replace(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> JsonObject:
-    """Desired content on top of the live object, keeping labels and annotations others added."""
+    """Desired content on top of the live object, keeping labels and annotations others added
+    (but not those an earlier spec.secretTemplate put there and the current one drops)."""
     live_meta = existing.get("metadata", {})
-    metadata = dict(desired["metadata"])
-    metadata["labels"] = {**(live_meta.get("labels") or {}), **desired["metadata"]["labels"]}
-    metadata["annotations"] = {
-        **(live_meta.get("annotations") or {}),
-        **desired["metadata"]["annotations"],
+    dropped_labels, dropped_annotations = _dropped_template_keys(existing, desired)
+    live_labels = {
+        k: v for k, v in (live_meta.get("labels") or {}).items() if k not in dropped_labels
     }
+    live_annotations = {
+        k: v
+        for k, v in (live_meta.get("annotations") or {}).items()
+        if k not in dropped_annotations
+    }
+    metadata = dict(desired["metadata"])
+    metadata["labels"] = {**live_labels, **desired["metadata"]["labels"]}
+    metadata["annotations"] = {**live_annotations, **desired["metadata"]["annotations"]}
     metadata["resourceVersion"] = live_meta.get("resourceVersion")
     return {**desired, "metadata": metadata}
 
@@ -185,8 +281,16 @@ async def write_secret(
     try:
         await kube.replace_secret(namespace, merge_for_replace(existing, desired))
     except Conflict:
-        # It changed under us; the change will arrive as an event and be looked at again.
-        return WriteOutcome.UNCHANGED
+        # It changed under us: our content is not in it. Not "unchanged": the caller must
+        # neither report the new token as delivered nor wait for its refresh point.
+        return WriteOutcome.RACED
+    except NotFound:
+        # Deleted since the look's read (say, by a person): create it again at once.
+        try:
+            await kube.create_secret(namespace, desired)
+        except Conflict:
+            return WriteOutcome.RACED  # and created again by someone: look again soon
+        return WriteOutcome.CREATED
     return WriteOutcome.UPDATED
 
 

@@ -59,6 +59,8 @@ class Settings:
     metrics_port: int
     log_format: str
     peering_priority: int | None = None  # None: derived from the host name (see handlers)
+    # The audience of the ServiceAccount tokens minted for workload identity federation.
+    federation_audience: str = "api://AzureADTokenExchange"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -136,6 +138,8 @@ class Settings:
                 low=-PEERING_PRIORITY_LIMIT,
                 high=PEERING_PRIORITY_LIMIT,
             ),
+            federation_audience=reader.text("M2M_FEDERATION_AUDIENCE")
+            or "api://AzureADTokenExchange",
         )
         if settings.retry_max < settings.retry_initial:
             reader.problem(

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from m2m_token_operator.client import AccessToken
+from m2m_token_operator.claims import TokenClaims, decode_claims
 from m2m_token_operator.kube import API_VERSION, KIND, JsonObject
 from m2m_token_operator.secret_output import format_time
+from m2m_token_operator.tokens import AccessToken
 
 READY = "Ready"
 DEGRADED = "Degraded"
@@ -43,6 +44,8 @@ KUBERNETES_API_ERROR = "KubernetesAPIError"
 TOKEN_REFRESHED = "TokenRefreshed"
 SECRET_RESTORED = "SecretRestored"
 TOKEN_EXPIRED = "TokenExpired"
+NO_APP_ROLES = "NoAppRoles"
+REFRESH_REQUESTED = "RefreshRequested"
 
 COMPONENT = "m2m-token-operator"
 
@@ -68,6 +71,16 @@ class Observation:
     failed_attempts: int
     last_failure_at: datetime | None
     now: datetime
+    # What the token says (status.token). Left None, it is decoded here from `token`, so
+    # every caller gets it; a caller that already holds the claims may pass them.
+    claims: TokenClaims | None = None
+    # The m2m.dev/refresh value this look handled (refresh.recorded_value of it); None
+    # keeps the one already in status, so a restart does not refresh again.
+    last_refresh_request: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.claims is None and self.token is not None:
+            object.__setattr__(self, "claims", decode_claims(self.token.value))
 
 
 def _condition(
@@ -133,6 +146,11 @@ def build_status(observation: Observation, previous: Mapping[str, Any]) -> JsonO
         else None,
         "failedAttempts": obs.failed_attempts if obs.failure else 0,
         "conditions": conditions,
+        # Absent (null: a merge patch deletes it) while no token is served or it is no JWT.
+        "token": obs.claims.to_status() if obs.token and obs.claims else None,
+        "lastRefreshRequest": obs.last_refresh_request
+        if obs.last_refresh_request is not None
+        else previous.get("lastRefreshRequest"),
     }
 
 
@@ -145,12 +163,24 @@ _STATUS_FIELDS = (
     "lastFailureTime",
     "failedAttempts",
     "conditions",
+    "token",
+    "lastRefreshRequest",
 )
+
+
+def _without_nulls(value: Any) -> Any:
+    """An object as the API server stores it after a merge patch: null members deleted."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def status_changed(previous: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     """Compare only what we own; absent and null mean the same (a merge patch deletes nulls)."""
-    return any(previous.get(field) != desired.get(field) for field in _STATUS_FIELDS)
+    return any(
+        _without_nulls(previous.get(field)) != _without_nulls(desired.get(field))
+        for field in _STATUS_FIELDS
+    )
 
 
 def condition_reason(status: Mapping[str, Any], kind: str) -> tuple[str | None, str | None]:
@@ -190,6 +220,11 @@ def transition_events(
     if new_failure:
         degraded = _conditions_by_type(desired)[DEGRADED]
         events.append(EventSpec("Warning", str(new_reason), str(degraded.get("message", ""))))
+    if desired.get("lastRefreshRequest") not in (None, previous.get("lastRefreshRequest")):
+        events.append(refresh_requested_event(desired))
+    no_roles = no_app_roles_event(previous=previous.get("token"), desired=desired.get("token"))
+    if no_roles is not None:
+        events.append(no_roles)
     was_ready, _ = condition_reason(previous, READY)
     now_ready, _ = condition_reason(desired, READY)
     if was_ready == "True" and now_ready == "False" and not new_failure:
@@ -200,6 +235,48 @@ def transition_events(
                       f"Secret {desired.get('secretName')} no longer holds an unexpired token")
         )  # fmt: skip
     return events
+
+
+def refresh_requested_event(desired: Mapping[str, Any]) -> EventSpec:
+    """The one event of a handled m2m.dev/refresh (the status records the value handled)."""
+    return EventSpec(
+        "Normal",
+        REFRESH_REQUESTED,
+        f"Refresh requested with annotation m2m.dev/refresh: a new token for"
+        f" {desired.get('scope')} was asked for at once (at most one call per token every"
+        f" 10 s); Secret {desired.get('secretName')} holds a token that expires"
+        f" {desired.get('expiresAt')}",
+    )
+
+
+def _identity(token: Mapping[str, Any]) -> tuple[Any, Any]:
+    return (token.get("clientId"), token.get("audience"))
+
+
+def no_app_roles_event(
+    *, previous: Mapping[str, Any] | None, desired: Mapping[str, Any] | None
+) -> EventSpec | None:
+    """Warning NoAppRoles when the token now served has no app role, once per token identity.
+
+    The identity is (client id, audience) of status.token. The previous status
+    remembers what was already said: a refreshed token of the same identity, or
+    a restarted operator, says nothing again; a new audience or client does. It
+    is a function of the status, so the operator keeps no memory of its own and
+    each TokenRequest's owners (also those sharing one cached token) are told.
+    """
+    if not desired or desired.get("roles"):
+        return None
+    if previous and not previous.get("roles") and _identity(previous) == _identity(desired):
+        return None
+    client_id = desired.get("clientId") or "(unknown)"
+    audience = desired.get("audience") or "(unknown)"
+    return EventSpec(
+        "Warning",
+        NO_APP_ROLES,
+        f"The token has no roles claim: the target application has not granted this client"
+        f" an app role; calls will likely get 403; ask the owners of {audience} to assign an"
+        f" app role to client {client_id}",
+    )
 
 
 def event_body(

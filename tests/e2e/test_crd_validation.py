@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from devenv.controlplane import Cluster
 from devenv.install import REPO_ROOT, read_documents
 
-from ._support import GROUP, PLURAL, VERSION, Kube, token_request
+from ._support import GROUP, PLURAL, VERSION, Kube, kubectl, parse_table, token_request
 
 pytestmark = pytest.mark.usefixtures("operator_installed")
 
@@ -47,6 +47,24 @@ REJECTED: dict[str, tuple[dict[str, Any], str]] = {
     "credentials-in-another-namespace": (
         {"scope": VALID_SCOPE, "credentials": {"secretRef": {"name": "x", "namespace": "other"}}},
         "secretRef.namespace is not supported",
+    ),
+    "credentials-both-sources": (
+        {
+            "scope": VALID_SCOPE,
+            "credentials": {"secretRef": {"name": "x"}, "serviceAccountRef": {"name": "y"}},
+        },
+        "exactly one of spec.credentials.secretRef or spec.credentials.serviceAccountRef",
+    ),
+    "credentials-no-source": (
+        {"scope": VALID_SCOPE, "credentials": {}},
+        "exactly one of spec.credentials.secretRef or spec.credentials.serviceAccountRef",
+    ),
+    "service-account-in-another-namespace": (
+        {
+            "scope": VALID_SCOPE,
+            "credentials": {"serviceAccountRef": {"name": "x", "namespace": "other"}},
+        },
+        "serviceAccountRef.namespace is not supported",
     ),
     "scope-not-api-default": (
         {"scope": "https://graph.microsoft.com/.default"},
@@ -122,6 +140,24 @@ def test_secret_ref_namespace_is_rejected_without_strict_validation(
     assert "secretRef.namespace is not supported" in _rejection(rejected.value)
 
 
+def test_service_account_ref_namespace_is_rejected_without_strict_validation(
+    kube: Kube, namespace: str
+) -> None:
+    body = token_request("x", scope=VALID_SCOPE)
+    body["spec"]["credentials"] = {"serviceAccountRef": {"name": "x", "namespace": namespace}}
+    with pytest.raises(ApiException) as rejected:
+        _create(kube, namespace, body, strict=False)
+    assert rejected.value.status == 422
+    assert "serviceAccountRef.namespace is not supported" in _rejection(rejected.value)
+
+
+def test_service_account_ref_is_accepted_as_written(kube: Kube, namespace: str) -> None:
+    body = token_request("federated", scope=VALID_SCOPE)
+    body["spec"]["credentials"] = {"serviceAccountRef": {"name": "shop-frontend"}}
+    created = _create(kube, namespace, body)
+    assert created["spec"] == body["spec"]
+
+
 def test_valid_token_request_is_accepted_as_written(kube: Kube, namespace: str) -> None:
     body = token_request(
         "orders-api",
@@ -176,3 +212,80 @@ def test_testdata_valid_is_accepted(
 ) -> None:
     created = _create(kube, testdata_namespace, body, dry_run=True)
     assert created["spec"] == body["spec"]
+
+
+# --- second edition: spec.secretTemplate, status.token, lastRefreshRequest ---------------
+
+
+def test_secret_template_with_10000_keys_is_rejected(kube: Kube, namespace: str) -> None:
+    body = token_request("huge", scope=VALID_SCOPE)
+    body["spec"]["secretTemplate"] = {"annotations": {f"k{i}": "v" for i in range(10_000)}}
+    with pytest.raises(ApiException) as rejected:
+        _create(kube, namespace, body)
+    assert rejected.value.status == 422
+    message = _rejection(rejected.value)
+    assert "spec.secretTemplate.annotations" in message
+    assert "must have at most 64 items" in message
+
+
+def test_secret_template_reserved_key_message_says_what_to_do(kube: Kube, namespace: str) -> None:
+    body = token_request("reserved", scope=VALID_SCOPE)
+    body["spec"]["secretTemplate"] = {"labels": {"m2m.dev/token-request": "someone-else"}}
+    with pytest.raises(ApiException) as rejected:
+        _create(kube, namespace, body)
+    assert "remove them from the template" in _rejection(rejected.value)
+
+
+def test_status_token_is_stored_and_shown_in_the_wide_roles_column(
+    control_plane: Cluster, kube: Kube, namespace: str
+) -> None:
+    _create(kube, namespace, token_request("orders-api", scope=VALID_SCOPE))
+    status = {
+        "token": {
+            "audience": "api://e2e.orders.orders-api",
+            "clientId": "client-1",
+            "tenantId": "tenant-1",
+            "roles": ["access_as_application", "orders.read"],
+            "issuedAt": "2026-11-29T09:00:00Z",
+            "expiresAt": "2026-11-29T10:00:00Z",
+        },
+        "lastRefreshRequest": "r" * 253,
+        # Every other column filled too, so that the table splits into its columns.
+        "scope": VALID_SCOPE,
+        "secretName": "orders-api",
+        "expiresAt": "2026-11-29T10:00:00Z",
+        "refreshAt": "2026-11-29T09:40:00Z",
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "TokenIssued", "message": "ok",
+             "lastTransitionTime": "2026-11-29T09:00:00Z"},
+        ],
+    }  # fmt: skip
+    kube.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "orders-api", {"status": status}
+    )
+    stored = kube.get_token_request(namespace, "orders-api")
+    assert stored is not None
+    assert stored["status"] == status
+
+    wide = kubectl(control_plane, "get", "tokreq", "-n", namespace, "-o", "wide")
+    assert wide.returncode == 0, wide.stderr
+    row = parse_table(wide.stdout)[0]
+    assert row["ROLES"] == '["access_as_application","orders.read"]'
+    narrow = kubectl(control_plane, "get", "tokreq", "-n", namespace)
+    assert "ROLES" not in narrow.stdout
+
+    # Bounded: a value too long for status is refused (the operator stores a digest instead).
+    too_long = {"status": {"lastRefreshRequest": "r" * 254}}
+    with pytest.raises(ApiException) as rejected:
+        kube.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, "orders-api", too_long
+        )
+    assert rejected.value.status == 422
+    # A merge patch with null removes a claim a new token lacks.
+    kube.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "orders-api", {"status": {"token": {"tenantId": None}}}
+    )
+    patched = kube.get_token_request(namespace, "orders-api")
+    assert patched is not None
+    assert "tenantId" not in patched["status"]["token"]
+    assert patched["status"]["token"]["clientId"] == "client-1"

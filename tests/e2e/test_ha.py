@@ -134,8 +134,8 @@ def test_replica_paused_by_a_higher_priority_one_stops_refreshing_and_catches_up
     # The higher one leaves cleanly (a rollout): the lower one resumes at once, forgets
     # the TokenRequest deleted meanwhile (no watch replays that), and serves the token
     # the other one left in the Secret before it refreshes it itself.
-    # The offset is taken before the stop: the lower one may resume (and log it) before
-    # stop() returns, and a line written before the offset would never be found.
+    # Measured before the stop: the lower one may resume while the higher one's process
+    # is still exiting (its peering entry goes first), and that line must not be missed.
     low_log_size = low.log_size()
     assert high.stop() == 0
     low.wait_for_log(r"Refreshes active", timeout=30, since=low_log_size)

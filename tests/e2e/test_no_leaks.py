@@ -87,7 +87,9 @@ def test_no_secret_or_token_in_log_status_or_events(
     operator.start()
     for name in ("own", "app", "missing", "forbidden"):
         operator.wait_for_log(
-            rf"\[{namespace}/{name}\] Handler 'resume' succeeded", timeout=30, since=restart_at
+            rf"\[{namespace}/{name}\] Handler 'tokenrequest' succeeded",
+            timeout=30,
+            since=restart_at,
         )
     kube.wait_ready(namespace, "app", operator=operator)
     for name in ("own", "app"):

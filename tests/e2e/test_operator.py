@@ -19,8 +19,11 @@ from devenv.tokenserver import SHORT_ISSUER, TokenServer, jwt_claims
 from ._support import (
     API_VERSION,
     CLUSTER_NAME,
+    GROUP,
     MANAGED_BY,
     OPERATOR_CLIENT_ID,
+    PLURAL,
+    VERSION,
     JsonObject,
     Kube,
     NamespaceFactory,
@@ -369,6 +372,43 @@ def test_deleting_token_request_while_operator_is_down(
     )
 
 
+def test_token_request_being_deleted_is_no_longer_served(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    """Another controller's finalizer keeps a deleted TokenRequest for a while: its Secret,
+    removed meanwhile (as foreground deletion does), is not created again."""
+    body = token_request("orders-api", target=ORDERS)
+    body["metadata"]["finalizers"] = ["example.com/hold"]
+    kube.create_token_request(namespace, body)
+    kube.wait_ready(namespace, "orders-api", operator=operator)
+    kube.wait_secret(namespace, "orders-api")
+    try:
+        kube.delete_token_request(namespace, "orders-api")  # only marked: the finalizer holds
+        operator.wait_for_log(
+            rf"tokenrequest={namespace}/orders-api .*forgotten \(being deleted\)", timeout=30
+        )
+        since = operator.log_size()
+        kube.core.delete_namespaced_secret("orders-api", namespace)
+        operator.wait_for_log(
+            rf"\[{namespace}/orders-api\] Handler 'secret' succeeded", timeout=30, since=since
+        )
+        # Served since: a later TokenRequest in the same namespace.
+        kube.create_token_request(namespace, token_request("later", target=ORDERS))
+        kube.wait_ready(namespace, "later", operator=operator)
+        kube.wait_secret(namespace, "later")
+        assert kube.get_secret(namespace, "orders-api") is None
+    finally:
+        kube.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "orders-api", {"metadata": {"finalizers": None}}
+        )
+    wait_for(
+        lambda: kube.get_token_request(namespace, "orders-api") is None,
+        timeout=30,
+        what="the TokenRequest to go once released",
+    )
+    assert log_problems(operator.log_text()) == []
+
+
 # --- restart ----------------------------------------------------------------------
 
 
@@ -389,7 +429,9 @@ def test_restart_reuses_the_token_in_the_secret(
         since=restart_at,
     )
     operator.wait_for_log(
-        rf"\[{namespace}/orders-api\] Handler 'resume' succeeded", timeout=30, since=restart_at
+        rf"\[{namespace}/orders-api\] Handler 'tokenrequest' succeeded",
+        timeout=30,
+        since=restart_at,
     )
     after = kube.get_token_request(namespace, "orders-api")
     secret_after = kube.get_secret(namespace, "orders-api")
@@ -402,6 +444,48 @@ def test_restart_reuses_the_token_in_the_secret(
     assert after["status"] == before["status"]
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
     assert log_problems(operator.log_text()) == []
+
+
+def test_credentials_lost_while_down_keep_ready_while_the_secret_holds_a_token(
+    kube: Kube, namespace: str, operator: OperatorProcess, token_server: TokenServer
+) -> None:
+    """Ready turns False only when no unexpired token remains, also right after a restart:
+    the first look after it fails on the credentials with an empty cache."""
+    kube.create_secret(
+        namespace,
+        "azure-shop-frontend",
+        credentials("e2e-shop-frontend", "e2e-frontend-secret-abc", token_server.token_endpoint()),
+    )
+    kube.create_token_request(
+        namespace,
+        token_request(
+            "orders-as-frontend", target=ORDERS, credentials_secret="azure-shop-frontend"
+        ),
+    )
+    before = kube.wait_ready(namespace, "orders-as-frontend", operator=operator)
+    secret_before = kube.wait_secret(namespace, "orders-as-frontend")
+
+    assert operator.stop() == 0
+    kube.core.delete_namespaced_secret("azure-shop-frontend", namespace)
+    operator.start()
+
+    def degraded() -> JsonObject | None:
+        body = kube.get_token_request(namespace, "orders-as-frontend") or {}
+        status: JsonObject = body.get("status") or {}
+        reason = condition_of(status, "Degraded").get("reason")
+        return status if reason == "CredentialsMissing" else None
+
+    status = wait_for(degraded, timeout=30, what="Degraded CredentialsMissing", operator=operator)
+    ready = condition_of(status, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "TokenIssued")
+    assert condition_of(status, "Degraded")["status"] == "True"
+    assert status["expiresAt"] == before["status"]["expiresAt"]
+    secret_after = kube.get_secret(namespace, "orders-as-frontend")
+    assert secret_after is not None
+    assert secret_after.token == secret_before.token
+    expected = [line for line in log_problems(operator.log_text()) if "CredentialsMissing" in line]
+    assert expected  # the failure is reported, and nothing else went wrong
+    assert [line for line in log_problems(operator.log_text()) if line not in expected] == []
 
 
 def test_restart_with_a_token_due_for_refresh(

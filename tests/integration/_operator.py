@@ -27,6 +27,7 @@ factory has scrubbed it; Kopf's stdout/stderr (click's runner) is in
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -34,30 +35,27 @@ import types
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import kmock
 import kopf
 import kubernetes
+import prometheus_client
 from kopf._core.intents.registries import SmartOperatorRegistry
 from kopf.testing import KopfRunner
 
-from ._emulator import EmulatorServer
-
-try:
-    import prometheus_client
-except ImportError:  # pragma: no cover - a dependency of the operator
-    prometheus_client = None
+from devenv.faultproxy import FaultProxy
 
 DEFAULT_MODULE = "m2m_token_operator.handlers"
 DEFAULT_PURGE_PREFIXES = ("m2m_token_operator",)
-TOKEN_REQUESTS = "m2m.dev/v1alpha1/tokenrequests"
-SECRETS = "v1/secrets"
+# The cluster-wide watches of `--all-namespaces` (paths as the proxy sees them).
+TOKEN_REQUESTS = r"^/apis/m2m\.dev/v1alpha1/tokenrequests$"
+SECRETS = r"^/api/v1/secrets$"
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"
 
 
 class _LogCapture(logging.Handler):
-    """Every record from the operator's threads (not the test's main thread, not the emulator's)."""
+    """Every record from the operator's threads (not the test's, the proxy's or the recorders')."""
 
-    ignored_threads = frozenset({"MainThread", "kube-emulator"})
+    ignored_threads = frozenset({"MainThread", "fault-proxy", "token-endpoint"})
+    ignored_prefixes = ("history-",)
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -67,7 +65,8 @@ class _LogCapture(logging.Handler):
         self._lines_lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.threadName in self.ignored_threads:
+        thread = record.threadName or ""
+        if thread in self.ignored_threads or thread.startswith(self.ignored_prefixes):
             return
         try:
             line = self.format(record)
@@ -113,12 +112,11 @@ class _ProcessState:
         self._registry = kopf.get_default_registry()
         # What Kopf creates by default: with the login fallbacks (kubeconfig via the client).
         kopf.set_default_registry(SmartOperatorRegistry())
-        if prometheus_client is not None:
-            registry = prometheus_client.REGISTRY
-            # No public listing of the registered collectors; the mapping is stable in 0.x.
-            self._collectors = [c for c in registry._collector_to_names if c not in _baseline()]
-            for collector in self._collectors:
-                registry.unregister(collector)
+        registry = prometheus_client.REGISTRY
+        # No public listing of the registered collectors; the mapping is stable in 0.x.
+        self._collectors = [c for c in registry._collector_to_names if c not in _baseline()]
+        for collector in self._collectors:
+            registry.unregister(collector)
         self._record_factory = logging.getLogRecordFactory()
         root = logging.getLogger()
         self._root_handlers, self._root_level = list(root.handlers), root.level
@@ -132,12 +130,11 @@ class _ProcessState:
         sys.modules.update(self._modules)
         if self._registry is not None:
             kopf.set_default_registry(self._registry)
-        if prometheus_client is not None:
-            registry = prometheus_client.REGISTRY
-            for collector in [c for c in registry._collector_to_names if c not in _baseline()]:
-                registry.unregister(collector)
-            for collector in self._collectors:
-                registry.register(collector)
+        registry = prometheus_client.REGISTRY
+        for collector in [c for c in registry._collector_to_names if c not in _baseline()]:
+            registry.unregister(collector)
+        for collector in self._collectors:
+            registry.register(collector)
         logging.setLogRecordFactory(self._record_factory)
         root = logging.getLogger()
         root.handlers[:] = self._root_handlers
@@ -152,8 +149,6 @@ class _ProcessState:
 
 
 def _baseline() -> set[Any]:
-    if prometheus_client is None:
-        return set()
     return {
         prometheus_client.PROCESS_COLLECTOR,
         prometheus_client.PLATFORM_COLLECTOR,
@@ -167,7 +162,7 @@ class OperatorRun:
     def __init__(
         self,
         *,
-        server: EmulatorServer,
+        proxy: FaultProxy,
         module: str | None = DEFAULT_MODULE,
         path: str | None = None,
         ready_watches: Sequence[str] = (TOKEN_REQUESTS,),
@@ -178,7 +173,7 @@ class OperatorRun:
         target = ["-m", module] if module else []
         target += [path] if path else []
         self.args = ["run", "--standalone", "--all-namespaces", "--verbose", *extra_args, *target]
-        self._server = server
+        self._proxy = proxy
         self._ready_watches = tuple(ready_watches)
         self._state = _ProcessState(purge_prefixes)
         self._capture = _LogCapture()
@@ -207,16 +202,19 @@ class OperatorRun:
         return self
 
     def _wait_until_ready(self, *, since: float, deadline: float) -> None:
-        emulator = self._server.emulator
-        assert emulator is not None
-        wanted = [kmock.resource(r) for r in self._ready_watches]
+        """Until the proxy holds an open watch, begun by this run, on each of ``ready_watches``."""
 
-        def watching() -> dict[kmock.resource, bool]:
-            fresh = {r for started, r in emulator.watch_starts if started >= since}
-            return {r: r in fresh and emulator.watches[r] > 0 for r in wanted}
+        def watching() -> dict[str, bool]:
+            opened = self._proxy.requests("GET", watch=True, since=since)
+            open_now = self._proxy.open_watches()
+            return {
+                pattern: any(re.search(pattern, e.path) for e in opened)
+                and any(re.search(pattern, path) for path in open_now)
+                for pattern in self._ready_watches
+            }
 
         while True:
-            watching_now = self._server.call(watching)
+            watching_now = watching()
             if all(watching_now.values()):
                 return
             if not self._runner._thread.is_alive():
@@ -226,7 +224,7 @@ class OperatorRun:
                     + self.all_text[-6000:]
                 )
             if time.monotonic() > deadline:
-                missing = [str(r) for r, ok in watching_now.items() if not ok]
+                missing = [r for r, ok in watching_now.items() if not ok]
                 raise TimeoutError(
                     f"the operator started no watch on {missing} in time; its logs:\n"
                     + "\n".join(self.logs[-60:])
@@ -239,12 +237,10 @@ class OperatorRun:
         Kopf stopped in the middle of its own bookkeeping patches waits
         ``settings.batching.exit_timeout`` (2 s) for it; settling first avoids that.
         """
-        emulator = self._server.emulator
-        assert emulator is not None
         deadline = time.monotonic() + timeout
         seen, since = -1, time.monotonic()
         while time.monotonic() < deadline:
-            count = len(emulator.request_log)
+            count = len(self._proxy.exchanges)
             if count != seen:
                 seen, since = count, time.monotonic()
             elif time.monotonic() - since >= quiet:

@@ -1,38 +1,54 @@
-"""Fixtures for running the real operator (Kopf) against an emulated API server and token endpoint.
+"""Fixtures for running the real operator (Kopf, in this process) against the real API server.
 
-* ``kube``: a stateful Kubernetes API on http://127.0.0.1:<port> (``KubeEmulator``,
-  kmock 0.8 plus the API server semantics the operator relies on), the CRDs
-  from ``crds/`` declared and stored, namespace ``default``; a kubeconfig file
-  for it (``kube.kubeconfig``); the test's own ``kube.core`` / ``kube.custom``
-  clients and helpers (see ``harness.Kube``).
-* ``token_endpoint``: a real OAuth 2.0 client-credentials endpoint on loopback
-  (``harness.TokenEndpoint``): fresh unique tokens by default, programmable.
-* ``operator_env``: the operator's environment (monkeypatched), returned as a dict.
-* ``operator_factory``: starts, stops, restarts the operator (``harness.OperatorFactory``).
-* ``operator``: the operator, started and watching (``harness.OperatorRun``).
+* ``control_plane`` (session): etcd, kube-apiserver and kube-controller-manager
+  from ``devenv`` (about 3 s once the binaries are cached, ``make binaries``),
+  with the shipped CRD, namespace, ServiceAccount, RBAC and peering installed
+  by ``devenv.install`` (as in the e2e tier).
+* ``garbage_collector`` (session): waits until the garbage collector watches
+  TokenRequests; for the tests that need it to delete a Secret whose owner is gone.
+* ``operator_token`` (session): a token of the operator's ServiceAccount: the
+  operator has exactly the rights ``manifests/`` grants.
+* ``proxy``: a fresh :class:`devenv.faultproxy.FaultProxy` per test, between the
+  operator and the API server (rules, record, open watches start empty).
+* ``kube``: the test's handle on the cluster (``harness.Kube``): admin clients
+  that go straight to the API server, helpers, a per-test namespace suffix, the
+  history of the test's TokenRequests and Secrets, and the proxy.
+* ``token_endpoint``: a real OAuth 2.0 client-credentials endpoint on loopback.
+* ``operator_env``: the operator's environment (monkeypatched): KUBECONFIG is
+  a kubeconfig for the proxy with the ServiceAccount's token.
+* ``operator_factory`` / ``operator``: start, stop, restart the operator.
 
-Everything is function-scoped and starts in well under a second; the operator,
-the emulator and the token endpoint each run in their own threads, so a test
-(sync or async) may call the blocking ``kubernetes`` client directly.
+The operator, the proxy and the token endpoint each run in their own threads,
+so a test (sync or async) may call the blocking ``kubernetes`` client directly.
 """
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
 
-from ._emulator import EmulatorServer
+from devenv.controlplane import ControlPlane, new_api_client, request_service_account_token
+from devenv.faultproxy import FaultProxy
+from devenv.install import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, install_operator
+
 from .harness import (
     CLIENT_ID,
     CLIENT_SECRET,
     CLUSTER_NAME,
+    GROUP,
+    PLURAL,
+    VERSION,
     Kube,
     OperatorFactory,
     OperatorRun,
     TokenEndpoint,
-    declare_cluster,
     write_kubeconfig,
 )
 
@@ -40,24 +56,94 @@ from .harness import (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The operator runs in real threads on real time: never under looptime's fake clock,
     # even with `pytest --looptime`.
+    here = Path(__file__).parent
     for item in items:
-        if "tests/integration/" in item.nodeid.replace("\\", "/") or item.nodeid.startswith(
-            "integration/"
-        ):
+        if here in item.path.parents:
             item.add_marker(pytest.mark.looptime(False))
 
 
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    """The real control plane for the whole session, with the operator's API and RBAC.
+
+    ``OwnerReferencesPermissionEnforcement`` as on most production clusters (and in
+    e2e): setting blockOwnerDeletion then needs `update` on the owner's finalizers.
+    """
+    log_dir = os.environ.get("M2M_INTEGRATION_LOG_DIR")
+    with ControlPlane(
+        log_dir=Path(log_dir) if log_dir else None,
+        extra_apiserver_args=["--enable-admission-plugins=OwnerReferencesPermissionEnforcement"],
+    ) as cluster:
+        with cluster.api_client() as api:
+            install_operator(api)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def garbage_collector(control_plane: ControlPlane) -> None:
+    """Wait until the garbage collector watches TokenRequests (for tests that need it to
+    delete a Secret whose owner is gone).
+
+    kube-controller-manager looks for new resource types every 30 s; an owner of a type it
+    does not monitor yet leaves its dependents in place (retried with a growing backoff).
+    The signal: a TokenRequest deleted in the foreground is gone, which only the garbage
+    collector can do (it removes the ``foregroundDeletion`` finalizer).
+    """
+    with control_plane.api_client() as api:
+        core = kubernetes.client.CoreV1Api(api)
+        custom = kubernetes.client.CustomObjectsApi(api)
+        namespace = f"gc-probe-{uuid.uuid4().hex[:8]}"
+        body: Any = {"metadata": {"name": namespace}}
+        core.create_namespace(body)
+        probe: Any = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TokenRequest",
+            "metadata": {"name": "gc-probe"},
+            "spec": {"scope": "api://gc-probe/.default"},
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, probe)
+        options: Any = {"propagationPolicy": "Foreground"}
+        custom.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, "gc-probe", body=options
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gc-probe")
+            except kubernetes.client.ApiException as error:
+                if error.status == 404:
+                    break
+                raise
+            if time.monotonic() > deadline:
+                raise TimeoutError("the garbage collector did not take up TokenRequests in 120 s")
+            time.sleep(0.2)  # polling for the positive signal above
+        core.delete_namespace(namespace)
+
+
+@pytest.fixture(scope="session")
+def operator_token(control_plane: ControlPlane) -> str:
+    """A bound token of the operator's ServiceAccount, valid longer than any session."""
+    with control_plane.api_client() as api:
+        return request_service_account_token(
+            api, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, expiration_seconds=4 * 3600
+        )
+
+
 @pytest.fixture
-def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    server = EmulatorServer(setup=declare_cluster)
-    server.start()
-    kubeconfig = write_kubeconfig(tmp_path_factory.mktemp("kube") / "kubeconfig", server.url)
-    cluster = Kube(server, kubeconfig)
+def proxy(control_plane: ControlPlane) -> Iterator[FaultProxy]:
+    with FaultProxy(control_plane.server, ca_file=control_plane.ca_file) as running:
+        yield running
+
+
+@pytest.fixture
+def kube(control_plane: ControlPlane, proxy: FaultProxy) -> Iterator[Kube]:
+    api = new_api_client(control_plane.kubeconfig)
+    cluster = Kube(api, proxy, suffix=uuid.uuid4().hex[:8])
     try:
         yield cluster
     finally:
         cluster.close()
-        server.stop()
+        api.close()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture
@@ -72,10 +158,15 @@ def token_endpoint() -> Iterator[TokenEndpoint]:
 
 @pytest.fixture
 def operator_env(
-    monkeypatch: pytest.MonkeyPatch, kube: Kube, token_endpoint: TokenEndpoint
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    operator_token: str,
+    token_endpoint: TokenEndpoint,
 ) -> dict[str, str]:
+    kubeconfig = write_kubeconfig(tmp_path / "operator.kubeconfig", proxy.url, operator_token)
     env = {
-        "KUBECONFIG": str(kube.kubeconfig),
+        "KUBECONFIG": str(kubeconfig),
         "AZURE_APP_CLIENT_ID": CLIENT_ID,
         "AZURE_APP_CLIENT_SECRET": CLIENT_SECRET,
         "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": token_endpoint.url,

@@ -1,5 +1,9 @@
 """What integration tests import: the cluster handle, the polling helper, the operator factory.
 
+The cluster is the real one (``devenv.controlplane``), shared by the session;
+the test's own requests go to it directly as admin, the operator's through
+the fault proxy (``kube.proxy``) as its ServiceAccount.
+
 The fixtures in ``conftest.py`` build these; tests use them through the
 fixtures and import only the names they need (``wait_for``, ``Reply``, ...).
 """
@@ -11,19 +15,21 @@ import base64
 import inspect
 import json
 import pathlib
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
-import kmock
 import kopf
 import kubernetes
 import pytest
 import yaml
 
-from ._emulator import CRDS, EVENTS, NAMESPACES, SECRETS, EmulatorServer, KubeEmulator
-from ._operator import DEFAULT_MODULE, TOKEN_REQUESTS, OperatorRun
-from ._operator import SECRETS as SECRETS_WATCH
+from devenv.faultproxy import Exchange, FaultProxy
+
+from ._operator import SECRETS as WATCH_SECRETS
+from ._operator import TOKEN_REQUESTS as WATCH_TOKEN_REQUESTS
+from ._operator import OperatorRun
 from ._token_endpoint import Reply, TokenCall, TokenEndpoint
 
 __all__ = [
@@ -32,6 +38,8 @@ __all__ = [
     "CLUSTER_NAME",
     "GROUP",
     "PLURAL",
+    "SECRETS",
+    "TOKEN_REQUESTS",
     "VERSION",
     "Kube",
     "OperatorFactory",
@@ -46,94 +54,60 @@ JsonObject = dict[str, Any]
 _T = TypeVar("_T")
 
 GROUP, VERSION, PLURAL = "m2m.dev", "v1alpha1", "tokenrequests"
-TOKEN_REQUEST = kmock.resource(GROUP, VERSION, PLURAL)
+TOKEN_REQUESTS = f"{GROUP}/{VERSION}/{PLURAL}"
+SECRETS = "v1/secrets"
 CLIENT_ID = "test-client-id-0000"
 CLIENT_SECRET = "s3cr3t-client-value"
 CLUSTER_NAME = "test-cluster"
-TEST_USER_AGENT = "m2m-integration-tests"
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CRD_DIR = ROOT / "crds"
-
-# The contract's CRD, for when crds/ has none (names and the status subresource only).
-_FALLBACK_CRD: JsonObject = {
-    "metadata": {"name": "tokenrequests.m2m.dev"},
-    "spec": {
-        "group": GROUP,
-        "scope": "Namespaced",
-        "names": {
-            "kind": "TokenRequest",
-            "listKind": "TokenRequestList",
-            "plural": PLURAL,
-            "singular": "tokenrequest",
-            "shortNames": ["tokreq"],
-            "categories": ["m2m"],
-        },
-        "versions": [
-            {
-                "name": VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "x-kubernetes-preserve-unknown-fields": True,
-                    }
-                },
-            }
-        ],
-    },
-}
 
 
-def declare_cluster(emulator: KubeEmulator) -> None:
-    """The resources Kopf and the operator need, the project's CRDs, and namespace ``default``."""
-    emulator.add_resource(SECRETS, kind="Secret", namespaced=True)
-    emulator.add_resource(EVENTS, kind="Event", namespaced=True, shortnames={"ev"})
-    emulator.add_resource(
-        CRDS, kind="CustomResourceDefinition", namespaced=False, subresources={"status"}
-    )
-    crds = [
-        doc
-        for path in sorted(CRD_DIR.glob("*.yaml"))
-        for doc in yaml.safe_load_all(path.read_text())
-    ]
-    crds = [
-        doc
-        for doc in crds
-        if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition"
-    ]
-    for crd in crds or [_FALLBACK_CRD]:
-        emulator.add_crd(crd)
-    emulator.create(NAMESPACES, None, {"metadata": {"name": "default"}})
-
-
-def write_kubeconfig(path: pathlib.Path, server: str) -> pathlib.Path:
-    """A kubeconfig for plain http on loopback (no TLS, a dummy bearer token)."""
+def write_kubeconfig(path: pathlib.Path, server: str, token: str) -> pathlib.Path:
+    """A kubeconfig for plain http on loopback (the proxy) with a bearer token."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "emulator", "cluster": {"server": server}}],
-        "users": [{"name": "tester", "user": {"token": "emulator-bearer-token"}}],
+        "clusters": [{"name": "proxy", "cluster": {"server": server}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
         "contexts": [
             {
-                "name": "emulator",
-                "context": {"cluster": "emulator", "user": "tester", "namespace": "default"},
+                "name": "proxy",
+                "context": {"cluster": "proxy", "user": "operator", "namespace": "default"},
             }
         ],
-        "current-context": "emulator",
+        "current-context": "proxy",
     }
     path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
     return path
 
 
+@overload
 async def wait_for(
-    predicate: Callable[[], _T | Awaitable[_T]],
+    predicate: Callable[[], Awaitable[_T | None]],
+    timeout: float = 5.0,  # noqa: ASYNC109
+    *,
+    interval: float = 0.02,
+    message: str | None = None,
+) -> _T: ...
+
+
+@overload
+async def wait_for(
+    predicate: Callable[[], _T | None],
+    timeout: float = 5.0,  # noqa: ASYNC109
+    *,
+    interval: float = 0.02,
+    message: str | None = None,
+) -> _T: ...
+
+
+async def wait_for(
+    predicate: Callable[[], Any],
     timeout: float = 5.0,  # noqa: ASYNC109 - a polling deadline, not a cancellation scope
     *,
     interval: float = 0.02,
     message: str | None = None,
-) -> _T:
+) -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy; return that.
 
     Fails with the last value seen after ``timeout`` seconds of real time (the
@@ -159,49 +133,159 @@ def _json(response: Any) -> JsonObject:
     return data
 
 
-class Kube:
-    """The emulated cluster as a test sees it: the API clients, helpers, and the store itself."""
+class History:
+    """Every version of the objects of one resource in a test's namespaces, as the API server
+    stored them: a watch (as admin, straight to the API server) from the test's start.
 
-    def __init__(self, server: EmulatorServer, kubeconfig: pathlib.Path) -> None:
-        self.server = server
-        self.kubeconfig = kubeconfig
-        # An explicit client, never the module-global default configuration (Kopf's login
-        # and the operator call load_kube_config(), which replaces that default).
-        self.api: kubernetes.client.ApiClient = kubernetes.config.new_client_from_config(
-            config_file=str(kubeconfig)
+    The API server keeps no history an object's reader could ask for, but a watch
+    from a resourceVersion replays every change since then, in order. The watch
+    restarts every second from the last version seen, so :meth:`close` ends it soon.
+    """
+
+    def __init__(
+        self, api: kubernetes.client.ApiClient, resource: str, namespaces: Callable[[str], bool]
+    ) -> None:
+        self._api = api
+        self._resource = resource
+        self._wanted = namespaces
+        self._versions: dict[tuple[str, str], list[JsonObject | None]] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self.resource_version = self._list_version()
+        self._thread = threading.Thread(target=self._run, name=f"history-{resource}", daemon=True)
+        self._thread.start()
+
+    def _call(self, **kwargs: Any) -> Any:
+        if self._resource == SECRETS:
+            return kubernetes.client.CoreV1Api(self._api).list_secret_for_all_namespaces(
+                _preload_content=False, **kwargs
+            )
+        return kubernetes.client.CustomObjectsApi(self._api).list_cluster_custom_object(
+            GROUP, VERSION, PLURAL, _preload_content=False, **kwargs
         )
-        self.api.user_agent = TEST_USER_AGENT  # tells the test's requests from the operator's
-        self.core = kubernetes.client.CoreV1Api(self.api)
-        self.custom = kubernetes.client.CustomObjectsApi(self.api)
 
-    @property
-    def url(self) -> str:
-        return self.server.url
+    def _list_version(self) -> str:
+        listed = _json(self._call(limit=1))
+        return str(listed["metadata"]["resourceVersion"])
 
-    @property
-    def emulator(self) -> KubeEmulator:
-        """The kmock emulator (for reactions such as ``kube.emulator['patch', ...] << 500``).
+    def _run(self) -> None:
+        while not self._closing.is_set():
+            try:
+                response = self._call(
+                    watch=True,
+                    resource_version=self.resource_version,
+                    timeout_seconds=1,
+                    allow_watch_bookmarks=False,
+                )
+                buffer = b""
+                try:
+                    for chunk in response.stream(decode_content=True):
+                        buffer += chunk
+                        *lines, buffer = buffer.split(b"\n")  # one event per line
+                        for line in lines:
+                            if line.strip():
+                                self._take(json.loads(line))
+                finally:
+                    response.release_conn()
+            except Exception:  # the API server going away at the end of the session
+                if self._closing.wait(0.2):
+                    return
 
-        It lives on another thread's loop: read its store through :meth:`call`.
-        """
-        assert self.server.emulator is not None
-        return self.server.emulator
+    def _take(self, event: JsonObject) -> None:
+        obj = event["object"]
+        if event["type"] == "ERROR":  # 410: too old, cannot happen within one test
+            raise RuntimeError(f"the history watch of {self._resource} failed: {obj}")
+        meta = obj["metadata"]
+        self.resource_version = meta["resourceVersion"]
+        if event["type"] == "BOOKMARK" or not self._wanted(meta.get("namespace", "")):
+            return
+        key = (meta["namespace"], meta["name"])
+        with self._lock:
+            versions = self._versions.setdefault(key, [])
+            versions.append(obj)
+            if event["type"] == "DELETED":
+                versions.append(None)
 
-    def call(self, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """Run ``function(*args, **kwargs)`` on the emulator's loop (a consistent view)."""
-        return self.server.call(function, *args, **kwargs)
+    def versions(
+        self, namespace: str, name: str, current: JsonObject | None
+    ) -> list[JsonObject | None]:
+        """Every version up to ``current`` (the object as read now; None: not there)."""
+        deadline = time.monotonic() + 5
+        while True:
+            with self._lock:
+                versions = list(self._versions.get((namespace, name), []))
+            stored = [v for v in versions if v is not None]
+            if current is None and (not versions or versions[-1] is None):
+                return versions
+            if current is not None and any(
+                v["metadata"]["resourceVersion"] == current["metadata"]["resourceVersion"]
+                for v in stored
+            ):
+                return versions
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the history of {namespace}/{name} did not catch up in 5 s")
+            time.sleep(0.01)
 
     def close(self) -> None:
-        self.api.close()
+        self._closing.set()
+
+
+class Kube:
+    """The cluster as a test sees it: the admin's API clients, helpers, the proxy's record.
+
+    Namespaces: every ``namespace`` argument of these helpers is the test's own
+    name for it (``"shop"``); the real namespace is unique to the test
+    (``"shop-<id>"``, :meth:`ns`), so tests sharing one API server never see
+    each other's objects. Use :meth:`ns` wherever the real name shows: log lines,
+    direct ``kube.core`` calls. Namespaces are created on first use and deleted
+    (without waiting) after the test.
+    """
+
+    def __init__(self, api: kubernetes.client.ApiClient, proxy: FaultProxy, suffix: str) -> None:
+        self.api = api
+        self.proxy = proxy
+        self.suffix = suffix
+        self.core = kubernetes.client.CoreV1Api(api)
+        self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.created_namespaces: list[str] = []
+        mine = f"-{suffix}"
+        self._history = {
+            resource: History(api, resource, lambda namespace: namespace.endswith(mine))
+            for resource in (TOKEN_REQUESTS, SECRETS)
+        }
+
+    def ns(self, name: str) -> str:
+        """The real namespace behind the test's name for it."""
+        return name if name.endswith(f"-{self.suffix}") else f"{name}-{self.suffix}"
+
+    def close(self) -> None:
+        """Stop the recorders; delete the TokenRequests at once, then the namespaces.
+
+        The TokenRequests first: the next test's operator (all namespaces) must not
+        find any in a namespace that is still terminating.
+        """
+        for history in self._history.values():
+            history.close()
+        for namespace in self.created_namespaces:
+            self.custom.delete_collection_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL
+            )
+            self.core.delete_namespace(namespace, _preload_content=False)
 
     # ---- namespaces and TokenRequests --------------------------------------------------------
 
-    def ensure_namespace(self, name: str) -> None:
+    def ensure_namespace(self, name: str) -> str:
+        namespace = self.ns(name)
+        if namespace in self.created_namespaces:
+            return namespace
         try:
-            self.core.create_namespace({"metadata": {"name": name}}, _preload_content=False)
+            body: Any = {"metadata": {"name": namespace}}
+            self.core.create_namespace(body, _preload_content=False)
         except kubernetes.client.ApiException as error:
             if error.status != 409:
                 raise
+        self.created_namespaces.append(namespace)
+        return namespace
 
     def create_token_request(
         self,
@@ -213,7 +297,7 @@ class Kube:
         annotations: Mapping[str, str] | None = None,
     ) -> JsonObject:
         """Create a TokenRequest (and its namespace if missing); return the stored object."""
-        self.ensure_namespace(namespace)
+        namespace = self.ensure_namespace(namespace)
         metadata: JsonObject = {"name": name, "namespace": namespace}
         if labels:
             metadata["labels"] = dict(labels)
@@ -237,20 +321,27 @@ class Kube:
         """A JSON merge patch of the main resource (``.status`` in it is ignored, as by the API)."""
         return _json(
             self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, dict(patch), _preload_content=False
+                GROUP,
+                VERSION,
+                self.ns(namespace),
+                PLURAL,
+                name,
+                dict(patch),
+                _preload_content=False,
+                _content_type="application/merge-patch+json",
             )
         )
 
     def delete_token_request(self, namespace: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+            GROUP, VERSION, self.ns(namespace), PLURAL, name, _preload_content=False
         )
 
     def read_token_request(self, namespace: str, name: str) -> JsonObject | None:
         try:
             return _json(
                 self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+                    GROUP, VERSION, self.ns(namespace), PLURAL, name, _preload_content=False
                 )
             )
         except kubernetes.client.ApiException as error:
@@ -273,7 +364,9 @@ class Kube:
 
     def read_secret_object(self, namespace: str, name: str) -> JsonObject | None:
         try:
-            return _json(self.core.read_namespaced_secret(name, namespace, _preload_content=False))
+            return _json(
+                self.core.read_namespaced_secret(name, self.ns(namespace), _preload_content=False)
+            )
         except kubernetes.client.ApiException as error:
             if error.status == 404:
                 return None
@@ -299,7 +392,7 @@ class Kube:
         owner: Mapping[str, Any] | None = None,
     ) -> JsonObject:
         """Create a Secret from text values (``owner``: an object to reference as controller)."""
-        self.ensure_namespace(namespace)
+        namespace = self.ensure_namespace(namespace)
         metadata: JsonObject = {
             "name": name,
             "labels": dict(labels or {}),
@@ -307,7 +400,7 @@ class Kube:
         }
         if owner is not None:
             metadata["ownerReferences"] = [owner_reference(owner)]
-        body = {
+        body: Any = {
             "apiVersion": "v1",
             "kind": "Secret",
             "type": "Opaque",
@@ -315,6 +408,15 @@ class Kube:
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
         }
         return _json(self.core.create_namespaced_secret(namespace, body, _preload_content=False))
+
+    def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        """A strategic merge patch of a Secret, as ``kubectl patch`` does it."""
+        self.core.patch_namespaced_secret(
+            name, self.ns(namespace), dict(patch), _preload_content=False
+        )
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        self.core.delete_namespaced_secret(name, self.ns(namespace), _preload_content=False)
 
     def create_credentials_secret(
         self,
@@ -345,49 +447,33 @@ class Kube:
         selector = f"involvedObject.name={name}" + (f",involvedObject.kind={kind}" if kind else "")
         events = _json(
             self.core.list_namespaced_event(
-                namespace, field_selector=selector, _preload_content=False
+                self.ns(namespace), field_selector=selector, _preload_content=False
             )
         )["items"]
         return sorted(events, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
-    # ---- the store's history --------------------------------------------------------------
+    def events_text(self, namespace: str) -> str:
+        """Every Event of a namespace as the API server sends it (JSON text)."""
+        response: Any = self.core.list_namespaced_event(self.ns(namespace), _preload_content=False)
+        return str(response.data.decode())
 
-    def versions(
-        self, resource: str | kmock.resource, namespace: str | None, name: str
-    ) -> list[JsonObject | None]:
-        """Every stored version of an object, oldest first; None marks a deletion.
+    # ---- history and the operator's requests ------------------------------------------------
 
-        Each version is one write that changed the object (no-op writes store nothing).
-        ``resource``: e.g. ``"v1/secrets"`` or ``"m2m.dev/v1alpha1/tokenrequests"``.
+    def versions(self, resource: str, namespace: str, name: str) -> list[JsonObject | None]:
+        """Every stored version of an object since the test began, oldest first; None marks a
+        deletion. Each is one write that changed the object (no-op writes store nothing).
+
+        ``resource``: ``SECRETS`` (``"v1/secrets"``) or ``TOKEN_REQUESTS``.
         """
+        if resource == SECRETS:
+            current = self.read_secret_object(namespace, name)
+        else:
+            current = self.read_token_request(namespace, name)
+        return self._history[resource].versions(self.ns(namespace), name, current)
 
-        def collect() -> list[JsonObject | None]:
-            key = (kmock.resource(resource), namespace, name)
-            if key not in self.emulator.objects:
-                return []
-            return [
-                None if v is None else json.loads(json.dumps(v.raw))
-                for v in self.emulator.objects[key].history
-            ]
-
-        return self.call(collect)
-
-    def requests(
-        self, method: str | None = None, path_prefix: str = "", *, include_tests: bool = False
-    ) -> list[kmock.Request]:
-        """The API requests the emulator received, oldest first: the operator's (and Kopf's) only,
-        unless ``include_tests``; optionally only one HTTP method and paths under a prefix."""
-
-        def collect() -> list[kmock.Request]:
-            return [
-                r
-                for r in self.emulator.request_log
-                if (method is None or r.method.value == method.upper())
-                and r.url.path.startswith(path_prefix)
-                and (include_tests or r.headers.get("User-Agent") != TEST_USER_AGENT)
-            ]
-
-        return self.call(collect)
+    def requests(self, method: str | None = None, path: str = "") -> list[Exchange]:
+        """The operator's API requests (through the proxy), oldest first: ``path`` is a regex."""
+        return self.proxy.requests(method, path)
 
 
 def owner_reference(owner: Mapping[str, Any], *, controller: bool = True) -> JsonObject:
@@ -414,20 +500,14 @@ class OperatorFactory:
     def start(
         self,
         *,
-        module: str | None = DEFAULT_MODULE,
-        path: str | pathlib.Path | None = None,
         env: Mapping[str, str | None] | None = None,
-        ready_watches: Sequence[str] | None = None,
-        purge_prefixes: Sequence[str] | None = None,
         extra_args: Sequence[str] = (),
         settings: kopf.OperatorSettings | None = None,
         timeout: float = 15.0,
     ) -> OperatorRun:
-        """Start the operator (``module``, or a handlers file at ``path``); wait until it watches.
+        """Start the operator; wait until it watches TokenRequests and Secrets (through the proxy).
 
         ``env`` overrides ``operator_env`` for this and later runs (None removes a variable).
-        ``ready_watches``: the resources whose watch means "started"; by default the
-        TokenRequests, plus the Secrets for the real operator.
         """
         if self.current is not None:
             raise RuntimeError("one operator at a time in this process: stop the running one first")
@@ -436,22 +516,9 @@ class OperatorFactory:
                 self._monkeypatch.delenv(key, raising=False)
             else:
                 self._monkeypatch.setenv(key, value)
-        if path is not None:
-            module = None
-        if ready_watches is None:
-            ready_watches = (
-                (TOKEN_REQUESTS, SECRETS_WATCH) if module == DEFAULT_MODULE else (TOKEN_REQUESTS,)
-            )
-        if purge_prefixes is None:
-            purge_prefixes = (
-                ("m2m_token_operator",) if module is None else ("m2m_token_operator", module)
-            )
         run = OperatorRun(
-            server=self._kube.server,
-            module=module,
-            path=str(path) if path is not None else None,
-            ready_watches=ready_watches,
-            purge_prefixes=purge_prefixes,
+            proxy=self._kube.proxy,
+            ready_watches=(WATCH_TOKEN_REQUESTS, WATCH_SECRETS),
             extra_args=extra_args,
             settings=settings,
         )

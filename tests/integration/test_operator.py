@@ -1,18 +1,22 @@
-"""The operator's main path, end to end through Kopf: TokenRequest → token → Secret → status.
+"""The operator's main path, end to end through Kopf on the real API server:
+TokenRequest → token → Secret → status.
 
 One test per behaviour of the operator issue; the failure paths live in
-test_failures.py.
+test_failures.py, the API server's own faults (via the proxy) in test_api_faults.py.
 """
 
 from __future__ import annotations
 
-import asyncio
+import time
 from typing import Any
+
+import pytest
 
 from .harness import (
     CLIENT_ID,
     CLIENT_SECRET,
     CLUSTER_NAME,
+    SECRETS,
     Kube,
     OperatorFactory,
     OperatorRun,
@@ -21,6 +25,8 @@ from .harness import (
 )
 
 NS = "shop"
+NAME = "orders-api"
+WRITES = ("POST", "PUT", "PATCH", "DELETE")
 SCOPE = f"api://{CLUSTER_NAME}.orders.orders-api/.default"
 TARGET = {"target": {"application": "orders-api", "namespace": "orders"}}
 
@@ -117,20 +123,23 @@ async def test_short_lived_token_is_replaced_before_it_expires(
     first = kube.read_secret(NS, "orders-api")
     assert first is not None
 
-    second = await wait_for(
-        lambda: (s := kube.read_secret(NS, "orders-api")) and s["token"] != first["token"] and s,
-        timeout=10,
-        message="a refreshed token",
-    )
+    def refreshed() -> dict[str, str] | None:
+        secret = kube.read_secret(NS, "orders-api")
+        return secret if secret is not None and secret["token"] != first["token"] else None
+
+    second = await wait_for(refreshed, timeout=10, message="a refreshed token")
     assert second["expires-at"] > first["expires-at"]
     # Replaced before the first one expired: the refresh happened while it was still valid.
     refresh_call = token_endpoint.calls[1]
     issue_call = token_endpoint.calls[0]
     lifetime = refresh_call.received_at - issue_call.received_at  # seconds
     assert 2.0 <= lifetime < 6.0
-    events = await wait_for(
-        lambda: len(e := kube.events_for(NS, "orders-api")) >= 2 and e, message="two events"
-    )
+
+    def two_events() -> list[dict[str, Any]] | None:
+        events = kube.events_for(NS, "orders-api")
+        return events if len(events) >= 2 else None
+
+    events = await wait_for(two_events, message="two events")
     assert [e["reason"] for e in events][:2] == ["TokenIssued", "TokenRefreshed"]
 
 
@@ -146,20 +155,20 @@ async def test_foreign_secret_is_never_touched_and_the_conflict_is_reported(
 
     await wait_for(conflict, message="SecretConflict")
     assert kube.condition(NS, "orders-api", "Ready")["status"] == "False"  # type: ignore[index]
-    await asyncio.sleep(0.5)
-    versions = kube.versions("v1/secrets", NS, "orders-api")
+    # The look that reported the conflict had read the Secret before it wrote the status:
+    # a write of the Secret in that look would be in the record already.
+    writes = [r for r in kube.requests(path=r"/secrets") if r.method in WRITES]
+    assert writes == []
+    versions = kube.versions(SECRETS, NS, "orders-api")
     assert len(versions) == 1  # created by the test, never written by the operator
     assert kube.read_secret(NS, "orders-api") == {"password": "someone-elses"}
     assert token_endpoint.count == 0  # nothing could be delivered, so nothing was fetched
-    assert (
-        kube.read_secret_object(NS, "orders-api")["metadata"]["uid"]
-        == (  # type: ignore[index]
-            foreign["metadata"]["uid"]
-        )
-    )
+    current = kube.read_secret_object(NS, "orders-api")
+    assert current is not None
+    assert current["metadata"]["uid"] == foreign["metadata"]["uid"]
 
     # The name becomes free: the operator recovers without anybody touching the TokenRequest.
-    kube.core.delete_namespaced_secret("orders-api", NS)
+    kube.delete_secret(NS, "orders-api")
     await wait_ready(kube, "orders-api")
     assert kube.read_secret(NS, "orders-api")["token"] == token_endpoint.tokens[-1]  # type: ignore[index]
 
@@ -172,13 +181,11 @@ async def test_deleted_secret_is_recreated_and_edited_secret_restored(
     original = kube.read_secret(NS, "orders-api")
     assert original is not None
 
-    kube.core.delete_namespaced_secret("orders-api", NS)
+    kube.delete_secret(NS, "orders-api")
     restored = await wait_for(lambda: kube.read_secret(NS, "orders-api"), message="recreated")
     assert restored == original
 
-    kube.core.patch_namespaced_secret(
-        "orders-api", NS, {"stringData": {"token": "tampered", "extra": "x"}}
-    )
+    kube.patch_secret(NS, "orders-api", {"stringData": {"token": "tampered", "extra": "x"}})
     await wait_for(
         lambda: kube.read_secret(NS, "orders-api") == original, message="restored after edit"
     )
@@ -194,24 +201,32 @@ async def test_deleted_secret_is_recreated_and_edited_secret_restored(
 async def test_restart_with_a_valid_token_costs_no_call_and_no_write(
     kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
 ) -> None:
-    operator_factory.start()
+    first = operator_factory.start()
     kube.create_token_request(NS, "orders-api", TARGET)
     await wait_ready(kube, "orders-api")
-    await asyncio.sleep(0.3)
-    secret_versions = len(kube.versions("v1/secrets", NS, "orders-api"))
+    await wait_for(
+        lambda: "Handler 'tokenrequest' succeeded" in first.all_text, message="the first look done"
+    )
+    first.stop()
+    secret_versions = len(kube.versions(SECRETS, NS, "orders-api"))
     status_before = kube.read_status(NS, "orders-api")
-    operator_factory.current.stop()  # type: ignore[union-attr]
+    status_writes = kube.requests("PATCH", r"/tokenrequests/orders-api/status$")
+    assert len(status_writes) == 1  # the first run's one status write
 
+    restarted = time.monotonic()
     run = operator_factory.start()
-    await asyncio.sleep(1.5)  # resume handlers run at once; give them room to misbehave
+    # The positive signal that the restart looked at it: Kopf's resume handler returned,
+    # after the whole look (Secret read, decision, and any write) was done.
+    await wait_for(
+        lambda: "Handler 'tokenrequest' succeeded" in run.all_text,
+        message="the look after the restart done",
+    )
     run.stop()
     assert token_endpoint.count == 1
-    assert len(kube.versions("v1/secrets", NS, "orders-api")) == secret_versions
+    assert len(kube.versions(SECRETS, NS, "orders-api")) == secret_versions
     assert kube.read_status(NS, "orders-api") == status_before
-    status_writes = [
-        r for r in kube.requests("PATCH", "/apis/m2m.dev/") if r.url.path.endswith("/status")
-    ]
-    assert len(status_writes) == 1  # the first run's one status write, nothing after restart
+    after = kube.proxy.requests(path=r"/secrets|/status$", since=restarted)
+    assert [str(r) for r in after if r.method in WRITES] == []
 
 
 async def test_spec_change_takes_effect_at_once(
@@ -243,6 +258,11 @@ async def test_spec_change_takes_effect_at_once(
     kube.patch_token_request(NS, "orders-api", {"spec": {"secretName": "payments-token"}})
     await wait_for(lambda: kube.read_secret(NS, "payments-token"), message="new Secret")
     await wait_for(lambda: kube.read_secret(NS, "orders-api") is None, message="old Secret gone")
+    # Ready is still True from generation 2: wait for the status of generation 3.
+    await wait_for(
+        lambda: (kube.read_status(NS, "orders-api") or {}).get("observedGeneration") == 3,
+        message="generation 3 observed",
+    )
     status = await wait_ready(kube, "orders-api")
     assert status["secretName"] == "payments-token"
 
@@ -256,6 +276,7 @@ async def test_spec_change_takes_effect_at_once(
     assert token_endpoint.count == calls
 
 
+@pytest.mark.usefixtures("garbage_collector")
 async def test_deleting_the_token_request_needs_no_operator(
     kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
 ) -> None:
@@ -269,9 +290,46 @@ async def test_deleting_the_token_request_needs_no_operator(
 
     kube.delete_token_request(NS, "orders-api")
     assert kube.read_token_request(NS, "orders-api") is None
-    # The owner reference lets garbage collection take the Secret.
-    assert kube.read_secret(NS, "orders-api") is None
-    assert created["metadata"]["uid"]
+    # The owner reference lets the garbage collector take the Secret.
+    await wait_for(
+        lambda: kube.read_secret(NS, "orders-api") is None, timeout=30, message="Secret collected"
+    )
+    deleted = kube.versions(SECRETS, NS, "orders-api")
+    assert deleted[-1] is None
+    last = deleted[-2]
+    assert last is not None
+    assert last["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+
+
+@pytest.mark.usefixtures("garbage_collector")
+async def test_token_request_recreated_under_the_same_name_gets_its_own_secret(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    old = kube.create_token_request(NS, NAME, TARGET)
+    await wait_ready(kube, NAME)
+    kube.delete_token_request(NS, NAME)
+    new = kube.create_token_request(NS, NAME, TARGET)
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+
+    def owned_by_the_new_one() -> dict[str, Any] | None:
+        secret = kube.read_secret_object(NS, NAME)
+        owners = (secret or {}).get("metadata", {}).get("ownerReferences") or []
+        uids = [o["uid"] for o in owners]
+        return secret if uids == [new["metadata"]["uid"]] else None
+
+    # The garbage collector takes the old Secret (its owner is gone); the operator writes
+    # one for the new TokenRequest, which the collector then leaves alone.
+    secret = await wait_for(owned_by_the_new_one, timeout=30, message="the new owner's Secret")
+    status = await wait_ready(kube, NAME)
+    assert status["observedGeneration"] == 1
+    assert status["secretName"] == NAME
+    assert (kube.read_secret(NS, NAME) or {}).get("token") in token_endpoint.tokens
+    assert secret["metadata"]["labels"]["m2m.dev/token-request"] == NAME
+    # The old TokenRequest's Secret was taken by the collector, not adopted.
+    history = [v for v in kube.versions(SECRETS, NS, NAME) if v is not None]
+    owners = [v["metadata"]["ownerReferences"][0]["uid"] for v in history]
+    assert owners[0] == old["metadata"]["uid"]
+    assert owners[-1] == new["metadata"]["uid"]
 
 
 async def test_no_secret_or_token_in_logs_status_or_events(

@@ -18,16 +18,19 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from m2m_token_operator.cache import CacheKey, CacheResult, Freshness, TokenCache, token_jitter
-from m2m_token_operator.client import (
+from m2m_token_operator.client import TokenClient
+from m2m_token_operator.credentials import (
+    ClientCredentials,
+    secret_credentials,
+)
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.tokens import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
     Throttled,
-    TokenClient,
 )
-from m2m_token_operator.credentials import ClientCredentials, CredentialsError
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
 
 SCOPE = "api://prod-gcp.orders.orders-api/.default"
 OTHER_SCOPE = "api://prod-gcp.orders.billing-api/.default"
@@ -71,7 +74,8 @@ class CountingFetch:
 
     def __call__(self, credentials: ClientCredentials, scope: str) -> AccessToken:
         with self._lock:
-            self.calls.append((credentials.client_id, credentials.client_secret, scope))
+            proof = credentials.client_secret or credentials.method
+            self.calls.append((credentials.client_id, proof, scope))
             number = len(self.calls)
             outcome = self.outcomes.pop(0) if self.outcomes else None
         self.threads.add(threading.current_thread().name)
@@ -91,12 +95,11 @@ class CountingFetch:
 def identity(
     client_id: str = "client-1", *, secret: str = "secret-1", realm: str = ""
 ) -> ClientCredentials:
-    return ClientCredentials(
+    return secret_credentials(
         token_endpoint="https://login.microsoftonline.com/t/oauth2/v2.0/token",
         client_id=client_id,
         client_secret=secret,
         source="operator identity" if not realm else f"Secret {realm}/azure",
-        realm=realm,
     )
 
 
@@ -183,12 +186,11 @@ async def test_200_concurrent_gets_make_one_http_request(httpserver: HTTPServer)
         retry_policy=RetryPolicy(),
         clock=lambda: datetime.now(UTC),
     )
-    credentials = ClientCredentials(
+    credentials = secret_credentials(
         token_endpoint=httpserver.url_for("/token"),
         client_id="client-1",
         client_secret="s",
         source="operator identity",
-        realm="",
     )
     try:
         gets = asyncio.gather(*(cache.get(credentials, SCOPE) for _ in range(200)))
@@ -237,11 +239,11 @@ async def test_different_client_ids_and_scopes_get_their_own_tokens(
     assert a.key != b.key != c.key
 
 
-async def test_same_client_id_in_another_realm_is_never_served_the_token(
+async def test_same_client_id_with_another_secret_is_never_served_the_token(
     cache: TokenCache, fetch: CountingFetch
 ) -> None:
     owner = await cache.get(identity("client-1", realm="shop"), SCOPE)
-    copier = await cache.get(identity("client-1", secret="guess", realm="other"), SCOPE)
+    copier = await cache.get(identity("client-1", secret="guess", realm="shop"), SCOPE)
     assert len(fetch.calls) == 2
     assert owner.token is not None
     assert copier.token is not None
@@ -249,11 +251,27 @@ async def test_same_client_id_in_another_realm_is_never_served_the_token(
     assert fetch.calls[1] == ("client-1", "guess", SCOPE)
 
 
-async def test_key_is_the_contract_key_within_a_realm() -> None:
+async def test_the_same_secret_shares_one_token_across_namespaces(
+    cache: TokenCache, fetch: CountingFetch
+) -> None:
+    # Both hold the secret, so each could fetch the token itself: sharing gives nothing away.
+    shop = await cache.get(identity("client-1", realm="shop"), SCOPE)
+    other = await cache.get(identity("client-1", realm="other"), SCOPE)
+    assert len(fetch.calls) == 1
+    assert shop.token == other.token
+
+
+async def test_key_is_the_contract_key_with_the_credential_fingerprint() -> None:
     credentials = identity("client-1", realm="shop")
     assert CacheKey.for_credentials(credentials, SCOPE) == CacheKey(
-        token_endpoint=credentials.token_endpoint, client_id="client-1", scope=SCOPE, realm="shop"
+        token_endpoint=credentials.token_endpoint,
+        client_id="client-1",
+        scope=SCOPE,
+        fingerprint=credentials.fingerprint(),
     )
+    assert credentials.fingerprint() == identity("client-1").fingerprint()
+    assert credentials.fingerprint() != identity("client-1", secret="other").fingerprint()
+    assert "secret-1" not in credentials.fingerprint()
 
 
 # Refresh points
@@ -419,7 +437,7 @@ async def test_rotated_secret_skips_the_permanent_hold(
     assert len(fetch.calls) == 1
     typo = await cache.get(identity(secret="new-with-typo"), SCOPE)  # rotated: try at once
     assert len(fetch.calls) == 2
-    assert typo.failures == 2
+    assert typo.failures == 1  # another credential is another key, with its own record
     await cache.get(identity(secret="new-with-typo"), SCOPE)  # held again, for this secret
     assert len(fetch.calls) == 2
     fixed = await cache.get(identity(secret="new"), SCOPE)
@@ -429,47 +447,16 @@ async def test_rotated_secret_skips_the_permanent_hold(
     assert [secret for _, secret, _ in fetch.calls] == ["old", "new-with-typo", "new"]
 
 
-async def test_rotated_secret_does_not_skip_a_transient_backoff(
+async def test_a_transient_backoff_holds_the_credential_that_failed(
     clock: FakeClock, cache: TokenCache, fetch: CountingFetch
 ) -> None:
     fetch.outcomes.append(Throttled("slow down", retry_after=60))
     await cache.get(identity(secret="a"), SCOPE)
+    await cache.get(identity(secret="a"), SCOPE)
+    assert len(fetch.calls) == 1
+    # Another credential is another key: it never inherits (nor shares) this one's state.
     await cache.get(identity(secret="b"), SCOPE)
-    assert len(fetch.calls) == 1
-
-
-async def test_recorded_credentials_failure(
-    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
-) -> None:
-    key = CacheKey.for_credentials(identity(realm="shop"), SCOPE)
-    error = CredentialsError("Secret shop/azure not found", reason="CredentialsMissing")
-    recorded = cache.record_failure(key, error)
-    assert recorded.error is error
-    assert recorded.failures == 1
-    assert recorded.freshness is Freshness.NONE
-    assert recorded.next_attempt_at == START + timedelta(seconds=300)
-    assert cache.peek(key).failures == 1
-    # Usable credentials turned up: they differ from the missing ones, so no hold.
-    result = await cache.get(identity(realm="shop"), SCOPE)
-    assert result.token is not None
-    assert result.failures == 0
-    assert len(fetch.calls) == 1
-
-
-async def test_recorded_failure_with_the_same_fingerprint_holds(
-    cache: TokenCache, fetch: CountingFetch
-) -> None:
-    credentials = identity()
-    key = CacheKey.for_credentials(credentials, SCOPE)
-    cache.record_failure(
-        key,
-        CredentialsError("endpoint not allowed", reason="EndpointNotAllowed"),
-        credentials_fingerprint=credentials.fingerprint(),
-    )
-    held = await cache.get(credentials, SCOPE)
-    assert held.token is None
-    assert not held.fetched
-    assert fetch.calls == []
+    assert len(fetch.calls) == 2
 
 
 async def test_unexpected_fetch_exception_is_a_failure_not_a_crash(

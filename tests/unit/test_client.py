@@ -23,17 +23,16 @@ from cryptography.x509.oid import NameOID
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from m2m_token_operator.client import (
+from m2m_token_operator.client import TokenClient, parse_retry_after
+from m2m_token_operator.credentials import ClientCredentials, secret_credentials
+from m2m_token_operator.tokens import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
     Throttled,
-    TokenClient,
     TokenEndpointError,
-    parse_retry_after,
 )
-from m2m_token_operator.credentials import ClientCredentials
 
 # Characters that change under form encoding, so an echoed encoded secret is caught too.
 SECRET = "Zx8Q~s3cr3t+v/al=ue&more"
@@ -69,12 +68,11 @@ def entra_error(error: str, code: int, text: str) -> dict[str, object]:
 
 @pytest.fixture
 def credentials(httpserver: HTTPServer) -> ClientCredentials:
-    return ClientCredentials(
+    return secret_credentials(
         token_endpoint=httpserver.url_for("/tenant/oauth2/v2.0/token"),
         client_id="client-1",
         client_secret=SECRET,
         source="Secret shop/azure-shop-frontend",
-        realm="shop",
     )
 
 
@@ -131,8 +129,6 @@ def test_success_with_numeric_expires_in(
     assert token.issued_at == NOW  # the moment the request was sent
     assert token.expires_at == NOW + timedelta(seconds=3599)
     assert token.lifetime == timedelta(seconds=3599)
-    assert token.ext_expires_at == NOW + timedelta(seconds=7199)
-    assert token.refresh_in is None
 
 
 def test_success_with_string_expires_in_and_refresh_in(
@@ -144,9 +140,7 @@ def test_success_with_string_expires_in_and_refresh_in(
     )
     token = client.fetch(credentials, SCOPE)
     assert token.expires_at == NOW + timedelta(seconds=86399)
-    assert token.refresh_in == timedelta(seconds=43199)
     assert token.token_type == "Bearer"  # the default when the endpoint says nothing
-    assert token.ext_expires_at is None
 
 
 def test_other_token_type_is_kept(
@@ -408,12 +402,11 @@ def closed_port() -> int:
 
 
 def test_refused_connection(client: TokenClient) -> None:
-    credentials = ClientCredentials(
+    credentials = secret_credentials(
         token_endpoint=f"http://127.0.0.1:{closed_port()}/token",
         client_id="client-1",
         client_secret=SECRET,
         source="operator identity",
-        realm="",
     )
     error = fetch_error(client, credentials)
     assert type(error) is EndpointUnavailable
@@ -506,12 +499,11 @@ def test_no_secret_or_token_on_success_or_timeout(
     assert TOKEN not in str(token)
     assert SECRET not in repr(credentials)
 
-    refused = ClientCredentials(
+    refused = secret_credentials(
         token_endpoint=f"http://127.0.0.1:{closed_port()}/token",
         client_id="c",
         client_secret=SECRET,
         source="operator identity",
-        realm="",
     )
     error = fetch_error(client, refused)
     assert SECRET not in "".join(traceback.format_exception(error))
@@ -544,12 +536,11 @@ def test_swapped_client_id_and_secret_do_not_leak(
     httpserver: HTTPServer, client: TokenClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    swapped = ClientCredentials(
+    swapped = secret_credentials(
         token_endpoint=httpserver.url_for(PATH),
         client_id=SECRET,  # AZURE_APP_CLIENT_ID and AZURE_APP_CLIENT_SECRET swapped
         client_secret=GUID,
         source="Secret shop/azure-shop-frontend",
-        realm="shop",
     )
     httpserver.expect_request(PATH).respond_with_handler(not_found_echoing_client_id)
     error = fetch_error(client, swapped)
@@ -569,12 +560,11 @@ def test_swapped_client_id_and_secret_do_not_leak(
 def identity_with_client_id(httpserver: HTTPServer, client_id: str) -> ClientCredentials:
     """The operator's identity with `client_id`, against an endpoint that echoes it back."""
     httpserver.expect_request(PATH).respond_with_handler(not_found_echoing_client_id)
-    return ClientCredentials(
+    return secret_credentials(
         token_endpoint=httpserver.url_for(PATH),
         client_id=client_id,
         client_secret=SECRET,
         source="operator identity",
-        realm="",
     )
 
 
@@ -626,12 +616,11 @@ def test_proxy_from_the_environment_is_used(
     proxied = TokenClient(connect_timeout=2, read_timeout=2)
     try:
         token = proxied.fetch(
-            ClientCredentials(
+            secret_credentials(
                 token_endpoint="http://idp.example.invalid/token",
                 client_id="c",
                 client_secret=SECRET,
                 source="operator identity",
-                realm="",
             ),
             SCOPE,
         )
@@ -690,12 +679,11 @@ def test_certificates_are_verified_and_the_ca_bundle_honoured(
 ) -> None:
     server, ca_bundle = tls_server
     server.expect_request("/token").respond_with_json({"access_token": TOKEN, "expires_in": 60})
-    credentials = ClientCredentials(
+    credentials = secret_credentials(
         token_endpoint=server.url_for("/token"),
         client_id="c",
         client_secret=SECRET,
         source="operator identity",
-        realm="",
     )
     assert credentials.token_endpoint.startswith("https://")
 

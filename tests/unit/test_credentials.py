@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 
 from m2m_token_operator.credentials import (
-    ClientCredentials,
+    CLIENT_SECRET,
     CredentialsError,
     EndpointPolicy,
     credentials_from_secret,
     operator_identity,
+    operator_token_endpoint,
+    secret_credentials,
 )
 from m2m_token_operator.settings import Settings
 
@@ -102,12 +104,11 @@ def test_credentials_from_secret() -> None:
     credentials = credentials_from_secret(
         secret_data(), namespace="shop", name="azure-shop", policy=POLICY
     )
-    assert credentials == ClientCredentials(
+    assert credentials == secret_credentials(
         token_endpoint=ENDPOINT,
         client_id="client-1",
         client_secret=SECRET,  # the trailing newline of a file-made Secret is gone
         source="Secret shop/azure-shop",
-        realm="shop",
     )
     assert SECRET not in repr(credentials)
     assert SECRET not in str(credentials)
@@ -144,7 +145,7 @@ def test_missing_or_empty_key(overrides: dict[str, str | None]) -> None:
     with pytest.raises(CredentialsError) as caught:
         credentials_from_secret(secret_data(**overrides), namespace="s", name="n", policy=POLICY)
     assert caught.value.reason == "CredentialsMissing"
-    assert "lacks a value for AZURE_APP_CLIENT_SECRET" in str(caught.value)
+    assert "lacks a value for AZURE_APP_JWK or AZURE_APP_CLIENT_SECRET" in str(caught.value)
 
 
 def test_undecodable_value() -> None:
@@ -190,7 +191,7 @@ def test_operator_identity_from_environment() -> None:
     # Not held to the allow-list: this secret only ever goes to its own endpoint.
     assert credentials.token_endpoint == "https://idp.internal.example/token"
     assert (credentials.client_id, credentials.client_secret) == ("operator-client", SECRET)
-    assert (credentials.source, credentials.realm) == ("operator identity", "")
+    assert (credentials.source, credentials.method) == ("operator identity", CLIENT_SECRET)
 
 
 def test_operator_identity_missing_names_the_variables() -> None:
@@ -238,3 +239,12 @@ def test_operator_identity_file_falls_back_to_environment(tmp_path: Path) -> Non
     }
     credentials = operator_identity(Settings.from_env(environ), environ)
     assert (credentials.client_id, credentials.client_secret) == ("operator-client", "env-secret")
+
+
+def test_operator_token_endpoint_alone(tmp_path: Path) -> None:
+    environ = {"AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": " https://idp.example/token\n"}
+    assert operator_token_endpoint(Settings.from_env({}), environ) == "https://idp.example/token"
+    assert operator_token_endpoint(Settings.from_env({}), {}) is None
+    (tmp_path / "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT").write_text(ENDPOINT)
+    settings = Settings.from_env({"M2M_CREDENTIALS_DIR": str(tmp_path)})
+    assert operator_token_endpoint(settings, environ) == ENDPOINT

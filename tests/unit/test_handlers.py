@@ -1,20 +1,28 @@
 """The Kopf wiring's own rules: liveness and peering priority."""
 
 import asyncio
+import json
 import logging
+import socket
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import aiohttp
 import kopf
-import kubernetes.client
+import kubernetes
 import pytest
+from kopf._cogs.structs import ephemera
+from kopf._core.engines import probing
 
-from m2m_token_operator import handlers
+from m2m_token_operator import handlers, kube, metrics
 from m2m_token_operator.__main__ import main
 from m2m_token_operator.kube import KubeApi
+from m2m_token_operator.peering import PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
+from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.settings import Settings
 
 
@@ -99,16 +107,16 @@ def test_the_scheduler_follows_kopf_peering_only_when_it_can_tell_itself_apart(
         TokenRequestReconciler,
         SimpleNamespace(resume_after_pause=lambda: None, paused=lambda: None),
     )
-    kube = KubeApi(kubernetes.client.ApiClient())  # never called: the gate is not run
+    api = KubeApi(kubernetes.client.ApiClient())  # never called: the gate is not run
     try:
         gate = handlers.peering_gate(
             _peering_settings(standalone=standalone, clusterwide=clusterwide),
-            kube=kube,
+            kube=api,
             reconciler=reconciler,
             environ=environ,
         )
     finally:
-        kube.close()
+        api.close()
     assert (gate is not None) == gated
 
 
@@ -129,3 +137,143 @@ async def test_liveness_fails_when_the_peering_was_never_readable() -> None:
     assert probe(memo)
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
+
+
+def test_the_liveness_probe_answers_at_once_when_it_fails() -> None:
+    """Kopf's default (TEMPORARY) retries a raising probe while /healthz waits and times out."""
+    probes = [
+        handler
+        for handler in kopf.get_default_registry()._activities.get_all_handlers()
+        if handler.id == "scheduler"
+    ]
+    assert [probe.errors for probe in probes] == [kopf.ErrorsMode.PERMANENT]
+
+
+def test_api_clients_never_use_urllib3s_default_retries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _use_kubeconfig(monkeypatch, tmp_path)
+    api_client = kube.load_api_client()
+    assert api_client.configuration.retries == kube.API_RETRIES == 1
+    api_client.close()  # type: ignore[no-untyped-call]
+
+
+def _use_kubeconfig(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The client reads KUBECONFIG once, at import: its default location is what counts.
+    monkeypatch.setattr(
+        kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(_kubeconfig(tmp_path))
+    )
+
+
+def _kubeconfig(tmp_path: Path) -> Path:
+    """A kubeconfig naming an API server nobody listens on: startup itself calls nobody."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {"token": "not-a-real-token"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    return path
+
+
+async def test_a_failed_startup_leaks_nothing_and_a_retry_starts_cleanly(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _use_kubeconfig(monkeypatch, tmp_path)
+    monkeypatch.setenv("M2M_METRICS_PORT", "0")
+
+    def port_taken(port: int) -> None:
+        raise OSError("Address already in use")
+
+    monkeypatch.setattr(metrics, "serve", port_taken)
+    memo = kopf.Memo()
+    with pytest.raises(OSError, match="in use"):
+        await handlers.startup(kopf.OperatorSettings(), memo)
+    failed: Runtime = memo["runtime"]
+    first_task: asyncio.Task[None] = memo["scheduler_task"]
+    # The scheduler had started: it is stopped, and every pool is closed.
+    assert failed.closed
+    assert first_task.done()
+    reconciler: TokenRequestReconciler = memo["reconciler"]
+    assert reconciler._cache._executor._shutdown
+    assert memo["kube"]._executor._shutdown
+
+    monkeypatch.undo()
+    _use_kubeconfig(monkeypatch, tmp_path)
+    monkeypatch.setenv("M2M_METRICS_PORT", "0")
+    await handlers.startup(kopf.OperatorSettings(), memo)
+    retried: Runtime = memo["runtime"]
+    assert retried is not failed
+    assert not memo["scheduler_task"].done()
+    assert not memo["kube"]._executor._shutdown
+
+    await handlers.shutdown(memo)
+    assert retried.closed
+    assert memo["scheduler_task"].done()
+    assert memo["reconciler"]._cache._executor._shutdown
+
+
+async def test_the_peering_read_has_its_own_client_and_thread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Looks queued on a slow API server must not hold up the gate, nor the scheduler
+    loop behind it that liveness watches."""
+    _use_kubeconfig(monkeypatch, tmp_path)
+    monkeypatch.setenv("M2M_METRICS_PORT", "0")
+    monkeypatch.setenv("POD_ID", "pod-0")
+    settings = kopf.OperatorSettings()
+    settings.peering.clusterwide = True
+    settings.peering.standalone = False
+    memo = kopf.Memo()
+    await handlers.startup(settings, memo)
+    try:
+        gate: PeeringGate = memo["peering_gate"]
+        peering_kube = gate._read.__self__  # type: ignore[attr-defined]
+        assert isinstance(peering_kube, KubeApi)
+        assert peering_kube is not memo["kube"]
+        assert peering_kube._executor._max_workers == 1
+        assert peering_kube._timeout == handlers.PEERING_READ_TIMEOUT
+    finally:
+        await handlers.shutdown(memo)
+    assert peering_kube._executor._shutdown
+
+
+async def test_a_failing_probe_answers_healthz_over_http_at_once() -> None:
+    """Kopf's health endpoint with our probe registered: a stalled scheduler is a 500 at
+    once, not a request that hangs while Kopf retries the probe (the kubelet's time-out)."""
+    scheduler = SimpleNamespace(last_loop_at=datetime.now(UTC) - timedelta(minutes=5))
+    running = asyncio.create_task(asyncio.sleep(60))
+    memo = kopf.Memo()
+    memo["reconciler"] = SimpleNamespace(scheduler=scheduler)
+    memo["scheduler_task"] = running
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    url = f"http://127.0.0.1:{port}/healthz"
+    listening = asyncio.Event()
+    reporter = asyncio.create_task(
+        probing.health_reporter(
+            url,
+            memo=cast(ephemera.AnyMemo, memo),
+            indices=cast(ephemera.Indices, {}),
+            registry=kopf.get_default_registry(),
+            settings=kopf.OperatorSettings(),
+            ready_flag=listening,
+        )
+    )
+    try:
+        await listening.wait()
+        async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+            response = await session.get(url)
+        assert response.status == 500
+    finally:
+        for task in (reporter, running):
+            task.cancel()
+        await asyncio.gather(reporter, running, return_exceptions=True)

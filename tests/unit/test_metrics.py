@@ -6,16 +6,15 @@ import pytest
 from prometheus_client import REGISTRY
 
 from m2m_token_operator import metrics
-from m2m_token_operator.client import AccessToken, Throttled
-from m2m_token_operator.credentials import ClientCredentials
+from m2m_token_operator.credentials import ClientCredentials, secret_credentials
+from m2m_token_operator.tokens import AccessToken, Throttled
 
 NOW = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
-CREDENTIALS = ClientCredentials(
+CREDENTIALS = secret_credentials(
     token_endpoint="https://login.example/token",
     client_id="id",
     client_secret="secret-value-123",
     source="operator identity",
-    realm="",
 )
 
 

@@ -112,6 +112,20 @@ def test_full_spec() -> None:
     assert spec.credentials_secret == "azure-shop-frontend"
 
 
+def test_service_account_ref() -> None:
+    spec = parse(
+        {"scope": "api://x/.default", "credentials": {"serviceAccountRef": {"name": "shop-fe"}}}
+    )
+    assert spec.credentials_service_account == "shop-fe"
+    assert spec.credentials_secret is None
+
+
+def test_no_credentials_means_the_operators_own_identity() -> None:
+    spec = parse({"scope": "api://x/.default"})
+    assert spec.credentials_secret is None
+    assert spec.credentials_service_account is None
+
+
 def test_explicit_scope() -> None:
     spec = parse({"scope": "api://11111111-2222-3333-4444-555555555555/.default"})
     assert spec.scope == "api://11111111-2222-3333-4444-555555555555/.default"
@@ -136,7 +150,32 @@ def test_explicit_scope() -> None:
         ({"scope": "api://x/.default", "secretName": "Bad_Name"}, "spec.secretName 'Bad_Name'"),
         ({"scope": "api://x/.default", "refreshBefore": "10"}, "spec.refreshBefore: '10'"),
         ({"scope": "api://x/.default", "refreshBefore": 600}, "spec.refreshBefore must be"),
-        ({"scope": "api://x/.default", "credentials": {}}, "secretRef.name is required"),
+        ({"scope": "api://x/.default", "credentials": {}}, "exactly one of secretRef"),
+        (
+            {
+                "scope": "api://x/.default",
+                "credentials": {"secretRef": {"name": "a"}, "serviceAccountRef": {"name": "b"}},
+            },
+            "exactly one of secretRef",
+        ),
+        (
+            {"scope": "api://x/.default", "credentials": {"serviceAccountRef": {"name": "B_"}}},
+            "spec.credentials.serviceAccountRef.name 'B_'",
+        ),
+        (
+            {
+                "scope": "api://x/.default",
+                "credentials": {"serviceAccountRef": {"name": "b", "namespace": "other"}},
+            },
+            "serviceAccountRef.namespace is not supported",
+        ),
+        (
+            {
+                "scope": "api://x/.default",
+                "credentials": {"secretRef": {"name": "b", "namespace": "other"}},
+            },
+            "secretRef.namespace is not supported",
+        ),
         (
             {"scope": "api://x/.default", "credentials": {"secretRef": {}}},
             "spec.credentials.secretRef.name must be",

@@ -4,28 +4,27 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from m2m_token_operator.client import (
+from m2m_token_operator.credentials import CredentialsError
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.tokens import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
     Throttled,
 )
-from m2m_token_operator.credentials import CredentialsError
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
 
 ISSUED = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
 REFRESH = RefreshPolicy()
 RETRY = RetryPolicy()
 
 
-def token(seconds: float, *, refresh_in: float | None = None) -> AccessToken:
+def token(seconds: float) -> AccessToken:
     return AccessToken(
         value="t",
         token_type="Bearer",
         issued_at=ISSUED,
         expires_at=ISSUED + timedelta(seconds=seconds),
-        refresh_in=None if refresh_in is None else timedelta(seconds=refresh_in),
     )
 
 
@@ -115,19 +114,6 @@ def test_refresh_before_just_short_of_the_lifetime_is_still_clamped_to_min_inter
     hour = token(3599)
     point = REFRESH.refresh_at(hour, refresh_before=timedelta(seconds=3598), jitter_fraction=0)
     assert after_issue(point) == 60
-
-
-def test_refresh_in_from_the_endpoint_is_ignored() -> None:
-    """The contract alone decides: one third of the lifetime remaining, or refreshBefore."""
-    asked_sooner = token(86400, refresh_in=43200)
-    point = REFRESH.refresh_at(asked_sooner, refresh_before=None, jitter_fraction=0)
-    assert after_issue(point) == 57600
-    asked_later = token(3600, refresh_in=3500)
-    point = REFRESH.refresh_at(asked_later, refresh_before=None, jitter_fraction=0)
-    assert after_issue(point) == 2400
-    with_ask = token(86400, refresh_in=600)
-    point = REFRESH.refresh_at(with_ask, refresh_before=timedelta(hours=1), jitter_fraction=0)
-    assert after_issue(point) == 86400 - 3600
 
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)

@@ -2,21 +2,29 @@
 
 import base64
 import copy
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import kubernetes
+import pytest
+from pytest_httpserver import HTTPServer
+
 from m2m_token_operator.cache import CacheKey
-from m2m_token_operator.client import AccessToken
+from m2m_token_operator.kube import JsonObject, KubeApi
 from m2m_token_operator.secret_output import (
     Owner,
+    WriteOutcome,
     _differs,
     format_time,
     is_owned_by,
     merge_for_replace,
     render_secret,
     token_from_secret,
+    write_secret,
 )
+from m2m_token_operator.tokens import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 OWNER = Owner(namespace="shop", name="orders-api", uid="uid-1")
@@ -171,3 +179,64 @@ def test_parse_time_takes_a_timestamp_without_an_offset_as_utc() -> None:
         else:
             os.environ["TZ"] = saved
         time.tzset()
+
+
+# --- write_secret against a real HTTP server standing in for the API server ------------
+
+SECRETS_PATH = "/api/v1/namespaces/shop/secrets"
+
+
+@pytest.fixture
+def kube(httpserver: HTTPServer) -> Iterator[KubeApi]:
+    configuration = kubernetes.client.Configuration()
+    configuration.host = httpserver.url_for("").rstrip("/")
+    configuration.retries = 0
+    api = KubeApi(kubernetes.client.ApiClient(configuration))
+    yield api
+    api.close()
+
+
+def _live(desired: JsonObject) -> JsonObject:
+    """The Secret as the API server holds it: owned, with an older token and a version."""
+    existing: JsonObject = json.loads(json.dumps(desired))
+    existing["metadata"]["resourceVersion"] = "7"
+    existing["data"]["token"] = "b2xk"  # "old"
+    return existing
+
+
+def _desired() -> JsonObject:
+    return render_secret(
+        owner=OWNER, secret_name="orders-api-token", scope=SCOPE, token=TOKEN, seal="s"
+    )
+
+
+async def test_replace_losing_a_race_is_raced_not_unchanged(
+    httpserver: HTTPServer, kube: KubeApi
+) -> None:
+    """Defect 2 of issue 10: a 409 means our token is not in the Secret."""
+    httpserver.expect_request(f"{SECRETS_PATH}/orders-api-token", method="PUT").respond_with_json(
+        {"kind": "Status", "code": 409, "reason": "Conflict"}, status=409
+    )
+    desired = _desired()
+    outcome = await write_secret(
+        kube, desired=desired, owner_uid=OWNER.uid, existing=_live(desired)
+    )
+    assert outcome is WriteOutcome.RACED
+
+
+async def test_replace_of_a_secret_deleted_meanwhile_creates_it_again(
+    httpserver: HTTPServer, kube: KubeApi
+) -> None:
+    """Defect 6 of issue 10: a 404 on the replace is not SecretWriteFailed."""
+    httpserver.expect_request(f"{SECRETS_PATH}/orders-api-token", method="PUT").respond_with_json(
+        {"kind": "Status", "code": 404, "reason": "NotFound"}, status=404
+    )
+    desired = _desired()
+    httpserver.expect_request(SECRETS_PATH, method="POST").respond_with_json(desired, status=201)
+    outcome = await write_secret(
+        kube, desired=desired, owner_uid=OWNER.uid, existing=_live(desired)
+    )
+    assert outcome is WriteOutcome.CREATED
+    created = [request for request, _ in httpserver.log if request.method == "POST"]
+    assert len(created) == 1
+    assert json.loads(created[0].get_data())["data"] == desired["data"]

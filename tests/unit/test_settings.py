@@ -29,8 +29,14 @@ def test_defaults() -> None:
     assert settings.metrics_port == 8080
     assert settings.log_format == "json"
     assert settings.peering_priority is None
+    assert settings.federation_audience == "api://AzureADTokenExchange"
     assert settings.refresh_policy() == RefreshPolicy()
     assert settings.retry_policy() == RetryPolicy()
+
+
+def test_federation_audience() -> None:
+    settings = Settings.from_env({"M2M_FEDERATION_AUDIENCE": " api://custom-exchange "})
+    assert settings.federation_audience == "api://custom-exchange"
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from m2m_token_operator.client import AccessToken
 from m2m_token_operator.status import (
     DEGRADED,
     READY,
@@ -16,6 +15,7 @@ from m2m_token_operator.status import (
     status_changed,
     transition_events,
 )
+from m2m_token_operator.tokens import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 TOKEN = AccessToken(

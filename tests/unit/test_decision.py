@@ -1,0 +1,390 @@
+"""`decide`: one test per row of the status table in docs/api-reference.md, one per defect
+of issue 10. Pure: made-up facts, a fixed `now`, no I/O, no clock, no sleeps."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from m2m_token_operator.cache import CacheKey, CacheResult, Freshness
+from m2m_token_operator.credentials import CredentialsError
+from m2m_token_operator.decision import Facts, Outcome, decide
+from m2m_token_operator.kube import Conflict, KubeError
+from m2m_token_operator.models import TokenRequestSpec
+from m2m_token_operator.policy import RetryPolicy
+from m2m_token_operator.secret_output import WriteOutcome, format_time
+from m2m_token_operator.status import DEGRADED, READY, build_status, condition_reason
+from m2m_token_operator.tokens import (
+    AccessToken,
+    CredentialsRejected,
+    EndpointUnavailable,
+    ScopeRejected,
+    Throttled,
+    TokenEndpointError,
+)
+
+NOW = datetime(2026, 11, 29, 9, 30, tzinfo=UTC)
+SCOPE = "api://prod-gcp.orders.orders-api/.default"
+SPEC = TokenRequestSpec(
+    scope=SCOPE, secret_name="orders-api-token", refresh_before=None, credentials_secret=None
+)
+KEY = CacheKey("https://login.example/token", "client-1", SCOPE, "")
+RETRY = RetryPolicy()
+
+
+def token(value: str, *, issued: datetime, seconds: int = 3600) -> AccessToken:
+    return AccessToken(
+        value=value,
+        token_type="Bearer",
+        issued_at=issued,
+        expires_at=issued + timedelta(seconds=seconds),
+    )
+
+
+OLD = token("old-token", issued=NOW - timedelta(minutes=50))  # expires in 10 minutes
+NEW = token("new-token", issued=NOW)
+
+
+def served(
+    current: AccessToken | None,
+    *,
+    error: Exception | None = None,
+    failures: int = 0,
+    fetched: bool = True,
+) -> CacheResult:
+    refresh_at = None if current is None else current.issued_at + current.lifetime * 2 / 3
+    retry_at = NOW + timedelta(seconds=5) if error is not None else None
+    return CacheResult(
+        key=KEY,
+        token=current,
+        freshness=Freshness.NONE if current is None else Freshness.FRESH,
+        error=error,
+        failures=failures,
+        last_failure_at=NOW if error is not None else None,
+        refresh_at=refresh_at,
+        next_attempt_at=retry_at if retry_at is not None else refresh_at,
+        fetched=fetched,
+    )
+
+
+def status_with(current: AccessToken | None) -> dict[str, object]:
+    """The status a look that delivered `current` (or nothing) wrote."""
+    facts = facts_of(
+        secret_read=True,
+        cache=served(current, fetched=False) if current else None,
+        write=WriteOutcome.CREATED if current else None,
+    )
+    outcome = decide(facts, now=current.issued_at if current else NOW)
+    assert outcome.status is not None
+    return outcome.status
+
+
+def facts_of(**changes: object) -> Facts:
+    base = Facts(
+        name="orders-api",
+        generation=1,
+        previous_status={},
+        retry=RETRY,
+        jitter=0.0,
+        spec=SPEC,
+        secret_read=True,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def conditions(
+    outcome: Outcome,
+) -> tuple[tuple[str | None, str | None], tuple[str | None, str | None]]:
+    assert outcome.status is not None
+    return condition_reason(outcome.status, READY), condition_reason(outcome.status, DEGRADED)
+
+
+def reasons(outcome: Outcome) -> list[tuple[str, str]]:
+    return [(event.type, event.reason) for event in outcome.events]
+
+
+# --- the status table, row by row ---------------------------------------------------
+
+
+def test_token_issued_and_refresh_succeeded() -> None:
+    outcome = decide(
+        facts_of(cache=served(NEW), write=WriteOutcome.CREATED, secret_token=None), NOW
+    )
+    assert conditions(outcome) == (("True", "TokenIssued"), ("False", "RefreshSucceeded"))
+    assert outcome.token == NEW
+    assert outcome.status is not None
+    assert outcome.status["expiresAt"] == format_time(NEW.expires_at)
+    assert outcome.status["refreshAt"] == format_time(NOW + timedelta(seconds=2400))
+    assert reasons(outcome) == [("Normal", "TokenIssued")]
+    assert outcome.wake_at == NOW + timedelta(seconds=2400)  # the refresh point
+    assert outcome.write_status
+
+
+def test_pending_while_no_token_and_no_failure() -> None:
+    # A token born expired: nothing to write, nothing failed; the safety net wakes us.
+    outcome = decide(facts_of(cache=served(None)), NOW)
+    assert conditions(outcome) == (("False", "Pending"), ("False", "RefreshSucceeded"))
+    assert outcome.events == ()
+    assert outcome.wake_at == NOW + RETRY.maximum
+
+
+def test_invalid_spec() -> None:
+    outcome = decide(facts_of(spec=None, spec_error="spec.target.cluster is missing"), NOW)
+    assert conditions(outcome) == (("False", "InvalidSpec"), ("True", "InvalidSpec"))
+    assert outcome.status is not None
+    assert outcome.status["secretName"] == "orders-api"
+    assert reasons(outcome) == [("Warning", "InvalidSpec")]
+    assert outcome.wake_at is None  # only an edit of the spec can help
+
+
+@pytest.mark.parametrize(
+    "reason", ["CredentialsMissing", "CredentialsInvalid", "EndpointNotAllowed"]
+)
+def test_credentials_reasons_without_a_token(reason: str) -> None:
+    error = CredentialsError("what to fix", reason=reason)
+    outcome = decide(facts_of(credentials_error=error, credentials_failures=2), NOW)
+    assert conditions(outcome) == (("False", reason), ("True", reason))
+    assert outcome.credentials_failures == 3
+    assert outcome.status is not None
+    assert outcome.status["failedAttempts"] == 3
+    assert outcome.count_failures == (reason,)
+    assert outcome.wake_at == NOW + RETRY.permanent_hold  # or sooner, by the watch
+    assert reasons(outcome) == [("Warning", reason)]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        CredentialsRejected("rejected"),
+        ScopeRejected("no such scope"),
+        EndpointUnavailable("down"),
+        Throttled("slow down", retry_after=60),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_endpoint_failures_without_a_token(error: TokenEndpointError) -> None:
+    outcome = decide(facts_of(cache=served(None, error=error, failures=1)), NOW)
+    assert conditions(outcome) == (("False", error.reason), ("True", error.reason))
+    assert outcome.token is None
+    assert outcome.count_failures == (error.reason,)
+    assert outcome.wake_at == NOW + timedelta(seconds=5)  # the cache's next attempt
+    assert any("token request failed" in message for _, message in outcome.log)
+
+
+def test_a_failing_refresh_keeps_ready_while_the_token_is_valid() -> None:
+    previous = status_with(OLD)
+    outcome = decide(
+        facts_of(
+            previous_status=previous,
+            secret_token=OLD,
+            cache=served(OLD, error=EndpointUnavailable("down"), failures=1),
+            write=WriteOutcome.UNCHANGED,
+        ),
+        NOW,
+    )
+    assert conditions(outcome) == (("True", "TokenIssued"), ("True", "EndpointUnavailable"))
+    assert outcome.status is not None
+    assert outcome.status["refreshAt"] == format_time(NOW + timedelta(seconds=5))
+    assert reasons(outcome) == [("Warning", "EndpointUnavailable")]
+
+
+def test_secret_conflict() -> None:
+    outcome = decide(facts_of(secret_foreign=True), NOW)
+    assert conditions(outcome) == (("False", "SecretConflict"), ("True", "SecretConflict"))
+    assert outcome.wake_at == NOW + RETRY.maximum
+    assert outcome.count_failures == ()  # no attempt was made
+
+
+def test_secret_created_by_someone_else_during_the_look_is_a_conflict() -> None:
+    outcome = decide(facts_of(cache=served(NEW), write=WriteOutcome.CONFLICT), NOW)
+    assert conditions(outcome) == (("False", "SecretConflict"), ("True", "SecretConflict"))
+    assert outcome.token is None
+
+
+def test_secret_write_failed() -> None:
+    error = KubeError(action="create Secret shop/orders-api-token", status=403, reason="Forbidden")
+    outcome = decide(facts_of(cache=served(NEW), api_error=error, api_failures=1), NOW)
+    # The token was fetched in this look: that is told, whatever happened after.
+    assert any("token obtained" in message for _, message in outcome.log)
+    assert conditions(outcome) == (("False", "SecretWriteFailed"), ("True", "SecretWriteFailed"))
+    assert outcome.status is not None
+    assert "HTTP 403" in str(outcome.status["conditions"][1]["message"])
+    assert outcome.api_failures == 2
+    assert outcome.wake_at is not None
+    # The second API failure in a row: 10 s of backoff with jitter 0 (-25 %).
+    assert outcome.wake_at == NOW + timedelta(seconds=7.5)
+
+
+def test_kubernetes_api_error_keeps_the_token_in_the_secret() -> None:
+    error = KubeError(action="read Secret shop/azure", status=500, reason="Internal Server Error")
+    outcome = decide(
+        facts_of(previous_status=status_with(OLD), secret_token=OLD, api_error=error), NOW
+    )
+    assert conditions(outcome) == (("True", "TokenIssued"), ("True", "KubernetesAPIError"))
+    assert outcome.token == OLD
+
+
+def test_an_unreadable_secret_assumes_what_was_last_served() -> None:
+    error = KubeError(action="read Secret shop/orders-api-token", status=None, reason="Timeout")
+    outcome = decide(facts_of(secret_read=False, remembered_token=OLD, api_error=error), NOW)
+    assert outcome.token == OLD
+    assert outcome.wake_at is not None
+    assert outcome.wake_at <= OLD.expires_at
+
+
+# --- the events -------------------------------------------------------------------------
+
+
+def test_token_refreshed_event_when_a_new_token_replaced_the_old_one() -> None:
+    outcome = decide(
+        facts_of(
+            previous_status=status_with(OLD),
+            secret_token=OLD,
+            cache=served(NEW),
+            write=WriteOutcome.UPDATED,
+        ),
+        NOW,
+    )
+    assert reasons(outcome) == [("Normal", "TokenRefreshed")]
+
+
+def test_secret_restored_event_when_the_same_token_was_written_again() -> None:
+    previous = status_with(NEW)
+    outcome = decide(
+        facts_of(
+            previous_status=previous, cache=served(NEW, fetched=False), write=WriteOutcome.CREATED
+        ),
+        NOW,
+    )
+    assert reasons(outcome) == [("Normal", "SecretRestored")]
+    assert outcome.secret_restored
+    assert not outcome.write_status  # nothing in the status changed
+
+
+def test_token_expired_event_when_the_last_token_runs_out_under_a_reported_failure() -> None:
+    failing = facts_of(
+        previous_status=status_with(OLD),
+        secret_token=OLD,
+        cache=served(OLD, error=EndpointUnavailable("down"), failures=1),
+        write=WriteOutcome.UNCHANGED,
+    )
+    degraded = decide(failing, NOW)
+    assert degraded.status is not None
+    later = OLD.expires_at + timedelta(seconds=1)
+    expired = decide(
+        dataclasses.replace(
+            failing,
+            previous_status=degraded.status,
+            secret_token=None,
+            cache=served(None, error=EndpointUnavailable("down"), failures=2),
+            write=None,
+        ),
+        later,
+    )
+    assert conditions(expired)[0] == ("False", "EndpointUnavailable")
+    assert reasons(expired) == [("Warning", "TokenExpired")]
+
+
+def test_an_unchanged_world_writes_nothing() -> None:
+    facts = facts_of(cache=served(NEW, fetched=False), write=WriteOutcome.CREATED)
+    first = decide(facts, NOW)
+    assert first.status is not None
+    again = decide(
+        dataclasses.replace(facts, previous_status=first.status, write=WriteOutcome.UNCHANGED),
+        NOW + timedelta(minutes=1),
+    )
+    assert not again.write_status
+    assert again.events == ()
+
+
+# --- the defects of issue 10 ----------------------------------------------------------
+
+
+def test_defect_1_credentials_failure_after_a_restart_keeps_ready_with_the_secret_token() -> None:
+    """After a restart the cache is empty: the token comes from the Secret as read."""
+    error = CredentialsError("Secret shop/azure not found", reason="CredentialsMissing")
+    outcome = decide(
+        facts_of(
+            previous_status=status_with(OLD),
+            secret_token=OLD,
+            remembered_token=None,  # nothing in the cache yet
+            credentials_error=error,
+        ),
+        NOW,
+    )
+    assert conditions(outcome) == (("True", "TokenIssued"), ("True", "CredentialsMissing"))
+    assert outcome.token == OLD
+    assert outcome.wake_at == min(NOW + RETRY.permanent_hold, OLD.expires_at)
+    assert reasons(outcome) == [("Warning", "CredentialsMissing")]
+
+
+def test_defect_2_a_lost_replace_race_is_not_a_delivery() -> None:
+    previous = status_with(OLD)
+    outcome = decide(
+        facts_of(
+            previous_status=previous,
+            secret_token=OLD,
+            cache=served(NEW),
+            write=WriteOutcome.RACED,
+        ),
+        NOW,
+    )
+    assert outcome.token == OLD
+    assert outcome.status is not None
+    assert outcome.status["expiresAt"] == previous["expiresAt"]
+    assert all(event.reason != "TokenRefreshed" for event in outcome.events)
+    assert outcome.wake_at is not None
+    assert outcome.wake_at <= NOW + RETRY.initial * 1.25  # soon, not at the new refresh point
+
+
+def test_defect_3_a_token_request_being_deleted_is_not_served() -> None:
+    outcome = decide(facts_of(deleting=True, cache=served(NEW), secret_token=OLD), NOW)
+    assert not outcome.serve
+    assert outcome.status is None
+    assert outcome.events == ()
+    assert outcome.wake_at is None
+
+
+def test_defect_6_a_secret_created_again_after_a_404_on_replace_is_delivered() -> None:
+    outcome = decide(
+        facts_of(
+            previous_status=status_with(OLD),
+            secret_token=OLD,
+            cache=served(NEW),
+            write=WriteOutcome.CREATED,
+        ),
+        NOW,
+    )
+    assert conditions(outcome) == (("True", "TokenIssued"), ("False", "RefreshSucceeded"))
+    assert reasons(outcome) == [("Normal", "TokenRefreshed")]
+
+
+def test_an_expired_token_is_never_reported() -> None:
+    expired = token("gone", issued=NOW - timedelta(hours=2))
+    outcome = decide(
+        facts_of(
+            secret_token=expired,
+            credentials_error=CredentialsError("x", reason="CredentialsMissing"),
+        ),
+        NOW,
+    )
+    assert outcome.token is None
+
+
+def test_status_agrees_with_build_status() -> None:
+    """The status in the outcome is exactly status.build_status of its observation."""
+    outcome = decide(facts_of(cache=served(NEW), write=WriteOutcome.CREATED), NOW)
+    assert outcome.observation is not None
+    assert outcome.status == build_status(outcome.observation, {})
+
+
+def test_a_conflict_error_type_is_a_kube_error() -> None:
+    # Conflict from the status write is re-decided as an API failure like any other.
+    error = Conflict(
+        action="patch TokenRequest shop/orders-api status", status=409, reason="Conflict"
+    )
+    outcome = decide(facts_of(cache=served(NEW), write=WriteOutcome.CREATED, api_error=error), NOW)
+    assert conditions(outcome)[1] == ("True", "KubernetesAPIError")
+    assert reasons(outcome) == [("Normal", "TokenIssued"), ("Warning", "KubernetesAPIError")]
