@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -40,12 +41,14 @@ from devenv.binaries import Binaries, ensure_binaries
 from devenv.process import ManagedProcess, StartStop
 
 __all__ = [
+    "SERVICE_ACCOUNT_ISSUER",
     "Cluster",
     "ControlPlane",
     "ControlPlaneError",
     "ExistingCluster",
     "new_api_client",
     "request_service_account_token",
+    "service_account_jwks",
     "write_token_kubeconfig",
 ]
 
@@ -209,6 +212,26 @@ def request_service_account_token(
     if response.status is None or not response.status.token:
         raise ControlPlaneError(f"TokenRequest for {namespace}/{name} returned no token")
     return str(response.status.token)
+
+
+def service_account_jwks(api_client: k8s.ApiClient) -> dict[str, Any]:
+    """The keys that sign this cluster's ServiceAccount tokens (`/openid/v1/jwks`).
+
+    What a relying party such as Entra ID fetches (via the issuer's discovery
+    document) to verify a federated ServiceAccount token; read here as the client
+    given, since the endpoint is not open to anonymous users by default.
+    """
+    method, url, headers, body, post_params = api_client.param_serialize(
+        "GET",
+        "/openid/v1/jwks",
+        header_params={"Accept": "application/jwk-set+json"},
+        auth_settings=["BearerToken"],
+    )
+    response = api_client.call_api(method, url, headers, body, post_params, _request_timeout=10)
+    if response.status != 200:
+        raise ControlPlaneError(f"GET /openid/v1/jwks answered HTTP {response.status}")
+    jwks: dict[str, Any] = json.loads(response.read())  # type: ignore[no-untyped-call]
+    return jwks
 
 
 def write_token_kubeconfig(api_client: k8s.ApiClient, token: str, path: Path) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import json
 import secrets
 import shutil
 import signal
@@ -36,7 +37,12 @@ from kubernetes import client as k8s
 
 from devenv.binaries import BuildError, ensure_binaries
 from devenv.cache import cache_dir
-from devenv.controlplane import ControlPlane, ControlPlaneError
+from devenv.controlplane import (
+    SERVICE_ACCOUNT_ISSUER,
+    ControlPlane,
+    ControlPlaneError,
+    service_account_jwks,
+)
 from devenv.install import (
     EXAMPLES_DIR,
     OPERATOR_NAMESPACE,
@@ -46,18 +52,28 @@ from devenv.install import (
     install_operator,
     read_documents,
 )
+from devenv.jwk import new_application_jwk
 from devenv.operatorprocess import Identity, OperatorError, OperatorProcess
+from devenv.tokenfront import JwksSource
 from devenv.tokenserver import TokenServer, TokenServerError, ensure_classpath, jwt_claims
 
 CLUSTER_NAME = "local"
 OPERATOR_CLIENT_ID = "m2m-demo-operator"
+DEMO_NAMESPACE = "demo"
 # The examples' TokenRequests, in the order they are applied; all in namespace `demo`.
 EXAMPLE_FILES = (
     "tokenrequest-target.yaml",
     "tokenrequest-scope.yaml",
     "credentials-secret.yaml",
     "tokenrequest-credentials.yaml",
+    "credentials-secret-jwk.yaml",
+    "tokenrequest-private-key-jwt.yaml",
+    "federation-rolebinding.yaml",
 )
+# The application of the federation example: its own client id in the demo.
+FEDERATED_CLIENT_ID = "33333333-3333-3333-3333-333333333333"
+# Who may use the operator's own identity: only the demo namespace.
+OPERATOR_IDENTITY_SELECTOR = f"kubernetes.io/metadata.name in ({DEMO_NAMESPACE})"
 CLAIMS_SHOWN = ("aud", "iss", "sub", "iat", "exp")
 READY_TIMEOUT = 60.0
 GROUP, VERSION, PLURAL = "m2m.dev", "v1alpha1", "tokenrequests"
@@ -110,17 +126,43 @@ def _when(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _example_objects(token_server: TokenServer) -> list[dict[str, Any]]:
-    """The examples as shipped, except that the credentials Secret gets a local endpoint."""
+def _example_objects(
+    token_server: TokenServer, service_account_jwks: JwksSource
+) -> list[dict[str, Any]]:
+    """The examples as shipped, pointed at the local token endpoint, with real key material.
+
+    The JWK Secret gets a freshly generated private key whose public half the local
+    endpoint verifies assertions with; the ServiceAccount gets the local endpoint and
+    its own client id, which the endpoint trusts for this cluster's ServiceAccount
+    tokens (verified against the API server's JWKS), as Entra ID trusts a federated
+    credential.
+    """
     objects: list[dict[str, Any]] = []
     for file_name in EXAMPLE_FILES:
         for document in read_documents(EXAMPLES_DIR / file_name):
+            metadata = document["metadata"]
             if document["kind"] == "Secret":
                 data = document.setdefault("stringData", {})
                 data["AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"] = token_server.token_endpoint()
-                # The example's placeholder would work too (any non-empty secret
-                # does here); a random one shows that it never surfaces anywhere.
-                data["AZURE_APP_CLIENT_SECRET"] = secrets.token_urlsafe(24)
+                if "AZURE_APP_JWK" in data:
+                    private, public = new_application_jwk("shop-frontend")
+                    data["AZURE_APP_JWK"] = json.dumps(private)
+                    token_server.register_jwk(data["AZURE_APP_CLIENT_ID"], public)
+                else:
+                    # The example's placeholder would work too (any non-empty secret
+                    # does here); a random one shows that it never surfaces anywhere.
+                    data["AZURE_APP_CLIENT_SECRET"] = secrets.token_urlsafe(24)
+            elif document["kind"] == "ServiceAccount":
+                annotations = metadata.setdefault("annotations", {})
+                annotations["azure.workload.identity/client-id"] = FEDERATED_CLIENT_ID
+                annotations["m2m.dev/token-endpoint"] = token_server.token_endpoint()
+                subject = f"system:serviceaccount:{metadata['namespace']}:{metadata['name']}"
+                token_server.register_federated(
+                    FEDERATED_CLIENT_ID,
+                    subject,
+                    issuer=SERVICE_ACCOUNT_ISSUER,
+                    jwks=service_account_jwks,
+                )
             objects.append(document)
     return objects
 
@@ -264,6 +306,9 @@ def run(*, exit_after_showing: bool, work_dir: Path) -> int:
                 # The local token server speaks http on 127.0.0.1: allowed here only.
                 "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS": "true",
                 "M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS": f"127.0.0.1:{token_server.port}",
+                # The examples without spec.credentials use the operator's own identity:
+                # an administrator's grant, here to the demo namespace only.
+                "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": OPERATOR_IDENTITY_SELECTOR,
             },
         )
         with console.step("Starting the operator as its ServiceAccount"):
@@ -273,11 +318,20 @@ def run(*, exit_after_showing: bool, work_dir: Path) -> int:
                 f"pid {operator.pid}, M2M_CLUSTER_NAME={CLUSTER_NAME}, all namespaces;"
                 f" log: {operator.log_file}"
             )
+            console.note(
+                "its own identity only for namespaces matching"
+                f" M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR={OPERATOR_IDENTITY_SELECTOR!r}"
+            )
 
         with console.step("Applying examples/ and waiting until the TokenRequests are Ready"):
             core = k8s.CoreV1Api(api)
-            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name="demo")))
-            objects = _example_objects(token_server)
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=DEMO_NAMESPACE)))
+
+            def jwks() -> dict[str, Any]:
+                with cluster.api_client() as jwks_api:
+                    return service_account_jwks(jwks_api)
+
+            objects = _example_objects(token_server, jwks)
             apply_objects(api, objects)
             token_requests = []
             for manifest in objects:

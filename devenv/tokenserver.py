@@ -6,6 +6,12 @@ client, signs a JWT and answers in the OAuth 2.0 shape, errors included.
 mock-oauth2-server does that for any issuer path, with a per-issuer token
 lifetime that lets a refresh test see a token expire in seconds.
 
+It runs behind `devenv.tokenfront.VerifyingFront`, which verifies client
+assertions (private_key_jwt, workload identity federation) as Entra ID does and
+passes everything else through: `base_url`, `port` and `token_endpoint()` are
+the front's. Register clients with `register_jwk`, `register_federated` and
+`register_secret`; `front.requests` records every token request it saw.
+
 Its jars come from Maven Central through Maven (the only way to get them here)
 and are cached under `<cache>/mock-oauth2-server/<version>/`.
 
@@ -41,6 +47,7 @@ import requests
 
 from devenv.cache import cache_dir, fill_once
 from devenv.process import ManagedProcess, StartStop
+from devenv.tokenfront import FEDERATION_AUDIENCE, JwksSource, VerifyingFront
 
 __all__ = [
     "DEFAULT_ISSUER",
@@ -231,12 +238,55 @@ class TokenServer(StartStop):
         self.version = version
         self.startup_timeout = startup_timeout
         self.log_dir = log_dir
-        self.port = 0
+        self.port = 0  # the verifying front's, which clients talk to
+        self.upstream_port = 0  # mock-oauth2-server's own
         self._process: ManagedProcess | None = None
+        self._front: VerifyingFront | None = None
+        self._issuer: tuple[str, JwksSource] | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def front(self) -> VerifyingFront:
+        if self._front is None:
+            raise TokenServerError("token server not started")
+        return self._front
+
+    def register_jwk(self, client_id: str, public_jwk: Mapping[str, Any]) -> None:
+        """`client_id` authenticates with private_key_jwt, verified with this public JWK."""
+        self.front.register_jwk(client_id, public_jwk)
+
+    def trust_issuer(self, issuer: str, jwks: JwksSource) -> None:
+        """The default issuer of `register_federated`: e.g. the cluster's ServiceAccounts."""
+        self._issuer = (issuer, jwks)
+
+    def register_federated(
+        self,
+        client_id: str,
+        subject: str,
+        *,
+        issuer: str | None = None,
+        jwks: JwksSource | None = None,
+        audience: str = FEDERATION_AUDIENCE,
+    ) -> None:
+        """`client_id` trusts tokens of `issuer` (keys from `jwks()`) for `subject`.
+
+        Without `issuer`/`jwks`, those of `trust_issuer` (the e2e fixture `federation`
+        sets the control plane's): subject `system:serviceaccount:<namespace>:<name>`.
+        """
+        if issuer is None or jwks is None:
+            if self._issuer is None:
+                raise TokenServerError("register_federated needs an issuer: call trust_issuer")
+            issuer, jwks = issuer or self._issuer[0], jwks or self._issuer[1]
+        self.front.register_federated(
+            client_id, subject=subject, issuer=issuer, jwks=jwks, audience=audience
+        )
+
+    def register_secret(self, client_id: str, secret: str) -> None:
+        """Only `secret` authenticates `client_id` (a wrong one: AADSTS7000215)."""
+        self.front.register_secret(client_id, secret)
 
     def issuer_url(self, issuer: str = DEFAULT_ISSUER) -> str:
         return f"{self.base_url}/{issuer}"
@@ -278,11 +328,11 @@ class TokenServer(StartStop):
         # A free port can be taken by someone else before the JVM binds it; try again then.
         last_error = ""
         for _attempt in range(3):
-            self.port = _free_port()
+            self.upstream_port = _free_port()
             env = dict(os.environ)
             env.update(
                 SERVER_HOSTNAME="127.0.0.1",
-                SERVER_PORT=str(self.port),
+                SERVER_PORT=str(self.upstream_port),
                 JSON_CONFIG=json.dumps(server_config(self.token_expiry)),
             )
             env.pop("JSON_CONFIG_PATH", None)
@@ -296,6 +346,10 @@ class TokenServer(StartStop):
             self._process = process
             ready, last_error = self._wait_ready(process)
             if ready:
+                front = VerifyingFront(f"http://127.0.0.1:{self.upstream_port}")
+                front.start()
+                self._front = front
+                self.port = front.port
                 return
             process.stop()
             self._process = None
@@ -308,7 +362,7 @@ class TokenServer(StartStop):
         return None
 
     def _wait_ready(self, process: ManagedProcess) -> tuple[bool, str]:
-        url = f"{self.issuer_url()}/.well-known/openid-configuration"
+        url = f"http://127.0.0.1:{self.upstream_port}/{DEFAULT_ISSUER}/.well-known/openid-configuration"
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             code = process.exit_code()
@@ -323,6 +377,9 @@ class TokenServer(StartStop):
         return False, f"no answer within {self.startup_timeout}s:\n{process.output_tail()}"
 
     def stop(self) -> None:
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
         if self._process is not None:
             self._process.stop()
             self._process = None

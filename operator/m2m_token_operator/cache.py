@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
-import hmac
 import logging
 import random as _random
 from collections.abc import Callable
@@ -80,29 +79,6 @@ class CacheKey:
         return cls(
             credentials.token_endpoint, credentials.client_id, scope, credentials.fingerprint()
         )
-
-    def seal(self, client_secret: str, token: AccessToken) -> str:
-        """An HMAC, keyed by the identity's client secret, binding `token` to this key.
-
-        Written beside the token in its Secret. A restarted operator seeds the cache from
-        a Secret only when the seal verifies: the Secret lives in a tenant's namespace and
-        anyone who may edit it could otherwise plant a token in an entry (the operator's
-        own identity) that other namespaces share. It also fails for another identity.
-        """
-        message = "\n".join(
-            (
-                # Not the fingerprint: its key is per process, and a restarted operator
-                # must verify the seals it wrote before.
-                self.token_endpoint,
-                self.client_id,
-                self.scope,
-                token.value,
-                token.token_type,
-                str(int(token.issued_at.timestamp())),
-                str(int(token.expires_at.timestamp())),
-            )
-        )
-        return hmac.new(client_secret.encode(), message.encode(), hashlib.sha256).hexdigest()
 
     def __str__(self) -> str:
         # A prefix of the fingerprint tells keys apart in logs; it reveals nothing.

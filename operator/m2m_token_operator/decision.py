@@ -20,10 +20,11 @@ so every row of the status table is a unit test that runs in microseconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from m2m_token_operator.cache import CacheResult
@@ -31,16 +32,19 @@ from m2m_token_operator.credentials import CredentialsError
 from m2m_token_operator.kube import JsonObject, KubeError
 from m2m_token_operator.models import TokenRequestSpec
 from m2m_token_operator.policy import RetryPolicy
-from m2m_token_operator.secret_output import WriteOutcome
+from m2m_token_operator.secret_output import WriteOutcome, format_time, parse_time
 from m2m_token_operator.status import (
+    DEGRADED,
     INVALID_SPEC,
     KUBERNETES_API_ERROR,
+    OPERATOR_IDENTITY_NOT_ALLOWED,
     SECRET_CONFLICT,
     SECRET_WRITE_FAILED,
     EventSpec,
     Failure,
     Observation,
     build_status,
+    condition_reason,
     status_changed,
     transition_events,
 )
@@ -48,6 +52,9 @@ from m2m_token_operator.tokens import AccessToken, TokenEndpointError
 
 # The write outcomes after which the Secret holds the token the cache served.
 _DELIVERED = (WriteOutcome.CREATED, WriteOutcome.UPDATED, WriteOutcome.UNCHANGED)
+# While the list of namespaces granted the operator's identity has not arrived: a safety
+# net only, since its arrival wakes every TokenRequest that waits for it.
+OPERATOR_IDENTITY_PENDING_RETRY = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,10 @@ class Facts:
     remembered_token: AccessToken | None = None
     credentials_error: CredentialsError | None = None
     credentials_failures: int = 0  # consecutive, before this look
+    # The operator's own identity: not known yet whether this namespace may use it (the
+    # namespace list has not arrived), or why it may not (no token request is sent).
+    operator_identity_pending: bool = False
+    operator_identity_denied: str | None = None
     cache: CacheResult | None = None
     write: WriteOutcome | None = None  # None: nothing was written (no token to write)
     api_error: KubeError | None = None  # the Kubernetes API call that ended the look
@@ -157,10 +168,38 @@ def _retry_soon(facts: Facts, now: datetime) -> datetime:
     return now + facts.retry.backoff(failures=facts.api_failures + 1, jitter_fraction=facts.jitter)
 
 
+def _operator_identity_denied(
+    facts: Facts, token: AccessToken | None, secret_name: str, now: datetime
+) -> tuple[Failure, datetime, bool]:
+    """The failure, its time (that of the first look that found the grant missing, so a
+    restart writes nothing), and whether this look is that first one."""
+    message = facts.operator_identity_denied or ""
+    if token is not None:
+        message += (
+            f". The token in Secret {secret_name} stays until it expires at"
+            f" {format_time(token.expires_at)}; no new token is fetched"
+        )
+    _, previous_reason = condition_reason(facts.previous_status, DEGRADED)
+    previous_time = facts.previous_status.get("lastFailureTime")
+    failed_at, first = now, True
+    if previous_reason == OPERATOR_IDENTITY_NOT_ALLOWED and previous_time:
+        with contextlib.suppress(ValueError):
+            failed_at, first = parse_time(str(previous_time)), False
+    return Failure(OPERATOR_IDENTITY_NOT_ALLOWED, message), failed_at, first
+
+
 def decide(facts: Facts, now: datetime) -> Outcome:
     """The outcome of one look: pure, total, and the only place that picks the token."""
     if facts.deleting:
         return Outcome(serve=False, log=((logging.INFO, "being deleted: no longer served"),))
+    if facts.operator_identity_pending:
+        # Never "not allowed" for a namespace merely not heard of yet: nothing is said.
+        return Outcome(
+            serve=True,
+            credentials_failures=facts.credentials_failures,
+            api_failures=facts.api_failures,
+            wake_at=now + OPERATOR_IDENTITY_PENDING_RETRY,
+        )
     spec = facts.spec
     secret_name = spec.secret_name if spec else facts.name
     token, delivered = _token_in_secret(facts, now)
@@ -214,6 +253,21 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         # Secret arrives through the watch and brings this TokenRequest back).
         failure = conflict_failure(secret_name)
         wake.append(now + facts.retry.maximum)
+    elif facts.operator_identity_denied is not None:
+        failure, failed_at, first = _operator_identity_denied(facts, token, secret_name, now)
+        failed_attempts = 1
+        if first:
+            count_failures.append(failure.reason)
+            log.append(
+                (
+                    logging.WARNING,
+                    f"not served: reason={failure.reason} (the namespace does not match the"
+                    " operator identity namespace selector)",
+                )
+            )
+        else:
+            log.append((logging.DEBUG, f"still not served: reason={failure.reason}"))
+        # A label change wakes it (the namespace watch); the token's expiry is added below.
     elif facts.credentials_error is not None:
         error = facts.credentials_error
         failure = failure_from(error)

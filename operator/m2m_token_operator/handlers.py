@@ -19,17 +19,20 @@ from datetime import timedelta
 from typing import Any
 
 import kopf
+import kubernetes
 
-from m2m_token_operator import metrics, redaction, refresh
+from m2m_token_operator import metrics, redaction, refresh, seal
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
-from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, load_api_client
+from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, KubeError, load_api_client
+from m2m_token_operator.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.peering import PeeringConfig, PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.secret_output import MANAGED_BY_LABEL, MANAGED_BY_VALUE
 from m2m_token_operator.settings import Settings
 from m2m_token_operator.tokens import utc_now
+from m2m_token_operator.watch import LabelSelectedWatch
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +107,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
         await previous.close()  # a failed earlier attempt leaves nothing running
     runtime = memo["runtime"] = Runtime()
     try:
-        _start(settings, memo, runtime)
+        await _start(settings, memo, runtime)
     except BaseException:
         await runtime.close()
         raise
 
 
-def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -> None:
+async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -> None:
     redaction.install()
     config = Settings.from_env()
     # Only watch-event handlers are registered, so Kopf stores no state on the objects;
@@ -122,7 +125,9 @@ def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -
     settings.posting.enabled = False  # our events are posted by the reconciler, one per change
     settings.peering.priority = peering_priority(config)
 
-    kube = runtime.closing(KubeApi(load_api_client()), lambda: kube.close(), name="kube")
+    api_client = load_api_client()
+    kube = runtime.closing(KubeApi(api_client), lambda: kube.close(), name="kube")
+    seal_key = await _seal_key(kube, config)
     token_client = runtime.closing(
         TokenClient(connect_timeout=config.connect_timeout, read_timeout=config.read_timeout),
         lambda: token_client.close(),
@@ -139,9 +144,34 @@ def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -
         lambda: cache.close(),
         name="token cache",
     )
-    reconciler = TokenRequestReconciler(settings=config, kube=kube, cache=cache, clock=utc_now)
+    identity_namespaces = OperatorIdentityNamespaces(config.operator_identity_namespace_selector)
+    reconciler = TokenRequestReconciler(
+        settings=config,
+        kube=kube,
+        cache=cache,
+        clock=utc_now,
+        seal_key=seal_key,
+        identity_namespaces=identity_namespaces,
+    )
     memo["kube"] = kube
     memo["reconciler"] = reconciler
+    if identity_namespaces.selector is not None:
+        identity_namespaces.set_on_change(reconciler.namespace_allowed_changed)
+        watch = LabelSelectedWatch(
+            name="operator identity namespaces",
+            lister=kubernetes.client.CoreV1Api(api_client).list_namespace,
+            label_selector=identity_namespaces.selector,
+            on_event=identity_namespaces.on_event,
+        )
+        identity_namespaces.set_synced_check(watch.synced.is_set)
+        memo["namespaces_task"] = runtime.start(
+            _watch_namespaces(watch, reconciler), name="m2m-namespaces-watch"
+        )
+    else:
+        logger.info(
+            "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR is not set: no namespace may use the"
+            " operator's own identity"
+        )
     # The peering read has its own client and thread, with a short time-out: looks that
     # queue on a slow API server must not keep the gate (and the scheduler loop behind
     # it, which liveness watches) waiting.
@@ -160,6 +190,40 @@ def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -
     server = metrics.serve(config.metrics_port)
     if server is not None:
         runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
+
+
+async def _watch_namespaces(watch: LabelSelectedWatch, reconciler: TokenRequestReconciler) -> None:
+    """Run the Namespace watch; once its first list is in, TokenRequests waiting for it go on."""
+
+    async def wake_when_synced() -> None:
+        await watch.synced.wait()
+        reconciler.namespace_allowed_changed(None)
+
+    waker = asyncio.create_task(wake_when_synced(), name="m2m-namespaces-synced")
+    try:
+        await watch.run()
+    finally:
+        waker.cancel()
+
+
+async def _seal_key(kube: KubeApi, config: Settings) -> seal.SealKey:
+    """The restart seal's key, read or created once; an API failure is retried by Kopf."""
+    namespace, name = config.seal_key_secret
+    try:
+        return await seal.load_or_create(kube, namespace=namespace, name=name)
+    except KubeError as error:
+        hint = ""
+        if error.status == 403:
+            hint = (
+                f"; grant get (resourceNames: [{name}]) and create on secrets in {namespace}"
+                " (the Role m2m-token-operator-seal-key in manifests/rbac.yaml)"
+            )
+        raise kopf.TemporaryError(
+            f"Cannot read or create the seal key Secret {namespace}/{name}: {error}{hint}",
+            delay=10,
+        ) from None
+    except seal.SealKeyError as error:
+        raise kopf.PermanentError(str(error)) from None
 
 
 @kopf.on.cleanup()

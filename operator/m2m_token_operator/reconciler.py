@@ -38,10 +38,13 @@ from m2m_token_operator.credentials import (
 from m2m_token_operator.decision import Facts, Outcome, decide
 from m2m_token_operator.federation import federated_identity
 from m2m_token_operator.kube import KubeApi, KubeError
+from m2m_token_operator.models import TokenRequestSpec
+from m2m_token_operator.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.policy import RetryPolicy
 from m2m_token_operator.redaction import REDACTOR
 from m2m_token_operator.registry import ObjectRef, Registry, Subscription
 from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.seal import SealKey
 from m2m_token_operator.secret_output import (
     WriteOutcome,
     delete_other_owned_secrets,
@@ -66,6 +69,10 @@ class _Superseded(Exception):
     """The object was deleted or replaced during the look: its facts speak for nobody."""
 
 
+def _uses_operator_identity(spec: TokenRequestSpec) -> bool:
+    return spec.credentials_secret is None and spec.credentials_service_account is None
+
+
 class TokenRequestReconciler:
     def __init__(
         self,
@@ -74,6 +81,8 @@ class TokenRequestReconciler:
         kube: KubeApi,
         cache: TokenCache,
         clock: Callable[[], datetime],
+        seal_key: SealKey,
+        identity_namespaces: OperatorIdentityNamespaces,
         environ: Mapping[str, str] | None = None,
         random: Callable[[], float] = _random.random,
     ) -> None:
@@ -81,6 +90,8 @@ class TokenRequestReconciler:
         self._kube = kube
         self._cache = cache
         self._clock = clock
+        self._seal_key = seal_key
+        self._identity_namespaces = identity_namespaces
         self._environ = environ
         self._random = random
         self._retry: RetryPolicy = settings.retry_policy()
@@ -151,6 +162,19 @@ class TokenRequestReconciler:
                 continue
             if deleted or self._secret_drifted(subscription, secret):
                 self.scheduler.schedule(named_by, self._clock())
+
+    def namespace_allowed_changed(self, namespace: str | None) -> None:
+        """The namespace gained or lost the operator's identity: look at its users now.
+
+        None: every namespace (the first list of granted namespaces has arrived).
+        """
+        now = self._clock()
+        for subscription in self.registry:
+            spec = subscription.spec
+            if namespace not in (None, subscription.namespace):
+                continue
+            if spec is not None and _uses_operator_identity(spec):
+                self.scheduler.schedule(subscription.ref, now)
 
     def refresh_requested(self, namespace: str, name: str, value: str) -> None:
         """A new m2m.dev/refresh value: fetch a new token at the next look, which is now."""
@@ -277,6 +301,12 @@ class TokenRequestReconciler:
         facts = self._facts(subscription)
         if spec is None or subscription.deleting:
             return facts
+        allowed = True
+        if _uses_operator_identity(spec):
+            allowed_here = self._identity_namespaces.allowed(subscription.namespace)
+            if allowed_here is None:
+                return dataclasses.replace(facts, operator_identity_pending=True)
+            allowed = allowed_here
         try:
             # Read once per look: for the conflict check, the token it holds, the seeding
             # and the write.
@@ -289,6 +319,13 @@ class TokenRequestReconciler:
             )
             if facts.secret_foreign:
                 return facts  # nothing could be delivered: no token is fetched for it
+            if not allowed:
+                # No token request as the operator's identity here; the token in the Secret
+                # serves until it expires. Out of the shared entry: its refreshes are not
+                # for this namespace any more.
+                self.registry.drop_key(subscription)
+                denial = self._identity_namespaces.denial_message(subscription.namespace)
+                return dataclasses.replace(facts, operator_identity_denied=denial)
             try:
                 credentials = await self._credentials(subscription)
             except CredentialsError as error:
@@ -437,7 +474,7 @@ class TokenRequestReconciler:
 
     def _seal(self, key: CacheKey, credentials: ClientCredentials, token: AccessToken) -> str:
         """The restart seal written beside a token, and the one it is checked against."""
-        return key.seal(credentials.seal_secret, token)
+        return self._seal_key.seal(key, credentials, token)
 
     def _token_in(
         self, subscription: Subscription, secret: Mapping[str, Any] | None

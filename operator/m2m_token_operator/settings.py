@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,7 +27,17 @@ from m2m_token_operator.credentials import (
     parse_host_entry,
 )
 from m2m_token_operator.models import SpecError, resolve_scope
+from m2m_token_operator.namespaces import SELECTOR_SETTING, SelectorError, validate_selector
 from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.seal import (
+    DEFAULT_NAMESPACE as DEFAULT_SEAL_NAMESPACE,
+)
+from m2m_token_operator.seal import (
+    DEFAULT_SECRET_NAME as DEFAULT_SEAL_SECRET_NAME,
+)
+from m2m_token_operator.seal import (
+    IN_CLUSTER_NAMESPACE_FILE,
+)
 
 MICROSOFT_LOGIN_HOST = "login.microsoftonline.com"
 LOG_FORMATS = ("json", "text")
@@ -61,6 +72,10 @@ class Settings:
     peering_priority: int | None = None  # None: derived from the host name (see handlers)
     # The audience of the ServiceAccount tokens minted for workload identity federation.
     federation_audience: str = "api://AzureADTokenExchange"
+    # None: no namespace may use the operator's own identity (see namespaces.py).
+    operator_identity_namespace_selector: str | None = None
+    # (namespace, name) of the Secret holding the restart seal's HMAC key (see seal.py).
+    seal_key_secret: tuple[str, str] = (DEFAULT_SEAL_NAMESPACE, DEFAULT_SEAL_SECRET_NAME)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -111,6 +126,18 @@ class Settings:
                 env, credentials_dir
             )
 
+        selector = reader.text(SELECTOR_SETTING) or None
+        if selector is not None:
+            try:
+                validate_selector(selector)
+            except SelectorError as error:
+                reader.problem(
+                    SELECTOR_SETTING,
+                    selector,
+                    f"a label selector such as 'm2m.dev/operator-identity=allowed' ({error})",
+                )
+                selector = None
+
         settings = cls(
             cluster_name=cluster_name,
             credentials_dir=credentials_dir,
@@ -140,6 +167,8 @@ class Settings:
             ),
             federation_audience=reader.text("M2M_FEDERATION_AUDIENCE")
             or "api://AzureADTokenExchange",
+            operator_identity_namespace_selector=selector,
+            seal_key_secret=_seal_key_secret(reader, env),
         )
         if settings.retry_max < settings.retry_initial:
             reader.problem(
@@ -170,6 +199,35 @@ class Settings:
             allowed_hosts=self.allowed_endpoint_hosts,
             allow_insecure_http=self.allow_insecure_http,
         )
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def _seal_key_secret(reader: _Reader, env: Mapping[str, str]) -> tuple[str, str]:
+    """M2M_SEAL_KEY_SECRET (namespace/name), else the operator's own namespace.
+
+    The operator's namespace is POD_NAMESPACE (the Deployment sets it), else the
+    in-cluster ServiceAccount namespace file, else `m2m-token-operator`.
+    """
+    raw = reader.text("M2M_SEAL_KEY_SECRET")
+    if raw:
+        namespace, _, name = raw.partition("/")
+        if _DNS_LABEL.fullmatch(namespace) and _DNS_SUBDOMAIN.fullmatch(name):
+            return namespace, name
+        reader.problem(
+            "M2M_SEAL_KEY_SECRET",
+            raw,
+            f"namespace/name, such as m2m-token-operator/{DEFAULT_SEAL_SECRET_NAME}",
+        )
+    namespace = env.get("POD_NAMESPACE", "").strip()
+    if not namespace:
+        try:
+            namespace = Path(IN_CLUSTER_NAMESPACE_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            namespace = ""
+    return namespace or DEFAULT_SEAL_NAMESPACE, DEFAULT_SEAL_SECRET_NAME
 
 
 def _default_identity_host(env: Mapping[str, str], directory: Path | None) -> frozenset[str]:

@@ -137,9 +137,10 @@ class LabelSelectedWatch:
             self._stop.set()
             response = self._response
             if response is not None:
-                # Unblocks the thread's read; it then sees the stop flag and ends.
+                # Unblocks the thread's read; it then sees the stop flag and ends. Not
+                # close(): that waits for the lock the blocked read holds, on the event loop.
                 with contextlib.suppress(Exception):
-                    response.close()
+                    response.shutdown()
 
     # Everything below runs on the watch's own thread.
 

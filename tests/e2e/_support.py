@@ -29,6 +29,8 @@ from devenv.tokenserver import DEFAULT_ISSUER
 OPERATOR_CLIENT_ID = "e2e-operator"
 OPERATOR_CLIENT_SECRET = "e2e-client-secret-xyz"
 CLUSTER_NAME = "e2e"
+# M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR matching every namespace.
+ALL_NAMESPACES = "kubernetes.io/metadata.name"
 GROUP, VERSION, PLURAL = "m2m.dev", "v1alpha1", "tokenrequests"
 API_VERSION = f"{GROUP}/{VERSION}"
 MANAGED_BY = ("app.kubernetes.io/managed-by", "m2m-token-operator")

@@ -28,16 +28,24 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 
-from devenv.controlplane import Cluster, ControlPlane, ExistingCluster
+from devenv.controlplane import (
+    SERVICE_ACCOUNT_ISSUER,
+    Cluster,
+    ControlPlane,
+    ExistingCluster,
+    service_account_jwks,
+)
 from devenv.install import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, install_operator
 from devenv.operatorprocess import Identity, OperatorProcess
 from devenv.tokenserver import DEFAULT_ISSUER, TokenServer
 
 from ._support import (
+    ALL_NAMESPACES,
     CLUSTER_NAME,
     GROUP,
     OPERATOR_CLIENT_ID,
@@ -115,6 +123,24 @@ def token_server() -> Iterator[TokenServer]:
     """mock-oauth2-server: issuer `default` (3600 s tokens) and `short` (20 s tokens)."""
     with TokenServer(log_dir=_log_dir("tokenserver")) as server:
         yield server
+
+
+@pytest.fixture
+def federation(control_plane: Cluster, token_server: TokenServer) -> TokenServer:
+    """The token server, trusting this cluster's ServiceAccount tokens for federation.
+
+    `federation.register_federated(client_id, "system:serviceaccount:<ns>:<name>")`
+    then makes the token front accept that ServiceAccount's tokens (audience
+    `api://AzureADTokenExchange`) as `client_id`'s client assertion, verified
+    against the API server's own `/openid/v1/jwks`.
+    """
+
+    def jwks() -> dict[str, Any]:
+        with control_plane.api_client() as api:
+            return service_account_jwks(api)
+
+    token_server.trust_issuer(SERVICE_ACCOUNT_ISSUER, jwks)
+    return token_server
 
 
 @pytest.fixture
@@ -227,6 +253,9 @@ def start_operator(
             settings={
                 "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS": "true",
                 "M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS": f"127.0.0.1:{token_server.port}",
+                # Every namespace may use the operator's own identity (the label every
+                # namespace carries); tests of the opt-in pass a narrower selector.
+                "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": ALL_NAMESPACES,
                 **(settings or {}),
             },
             name=name,

@@ -34,6 +34,8 @@ EXPECTED_KINDS = {
     "ServiceAccount",
     "ClusterRole",
     "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
     "Deployment",
     "PodDisruptionBudget",
     "NetworkPolicy",

@@ -37,6 +37,8 @@ import pytest
 from devenv.controlplane import ControlPlane, new_api_client, request_service_account_token
 from devenv.faultproxy import FaultProxy
 from devenv.install import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, install_operator
+from m2m_token_operator.seal import DEFAULT_SECRET_NAME as SEAL_KEY_SECRET
+from m2m_token_operator.seal import new_key_secret
 
 from .harness import (
     CLIENT_ID,
@@ -76,6 +78,11 @@ def control_plane() -> Iterator[ControlPlane]:
     ) as cluster:
         with cluster.api_client() as api:
             install_operator(api)
+            # The restart seal's key Secret, as a running cluster has it (the operator's
+            # first start creates it; the e2e tests cover that). Made here, not through the
+            # proxy: tests that count or fail Secret requests see the operator's only.
+            seal_key: Any = new_key_secret(OPERATOR_NAMESPACE, SEAL_KEY_SECRET)
+            kubernetes.client.CoreV1Api(api).create_namespaced_secret(OPERATOR_NAMESPACE, seal_key)
         yield cluster
 
 
@@ -176,6 +183,8 @@ def operator_env(
         "M2M_RETRY_INITIAL_SECONDS": "0.2",
         "M2M_RETRY_MAX_SECONDS": "2",
         "M2M_METRICS_PORT": "0",
+        # Every namespace may use the operator's own identity (the label every namespace has).
+        "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": "kubernetes.io/metadata.name",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }

@@ -23,6 +23,7 @@ from m2m_token_operator.kube import KubeApi
 from m2m_token_operator.peering import PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
+from m2m_token_operator.seal import SealKey
 from m2m_token_operator.settings import Settings
 
 
@@ -163,6 +164,13 @@ def _use_kubeconfig(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(
         kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(_kubeconfig(tmp_path))
     )
+
+    # Nobody listens there: the seal key (read or created through the API, see test_seal
+    # and the e2e tests) is the one call startup makes.
+    async def seal_key(kube: KubeApi, config: Settings) -> SealKey:
+        return SealKey(b"k" * 32)
+
+    monkeypatch.setattr(handlers, "_seal_key", seal_key)
 
 
 def _kubeconfig(tmp_path: Path) -> Path:

@@ -11,7 +11,6 @@ import kubernetes
 import pytest
 from pytest_httpserver import HTTPServer
 
-from m2m_token_operator.cache import CacheKey
 from m2m_token_operator.kube import JsonObject, KubeApi
 from m2m_token_operator.secret_output import (
     Owner,
@@ -29,7 +28,7 @@ from m2m_token_operator.tokens import AccessToken
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 OWNER = Owner(namespace="shop", name="orders-api", uid="uid-1")
 SCOPE = "api://prod.orders.orders-api/.default"
-SEAL = "5eal"  # what CacheKey.seal would give
+SEAL = "v2:5eal"  # what SealKey.seal would give
 TOKEN = AccessToken(
     value="header.payload.signature",
     token_type="Bearer",
@@ -130,10 +129,11 @@ def test_token_read_back_from_an_owned_secret() -> None:
 
 
 def test_a_token_is_reused_only_when_its_seal_verifies() -> None:
-    """Edited, planted, or issued to another identity: the seal does not match."""
-    key = CacheKey("https://login.example/t/token", "client-1", SCOPE, "")
-    seal = key.seal("s3cr3t", TOKEN)
-    secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, seal=seal)
+    """Edited, planted, or sealed for something else: the seal does not match.
+
+    The seal itself (SealKey.seal, keyed by the operator's own key) is tested in test_seal.
+    """
+    secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, seal=SEAL)
     now = NOW + timedelta(minutes=5)
 
     def reread(
@@ -141,20 +141,21 @@ def test_a_token_is_reused_only_when_its_seal_verifies() -> None:
     ) -> AccessToken | None:
         return token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, seal_for=seal_for)
 
-    assert reread(secret, lambda token: key.seal("s3cr3t", token)) == TOKEN
-    other_client = CacheKey("https://login.example/t/token", "client-2", SCOPE, "")
-    assert reread(secret, lambda token: other_client.seal("s3cr3t", token)) is None
-    assert reread(secret, lambda token: key.seal("rotated", token)) is None
+    def good_seal(token: AccessToken) -> str:
+        return SEAL if token == TOKEN else "other"
+
+    assert reread(secret, good_seal) == TOKEN
+    assert reread(secret, lambda _: "another seal") is None
     # A tenant who may edit the Secret plants a token that lives until 2099.
     planted = copy.deepcopy(secret)
     planted["data"]["token"] = base64.b64encode(b"forged").decode()
     planted["data"]["expires-at"] = base64.b64encode(b"2099-01-01T00:00:00Z").decode()
-    assert reread(planted, lambda token: key.seal("s3cr3t", token)) is None
+    assert reread(planted, good_seal) is None
     # What the workload reads now, whoever wrote it.
     assert reread(planted, None) is not None
     # Written before seals existed: not reused.
     del secret["metadata"]["annotations"]["m2m.dev/seal"]
-    assert reread(secret, lambda token: key.seal("s3cr3t", token)) is None
+    assert reread(secret, good_seal) is None
 
 
 def test_parse_time_takes_a_timestamp_without_an_offset_as_utc() -> None:

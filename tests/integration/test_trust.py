@@ -1,0 +1,80 @@
+"""The operator's own identity, only in namespaces the selector grants it to.
+
+The operator's Namespace watch runs against the real API server here, with the
+operator in this process; tests/e2e/test_trust.py runs it as a process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._token_endpoint import TokenEndpoint
+from .harness import Kube, OperatorFactory, wait_for
+from .test_failures import (
+    NAME,
+    NS,
+    TARGET,
+    by_type,
+    events,
+    secret_tokens,
+    token_in_secret,
+    wait_condition,
+)
+
+LABEL = "m2m.dev/operator-identity"
+SELECTOR = {"M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": f"{LABEL}=allowed"}
+
+
+def label(kube: Kube, value: str | None) -> None:
+    kube.core.patch_namespace(kube.ns(NS), {"metadata": {"labels": {LABEL: value}}})
+
+
+async def test_a_namespace_gets_and_loses_the_operator_identity_with_its_label(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    operator = operator_factory.start(env=SELECTOR)
+    kube.create_token_request(NS, NAME, TARGET)
+    denied = await wait_condition(kube, "Ready", "False", "OperatorIdentityNotAllowed")
+    assert by_type(denied)["Degraded"]["status"] == "True"
+    assert f"'{LABEL}=allowed'" in by_type(denied)["Degraded"]["message"]
+    assert token_endpoint.count == 0
+    assert kube.read_secret(NS, NAME) is None
+
+    label(kube, "allowed")
+    await wait_condition(kube, "Ready", "True", "TokenIssued")
+    token = token_in_secret(kube)
+    assert token_endpoint.count == 1
+
+    label(kube, None)
+    kept: dict[str, Any] = await wait_condition(
+        kube, "Degraded", "True", "OperatorIdentityNotAllowed"
+    )
+    assert by_type(kept)["Ready"]["status"] == "True"  # the token in the Secret still serves
+    assert "stays until it expires" in by_type(kept)["Degraded"]["message"]
+    assert token_in_secret(kube) == token
+    assert len(secret_tokens(kube)) == 1  # the Secret was written once, never again
+    assert token_endpoint.count == 1
+
+    # Granted again: the token in the Secret is taken back (its seal verifies), no call.
+    label(kube, "allowed")
+    await wait_condition(kube, "Degraded", "False", "RefreshSucceeded")
+    assert token_endpoint.count == 1
+    assert len(secret_tokens(kube)) == 1
+    assert events(kube).count("OperatorIdentityNotAllowed") == 2
+    operator.assert_never_logged(token or "never-empty")
+
+
+async def test_the_denial_survives_a_restart_without_a_write(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    operator_factory.start(env=SELECTOR)
+    kube.create_token_request(NS, NAME, TARGET)
+    before = await wait_condition(kube, "Ready", "False", "OperatorIdentityNotAllowed")
+
+    restarted = operator_factory.restart(env=SELECTOR)
+    await wait_for(
+        lambda: "still not served: reason=OperatorIdentityNotAllowed" in restarted.all_text,
+        message="the restarted operator's look at the TokenRequest",
+    )
+    assert kube.read_status(NS, NAME) == before  # no status write: the same failure, same time
+    assert token_endpoint.count == 0
