@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
@@ -255,6 +256,32 @@ class Kube:
             for namespace in namespaces
             for event in self.core.list_namespaced_event(namespace).items
         ]
+
+    def wait_events(
+        self,
+        namespaces: Iterable[str],
+        at_least: Mapping[str, int],
+        *,
+        timeout: float = 30.0,
+        operator: OperatorProcess | None = None,
+    ) -> list[k8s.CoreV1Event]:
+        """Wait until the Events include `at_least[reason]` of each reason; all of them.
+
+        The operator posts an event after it has written the status (the event is a
+        courtesy and comes last), so a test that has seen the status it waited for
+        must still wait for the event: reading the events at once races the operator.
+        """
+        where = list(namespaces)
+
+        def enough() -> list[k8s.CoreV1Event] | None:
+            events = self.events(where)
+            reasons = Counter(event.reason for event in events)
+            if all(reasons[reason] >= count for reason, count in at_least.items()):
+                return events
+            return None
+
+        wanted = ", ".join(f"{count} {reason}" for reason, count in at_least.items())
+        return wait_for(enough, timeout=timeout, what=f"events ({wanted})", operator=operator)
 
 
 def credentials(client_id: str, client_secret: str, token_endpoint: str) -> dict[str, str]:

@@ -74,6 +74,8 @@ def test_status_token_tells_what_the_real_token_says(
     text = json.dumps(body)
     for part in secret.token.split("."):
         assert part not in text  # neither the token, nor its header or signature
+    # A NoAppRoles warning would be posted with TokenIssued, after the status: wait for that.
+    kube.wait_events([namespace], {"TokenIssued": 1}, operator=operator)
     assert "NoAppRoles" not in _reasons(kube, namespace, "orders-api")
 
 
@@ -153,7 +155,18 @@ def test_force_refresh_fetches_once_for_every_token_request_on_the_key(
     }
     assert new["first"] == new["second"]  # the other TokenRequest got it from the same call
     assert _requests_for(operator, ORDERS_SCOPE) == calls + 1
-    reasons = _reasons(kube, namespace, "first")
+
+    # The event is posted after the status that was waited for: wait for it too.
+    def posted() -> list[str] | None:
+        reasons = _reasons(kube, namespace, "first")
+        return reasons if "RefreshRequested" in reasons else None
+
+    reasons = wait_for(
+        posted,
+        timeout=30,
+        what="a RefreshRequested event",
+        operator=operator,
+    )
     assert reasons.count("RefreshRequested") == 1
     assert "RefreshRequested" not in _reasons(kube, namespace, "second")
     second = kube.get_token_request(namespace, "second")

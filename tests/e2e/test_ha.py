@@ -55,7 +55,7 @@ def test_standby_takes_over_when_the_active_replica_dies(
     # changes), with its watch-streams started "(paused)".
     active.wait_for_log(RESUMED, timeout=30)
     standby.wait_for_log(r"Keep-alive in '[^']+' cluster-wide: ok", timeout=30)
-    standby.wait_for_log(r"watch-stream for tokenrequests\S* cluster-wide \(paused\)", timeout=5)
+    standby.wait_for_log(r"watch-stream for tokenrequests\S* cluster-wide \(paused\)", timeout=30)
     assert RESUMED not in standby.log_text()
 
     # The active replica serves a TokenRequest with 20 s tokens and refreshes it.
@@ -112,12 +112,17 @@ def test_replica_paused_by_a_higher_priority_one_stops_refreshing_and_catches_up
         kube.wait_ready(namespace, name, operator=low)
     first = kube.wait_secret(namespace, "orders-api", operator=low)
 
+    before_high = low.log_size()  # taken before the action whose lines we wait for
     high = start_operator(
         issuer=SHORT_ISSUER, args=peered, settings={"M2M_PEERING_PRIORITY": "200"}, name="high"
     )
-    low.wait_for_log(r"Pausing operations in favour of", timeout=30)
+    low.wait_for_log(r"Pausing operations in favour of", timeout=30, since=before_high)
     paused_at = _log_time(low, "Pausing operations in favour of")
-    low.wait_for_log(r"Refreshes paused: peers with the same or a higher priority", timeout=10)
+    low.wait_for_log(
+        r"Refreshes paused: peers with the same or a higher priority",
+        timeout=30,  # the gate reads the peering every 5 s, Kopf watches it
+        since=before_high,
+    )
     high.wait_for_log(RESUMED, timeout=30)
     second = kube.wait_secret(namespace, "orders-api", unlike=first.token, operator=high)
     third = kube.wait_secret(namespace, "orders-api", unlike=second.token, operator=high)

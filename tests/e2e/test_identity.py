@@ -188,8 +188,8 @@ def _leaks(kube: Kube, namespace: str, operator: OperatorProcess, needles: list[
     haystacks = {"the operator's log": operator.log_text()}
     for body in kube.list_token_requests(namespace):
         haystacks[f"TokenRequest {body['metadata']['name']}"] = json.dumps(body)
-    for event in kube.events([namespace]):
-        haystacks[f"event {event.reason}"] = json.dumps(event.to_dict(), default=str)
+    for number, event in enumerate(kube.events([namespace])):
+        haystacks[f"event {number} {event.reason}"] = json.dumps(event.to_dict(), default=str)
     return find_leaks(haystacks, needles)
 
 
@@ -264,8 +264,12 @@ def test_federation_needs_the_namespace_rolebinding(
     assert claims["aud"] == [FEDERATION_AUDIENCE]
     assert claims["exp"] - claims["iat"] == 600  # the shortest lifetime the API allows
 
-    reasons = {event.reason for event in kube.events([namespace])}
-    assert {"CredentialsMissing", "FederationNotPermitted", "TokenIssued"} <= reasons
+    # Events are posted after the status the waits above saw: wait for them themselves.
+    kube.wait_events(
+        [namespace],
+        {"CredentialsMissing": 1, "FederationNotPermitted": 1, "TokenIssued": 1},
+        operator=operator,
+    )
     needles = [form["client_assertion"], form["client_assertion"].rsplit(".", 1)[1]]
     needles += [secret.token, OPERATOR_CLIENT_SECRET]
     assert _leaks(kube, namespace, operator, needles) == []

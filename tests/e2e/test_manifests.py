@@ -110,10 +110,18 @@ def test_documented_install_on_a_fresh_cluster() -> None:
     with ControlPlane() as fresh:
         apply = ("apply", "--server-side", "-k", str(MANIFESTS_DIR))
         first = kubectl(fresh, *apply)
-        assert first.returncode != 0
-        errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
-        assert errors, first.stderr
-        assert all('no matches for kind "ClusterKopfPeering"' in e for e in errors), errors
+        # The first pass races the API server: the ClusterKopfPeering goes in only if its
+        # CRD, created moments earlier by the same command, is already served when kubectl
+        # maps that object (once in three runs here). Else that kind's objects, and only
+        # they, fail; the documented wait and second pass must work either way.
+        if first.returncode == 0:
+            assert f"clusterkopfpeering.kopf.dev/{PEERING_NAME} serverside-applied" in (
+                first.stdout
+            ), first.stdout
+        else:
+            errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
+            assert errors, first.stderr
+            assert all('no matches for kind "ClusterKopfPeering"' in e for e in errors), errors
 
         waited = kubectl(
             fresh,

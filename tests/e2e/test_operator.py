@@ -124,8 +124,9 @@ def test_target_token_request_gets_secret_with_real_token(
     # No finalizer: deletable while the operator is down.
     assert not body["metadata"].get("finalizers")
 
-    # One event for the issued token, on the TokenRequest.
-    events = [e for e in kube.events([namespace]) if e.involved_object.uid == uid]
+    # One event for the issued token, on the TokenRequest (posted after the status).
+    posted = kube.wait_events([namespace], {"TokenIssued": 1}, operator=operator)
+    events = [e for e in posted if e.involved_object.uid == uid]
     assert [(e.type, e.reason) for e in events] == [("Normal", "TokenIssued")]
     assert log_problems(operator.log_text()) == []
 
@@ -257,9 +258,11 @@ def test_short_lived_token_is_refreshed_before_it_expires(
     status = wait_for(status_follows, timeout=10, what="status.expiresAt of the Secret's token")
     assert condition_of(status, "Ready")["status"] == "True"
     assert parse_time(status["refreshAt"]) < parse_time(status["expiresAt"])
-    reasons = [e.reason for e in kube.events([namespace])]
+    # Each refresh is reported by an event, posted after the Secret and the status:
+    # wait for the events themselves, the status matching is no sign they are listed yet.
+    events = kube.wait_events([namespace], {"TokenRefreshed": 2}, operator=operator)
+    reasons = [e.reason for e in events]
     assert reasons.count("TokenIssued") == 1
-    assert reasons.count("TokenRefreshed") >= 2
     assert log_problems(operator.log_text()) == []
 
 
@@ -533,7 +536,8 @@ def test_secret_not_owned_is_left_alone(
     kube.core.delete_namespaced_secret("taken", namespace)
     kube.wait_ready(namespace, "orders-api", operator=operator)
     assert kube.wait_secret(namespace, "taken").data["scope"] == ORDERS_SCOPE
-    warnings = [e.reason for e in kube.events([namespace]) if e.type == "Warning"]
+    events = kube.wait_events([namespace], {"SecretConflict": 1, "TokenIssued": 1})
+    warnings = [e.reason for e in events if e.type == "Warning"]
     assert warnings == ["SecretConflict"]
 
 

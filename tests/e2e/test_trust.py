@@ -136,7 +136,9 @@ def test_operator_identity_follows_the_namespace_label(
     assert after.token == secret.token
     assert after.resource_version == secret.resource_version
     assert _requests_for(operator, scope, since=before_removal) == 0
-    reasons = [event.reason for event in kube.events([namespace])]
+    # The second denial's event is posted after the status just seen: wait for it.
+    events = kube.wait_events([namespace], {"OperatorIdentityNotAllowed": 2}, operator=operator)
+    reasons = [event.reason for event in events]
     assert reasons.count("OperatorIdentityNotAllowed") == 2  # one per denial, not per look
     expected = "reason=OperatorIdentityNotAllowed"
     assert [line for line in log_problems(operator.log_text()) if expected not in line] == []

@@ -1,14 +1,16 @@
 """The token cache: single flight, keys, stale-but-valid, backoff, holds, seeding.
 
 Time is a fake clock advanced by hand; the fetch is a counting in-process
-callable, except where the HTTP request itself is the point.
+callable, except where the HTTP request itself is the point. A request that
+must stay open while other callers arrive is held by a gate the test opens once
+it has seen them arrive (the cache's own counters), never by a sleep.
 """
 
 import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -54,12 +56,17 @@ class FakeClock:
 
 
 class CountingFetch:
-    """Issues `lifetime`-second tokens, or raises the queued outcomes first."""
+    """Issues `lifetime`-second tokens, or raises the queued outcomes first.
 
-    def __init__(self, clock: FakeClock, *, lifetime: float = 3600, delay: float = 0.0) -> None:
+    With a `gate`, each request waits (on its worker thread) until the test opens it.
+    """
+
+    def __init__(
+        self, clock: FakeClock, *, lifetime: float = 3600, gate: threading.Event | None = None
+    ) -> None:
         self.clock = clock
         self.lifetime = lifetime
-        self.delay = delay
+        self.gate = gate
         self.calls: list[tuple[str, str, str]] = []  # (client id, secret, scope)
         self.threads: set[str] = set()
         self.outcomes: list[BaseException] = []
@@ -73,8 +80,8 @@ class CountingFetch:
             outcome = self.outcomes.pop(0) if self.outcomes else None
         self.threads.add(threading.current_thread().name)
         issued = self.clock()
-        if self.delay:
-            time.sleep(self.delay)
+        if self.gate is not None:
+            assert self.gate.wait(timeout=30), "the test never opened the gate"
         if outcome is not None:
             raise outcome
         return AccessToken(
@@ -106,6 +113,20 @@ def fetch(clock: FakeClock) -> CountingFetch:
     return CountingFetch(clock)
 
 
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Let the event loop (and the worker threads) run until `condition` holds.
+
+    The conditions are the cache's counters and a worker thread's progress, which
+    signal no asyncio.Event: polling them is the way to wait for them.
+    """
+    try:
+        async with asyncio.timeout(10):
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        pytest.fail(f"never happened: {what}")
+
+
 def make_cache(clock: FakeClock, fetch: CountingFetch) -> TokenCache:
     # random() = 0: no jitter, and the lowest backoff (5, 7.5, 15, ... seconds).
     return TokenCache(
@@ -130,9 +151,14 @@ def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
 
 
 async def test_200_concurrent_gets_make_one_request(clock: FakeClock) -> None:
-    slow = CountingFetch(clock, delay=0.05)
+    gate = threading.Event()
+    slow = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, slow)
-    results = await asyncio.gather(*(cache.get(identity(), SCOPE) for _ in range(200)))
+    gets = asyncio.gather(*(cache.get(identity(), SCOPE) for _ in range(200)))
+    # The request stays open until all the other callers have joined it.
+    await until(lambda: cache.stats.coalesced == 199, "199 callers waiting for the request")
+    gate.set()
+    results = await gets
     assert len(slow.calls) == 1
     assert {result.token.value for result in results if result.token} == {"token-1"}
     assert all(result.freshness is Freshness.FRESH for result in results)
@@ -143,8 +169,10 @@ async def test_200_concurrent_gets_make_one_request(clock: FakeClock) -> None:
 
 
 async def test_200_concurrent_gets_make_one_http_request(httpserver: HTTPServer) -> None:
+    gate = threading.Event()
+
     def token_endpoint(request: Request) -> Response:
-        time.sleep(0.05)
+        assert gate.wait(timeout=30), "the test never opened the gate"
         return Response(
             json.dumps({"access_token": "real-token", "expires_in": 3599}),
             content_type="application/json",
@@ -165,9 +193,14 @@ async def test_200_concurrent_gets_make_one_http_request(httpserver: HTTPServer)
         source="operator identity",
     )
     try:
-        results = await asyncio.gather(*(cache.get(credentials, SCOPE) for _ in range(200)))
+        gets = asyncio.gather(*(cache.get(credentials, SCOPE) for _ in range(200)))
+        # The server answers once all the other callers wait for its answer.
+        await until(lambda: cache.stats.coalesced == 199, "199 callers waiting for the request")
+        gate.set()
+        results = await gets
         again = await cache.get(credentials, SCOPE)
     finally:
+        gate.set()
         cache.close()
         client.close()
     assert len(httpserver.log) == 1
@@ -249,7 +282,9 @@ async def test_refresh_at_the_refresh_point(
 ) -> None:
     await cache.get(identity(), SCOPE)
     clock.advance(40 * 60 - 1)
-    assert (await cache.get(identity(), SCOPE)).token.value == "token-1"  # type: ignore[union-attr]
+    before = await cache.get(identity(), SCOPE)
+    assert before.token is not None
+    assert before.token.value == "token-1"
     clock.advance(1)
     refreshed = await cache.get(identity(), SCOPE)
     assert len(fetch.calls) == 2
@@ -434,12 +469,17 @@ async def test_unexpected_fetch_exception_is_a_failure_not_a_crash(
 
 
 async def test_a_cancelled_caller_does_not_cancel_the_request(clock: FakeClock) -> None:
-    slow = CountingFetch(clock, delay=0.1)
+    gate = threading.Event()
+    slow = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, slow)
     first = asyncio.create_task(cache.get(identity(), SCOPE))
-    await asyncio.sleep(0.02)
+    # The request is on its way (and held open) before its first caller gives up.
+    await until(lambda: len(slow.calls) == 1, "the request to start")
     first.cancel()
-    second = await cache.get(identity(), SCOPE)
+    joining = asyncio.create_task(cache.get(identity(), SCOPE))
+    await until(lambda: cache.stats.coalesced == 1, "the second caller to join the request")
+    gate.set()
+    second = await joining
     assert second.token is not None
     assert second.token.value == "token-1"
     assert len(slow.calls) == 1
@@ -470,14 +510,18 @@ async def test_seed_means_no_request(cache: TokenCache, fetch: CountingFetch) ->
     assert fetch.calls == []
 
 
+def _token_value(result: CacheResult) -> str | None:
+    return result.token.value if result.token is not None else None
+
+
 async def test_seed_never_replaces_a_later_expiring_token(cache: TokenCache) -> None:
     key = CacheKey.for_credentials(identity(), SCOPE)
     cache.seed(key, seeded_token(3000, "later"))
     cache.seed(key, seeded_token(1000, "earlier"))
     cache.seed(key, seeded_token(-1, "expired"))
-    assert cache.peek(key).token.value == "later"  # type: ignore[union-attr]
+    assert _token_value(cache.peek(key)) == "later"
     cache.seed(key, seeded_token(4000, "latest"))
-    assert cache.peek(key).token.value == "latest"  # type: ignore[union-attr]
+    assert _token_value(cache.peek(key)) == "latest"
 
 
 async def test_expired_seed_is_ignored(cache: TokenCache) -> None:

@@ -6,6 +6,7 @@ Same fake clock and counting fetch as test_cache.py.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -13,7 +14,15 @@ import pytest
 
 from m2m_token_operator.cache import FORCE_INTERVAL, CacheKey, Freshness, TokenCache
 from m2m_token_operator.tokens import CredentialsRejected, EndpointUnavailable, Throttled
-from tests.unit.test_cache import SCOPE, START, CountingFetch, FakeClock, identity, make_cache
+from tests.unit.test_cache import (
+    SCOPE,
+    START,
+    CountingFetch,
+    FakeClock,
+    identity,
+    make_cache,
+    until,
+)
 
 
 @pytest.fixture
@@ -62,12 +71,19 @@ async def test_force_on_an_unknown_key_fetches(cache: TokenCache, fetch: Countin
 
 
 async def test_a_burst_of_forces_makes_one_call(clock: FakeClock) -> None:
-    slow = CountingFetch(clock, delay=0.05)
+    gate = threading.Event()
+    slow = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, slow)
     try:
+        gate.set()
         await cache.get(identity(), SCOPE)
-        results = await asyncio.gather(*(cache.force(identity(), SCOPE) for _ in range(50)))
+        gate.clear()  # the forced request stays open until the other 49 have joined it
+        forces = asyncio.gather(*(cache.force(identity(), SCOPE) for _ in range(50)))
+        await until(lambda: cache.stats.coalesced == 49, "49 forces joining the first")
+        gate.set()
+        results = await forces
     finally:
+        gate.set()
         cache.close()
     assert len(slow.calls) == 2  # the first get, then one forced call
     assert {r.token.value for r in results if r.token} == {"token-2"}
@@ -98,14 +114,19 @@ async def test_at_most_one_forced_call_per_key_every_ten_seconds(
 
 
 async def test_force_joins_a_request_already_running(clock: FakeClock) -> None:
-    slow = CountingFetch(clock, delay=0.1)
+    gate = threading.Event()
+    slow = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, slow)
     try:
         running = asyncio.create_task(cache.get(identity(), SCOPE))
-        await asyncio.sleep(0)  # one turn of the loop: the get has started its request
-        forced = await cache.force(identity(), SCOPE)
+        await until(lambda: len(slow.calls) == 1, "the get's request to start")
+        forcing = asyncio.create_task(cache.force(identity(), SCOPE))
+        await until(lambda: cache.stats.coalesced == 1, "the force to join the request")
+        gate.set()
+        forced = await forcing
         got = await running
     finally:
+        gate.set()
         cache.close()
     assert len(slow.calls) == 1
     assert got.fetched

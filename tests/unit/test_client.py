@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import ssl
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -370,16 +371,27 @@ def test_redirect_is_not_followed_and_the_secret_not_resent(
 def test_read_timeout(
     httpserver: HTTPServer, client: TokenClient, credentials: ClientCredentials
 ) -> None:
-    def slow(request: Request) -> Response:
-        time.sleep(0.6)
+    """The client gives up after its read timeout (0.3 s) while the server stays silent.
+
+    The server holds its answer until the test has the client's error, so only the
+    timeout can have ended the wait; the bounds on the time are loose on purpose.
+    """
+    answer = threading.Event()
+
+    def silent(request: Request) -> Response:
+        answer.wait(timeout=30)
         return Response(json.dumps({"access_token": TOKEN, "expires_in": 60}))
 
-    httpserver.expect_request(PATH).respond_with_handler(slow)
+    httpserver.expect_request(PATH).respond_with_handler(silent)
     started = time.monotonic()
-    error = fetch_error(client, credentials)
-    assert time.monotonic() - started < 0.55
+    try:
+        error = fetch_error(client, credentials)
+        waited = time.monotonic() - started
+    finally:
+        answer.set()
     assert type(error) is EndpointUnavailable
     assert "did not answer within 0.3s" in str(error)
+    assert 0.3 * 0.8 <= waited < 15  # the timeout, not the server's 30 s silence, ended it
 
 
 def closed_port() -> int:

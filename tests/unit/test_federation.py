@@ -19,7 +19,7 @@ from pytest_httpserver import HTTPServer
 
 from m2m_token_operator.assertion import JWT_BEARER
 from m2m_token_operator.cache import TokenCache
-from m2m_token_operator.client import CredentialsRejected, TokenClient
+from m2m_token_operator.client import TokenClient
 from m2m_token_operator.credentials import (
     FEDERATED,
     CredentialsError,
@@ -38,8 +38,9 @@ from m2m_token_operator.federation import (
     federated_identity,
 )
 from m2m_token_operator.kube import KubeApi, KubeError, NotFound
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy, is_permanent
+from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
 from m2m_token_operator.redaction import REDACTOR
+from m2m_token_operator.tokens import CredentialsRejected, is_permanent
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 SA_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ.c2ln-sa-token"

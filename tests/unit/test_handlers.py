@@ -2,11 +2,13 @@
 
 import asyncio
 import json
+import logging
 import socket
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import aiohttp
 import kopf
@@ -23,6 +25,18 @@ from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.seal import SealKey
 from m2m_token_operator.settings import Settings
+
+
+def probe(memo: Mapping[str, Any]) -> object:
+    """The liveness probe, called with every argument Kopf passes to it."""
+    return handlers.scheduler_alive(
+        settings=kopf.OperatorSettings(),
+        retry=0,
+        started=datetime.now(UTC),
+        runtime=timedelta(0),
+        logger=logging.getLogger("test"),
+        memo=kopf.Memo(memo),
+    )
 
 
 def test_peering_priority_is_configurable_else_derived_from_the_host() -> None:
@@ -55,23 +69,26 @@ async def test_liveness_fails_when_the_scheduler_is_dead_or_stalled() -> None:
     reconciler = SimpleNamespace(scheduler=scheduler)
     running = asyncio.create_task(asyncio.sleep(60))
     memo = {"reconciler": reconciler, "scheduler_task": running}
-    assert handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]
+    assert probe(memo)
 
     scheduler.last_loop_at = datetime.now(UTC) - timedelta(minutes=5)
     with pytest.raises(RuntimeError, match="stalled"):
-        handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]
+        probe(memo)
 
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     with pytest.raises(RuntimeError, match="not running"):
-        handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]
+        probe(memo)
 
 
-def _peering_settings(*, standalone: bool, clusterwide: bool) -> SimpleNamespace:
-    peering = SimpleNamespace(
-        standalone=standalone, clusterwide=clusterwide, name="m2m", priority=7, mandatory=True
-    )
-    return SimpleNamespace(peering=peering)
+def _peering_settings(*, standalone: bool, clusterwide: bool) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.peering.standalone = standalone
+    settings.peering.clusterwide = clusterwide
+    settings.peering.name = "m2m"
+    settings.peering.priority = 7
+    settings.peering.mandatory = True
+    return settings
 
 
 @pytest.mark.parametrize(
@@ -86,13 +103,21 @@ def _peering_settings(*, standalone: bool, clusterwide: bool) -> SimpleNamespace
 def test_the_scheduler_follows_kopf_peering_only_when_it_can_tell_itself_apart(
     standalone: bool, clusterwide: bool, environ: dict[str, str], gated: bool
 ) -> None:
-    reconciler = SimpleNamespace(resume_after_pause=lambda: None, paused=lambda: None)
-    gate = handlers.peering_gate(
-        _peering_settings(standalone=standalone, clusterwide=clusterwide),  # type: ignore[arg-type]
-        kube=SimpleNamespace(read_cluster_peering=None),  # type: ignore[arg-type]
-        reconciler=reconciler,  # type: ignore[arg-type]
-        environ=environ,
+    # The gate takes two callbacks from the reconciler, nothing else: a stand-in will do.
+    reconciler = cast(
+        TokenRequestReconciler,
+        SimpleNamespace(resume_after_pause=lambda: None, paused=lambda: None),
     )
+    api = KubeApi(kubernetes.client.ApiClient())  # never called: the gate is not run
+    try:
+        gate = handlers.peering_gate(
+            _peering_settings(standalone=standalone, clusterwide=clusterwide),
+            kube=api,
+            reconciler=reconciler,
+            environ=environ,
+        )
+    finally:
+        api.close()
     assert (gate is not None) == gated
 
 
@@ -105,12 +130,12 @@ async def test_liveness_fails_when_the_peering_was_never_readable() -> None:
         "scheduler_task": running,
         "peering_gate": gate,
     }
-    assert handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]  # still joining
+    assert probe(memo)  # still joining
     gate.started_at = datetime.now(UTC) - timedelta(minutes=6)
     with pytest.raises(RuntimeError, match="peering object has never been readable"):
-        handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]
+        probe(memo)
     gate.active = False  # a standby that has read it: alive
-    assert handlers.scheduler_alive(memo=memo)  # type: ignore[arg-type]
+    assert probe(memo)
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
 

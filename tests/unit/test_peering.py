@@ -72,6 +72,7 @@ def make_gate(
     *,
     mandatory: bool = True,
     resumed: list[int] | None = None,
+    paused: asyncio.Event | None = None,
 ) -> PeeringGate:
     calls = resumed if resumed is not None else []
     return PeeringGate(
@@ -81,6 +82,7 @@ def make_gate(
         read_peering=peering.read,
         clock=lambda: clock[0],
         on_resume=lambda: calls.append(1),
+        on_pause=paused.set if paused is not None else None,
     )
 
 
@@ -138,7 +140,8 @@ async def test_due_work_waits_while_paused_and_runs_once_resumed() -> None:
     peering = FakePeering()
     assert peering.body is not None
     peering.body["status"]["higher"] = peer(200)
-    gate = make_gate(peering, clock)
+    paused = asyncio.Event()
+    gate = make_gate(peering, clock, paused=paused)
     handled: list[str] = []
     done = asyncio.Event()
 
@@ -149,8 +152,11 @@ async def test_due_work_waits_while_paused_and_runs_once_resumed() -> None:
     scheduler: Scheduler[str] = Scheduler(clock=lambda: clock[0], handle=handle, gate=gate)
     scheduler.schedule("orders", NOW)
     task = asyncio.create_task(scheduler.run())
-    for _ in range(20):
-        await asyncio.sleep(0)
+    # The positive signal: the scheduler asked the gate about its due work and was told
+    # to wait. Only then does "nothing handled" mean something.
+    await asyncio.wait_for(paused.wait(), timeout=5)
+    assert gate.active is False
+    assert peering.reads == 1
     assert handled == []
     assert scheduler.due_at("orders") == NOW  # kept, not dropped
     assert scheduler.last_loop_at is not None

@@ -119,8 +119,10 @@ def test_refresh_before_just_short_of_the_lifetime_is_still_clamped_to_min_inter
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 
-def delay(**kwargs: object) -> float:
-    moment = RETRY.next_attempt_at(now=NOW, **kwargs)  # type: ignore[arg-type]
+def delay(*, failures: int, error: Exception, jitter_fraction: float) -> float:
+    moment = RETRY.next_attempt_at(
+        now=NOW, failures=failures, error=error, jitter_fraction=jitter_fraction
+    )
     return (moment - NOW).total_seconds()
 
 

@@ -91,7 +91,7 @@ def test_stack_info_is_scrubbed_in_json_and_text_formats(name: str) -> None:
         __file__,
         1,
         "with a stack",
-        None,
+        (),
         None,
         sinfo="Stack (most recent call last):\n  a frame echoing stack-secret-value-13",
     )

@@ -3,8 +3,9 @@
 import base64
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import kubernetes
 import pytest
@@ -36,7 +37,7 @@ TOKEN = AccessToken(
 )
 
 
-def decoded(secret: dict) -> dict[str, str]:
+def decoded(secret: dict[str, Any]) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
 
 
@@ -135,14 +136,10 @@ def test_a_token_is_reused_only_when_its_seal_verifies() -> None:
     secret = render_secret(owner=OWNER, secret_name="s", scope=SCOPE, token=TOKEN, seal=SEAL)
     now = NOW + timedelta(minutes=5)
 
-    def reread(secret: dict, seal_for: object) -> object:
-        return token_from_secret(
-            secret,
-            owner_uid="uid-1",
-            scope=SCOPE,
-            now=now,
-            seal_for=seal_for,  # type: ignore[arg-type]
-        )
+    def reread(
+        secret: dict[str, Any], seal_for: Callable[[AccessToken], str] | None
+    ) -> AccessToken | None:
+        return token_from_secret(secret, owner_uid="uid-1", scope=SCOPE, now=now, seal_for=seal_for)
 
     def good_seal(token: AccessToken) -> str:
         return SEAL if token == TOKEN else "other"

@@ -1,6 +1,8 @@
 """Status and events: Ready follows the Secret's token, Degraded the last attempt."""
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from m2m_token_operator.status import (
     DEGRADED,
@@ -25,20 +27,22 @@ TOKEN = AccessToken(
 SCOPE = "api://prod.orders.orders-api/.default"
 
 
-def observe(**changes: object) -> Observation:
-    fields: dict[str, object] = {
-        "generation": 3,
-        "scope": SCOPE,
-        "secret_name": "orders-api-token",
-        "token": TOKEN,
-        "refresh_at": NOW + timedelta(minutes=40),
-        "failure": None,
-        "failed_attempts": 0,
-        "last_failure_at": None,
-        "now": NOW,
-    }
-    fields.update(changes)
-    return Observation(**fields)  # type: ignore[arg-type]
+FRESH = Observation(
+    generation=3,
+    scope=SCOPE,
+    secret_name="orders-api-token",
+    token=TOKEN,
+    refresh_at=NOW + timedelta(minutes=40),
+    failure=None,
+    failed_attempts=0,
+    last_failure_at=None,
+    now=NOW,
+)
+
+
+def observe(**changes: Any) -> Observation:
+    """A fresh token's observation with some fields changed (checked by `replace`)."""
+    return dataclasses.replace(FRESH, **changes)
 
 
 def test_fresh_token_is_ready_and_not_degraded() -> None:
