@@ -80,3 +80,33 @@ async def test_earlier_schedule_wins_and_a_failing_target_does_not_stop_the_loop
     await asyncio.gather(task, return_exceptions=True)
     assert handled == ["boom", "ok"]
     assert scheduler.last_loop_at is not None
+
+
+@pytest.mark.looptime
+async def test_a_wall_clock_jump_forward_is_noticed_within_one_turn() -> None:
+    """A suspended VM or an NTP step moves the wall clock, not the loop's monotonic time:
+    work that became due by the jump runs at the next turn (at most 30 s), not an hour
+    of monotonic time later."""
+    loop = asyncio.get_running_loop()
+    jump = timedelta(0)
+    origin = loop.time()
+
+    def clock() -> datetime:
+        return START + timedelta(seconds=loop.time() - origin) + jump
+
+    handled_at: list[float] = []
+    done = asyncio.Event()
+
+    async def handle(target: str) -> None:
+        handled_at.append(loop.time() - origin)
+        done.set()
+
+    scheduler: Scheduler[str] = Scheduler(clock=clock, handle=handle)
+    scheduler.schedule("refresh", START + timedelta(hours=1))
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(1)
+    jump = timedelta(hours=1)  # the wall clock steps forward; nothing wakes the scheduler
+    await asyncio.wait_for(done.wait(), timeout=60)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert 1 <= handled_at[0] <= 31  # the next 30 s turn, not 3,600 s of loop time
