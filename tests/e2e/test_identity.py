@@ -3,16 +3,15 @@
 The operator runs as its own ServiceAccount with the shipped RBAC, so the
 federation opt-in is real: without a RoleBinding to
 `m2m-token-operator:federation` the API server refuses the mint (403). The
-token endpoint is mock-oauth2-server behind a small recording front on
-loopback, which keeps each form the operator sent (to check the assertion's
-claims and signature) and can refuse a chosen client secret as Entra would.
-
-mock-oauth2-server checks a client assertion's `sub` against `client_id`, as
-RFC 7523 asks of private_key_jwt; a federated assertion (a ServiceAccount
-token, `sub` = `system:serviceaccount:...`) is checked by Entra against the
-application's federated credential instead. The front stands in for that
-check: it records the assertion (the test checks its claims) and forwards the
-request upstream with a stand-in client secret.
+token endpoint is a small recording front on loopback, which keeps each form
+the operator sent (to check the assertion's claims) and can refuse a chosen
+client secret as Entra would, in front of the verifying token front
+(`devenv/tokenfront.py`), in front of mock-oauth2-server. The verifying front
+checks what Entra checks: a federated assertion's signature against the API
+server's own JWKS, its issuer, subject and audience; a private_key_jwt
+assertion's signature against the public half of the application's key, its
+`aud` (the URL the operator posted to: the recording front passes the Host
+header on, as a reverse proxy does), `iss` = `sub`, lifetime and `jti`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs
 
 import jwt
 import pytest
@@ -54,14 +53,6 @@ RIGHT_SECRET = "e2e-right-secret-4d5e6f"
 WRONG_SECRET = "e2e-wrong-secret-7a8b9c"
 
 
-def _federated(form: dict[str, str]) -> bool:
-    assertion = form.get("client_assertion")
-    if assertion is None:
-        return False
-    claims = jwt.decode(assertion, options={"verify_signature": False})
-    return str(claims.get("sub", "")).startswith("system:serviceaccount:")
-
-
 @dataclass(frozen=True)
 class Recorded:
     path: str
@@ -73,7 +64,7 @@ class RecordingFront:
 
     A form whose client_secret is in `refused` gets Entra's answer to a wrong
     secret (401 invalid_client) instead: mock-oauth2-server accepts any secret.
-    A federated assertion is forwarded as a stand-in client secret (see above).
+    Every other form goes upstream unchanged, with the Host header it came with.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -101,15 +92,14 @@ class RecordingFront:
                     ).encode()
                     content_type = "application/json"
                 else:
-                    if _federated(form):
-                        upstream_form = {
-                            k: v for k, v in form.items() if not k.startswith("client_assertion")
-                        }
-                        body = urlencode({**upstream_form, "client_secret": "federated"}).encode()
                     forwarded = requests.post(
                         front.upstream + self.path,
                         data=body,
-                        headers={"Content-Type": "application/x-www-form-urlencoded"},
+                        headers={
+                            "Content-Type": "application/x-www-form-urlencoded",
+                            # The verifying front checks `aud` against the URL asked for.
+                            "Host": self.headers.get("Host", ""),
+                        },
                         timeout=10,
                     )
                     status = forwarded.status_code
@@ -222,9 +212,15 @@ def _grant_federation(kube: Kube, namespace: str) -> None:
 
 
 def test_federation_needs_the_namespace_rolebinding(
-    kube: Kube, namespace: str, identity_operator: OperatorProcess, front: RecordingFront
+    kube: Kube,
+    namespace: str,
+    identity_operator: OperatorProcess,
+    front: RecordingFront,
+    federation: TokenServer,
 ) -> None:
     operator = identity_operator
+    # The application's federated credential: this cluster's issuer, this ServiceAccount.
+    federation.register_federated("e2e-federated", f"system:serviceaccount:{namespace}:shop-fe")
     kube.core.create_namespaced_service_account(
         namespace, _service_account("shop-fe", {"m2m.dev/token-endpoint": front.url()})
     )
@@ -263,6 +259,9 @@ def test_federation_needs_the_namespace_rolebinding(
     assert claims["sub"] == f"system:serviceaccount:{namespace}:shop-fe"
     assert claims["aud"] == [FEDERATION_AUDIENCE]
     assert claims["exp"] - claims["iat"] == 600  # the shortest lifetime the API allows
+    # And the token endpoint verified it as Entra would (signature by the API server's keys).
+    [checked] = federation.front.requests_for("e2e-federated")
+    assert (checked.method, checked.accepted) == ("client_assertion", True)
 
     # Events are posted after the status the waits above saw: wait for them themselves.
     kube.wait_events(
@@ -279,12 +278,18 @@ def test_federation_needs_the_namespace_rolebinding(
 
 
 def test_private_key_jwt_credentials_secret_gets_a_token(
-    kube: Kube, namespace: str, identity_operator: OperatorProcess, front: RecordingFront
+    kube: Kube,
+    namespace: str,
+    identity_operator: OperatorProcess,
+    front: RecordingFront,
+    token_server: TokenServer,
 ) -> None:
     operator = identity_operator
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(key))
     jwk["kid"] = "e2e-key-1"
+    public: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    token_server.register_jwk("e2e-pkjwt", {**public, "kid": "e2e-key-1"})
     kube.create_secret(
         namespace,
         "app-credentials",
@@ -317,6 +322,8 @@ def test_private_key_jwt_credentials_secret_gets_a_token(
     assert claims["sub"] == "e2e-pkjwt"
     assert claims["exp"] - claims["iat"] <= 600
     assert jwt.get_unverified_header(form["client_assertion"])["kid"] == "e2e-key-1"
+    [checked] = token_server.front.requests_for("e2e-pkjwt")
+    assert (checked.method, checked.accepted) == ("client_assertion", True)
 
     needles = [jwk[member] for member in ("d", "p", "q", "dp", "dq", "qi")]
     needles += [RIGHT_SECRET, form["client_assertion"], secret.token]
