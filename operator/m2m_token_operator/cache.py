@@ -210,22 +210,11 @@ class TokenCache:
             self.stats.hits += 1
             return current
         self.stats.misses += 1
-        flight = entry.flight
-        started = flight is None
-        if flight is None:
-            if self._held(entry, credentials, now):
-                self.stats.held += 1
-                return current
-            flight = asyncio.get_running_loop().create_task(
-                self._fly(key, entry, credentials, scope), name=f"m2m-token-fetch {key.scope}"
-            )
-            entry.flight = flight
-        else:
-            self.stats.coalesced += 1
-        # Shielded: a caller that gives up must not cancel the request the others wait for.
-        await asyncio.shield(flight)
-        return self._result(
-            key, entry, now=self._clock(), refresh_before=refresh_before, fetched=started
+        if entry.flight is None and self._held(entry, credentials, now):
+            self.stats.held += 1
+            return current
+        return await self._join_or_fly(
+            key, entry, credentials, scope, refresh_before=refresh_before, name="fetch"
         )
 
     async def force(
@@ -249,9 +238,7 @@ class TokenCache:
         key = CacheKey.for_credentials(credentials, scope)
         entry = self._entries.setdefault(key, _Entry())
         now = self._clock()
-        flight = entry.flight
-        started = flight is None
-        if flight is None:
+        if entry.flight is None:
             if not self._may_force(entry, now):
                 self.stats.held += 1
                 return self._result(
@@ -259,12 +246,31 @@ class TokenCache:
                 )
             entry.forced_at = now
             self.stats.forced += 1
+        return await self._join_or_fly(
+            key, entry, credentials, scope, refresh_before=refresh_before, name="force"
+        )
+
+    async def _join_or_fly(
+        self,
+        key: CacheKey,
+        entry: _Entry,
+        credentials: ClientCredentials,
+        scope: str,
+        *,
+        refresh_before: timedelta | None,
+        name: str,
+    ) -> CacheResult:
+        """Join the request running for `key`, or start it (single flight); its result."""
+        flight = entry.flight
+        started = flight is None
+        if flight is None:
             flight = asyncio.get_running_loop().create_task(
-                self._fly(key, entry, credentials, scope), name=f"m2m-token-force {key.scope}"
+                self._fly(key, entry, credentials, scope), name=f"m2m-token-{name} {key.scope}"
             )
             entry.flight = flight
         else:
             self.stats.coalesced += 1
+        # Shielded: a caller that gives up must not cancel the request the others wait for.
         await asyncio.shield(flight)
         return self._result(
             key, entry, now=self._clock(), refresh_before=refresh_before, fetched=started
