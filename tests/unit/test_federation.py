@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -96,6 +96,20 @@ def identity(
         allow_insecure_http=False,
         audience=DEFAULT_AUDIENCE,
         mint=mint or RecordingMint(),
+    )
+
+
+def identity_at(endpoint: str, *, mint: Callable[..., tuple[str, str | None]]) -> Any:
+    """The federated identity of shop/shop-fe, sending to `endpoint` (a loopback server)."""
+    return federated_identity(
+        account({CLIENT_ID_ANNOTATION: CLIENT_ID, TOKEN_ENDPOINT_ANNOTATION: endpoint}),
+        namespace="shop",
+        name="shop-fe",
+        policy=POLICY,
+        default_endpoint=None,
+        allow_insecure_http=True,
+        audience=DEFAULT_AUDIENCE,
+        mint=mint,
     )
 
 
@@ -272,21 +286,7 @@ def test_the_form_on_the_wire(
     httpserver.expect_request("/token", method="POST").respond_with_json(
         {"token_type": "Bearer", "expires_in": 3599, "access_token": "issued-token-value"}
     )
-    credentials = federated_identity(
-        account(
-            {
-                CLIENT_ID_ANNOTATION: CLIENT_ID,
-                TOKEN_ENDPOINT_ANNOTATION: httpserver.url_for("/token"),
-            }
-        ),
-        namespace="shop",
-        name="shop-fe",
-        policy=POLICY,
-        default_endpoint=None,
-        allow_insecure_http=True,
-        audience=DEFAULT_AUDIENCE,
-        mint=kube.mint_service_account_token,
-    )
+    credentials = identity_at(httpserver.url_for("/token"), mint=kube.mint_service_account_token)
     client = TokenClient(connect_timeout=2, read_timeout=2)
     try:
         token = client.fetch(credentials, SCOPE)
@@ -308,21 +308,7 @@ def test_a_forbidden_mint_sends_no_token_request(
     api_server: HTTPServer, kube: KubeApi, httpserver: HTTPServer
 ) -> None:
     api_server.expect_request(MINT_PATH, method="POST").respond_with_json({}, status=403)
-    credentials = federated_identity(
-        account(
-            {
-                CLIENT_ID_ANNOTATION: CLIENT_ID,
-                TOKEN_ENDPOINT_ANNOTATION: httpserver.url_for("/token"),
-            }
-        ),
-        namespace="shop",
-        name="shop-fe",
-        policy=POLICY,
-        default_endpoint=None,
-        allow_insecure_http=True,
-        audience=DEFAULT_AUDIENCE,
-        mint=kube.mint_service_account_token,
-    )
+    credentials = identity_at(httpserver.url_for("/token"), mint=kube.mint_service_account_token)
     client = TokenClient(connect_timeout=2, read_timeout=2)
     try:
         with pytest.raises(FederationNotPermitted):
@@ -367,21 +353,7 @@ def test_a_rejected_assertion_gets_advice_about_the_federated_credential(
         },
         status=400,
     )
-    credentials = federated_identity(
-        account(
-            {
-                CLIENT_ID_ANNOTATION: CLIENT_ID,
-                TOKEN_ENDPOINT_ANNOTATION: httpserver.url_for("/token"),
-            }
-        ),
-        namespace="shop",
-        name="shop-fe",
-        policy=POLICY,
-        default_endpoint=None,
-        allow_insecure_http=True,
-        audience=DEFAULT_AUDIENCE,
-        mint=kube.mint_service_account_token,
-    )
+    credentials = identity_at(httpserver.url_for("/token"), mint=kube.mint_service_account_token)
     client = TokenClient(connect_timeout=2, read_timeout=2)
     try:
         with pytest.raises(CredentialsRejected) as caught:
@@ -408,21 +380,7 @@ async def test_the_mint_runs_on_the_fetch_thread_never_on_the_event_loop(
     httpserver.expect_request("/token", method="POST").respond_with_json(
         {"token_type": "Bearer", "expires_in": 3599, "access_token": "issued-token-value"}
     )
-    credentials = federated_identity(
-        account(
-            {
-                CLIENT_ID_ANNOTATION: CLIENT_ID,
-                TOKEN_ENDPOINT_ANNOTATION: httpserver.url_for("/token"),
-            }
-        ),
-        namespace="shop",
-        name="shop-fe",
-        policy=POLICY,
-        default_endpoint=None,
-        allow_insecure_http=True,
-        audience=DEFAULT_AUDIENCE,
-        mint=mint,
-    )
+    credentials = identity_at(httpserver.url_for("/token"), mint=mint)
     client = TokenClient(connect_timeout=2, read_timeout=2)
     cache = TokenCache(
         fetch=client.fetch,
