@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import kubernetes
 import urllib3.exceptions
@@ -38,7 +38,6 @@ REQUEST_TIMEOUT = (10.0, 30.0)
 API_RETRIES = 1
 
 JsonObject = dict[str, Any]
-_T = TypeVar("_T")
 
 
 class KubeError(Exception):
@@ -102,15 +101,26 @@ class KubeApi:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._api_client.close()  # type: ignore[no-untyped-call]
 
-    async def _call(self, action: str, function: Callable[[], _T]) -> _T:
+    async def _call(self, action: str, function: Callable[[], Any]) -> bytes:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._blocking, action, function)
 
     @staticmethod
-    def _blocking(action: str, function: Callable[[], _T]) -> _T:
-        """Run one client call here and now, turning its failures into `KubeError`s."""
+    def _blocking(action: str, function: Callable[[], Any]) -> bytes:
+        """Run one client call here and now: its whole body, or its failure as a `KubeError`.
+
+        Every call is made with `_preload_content=False`, so the answer is read to its end
+        here: urllib3 gives a connection back to its pool only then. An answer left unread
+        (a status patch, an event) would cost a new TCP and TLS connection per call, which
+        under a burst is most of the operator's CPU and much of the API server's.
+        """
         try:
-            return function()
+            response = function()
+            try:
+                body: bytes = response.data
+            finally:
+                response.release_conn()
+            return body
         except kubernetes.client.ApiException as error:
             # The body of an API error can echo the object sent (a Secret's data):
             # only the status and the short reason phrase travel on.
@@ -134,8 +144,8 @@ class KubeApi:
         return self._json(response)
 
     @staticmethod
-    def _json(response: Any) -> JsonObject:
-        data: JsonObject = json.loads(response.data)
+    def _json(body: bytes) -> JsonObject:
+        data: JsonObject = json.loads(body)
         return data
 
     # Secrets
