@@ -19,6 +19,8 @@ from typing import Any
 import kubernetes
 import urllib3.exceptions
 
+from m2m_token_operator.admission import CALL_PRIORITY, PriorityGate, event_priority
+
 logger = logging.getLogger(__name__)
 
 GROUP = "m2m.dev"
@@ -94,6 +96,9 @@ class KubeApi:
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube-api")
+        # One slot per thread: a call is handed to a thread only when one is free, so the
+        # order of the waiting calls is ours (oldest look first), not the executor's FIFO.
+        self._admission = PriorityGate(max_workers)
         self.writes = 0  # every mutating call sent; tests and metrics read it
 
     def close(self) -> None:
@@ -101,9 +106,12 @@ class KubeApi:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._api_client.close()  # type: ignore[no-untyped-call]
 
-    async def _call(self, action: str, function: Callable[[], Any]) -> bytes:
+    async def _call(
+        self, action: str, function: Callable[[], Any], *, priority: float | None = None
+    ) -> bytes:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._blocking, action, function)
+        async with self._admission.slot(CALL_PRIORITY.get() if priority is None else priority):
+            return await loop.run_in_executor(self._executor, self._blocking, action, function)
 
     @staticmethod
     def _blocking(action: str, function: Callable[[], Any]) -> bytes:
@@ -320,6 +328,7 @@ class KubeApi:
                 lambda: self._core.create_namespaced_event(
                     namespace, body, _preload_content=False, _request_timeout=self._timeout
                 ),
+                priority=event_priority(),
             )
         except KubeError as error:
             # An event is a courtesy: losing one must never stop a token from being delivered.

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from m2m_token_operator import metrics
+from m2m_token_operator.admission import look_started
 from m2m_token_operator.cache import CacheKey, TokenCache
 from m2m_token_operator.client import client_id_shown
 from m2m_token_operator.credentials import (
@@ -243,6 +244,10 @@ class TokenRequestReconciler:
             await self._look(subscription)
 
     async def _look(self, subscription: Subscription) -> None:
+        with look_started():
+            await self._look_now(subscription)
+
+    async def _look_now(self, subscription: Subscription) -> None:
         async with subscription.lock:
             if not self.registry.current(subscription):
                 return  # replaced by a newer version of the object, or deleted meanwhile
