@@ -252,9 +252,10 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         # The token fetched (if any) stays cached: the next look writes it without a request.
         wake.append(_retry_soon(facts, now))
     elif facts.secret_foreign or facts.write is WriteOutcome.CONFLICT:
-        # Nothing could be delivered: no token is fetched for it. A foreign Secret is not
-        # watched (only owned ones are): each look for it to be gone is one GET, on the
-        # backoff schedule (5 s doubling to 5 min).
+        # Nothing could be delivered. A foreign Secret is not watched (only owned ones
+        # are): the first look learns of it from a refused create (its token stays cached,
+        # written nowhere), and each later look for it to be gone is one GET, on the
+        # backoff schedule (5 s doubling to 5 min), with no token request.
         failure = conflict_failure(secret_name)
         conflicts = facts.conflicts + 1
         wake.append(now + facts.retry.backoff(failures=conflicts, jitter_fraction=0.5))

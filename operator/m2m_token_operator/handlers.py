@@ -164,6 +164,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
         name="token cache",
     )
     identity_namespaces = OperatorIdentityNamespaces(config.operator_identity_namespace_selector)
+    owned_secrets = watches.OwnedSecrets()
     reconciler = TokenRequestReconciler(
         settings=config,
         kube=kube,
@@ -171,6 +172,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
         clock=utc_now,
         seal_key=seal_key,
         identity_namespaces=identity_namespaces,
+        owned_secrets=owned_secrets,
     )
     # No namespace may hold more than its share of the looks in flight (and the fetches).
     reconciler.scheduler.fair_by(_namespace_of, limit=config.namespace_concurrency)
@@ -211,7 +213,10 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     # their own, so that watches never wait for the pool of reads and writes.
     watch_api = runtime.closing(load_api_client(), lambda: _close(watch_api), name="watch api")
     feed, secret_watches = watches.build(
-        watch_api, functools.partial(_secret_changed, reconciler), environ=os.environ
+        watch_api,
+        functools.partial(_secret_changed, reconciler),
+        environ=os.environ,
+        store=owned_secrets,
     )
     runtime.closing(feed, feed.close, name="secret feed")
     for watch in secret_watches:

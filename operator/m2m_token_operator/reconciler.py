@@ -60,6 +60,7 @@ from m2m_token_operator.secret_output import (
 from m2m_token_operator.settings import Settings
 from m2m_token_operator.status import event_body
 from m2m_token_operator.tokens import AccessToken
+from m2m_token_operator.watches import OwnedSecrets
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class TokenRequestReconciler:
         identity_namespaces: OperatorIdentityNamespaces,
         environ: Mapping[str, str] | None = None,
         random: Callable[[], float] = _random.random,
+        owned_secrets: OwnedSecrets | None = None,
     ) -> None:
         self._settings = settings
         self._kube = kube
@@ -95,6 +97,7 @@ class TokenRequestReconciler:
         self._identity_namespaces = identity_namespaces
         self._environ = environ
         self._random = random
+        self._owned_secrets = owned_secrets
         self._retry: RetryPolicy = settings.retry_policy()
         self._endpoint_policy = settings.endpoint_policy()
         self.registry = Registry(
@@ -320,7 +323,7 @@ class TokenRequestReconciler:
         try:
             # Read once per look: for the conflict check, the token it holds, the seeding
             # and the write.
-            existing = await self._kube.read_secret(subscription.namespace, spec.secret_name)
+            existing, guessed = await self._read_own_secret(subscription)
             facts = dataclasses.replace(
                 facts,
                 secret_read=True,
@@ -388,6 +391,19 @@ class TokenRequestReconciler:
             written = await write_secret(
                 self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
             )
+            if guessed and written in (WriteOutcome.CONFLICT, WriteOutcome.RACED):
+                # The watch was behind the API server, or the name is held by a Secret it
+                # never shows (someone else's, or ours without its label): the server's
+                # copy decides, as if it had been read first.
+                existing = await self._kube.read_secret(subscription.namespace, spec.secret_name)
+                if existing is not None and not is_owned_by(existing, subscription.uid):
+                    return dataclasses.replace(facts, secret_foreign=True, secret_token=None)
+                facts = dataclasses.replace(
+                    facts, secret_token=self._token_in(subscription, existing)
+                )
+                written = await write_secret(
+                    self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
+                )
             facts = dataclasses.replace(facts, write=written)
             delivered = written not in (WriteOutcome.CONFLICT, WriteOutcome.RACED)
             if delivered and subscription.cleanup_pending:
@@ -450,6 +466,22 @@ class TokenRequestReconciler:
         )
 
     # The pieces of a look
+
+    async def _read_own_secret(
+        self, subscription: Subscription
+    ) -> tuple[Mapping[str, Any] | None, bool]:
+        """The TokenRequest's Secret, and whether that is the watch's guess, not a read.
+
+        The owned-Secrets watch answers without an API call; a write based on its answer
+        that the server refuses (409) is corrected with a read. After a conflict the
+        name is held by a Secret the watch cannot show, so each look reads it.
+        """
+        assert subscription.spec is not None
+        store = self._owned_secrets
+        if store is not None and store.ready() and subscription.conflicts == 0:
+            return store.get(subscription.namespace, subscription.spec.secret_name), True
+        secret = await self._kube.read_secret(subscription.namespace, subscription.spec.secret_name)
+        return secret, False
 
     async def _credentials(self, subscription: Subscription) -> ClientCredentials:
         assert subscription.spec is not None

@@ -117,6 +117,46 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[!,")
 
 
+class OwnedSecrets:
+    """The owned Secrets as their watch last showed them: a look's read without an API call.
+
+    Usable (`ready()`) once every owned-Secrets watch has finished its first list. It
+    cannot show a Secret without our label (someone else's, or ours with the label
+    removed), and it may lag a moment behind the API server: the reconciler treats an
+    answer from here as a guess that a refused create or replace (409) corrects with a
+    read. It keeps only our own Secrets, so its size follows the TokenRequests, never
+    the rest of the cluster.
+    """
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self._synced: list[Callable[[], bool]] = []
+
+    def track(self, synced: Callable[[], bool]) -> None:
+        """One more watch feeds this store; `ready()` waits for its first list too."""
+        self._synced.append(synced)
+
+    def ready(self) -> bool:
+        return bool(self._synced) and all(synced() for synced in self._synced)
+
+    def record(self, kind: str, secret: Mapping[str, Any]) -> None:
+        metadata = secret.get("metadata") or {}
+        key = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+        if kind == DELETED:
+            self._objects.pop(key, None)
+            return
+        kept = _plain(secret)
+        kept["metadata"].pop("managedFields", None)  # large, and nothing here reads it
+        self._objects[key] = kept
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret as last seen (not to be modified), or None if the watch has none."""
+        return self._objects.get((namespace, name))
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
 @dataclass
 class SecretFeed:
     """Turns watch events into the reconciler's `secret_changed(secret, deleted=...)`."""
@@ -124,6 +164,7 @@ class SecretFeed:
     sink: SecretSink
     serves: Callable[[str], bool]
     debouncer: Debouncer[tuple[str, str], tuple[Mapping[str, Any], bool]] | None = None
+    store: OwnedSecrets | None = None
 
     def __post_init__(self) -> None:
         if self.debouncer is None:
@@ -134,6 +175,8 @@ class SecretFeed:
         if self.serves(namespace):
             name = (obj.get("metadata") or {}).get("name")
             logger.debug("Owned Secret %s/%s: %s", namespace, name, kind)
+            if self.store is not None:
+                self.store.record(kind, obj)  # before the sink: a look it wakes reads this
             self.sink(_plain(obj), kind == DELETED)
 
     def credentials(self, kind: str, obj: dict[str, Any]) -> None:
@@ -181,14 +224,15 @@ def secret_watches(
         listers = [("all", core.list_secret_for_all_namespaces)]
     watches: list[LabelSelectedWatch] = []
     for where, lister in listers:
-        watches.append(
-            LabelSelectedWatch(
-                name=f"owned-secrets/{where}",
-                lister=lister,
-                label_selector=OWNED_SELECTOR,
-                on_event=feed.owned,
-            )
+        owned = LabelSelectedWatch(
+            name=f"owned-secrets/{where}",
+            lister=lister,
+            label_selector=OWNED_SELECTOR,
+            on_event=feed.owned,
         )
+        if feed.store is not None:
+            feed.store.track(owned.synced.is_set)
+        watches.append(owned)
         watches.append(
             LabelSelectedWatch(
                 name=f"credentials-secrets/{where}",
@@ -205,10 +249,11 @@ def build(
     sink: SecretSink,
     *,
     environ: Mapping[str, str],
+    store: OwnedSecrets | None = None,
 ) -> tuple[SecretFeed, list[LabelSelectedWatch]]:
     """The feed and the watches for the namespaces served; run each watch as a task."""
     namespaces = served_namespaces(environ)
-    feed = SecretFeed(sink=sink, serves=namespace_matcher(namespaces))
+    feed = SecretFeed(sink=sink, serves=namespace_matcher(namespaces), store=store)
     logger.info(
         "Watching owned Secrets (%s) and opted-in credentials Secrets (%s) in %s",
         OWNED_SELECTOR,

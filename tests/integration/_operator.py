@@ -48,6 +48,9 @@ DEFAULT_PURGE_PREFIXES = ("m2m_token_operator",)
 # The cluster-wide watches of `--all-namespaces` (paths as the proxy sees them).
 TOKEN_REQUESTS = r"^/apis/m2m\.dev/v1alpha1/tokenrequests$"
 SECRETS = r"^/api/v1/secrets$"
+# The owned-Secrets watch (path, query): once it watches, its first list is in, so the
+# operator's looks read their Secrets from it (deterministically, for the tests that count).
+OWNED_SECRETS = (SECRETS, r"managed-by")
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(threadName)s] %(name)s: %(message)s"
 
 
@@ -165,7 +168,7 @@ class OperatorRun:
         proxy: FaultProxy,
         module: str | None = DEFAULT_MODULE,
         path: str | None = None,
-        ready_watches: Sequence[str] = (TOKEN_REQUESTS,),
+        ready_watches: Sequence[str | tuple[str, str]] = (TOKEN_REQUESTS,),
         purge_prefixes: Sequence[str] = DEFAULT_PURGE_PREFIXES,
         extra_args: Sequence[str] = (),
         settings: kopf.OperatorSettings | None = None,
@@ -207,11 +210,13 @@ class OperatorRun:
         def watching() -> dict[str, bool]:
             opened = self._proxy.requests("GET", watch=True, since=since)
             open_now = self._proxy.open_watches()
-            return {
-                pattern: any(re.search(pattern, e.path) for e in opened)
-                and any(re.search(pattern, path) for path in open_now)
-                for pattern in self._ready_watches
-            }
+            ready: dict[str, bool] = {}
+            for watch in self._ready_watches:
+                path, query = (watch, "") if isinstance(watch, str) else watch
+                ready[f"{path} {query}".strip()] = any(
+                    re.search(path, e.path) and re.search(query, e.query) for e in opened
+                ) and any(re.search(path, p) for p in open_now)
+            return ready
 
         while True:
             watching_now = watching()

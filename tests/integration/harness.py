@@ -27,7 +27,7 @@ import yaml
 
 from devenv.faultproxy import Exchange, FaultProxy
 
-from ._operator import SECRETS as WATCH_SECRETS
+from ._operator import OWNED_SECRETS as WATCH_OWNED_SECRETS
 from ._operator import TOKEN_REQUESTS as WATCH_TOKEN_REQUESTS
 from ._operator import OperatorRun
 from ._token_endpoint import Reply, TokenCall, TokenEndpoint
@@ -518,7 +518,7 @@ class OperatorFactory:
                 self._monkeypatch.setenv(key, value)
         run = OperatorRun(
             proxy=self._kube.proxy,
-            ready_watches=(WATCH_TOKEN_REQUESTS, WATCH_SECRETS),
+            ready_watches=(WATCH_TOKEN_REQUESTS, WATCH_OWNED_SECRETS),
             extra_args=extra_args,
             settings=settings,
         )

@@ -201,11 +201,11 @@ async def test_liveness_answers_promptly_while_the_api_server_is_slow(
 
     # Every API request now takes SLOW seconds; more looks than the operator's API threads
     # (4) are started, so every thread waits on the API server.
-    held = kube.proxy.add(Rule(Delay(SLOW), method="GET", path=r"/secrets/slow-", times=None))
+    held = kube.proxy.add(Rule(Delay(SLOW), method="POST", path=r"/secrets$", times=None))
     kube.proxy.add(Rule(Delay(SLOW), times=None))
     for n in range(6):
         kube.create_token_request(NS, f"slow-{n}", TARGET)
-    # The looks' reads of their Secrets are held by the proxy: the API threads wait on them.
+    # The looks' creates of their Secrets are held by the proxy: the API threads wait on them.
     await wait_for(lambda: held.applied >= 4, timeout=10, message="four looks held")
 
     # The kubelet's default probe: every 10 s, 1 s timeout, 3 failures to restart. Observed

@@ -155,14 +155,18 @@ async def test_foreign_secret_is_never_touched_and_the_conflict_is_reported(
 
     await wait_for(conflict, message="SecretConflict")
     assert kube.condition(NS, "orders-api", "Ready")["status"] == "False"  # type: ignore[index]
-    # The look that reported the conflict had read the Secret before it wrote the status:
-    # a write of the Secret in that look would be in the record already.
+    # The first look goes by the owned-Secrets watch, which never shows someone else's
+    # Secret: it tries a create, which the API server refuses (409), reads the Secret and
+    # reports the conflict. That is the only write it ever sent, and it changed nothing.
+    # The look that reported the conflict had sent all its writes before it wrote the status.
     writes = [r for r in kube.requests(path=r"/secrets") if r.method in WRITES]
-    assert writes == []
+    assert [(r.method, r.status) for r in writes] == [("POST", 409)]
     versions = kube.versions(SECRETS, NS, "orders-api")
     assert len(versions) == 1  # created by the test, never written by the operator
     assert kube.read_secret(NS, "orders-api") == {"password": "someone-elses"}
-    assert token_endpoint.count == 0  # nothing could be delivered, so nothing was fetched
+    # The token for that create was fetched (at most once per identity and scope, and kept
+    # in the cache for the next look), never written anywhere.
+    assert token_endpoint.count == 1
     current = kube.read_secret_object(NS, "orders-api")
     assert current is not None
     assert current["metadata"]["uid"] == foreign["metadata"]["uid"]
@@ -196,6 +200,41 @@ async def test_deleted_secret_is_recreated_and_edited_secret_restored(
         ),
         message="two SecretRestored events",
     )
+
+
+async def test_owned_secret_that_lost_its_label_gets_it_back(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    """Without its label the Secret leaves the owned-Secrets watch, which then shows no
+    Secret of that name: the look's create is refused (409), the read that follows finds
+    the Secret still ours, and the replace puts the label (and the token) back."""
+    kube.create_token_request(NS, "orders-api", TARGET)
+    await wait_ready(kube, "orders-api")
+    original = kube.read_secret_object(NS, "orders-api")
+    assert original is not None
+    before = max((r.index for r in kube.requests()), default=0)
+
+    kube.patch_secret(
+        NS, "orders-api", {"metadata": {"labels": {"app.kubernetes.io/managed-by": None}}}
+    )
+
+    def labelled_again() -> bool:
+        current = kube.read_secret_object(NS, "orders-api")
+        labels = (current or {}).get("metadata", {}).get("labels") or {}
+        return labels.get("app.kubernetes.io/managed-by") == "m2m-token-operator"
+
+    await wait_for(labelled_again, message="the label put back")
+    current = kube.read_secret_object(NS, "orders-api")
+    assert current is not None
+    assert current["metadata"]["uid"] == original["metadata"]["uid"]  # repaired, not replaced
+    assert current["data"] == original["data"]
+    assert token_endpoint.count == 1  # the cached token
+    writes = [
+        (r.method, r.status)
+        for r in kube.requests(path=r"/secrets")
+        if r.index > before and r.method in WRITES
+    ]
+    assert writes[:2] == [("POST", 409), ("PUT", 200)]
 
 
 async def test_restart_with_a_valid_token_costs_no_call_and_no_write(

@@ -20,6 +20,7 @@ from m2m_token_operator.watches import (
     CREDENTIALS_SELECTOR,
     OWNED_SELECTOR,
     Debouncer,
+    OwnedSecrets,
     SecretFeed,
     namespace_matcher,
     secret_watches,
@@ -155,3 +156,47 @@ def test_plain_names_get_a_watch_each_and_globs_one_cluster_wide() -> None:
     assert [w.name for w in wide] == ["owned-secrets/all", "credentials-secrets/all"]
     assert {w._selector for w in wide} == {OWNED_SELECTOR, CREDENTIALS_SELECTOR}
     api.close()  # type: ignore[no-untyped-call]
+
+
+# The owned-Secrets store: a look's read without an API call
+
+
+def test_the_store_is_ready_once_every_owned_watch_has_listed() -> None:
+    api = kubernetes.client.ApiClient(kubernetes.client.Configuration())
+    store = OwnedSecrets()
+    feed = SecretFeed(sink=lambda obj, deleted: None, serves=bool, store=store)
+    assert not store.ready()  # no watch feeds it yet: every look reads from the API server
+    watches = secret_watches(api, feed, namespaces=["team-a", "team-b"])
+    owned = [w for w in watches if w.name.startswith("owned-")]
+    assert len(owned) == 2
+    owned[0].synced.set()
+    assert not store.ready()  # team-b's Secrets are not all in yet
+    owned[1].synced.set()
+    assert store.ready()  # the credentials watches do not count: they feed no store
+    api.close()  # type: ignore[no-untyped-call]
+
+
+def test_the_store_keeps_the_latest_of_each_owned_secret_before_the_look_it_wakes() -> None:
+    store = OwnedSecrets()
+    seen_by_sink: list[dict[str, Any] | None] = []
+    feed = SecretFeed(
+        sink=lambda obj, _: seen_by_sink.append(store.get("team-a", obj["metadata"]["name"])),
+        serves=namespace_matcher(["team-a"]),
+        store=store,
+    )
+    first = secret("team-a", "api-token", version="1")
+    first["metadata"]["managedFields"] = [{"manager": "m2m-token-operator"}]
+    feed.owned(ADDED, first)
+    feed.owned(MODIFIED, secret("team-a", "api-token", version="2"))
+    feed.owned(ADDED, secret("team-b", "not-served"))
+    kept = store.get("team-a", "api-token")
+    assert kept is not None
+    assert kept["metadata"]["resourceVersion"] == "2"
+    assert set(kept) == {"metadata", "data"}
+    assert seen_by_sink[0] is not None
+    assert "managedFields" not in seen_by_sink[0]["metadata"]
+    assert [s["metadata"]["resourceVersion"] for s in seen_by_sink if s] == ["1", "2"]
+    assert store.get("team-b", "not-served") is None
+    feed.owned(DELETED, {"metadata": {"namespace": "team-a", "name": "api-token"}})
+    assert store.get("team-a", "api-token") is None
+    assert len(store) == 0
