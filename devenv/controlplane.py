@@ -395,6 +395,10 @@ class ControlPlane(StartStop):
             process.stop(_STOP_TIMEOUT)
         self._processes = []
 
+    def process_ids(self) -> list[int]:
+        """The running etcd and kube-apiserver (for benchmarks that measure their CPU)."""
+        return [p.pid for p in self._processes if p.pid is not None]
+
     # -- clients --
 
     def api_client(self) -> k8s.ApiClient:
