@@ -9,9 +9,10 @@ burst. Admitting calls by the age of the look they belong to finishes looks in
 the order they started, with the same threads just as busy: the work and the
 total time stay the same, the wait of each TokenRequest shrinks.
 
-Events are courtesies: they yield to looks that started up to
-`EVENT_DEFERRAL_SECONDS` after theirs, and then get their turn like any other
-call, so they are late under load but never starved.
+Events are courtesies, posted in the background (the look does not wait for
+them): they yield to looks that started up to `EVENT_DEFERRAL_SECONDS` after
+theirs, and then get their turn like any other call, so under a burst they
+follow the statuses instead of delaying them, and are never starved.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import AsyncIterator, Iterator
 CALL_PRIORITY: contextvars.ContextVar[float] = contextvars.ContextVar(
     "m2m_call_priority", default=float("-inf")
 )
-EVENT_DEFERRAL_SECONDS = 2.0
+EVENT_DEFERRAL_SECONDS = 10.0
 
 
 @contextlib.contextmanager
@@ -63,6 +64,7 @@ class PriorityGate:
 
     @property
     def waiting(self) -> int:
+        """How many wait now (a count for tests and diagnostics: linear in the queue)."""
         return sum(1 for _, _, future in self._waiters if not future.done())
 
     @contextlib.asynccontextmanager
@@ -74,7 +76,9 @@ class PriorityGate:
             self._release()
 
     async def _acquire(self, priority: float) -> None:
-        if self._free > 0 and not self.waiting:
+        # A free slot means nobody is waiting: `_release` hands a slot to a waiter before
+        # it frees one (entries left in the heap then are cancelled ones).
+        if self._free > 0:
             self._free -= 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

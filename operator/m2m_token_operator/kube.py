@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -99,10 +99,13 @@ class KubeApi:
         # One slot per thread: a call is handed to a thread only when one is free, so the
         # order of the waiting calls is ours (oldest look first), not the executor's FIFO.
         self._admission = PriorityGate(max_workers)
+        self._events_in_flight: set[asyncio.Task[None]] = set()
         self.writes = 0  # every mutating call sent; tests and metrics read it
 
     def close(self) -> None:
         """Stop the worker threads and the connection pool (at operator stop)."""
+        for task in self._events_in_flight:
+            task.cancel()  # courtesies not yet posted are dropped, as client-go drops them
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._api_client.close()  # type: ignore[no-untyped-call]
 
@@ -319,6 +322,26 @@ class KubeApi:
         )
 
     # Events
+
+    def post_events(self, namespace: str, bodies: Sequence[Any]) -> None:
+        """Post events in the background, one after the other: the look does not wait.
+
+        They keep the priority of the look they came from (the task copies the context),
+        so they go out after the calls of the looks that follow it, and in their order.
+        """
+        if not bodies:
+            return
+        task = asyncio.get_running_loop().create_task(self._post_in_order(namespace, bodies))
+        self._events_in_flight.add(task)
+        task.add_done_callback(self._events_in_flight.discard)
+
+    async def _post_in_order(self, namespace: str, bodies: Sequence[Any]) -> None:
+        for body in bodies:
+            await self.create_event(namespace, body)
+
+    @property
+    def events_in_flight(self) -> int:
+        return len(self._events_in_flight)
 
     async def create_event(self, namespace: str, body: Any) -> None:
         self.writes += 1

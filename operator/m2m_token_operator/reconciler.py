@@ -445,17 +445,20 @@ class TokenRequestReconciler:
         if handled is not None and subscription.refresh_request == handled:
             subscription.refresh_request = None  # recorded in status: done
         now = self._clock()
-        for event in outcome.events:
-            await self._kube.create_event(
-                subscription.namespace,
+        # In the background: the status is what the workload's owners wait for.
+        self._kube.post_events(
+            subscription.namespace,
+            [
                 event_body(
                     namespace=subscription.namespace,
                     name=subscription.name,
                     uid=subscription.uid,
                     event=event,
                     now=now,
-                ),
-            )
+                )
+                for event in outcome.events
+            ],
+        )
         if not self.registry.current(subscription):
             return  # deleted meanwhile: its metrics are gone and must stay gone
         metrics.observe_token_request(

@@ -60,7 +60,11 @@ async def test_a_namespace_gets_and_loses_the_operator_identity_with_its_label(
     await wait_condition(kube, "Degraded", "False", "RefreshSucceeded")
     assert token_endpoint.count == 1
     assert len(secret_tokens(kube)) == 1
-    assert events(kube).count("OperatorIdentityNotAllowed") == 2
+    # Events follow their look's status in the background: wait for the second one.
+    await wait_for(
+        lambda: events(kube).count("OperatorIdentityNotAllowed") == 2,
+        message="two OperatorIdentityNotAllowed events",
+    )
     operator.assert_never_logged(token or "never-empty")
 
 
