@@ -23,27 +23,51 @@ _MIN_LENGTH = 6  # shorter strings would scrub ordinary words
 
 
 class Redactor:
+    """The secret values handled so far, found in a text in time linear in the text.
+
+    Looking for each value in turn made every log line cost as much as the number
+    of tokens held (thousands at scale); here the values are indexed by their first
+    `_MIN_LENGTH` characters, so a line is scanned once, whatever their number.
+    """
+
     def __init__(self) -> None:
         self._values: OrderedDict[str, None] = OrderedDict()
+        self._by_prefix: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
     def register(self, value: str) -> None:
         if len(value) < _MIN_LENGTH:
             return
         with self._lock:
+            if value in self._values:
+                self._values.move_to_end(value)
+                return
             self._values[value] = None
-            self._values.move_to_end(value)
+            self._by_prefix.setdefault(value[:_MIN_LENGTH], set()).add(value)
             while len(self._values) > _MAX_VALUES:
-                self._values.popitem(last=False)
+                oldest, _ = self._values.popitem(last=False)
+                bucket = self._by_prefix[oldest[:_MIN_LENGTH]]
+                bucket.discard(oldest)
+                if not bucket:
+                    del self._by_prefix[oldest[:_MIN_LENGTH]]
 
     def scrub(self, text: str) -> str:
         text = _JWT.sub(REDACTED, text)
+        found: set[str] = set()
         with self._lock:
-            values = list(self._values)
-        for value in values:
+            lookup = self._by_prefix.get
+            for start in range(len(text) - _MIN_LENGTH + 1):
+                bucket = lookup(text[start : start + _MIN_LENGTH])
+                if bucket:
+                    found.update(bucket)
+        # Longest first: a value that contains another is replaced whole.
+        for value in sorted(found, key=len, reverse=True):
             if value in text:
                 text = text.replace(value, REDACTED)
         return text
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 REDACTOR = Redactor()

@@ -106,3 +106,28 @@ def test_json_output_keeps_the_scrubbed_traceback_field() -> None:
     assert SECRET not in data["exc_info"]
     assert redaction.REDACTED in data["exc_info"]
     assert "Stack (most recent call last)" in data["stack_info"]
+
+
+def test_every_one_of_thousands_of_values_is_found_and_the_oldest_age_out() -> None:
+    redactor = redaction.Redactor()
+    values = [f"token-{n:05d}-{'x' * 40}" for n in range(redaction._MAX_VALUES + 10)]
+    for value in values:
+        redactor.register(value)
+    assert len(redactor) == redaction._MAX_VALUES
+    newest, oldest = values[-1], values[0]
+    assert redactor.scrub(f"a {newest} b") == f"a {redaction.REDACTED} b"
+    assert redactor.scrub(f"a {oldest} b") == f"a {oldest} b"  # aged out: a long-gone token
+    # Registering again keeps a value young; values that share a prefix are told apart.
+    redactor.register(values[20])
+    for value in values[-30:]:
+        redactor.register(value + "-longer")  # ages out 30 more of the oldest, not values[20]
+    text = f"{values[20]} {values[-2]}-longer {values[-3]}"
+    assert redactor.scrub(text) == " ".join([redaction.REDACTED] * 3)
+
+
+def test_a_value_that_contains_another_is_replaced_whole() -> None:
+    redactor = redaction.Redactor()
+    redactor.register("s3cr3t-value")
+    redactor.register("prefix-s3cr3t-value-suffix")
+    assert redactor.scrub("<prefix-s3cr3t-value-suffix>") == f"<{redaction.REDACTED}>"
+    assert redactor.scrub("<s3cr3t-value>") == f"<{redaction.REDACTED}>"
