@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Iterator
 CALL_PRIORITY: contextvars.ContextVar[float] = contextvars.ContextVar(
     "m2m_call_priority", default=float("-inf")
 )
-EVENT_DEFERRAL_SECONDS = 10.0
+EVENT_DEFERRAL_SECONDS = 60.0
 
 
 @contextlib.contextmanager
