@@ -18,7 +18,8 @@ What it runs, all on 127.0.0.1:
 Phases: start empty (RSS empty) → create N TokenRequests over S scopes in K
 namespaces at once, watch for each one's first Ready=True (all-Ready time,
 create→Ready p50/p99; latency from the moment the create call returned) →
-RSS loaded → idle window (CPU from /proc/<pid>/stat, Secret writes seen by a
+RSS loaded → every TokenIssued event posted (the operator posts events in the
+background, after the statuses: `events_posted_s`) → idle window (CPU from /proc/<pid>/stat, Secret writes seen by a
 watch on the managed Secrets, token calls, RSS idle) → restart (token calls
 and Secret writes until the operator has looked at every TokenRequest again,
 RSS at start) → M unrelated Secrets of X bytes in another namespace → restart
@@ -153,6 +154,7 @@ class Recorder:
 
     ready_at: dict[tuple[str, str], float] = field(default_factory=dict)
     secret_writes: list[tuple[float, str]] = field(default_factory=list)
+    issued_events: set[tuple[str, str]] = field(default_factory=set)  # TokenIssued, per object
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -163,6 +165,10 @@ class Recorder:
     def ready_count(self) -> int:
         with self.lock:
             return len(self.ready_at)
+
+    def issued_count(self) -> int:
+        with self.lock:
+            return len(self.issued_events)
 
 
 def _is_ready(body: dict[str, Any]) -> bool:
@@ -220,6 +226,12 @@ def start_recording(kubeconfig: Path, recorder: Recorder) -> list[threading.Thre
         with recorder.lock:
             recorder.secret_writes.append((time.monotonic(), kind))
 
+    def on_event(kind: str, obj: Any) -> None:
+        if kind == "ADDED":
+            involved = obj.involved_object
+            with recorder.lock:
+                recorder.issued_events.add((involved.namespace, involved.name))
+
     threads = [
         threading.Thread(
             target=_watch_forever,
@@ -231,6 +243,18 @@ def start_recording(kubeconfig: Path, recorder: Recorder) -> list[threading.Thre
             target=_watch_forever,
             args=(recorder, core.list_secret_for_all_namespaces, on_secret),
             kwargs={"label_selector": MANAGED_BY},
+            daemon=True,
+        ),
+        # The operator posts its events in the background, after the statuses: the idle
+        # window starts once every TokenRequest's TokenIssued event is in.
+        threading.Thread(
+            target=_watch_forever,
+            args=(
+                recorder,
+                k8s.CoreV1Api(new_api_client(kubeconfig)).list_event_for_all_namespaces,
+                on_event,
+            ),
+            kwargs={"field_selector": "reason=TokenIssued"},
             daemon=True,
         ),
     ]
@@ -507,9 +531,18 @@ def run(options: Options) -> dict[str, Any]:
             result["loadavg_burst"] = loadavg()
 
             # Idle: nothing is due for the next 40 minutes (1 h tokens). The window starts
-            # once the burst's tail is done: the operator's log quiet for 3 s (Kopf logs a
-            # line for every TokenRequest event it handles).
-            result["settle_s"] = wait_quiet(operator, quiet=3.0, timeout=options.timeout)
+            # once the burst's tail is done: every TokenIssued event posted (they follow the
+            # statuses, in the background), then the operator's log quiet for 3 s (Kopf
+            # logs a line for every TokenRequest event it handles).
+            settle_from = time.monotonic()
+            wait_until(
+                lambda: recorder.issued_count() >= options.n,
+                timeout=options.timeout,
+                what=f"{options.n} TokenIssued events",
+            )
+            result["events_posted_s"] = round(time.monotonic() - started, 2)
+            wait_quiet(operator, quiet=3.0, timeout=options.timeout)
+            result["settle_s"] = round(time.monotonic() - settle_from, 2)
             idle_from = time.monotonic()
             cpu_from = cpu_seconds(operator.pid)
             time.sleep(options.idle_seconds)  # measuring a window, not waiting for an outcome
