@@ -192,11 +192,20 @@ def test_the_store_keeps_the_latest_of_each_owned_secret_before_the_look_it_wake
     kept = store.get("team-a", "api-token")
     assert kept is not None
     assert kept["metadata"]["resourceVersion"] == "2"
-    assert set(kept) == {"metadata", "data"}
+    assert set(kept) == {"metadata", "data", "type"}
     assert seen_by_sink[0] is not None
-    assert "managedFields" not in seen_by_sink[0]["metadata"]
+    assert set(seen_by_sink[0]["metadata"]) == {"name", "namespace", "resourceVersion"}
     assert [s["metadata"]["resourceVersion"] for s in seen_by_sink if s] == ["1", "2"]
     assert store.get("team-b", "not-served") is None
+    # Secrets of one identity and scope hold the same token: one string in memory.
+    same_token = secret("team-a", "other-token", version="3")
+    same_token["data"]["token"] = "".join(["dG9r", "ZW4="])  # equal, not the same object
+    assert same_token["data"]["token"] is not kept["data"]["token"]
+    feed.owned(ADDED, same_token)
+    other = store.get("team-a", "other-token")
+    assert other is not None
+    assert other["data"]["token"] is kept["data"]["token"]
+    feed.owned(DELETED, {"metadata": {"namespace": "team-a", "name": "other-token"}})
     feed.owned(DELETED, {"metadata": {"namespace": "team-a", "name": "api-token"}})
     assert store.get("team-a", "api-token") is None
     assert len(store) == 0
