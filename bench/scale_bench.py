@@ -19,8 +19,9 @@ Phases: start empty (RSS empty) → create N TokenRequests over S scopes in K
 namespaces at once, watch for each one's first Ready=True (all-Ready time,
 create→Ready p50/p99; latency from the moment the create call returned) →
 RSS loaded → every TokenIssued event posted (the operator posts events in the
-background, after the statuses: `events_posted_s`) → idle window (CPU from /proc/<pid>/stat, Secret writes seen by a
-watch on the managed Secrets, token calls, RSS idle) → restart (token calls
+background, after the statuses: `events_posted_s`) → idle window (CPU from
+/proc/<pid>/stat, Secret writes seen by a watch on the managed Secrets, token
+calls, RSS idle) → restart (token calls
 and Secret writes until the operator has looked at every TokenRequest again,
 RSS at start) → M unrelated Secrets of X bytes in another namespace → restart
 again (RSS at start with them).

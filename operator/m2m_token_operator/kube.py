@@ -20,6 +20,7 @@ import kubernetes
 import urllib3.exceptions
 
 from m2m_token_operator.admission import CALL_PRIORITY, PriorityGate, event_priority
+from m2m_token_operator.events import EventQueue
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +100,13 @@ class KubeApi:
         # One slot per thread: a call is handed to a thread only when one is free, so the
         # order of the waiting calls is ours (oldest look first), not the executor's FIFO.
         self._admission = PriorityGate(max_workers)
-        self._events_in_flight: set[asyncio.Task[None]] = set()
+        # Events go out in the background, as threads come free (see events.py).
+        self._events = EventQueue(self._create_event_with_priority, workers=max_workers)
         self.writes = 0  # every mutating call sent; tests and metrics read it
 
     def close(self) -> None:
         """Stop the worker threads and the connection pool (at operator stop)."""
-        for task in self._events_in_flight:
-            task.cancel()  # courtesies not yet posted are dropped, as client-go drops them
+        self._events.close()  # courtesies not yet posted are dropped, as client-go drops them
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._api_client.close()  # type: ignore[no-untyped-call]
 
@@ -324,26 +325,23 @@ class KubeApi:
     # Events
 
     def post_events(self, namespace: str, bodies: Sequence[Any]) -> None:
-        """Post events in the background, one after the other: the look does not wait.
+        """Post one look's events in the background, in order: the look does not wait.
 
-        They keep the priority of the look they came from (the task copies the context),
-        so they go out after the calls of the looks that follow it, and in their order.
+        They keep the priority of the look they came from (`admission.event_priority`),
+        so under load they go out after the calls of the looks that follow it.
         """
-        if not bodies:
-            return
-        task = asyncio.get_running_loop().create_task(self._post_in_order(namespace, bodies))
-        self._events_in_flight.add(task)
-        task.add_done_callback(self._events_in_flight.discard)
-
-    async def _post_in_order(self, namespace: str, bodies: Sequence[Any]) -> None:
-        for body in bodies:
-            await self.create_event(namespace, body)
+        self._events.put(namespace, bodies, priority=event_priority())
 
     @property
-    def events_in_flight(self) -> int:
-        return len(self._events_in_flight)
+    def events_pending(self) -> bool:
+        return self._events.busy
 
-    async def create_event(self, namespace: str, body: Any) -> None:
+    async def _create_event_with_priority(self, namespace: str, body: Any, priority: float) -> None:
+        await self.create_event(namespace, body, priority=priority)
+
+    async def create_event(
+        self, namespace: str, body: Any, *, priority: float | None = None
+    ) -> None:
         self.writes += 1
         try:
             await self._call(
@@ -351,7 +349,7 @@ class KubeApi:
                 lambda: self._core.create_namespaced_event(
                     namespace, body, _preload_content=False, _request_timeout=self._timeout
                 ),
-                priority=event_priority(),
+                priority=event_priority() if priority is None else priority,
             )
         except KubeError as error:
             # An event is a courtesy: losing one must never stop a token from being delivered.
