@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 # Where Kopf would keep handling state on a TokenRequest: under our domain, not Kopf's.
 STATE_PREFIX = "operator.m2m.dev"
+# Kopf's per-object workers at once (its default: unlimited), and how soon an idle one
+# exits (its default: 5 s, which with a limit would hold slots long after the work).
+KOPF_WORKER_LIMIT = 500
+KOPF_WORKER_IDLE_SECONDS = 0.5
 # The scheduler turns at least every 30 s; three missed turns mean it is stuck.
 SCHEDULER_STALL = timedelta(seconds=90)
 # Kopf itself needs a few seconds to join the peering; five minutes unread is a fault.
@@ -138,6 +142,13 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
         prefix=STATE_PREFIX, key="last-handled-configuration"
     )
     settings.posting.enabled = False  # our events are posted by the reconciler, one per change
+    # A burst of new TokenRequests (thousands created at once) would otherwise start one
+    # worker per object at once, each holding its event's processing state while its
+    # look waits for the API: memory followed the burst, not the TokenRequests. Workers
+    # beyond the limit wait as queued events; an idle worker gives its slot back soon.
+    if settings.queueing.worker_limit is None:  # Kopf's default; a limit set already stays
+        settings.queueing.worker_limit = KOPF_WORKER_LIMIT
+        settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
     settings.peering.priority = peering_priority(config)
 
     api_client = load_api_client()
