@@ -332,10 +332,6 @@ class KubeApi:
         """
         self._events.put(namespace, bodies, priority=event_priority())
 
-    @property
-    def events_pending(self) -> bool:
-        return self._events.busy
-
     async def _create_event_with_priority(self, namespace: str, body: Any, priority: float) -> None:
         await self.create_event(namespace, body, priority=priority)
 

@@ -321,8 +321,8 @@ class TokenRequestReconciler:
                 return dataclasses.replace(facts, operator_identity_pending=True)
             allowed = allowed_here
         try:
-            # Read once per look: for the conflict check, the token it holds, the seeding
-            # and the write.
+            # Looked up once per look (the watch's copy, or a read after a conflict): for the
+            # conflict check, the token it holds, the seeding and the write.
             existing, guessed = await self._read_own_secret(subscription)
             facts = dataclasses.replace(
                 facts,
