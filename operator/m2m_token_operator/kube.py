@@ -101,7 +101,7 @@ class KubeApi:
         # order of the waiting calls is ours (oldest look first), not the executor's FIFO.
         self._admission = PriorityGate(max_workers)
         # Events go out in the background, as threads come free (see events.py).
-        self._events = EventQueue(self._create_event_with_priority, workers=max_workers)
+        self._events = EventQueue(self.create_event, workers=max_workers)
         self.writes = 0  # every mutating call sent; tests and metrics read it
 
     def close(self) -> None:
@@ -332,12 +332,7 @@ class KubeApi:
         """
         self._events.put(namespace, bodies, priority=event_priority())
 
-    async def _create_event_with_priority(self, namespace: str, body: Any, priority: float) -> None:
-        await self.create_event(namespace, body, priority=priority)
-
-    async def create_event(
-        self, namespace: str, body: Any, *, priority: float | None = None
-    ) -> None:
+    async def create_event(self, namespace: str, body: Any, priority: float | None = None) -> None:
         self.writes += 1
         try:
             await self._call(

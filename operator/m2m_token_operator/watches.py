@@ -224,7 +224,7 @@ def _compact(secret: Mapping[str, Any]) -> dict[str, Any]:
     return compact
 
 
-_METADATA_KEPT = ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp")
+_METADATA_KEPT = ("name", "namespace", "uid", "resourceVersion")
 
 
 def _shared(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -127,16 +127,22 @@ async def until(condition: Callable[[], bool], what: str) -> None:
         pytest.fail(f"never happened: {what}")
 
 
-def make_cache(clock: FakeClock, fetch: CountingFetch) -> TokenCache:
+def make_cache(
+    clock: FakeClock,
+    fetch: CountingFetch,
+    *,
+    retry_policy: RetryPolicy | None = None,
+    max_workers: int = 4,
+) -> TokenCache:
     # random() = 0: no jitter, and the lowest backoff (5, 7.5, 15, ... seconds).
     return TokenCache(
         fetch=fetch,
         refresh_policy=RefreshPolicy(),
-        retry_policy=RetryPolicy(),
+        retry_policy=retry_policy or RetryPolicy(),
         clock=clock,
         random=lambda: 0.0,
         jitter_of=lambda token: 0.0,
-        max_workers=4,
+        max_workers=max_workers,
     )
 
 

@@ -1,69 +1,31 @@
 """Cache rules that keep one tenant from costing the others: holds that outlive the last
 subscriber, and a shared key refreshed at the latest point its subscribers allow.
 
-Time is a fake clock advanced by hand; the fetch is a counting in-process callable.
+Same fake clock and counting fetch as test_cache.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
 from m2m_token_operator.cache import CacheKey, TokenCache
-from m2m_token_operator.credentials import ClientCredentials, secret_credentials
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.policy import RetryPolicy
 from m2m_token_operator.tokens import (
-    AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
 )
-
-SCOPE = "api://prod-gcp.shop.orders-api/.default"
-OTHER_SCOPE = "api://prod-gcp.shop.other-api/.default"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-class CountingFetch:
-    """Issues one-hour tokens, or raises the queued outcomes first."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.calls: list[tuple[str, str | None, str]] = []  # (client id, secret, scope)
-        self.outcomes: list[Exception] = []
-
-    def __call__(self, credentials: ClientCredentials, scope: str) -> AccessToken:
-        self.calls.append((credentials.client_id, credentials.client_secret, scope))
-        if self.outcomes:
-            raise self.outcomes.pop(0)
-        issued = self.clock()
-        return AccessToken(
-            value=f"token-{len(self.calls)}",
-            token_type="Bearer",
-            issued_at=issued,
-            expires_at=issued + timedelta(hours=1),
-        )
-
-
-def identity() -> ClientCredentials:
-    return secret_credentials(
-        token_endpoint="https://login.microsoftonline.com/t/oauth2/v2.0/token",
-        client_id="client-1",
-        client_secret="secret-1",
-        source="operator identity",
-    )
+from tests.unit.test_cache import (
+    OTHER_SCOPE,
+    SCOPE,
+    CountingFetch,
+    FakeClock,
+    identity,
+    make_cache,
+)
 
 
 @pytest.fixture
@@ -78,15 +40,8 @@ def fetch(clock: FakeClock) -> CountingFetch:
 
 @pytest.fixture
 def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
-    token_cache = TokenCache(
-        fetch=fetch,
-        refresh_policy=RefreshPolicy(),
-        retry_policy=RetryPolicy(permanent_hold=timedelta(minutes=5)),
-        clock=clock,
-        random=lambda: 0.0,
-        jitter_of=lambda token: 0.0,
-        max_workers=2,
-    )
+    hold = RetryPolicy(permanent_hold=timedelta(minutes=5))
+    token_cache = make_cache(clock, fetch, retry_policy=hold, max_workers=2)
     yield token_cache
     token_cache.close()
 
