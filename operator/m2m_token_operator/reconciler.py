@@ -100,6 +100,7 @@ class TokenRequestReconciler:
         self._owned_secrets = owned_secrets
         self._retry: RetryPolicy = settings.retry_policy()
         self._endpoint_policy = settings.endpoint_policy()
+        self._unserved_namespaces = {settings.operator_namespace, settings.seal_key_secret[0]}
         self.registry = Registry(
             default_cluster=settings.cluster_name,
             on_key_unused=cache.forget,
@@ -312,7 +313,13 @@ class TokenRequestReconciler:
         """The facts of one look. Writes the Secret: how that went is a fact too."""
         spec = subscription.spec
         facts = self._facts(subscription)
-        if spec is None or subscription.deleting:
+        if subscription.deleting:
+            return facts
+        if subscription.namespace in self._unserved_namespaces:
+            # Before any read: a secretRef here would name the operator's own identity
+            # Secret, a secretName its seal key.
+            return dataclasses.replace(facts, in_operator_namespace=True)
+        if spec is None:
             return facts
         allowed = True
         if _uses_operator_identity(spec):

@@ -81,6 +81,8 @@ class Settings:
     operator_identity_namespace_selector: str | None = None
     # (namespace, name) of the Secret holding the restart seal's HMAC key (see seal.py).
     seal_key_secret: tuple[str, str] = (DEFAULT_SEAL_NAMESPACE, DEFAULT_SEAL_SECRET_NAME)
+    # The operator's own namespace (its identity, its seal key): never served.
+    operator_namespace: str = DEFAULT_SEAL_NAMESPACE
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -174,6 +176,7 @@ class Settings:
             or "api://AzureADTokenExchange",
             operator_identity_namespace_selector=selector,
             seal_key_secret=_seal_key_secret(reader, env),
+            operator_namespace=_operator_namespace(env),
         )
         settings = dataclasses.replace(
             settings,
@@ -221,12 +224,20 @@ _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
 
 
-def _seal_key_secret(reader: _Reader, env: Mapping[str, str]) -> tuple[str, str]:
-    """M2M_SEAL_KEY_SECRET (namespace/name), else the operator's own namespace.
+def _operator_namespace(env: Mapping[str, str]) -> str:
+    """POD_NAMESPACE (the Deployment sets it), else the in-cluster ServiceAccount
+    namespace file, else `m2m-token-operator`."""
+    namespace = env.get("POD_NAMESPACE", "").strip()
+    if not namespace:
+        try:
+            namespace = Path(IN_CLUSTER_NAMESPACE_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            namespace = ""
+    return namespace or DEFAULT_SEAL_NAMESPACE
 
-    The operator's namespace is POD_NAMESPACE (the Deployment sets it), else the
-    in-cluster ServiceAccount namespace file, else `m2m-token-operator`.
-    """
+
+def _seal_key_secret(reader: _Reader, env: Mapping[str, str]) -> tuple[str, str]:
+    """M2M_SEAL_KEY_SECRET (namespace/name), else the operator's own namespace."""
     raw = reader.text("M2M_SEAL_KEY_SECRET")
     if raw:
         namespace, _, name = raw.partition("/")
@@ -237,13 +248,7 @@ def _seal_key_secret(reader: _Reader, env: Mapping[str, str]) -> tuple[str, str]
             raw,
             f"namespace/name, such as m2m-token-operator/{DEFAULT_SEAL_SECRET_NAME}",
         )
-    namespace = env.get("POD_NAMESPACE", "").strip()
-    if not namespace:
-        try:
-            namespace = Path(IN_CLUSTER_NAMESPACE_FILE).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            namespace = ""
-    return namespace or DEFAULT_SEAL_NAMESPACE, DEFAULT_SEAL_SECRET_NAME
+    return _operator_namespace(env), DEFAULT_SEAL_SECRET_NAME
 
 
 def _default_identity_host(env: Mapping[str, str], directory: Path | None) -> frozenset[str]:
