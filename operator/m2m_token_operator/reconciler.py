@@ -352,7 +352,8 @@ class TokenRequestReconciler:
                 return dataclasses.replace(facts, credentials_error=error)
             # The secret, key or assertion is registered with REDACTOR where it is read or made.
             if not client_id_shown(credentials.client_id):
-                REDACTOR.register(credentials.client_id)  # perhaps a secret in the wrong key
+                # Perhaps a secret in the wrong key.
+                REDACTOR.register(credentials.client_id, holder=credentials)
             if not self.registry.current(subscription):
                 raise _Superseded
             key = CacheKey.for_credentials(credentials, spec.scope)
@@ -379,7 +380,7 @@ class TokenRequestReconciler:
                 )
             metrics.record_cache_lookup(fetched=result.fetched)
             if result.token is not None:
-                REDACTOR.register(result.token.value)
+                REDACTOR.register(result.token.value, holder=result.token)
                 if result.fetched:
                     self._fan_out(key, subscription.ref)  # the others want it too
             if not self.registry.current(subscription):
@@ -563,7 +564,7 @@ class TokenRequestReconciler:
             seal_for=lambda token: self._seal(key, credentials, token),
         )
         if token is not None:
-            REDACTOR.register(token.value)
+            REDACTOR.register(token.value, holder=token)
             self._cache.seed(key, token)
             logger.info(
                 "%s reusing the unexpired token found in its Secret", subscription.log_context
