@@ -5,13 +5,16 @@ not a copy that drifts from them. So this reads the very files `kubectl apply
 -k manifests/` reads (the kustomization's `resources`, followed into `crds/`),
 and server-side applies them through the API: CRDs first (then waits until they
 are Established), the namespace, the ServiceAccount, the ClusterRole and its
-binding, and the Kopf peering object. What needs Pods (the Deployment, its
+binding, the admission policy that limits what the operator's account may
+write (then waits until the API server enforces it), and the Kopf peering
+object. What needs Pods (the Deployment, its
 PodDisruptionBudget, NetworkPolicy and Service) is skipped: there are no nodes
 here; the operator runs as a local process with the ServiceAccount's token.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,7 +25,10 @@ from kubernetes import client as k8s
 from kubernetes import dynamic
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+from devenv.controlplane import request_service_account_token
+
 __all__ = [
+    "ADMISSION_POLICY",
     "CRD_FILE",
     "FIELD_MANAGER",
     "MANIFESTS_DIR",
@@ -37,6 +43,7 @@ __all__ = [
     "installable_objects",
     "kustomization_documents",
     "read_documents",
+    "wait_for_admission_policy",
     "wait_for_crds",
     "wait_until_listable",
 ]
@@ -49,6 +56,8 @@ EXAMPLES_DIR = REPO_ROOT / "examples"
 OPERATOR_NAMESPACE = "m2m-token-operator"
 OPERATOR_SERVICE_ACCOUNT = "m2m-token-operator"
 PEERING_NAME = "m2m-token-operator"
+# manifests/admission-policy.yaml: what the operator's ServiceAccount may write.
+ADMISSION_POLICY = "m2m-token-operator-secret-writes"
 FIELD_MANAGER = "m2m-devenv"
 # Objects that only matter where Pods run; this control plane has no nodes.
 SKIPPED_KINDS = frozenset({"Deployment", "PodDisruptionBudget", "NetworkPolicy", "Service"})
@@ -183,12 +192,61 @@ def wait_until_listable(
                 time.sleep(0.2)
 
 
-def install_operator(api: k8s.ApiClient, *, timeout: float = 60.0) -> list[Manifest]:
-    """Apply the shipped CRDs, namespace, ServiceAccount, RBAC and peering; idempotent.
+def service_account_client(api: k8s.ApiClient, namespace: str, name: str) -> k8s.ApiClient:
+    """A client of the same API server as `api`, acting as a ServiceAccount (10-minute token)."""
+    token = request_service_account_token(api, namespace, name, expiration_seconds=600)
+    configuration = copy.deepcopy(api.configuration)
+    configuration.cert_file = None
+    configuration.key_file = None
+    configuration.username = ""
+    configuration.password = ""
+    configuration.api_key = {"authorization": f"Bearer {token}"}
+    configuration.api_key_prefix = {}
+    return k8s.ApiClient(configuration)
+
+
+def wait_for_admission_policy(api: k8s.ApiClient, *, timeout: float = 60.0) -> None:
+    """Wait until the API server denies what the admission policy forbids the operator.
+
+    A new ValidatingAdmissionPolicy takes effect once the API server's informer has
+    both it and its binding, a moment after the apply; tests that run before then
+    would prove nothing about it. The probe: a server-side dry run, as the operator's
+    ServiceAccount, of a Secret it may not create (dry runs go through admission and
+    store nothing).
+    """
+    probe: Any = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {"name": "m2m-admission-policy-probe", "namespace": OPERATOR_NAMESPACE},
+    }
+    deadline = time.monotonic() + timeout
+    with service_account_client(api, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT) as operator:
+        core = k8s.CoreV1Api(operator)
+        while True:
+            try:
+                core.create_namespaced_secret(OPERATOR_NAMESPACE, probe, dry_run="All")
+            except k8s.ApiException as error:
+                if error.status == 403 and ADMISSION_POLICY in str(error.body):
+                    return
+                raise InstallError(
+                    f"probing the admission policy: HTTP {error.status} {error.body}"
+                ) from None
+            if time.monotonic() > deadline:
+                raise InstallError(f"{ADMISSION_POLICY} not enforced within {timeout}s")
+            time.sleep(0.1)  # the create passed: the policy is not enforced yet
+
+
+def install_operator(
+    api: k8s.ApiClient, *, objects: list[Manifest] | None = None, timeout: float = 60.0
+) -> list[Manifest]:
+    """Apply the shipped CRDs, namespace, ServiceAccount, RBAC, admission policy and
+    peering (or `objects`, e.g. a rendered overlay's, without the Pod-related kinds);
+    idempotent.
 
     Returns what was applied, as the server answered.
     """
-    objects = installable_objects()
+    objects = installable_objects() if objects is None else objects
     if not any(doc["kind"] == "CustomResourceDefinition" for doc in objects):
         raise InstallError(f"{MANIFESTS_DIR}/kustomization.yaml installs no CRD")
     crds = [doc for doc in objects if doc["kind"] == "CustomResourceDefinition"]
@@ -199,4 +257,6 @@ def install_operator(api: k8s.ApiClient, *, timeout: float = 60.0) -> list[Manif
     wait_until_listable(api, crds, timeout=timeout)
     # Custom objects (the ClusterKopfPeering) only after their CRD is served.
     applied += apply_objects(api, [*namespaces, *rest], timeout=timeout)
+    if any(doc["kind"] == "ValidatingAdmissionPolicyBinding" for doc in objects):
+        wait_for_admission_policy(api, timeout=timeout)
     return applied

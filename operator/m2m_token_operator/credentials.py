@@ -120,9 +120,8 @@ class ClientCredentials:
 def secret_credentials(
     *, token_endpoint: str, client_id: str, client_secret: str, source: str
 ) -> ClientCredentials:
-    """An identity proven by a client secret (registered with the log redactor)."""
-    REDACTOR.register(client_secret)
-    return ClientCredentials(
+    """An identity proven by a client secret (registered with the log redactor while held)."""
+    credentials = ClientCredentials(
         token_endpoint=token_endpoint,
         client_id=client_id,
         source=source,
@@ -131,6 +130,8 @@ def secret_credentials(
         client_secret=client_secret,
         seal_secret=client_secret,
     )
+    REDACTOR.register(client_secret, holder=credentials)
+    return credentials
 
 
 def private_key_credentials(
@@ -155,7 +156,7 @@ def private_key_credentials(
         REDACTOR.register(signed)
         return signed
 
-    return ClientCredentials(
+    credentials = ClientCredentials(
         token_endpoint=token_endpoint,
         client_id=client_id,
         source=source,
@@ -164,6 +165,10 @@ def private_key_credentials(
         client_assertion=assertion,
         seal_secret=key.seal_secret(),
     )
+    # Registered above already (the parse may echo it); now for as long as it is held.
+    for value in (jwk, *private_members(jwk)):
+        REDACTOR.register(value, holder=credentials)
+    return credentials
 
 
 def parse_host_entry(entry: str) -> tuple[str, int | None]:

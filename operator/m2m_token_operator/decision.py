@@ -38,6 +38,7 @@ from m2m_token_operator.status import (
     INVALID_SPEC,
     KUBERNETES_API_ERROR,
     OPERATOR_IDENTITY_NOT_ALLOWED,
+    OPERATOR_NAMESPACE_NOT_SERVED,
     SECRET_CONFLICT,
     SECRET_WRITE_FAILED,
     EventSpec,
@@ -69,6 +70,8 @@ class Facts:
     spec: TokenRequestSpec | None = None
     spec_error: str | None = None
     deleting: bool = False  # metadata.deletionTimestamp is set
+    # In the operator's own namespace (its identity, its seal key): refused, nothing read.
+    in_operator_namespace: bool = False
     # The Secret named by spec.secretName, as read at the start of this look.
     secret_read: bool = False  # False: not read (the look ended earlier, or the read failed)
     secret_foreign: bool = False  # it exists and this TokenRequest does not own it
@@ -190,6 +193,26 @@ def _operator_identity_denied(
     return Failure(OPERATOR_IDENTITY_NOT_ALLOWED, message), failed_at, first
 
 
+def operator_namespace_failure() -> Failure:
+    return Failure(
+        OPERATOR_NAMESPACE_NOT_SERVED,
+        "TokenRequests in the operator's own namespace are not served: it holds the"
+        " operator's identity and seal key, which no TokenRequest may use or overwrite."
+        " Create it in your application's namespace",
+    )
+
+
+def _first_failure_time(facts: Facts, reason: str, now: datetime) -> tuple[datetime, bool]:
+    """When a failure that persists without a retry was first found (so a restart writes
+    nothing), and whether this look is that first one."""
+    _, previous_reason = condition_reason(facts.previous_status, DEGRADED)
+    previous_time = facts.previous_status.get("lastFailureTime")
+    if previous_reason == reason and previous_time:
+        with contextlib.suppress(ValueError):
+            return parse_time(str(previous_time)), False
+    return now, True
+
+
 def decide(facts: Facts, now: datetime) -> Outcome:
     """The outcome of one look: pure, total, and the only place that picks the token."""
     if facts.deleting:
@@ -204,7 +227,9 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         )
     spec = facts.spec
     secret_name = spec.secret_name if spec else facts.name
-    token, delivered = _token_in_secret(facts, now)
+    token, delivered = (
+        (None, False) if facts.in_operator_namespace else _token_in_secret(facts, now)
+    )
     log: list[tuple[int, str]] = []
     count_failures: list[str] = []
     # Counters move only with what this look learnt about them.
@@ -234,7 +259,15 @@ def decide(facts: Facts, now: datetime) -> Outcome:
                 )
             )
 
-    if spec is None:
+    if facts.in_operator_namespace:
+        failure = operator_namespace_failure()
+        failed_at, first = _first_failure_time(facts, failure.reason, now)
+        failed_attempts = 1
+        if first:
+            count_failures.append(failure.reason)
+            log.append((logging.WARNING, f"not served: reason={failure.reason}"))
+        # Nothing to wait for: no edit of the object can change its namespace.
+    elif spec is None:
         failure = Failure(INVALID_SPEC, facts.spec_error or "invalid spec")
         # Nothing to wait for: the next spec edit brings the object back.
     elif facts.api_error is not None:
@@ -320,7 +353,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
             log.append((logging.INFO, "Secret changed while it was written; writing again soon"))
     if token is not None:
         wake.append(token.expires_at)  # Ready must turn False on time
-    if spec is not None and not wake:
+    if spec is not None and not wake and not facts.in_operator_namespace:
         # A watch event wakes us sooner; this is the safety net, also for an answer that
         # left nothing to wait for (a token born expired).
         wake.append(now + facts.retry.maximum)

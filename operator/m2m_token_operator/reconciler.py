@@ -100,6 +100,7 @@ class TokenRequestReconciler:
         self._owned_secrets = owned_secrets
         self._retry: RetryPolicy = settings.retry_policy()
         self._endpoint_policy = settings.endpoint_policy()
+        self._unserved_namespaces = {settings.operator_namespace, settings.seal_key_secret[0]}
         self.registry = Registry(
             default_cluster=settings.cluster_name,
             on_key_unused=cache.forget,
@@ -312,7 +313,13 @@ class TokenRequestReconciler:
         """The facts of one look. Writes the Secret: how that went is a fact too."""
         spec = subscription.spec
         facts = self._facts(subscription)
-        if spec is None or subscription.deleting:
+        if subscription.deleting:
+            return facts
+        if subscription.namespace in self._unserved_namespaces:
+            # Before any read: a secretRef here would name the operator's own identity
+            # Secret, a secretName its seal key.
+            return dataclasses.replace(facts, in_operator_namespace=True)
+        if spec is None:
             return facts
         allowed = True
         if _uses_operator_identity(spec):
@@ -345,7 +352,8 @@ class TokenRequestReconciler:
                 return dataclasses.replace(facts, credentials_error=error)
             # The secret, key or assertion is registered with REDACTOR where it is read or made.
             if not client_id_shown(credentials.client_id):
-                REDACTOR.register(credentials.client_id)  # perhaps a secret in the wrong key
+                # Perhaps a secret in the wrong key.
+                REDACTOR.register(credentials.client_id, holder=credentials)
             if not self.registry.current(subscription):
                 raise _Superseded
             key = CacheKey.for_credentials(credentials, spec.scope)
@@ -372,7 +380,7 @@ class TokenRequestReconciler:
                 )
             metrics.record_cache_lookup(fetched=result.fetched)
             if result.token is not None:
-                REDACTOR.register(result.token.value)
+                REDACTOR.register(result.token.value, holder=result.token)
                 if result.fetched:
                     self._fan_out(key, subscription.ref)  # the others want it too
             if not self.registry.current(subscription):
@@ -556,7 +564,7 @@ class TokenRequestReconciler:
             seal_for=lambda token: self._seal(key, credentials, token),
         )
         if token is not None:
-            REDACTOR.register(token.value)
+            REDACTOR.register(token.value, holder=token)
             self._cache.seed(key, token)
             logger.info(
                 "%s reusing the unexpired token found in its Secret", subscription.log_context

@@ -12,7 +12,10 @@ mounted Secret is rotated in place while the operator keeps running.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import json
 import math
 import os
 import re
@@ -44,6 +47,26 @@ MICROSOFT_LOGIN_HOST = "login.microsoftonline.com"
 LOG_FORMATS = ("json", "text")
 # Kopf takes any integer; bounded so that every peer can hold it in a 32-bit integer.
 PEERING_PRIORITY_LIMIT = 2**31 - 1
+DEFAULT_FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
+# Audiences a Kubernetes API server accepts ServiceAccount tokens for, by default and as
+# clusters commonly configure them. A token minted for one of these would work against the
+# cluster's API as that ServiceAccount; sending it to a token endpoint hands that away.
+KUBERNETES_API_AUDIENCES = frozenset(
+    {
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+        "https://kubernetes",
+        "https://kubernetes.default",
+        "https://kubernetes.default.svc",
+        "https://kubernetes.default.svc.cluster.local",
+    }
+)
+# The operator's own ServiceAccount token in a pod: its `iss` and `aud` are what this
+# cluster's API server issues and accepts (read without verification: nothing is trusted
+# from it, it only names more audiences to refuse).
+SERVICE_ACCOUNT_TOKEN_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -76,14 +99,21 @@ class Settings:
     # Looks in flight at once per namespace, so no namespace can take every worker.
     namespace_concurrency: int = 4
     # The audience of the ServiceAccount tokens minted for workload identity federation.
-    federation_audience: str = "api://AzureADTokenExchange"
+    federation_audience: str = DEFAULT_FEDERATION_AUDIENCE
     # None: no namespace may use the operator's own identity (see namespaces.py).
     operator_identity_namespace_selector: str | None = None
     # (namespace, name) of the Secret holding the restart seal's HMAC key (see seal.py).
     seal_key_secret: tuple[str, str] = (DEFAULT_SEAL_NAMESPACE, DEFAULT_SEAL_SECRET_NAME)
+    # The operator's own namespace (its identity, its seal key): never served.
+    operator_namespace: str = DEFAULT_SEAL_NAMESPACE
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        service_account_token_file: Path = SERVICE_ACCOUNT_TOKEN_FILE,
+    ) -> Settings:
         env: Mapping[str, str] = os.environ if environ is None else environ
         reader = _Reader(env)
 
@@ -170,10 +200,10 @@ class Settings:
                 low=-PEERING_PRIORITY_LIMIT,
                 high=PEERING_PRIORITY_LIMIT,
             ),
-            federation_audience=reader.text("M2M_FEDERATION_AUDIENCE")
-            or "api://AzureADTokenExchange",
+            federation_audience=_federation_audience(reader, service_account_token_file),
             operator_identity_namespace_selector=selector,
             seal_key_secret=_seal_key_secret(reader, env),
+            operator_namespace=_operator_namespace(env),
         )
         settings = dataclasses.replace(
             settings,
@@ -221,12 +251,55 @@ _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
 
 
-def _seal_key_secret(reader: _Reader, env: Mapping[str, str]) -> tuple[str, str]:
-    """M2M_SEAL_KEY_SECRET (namespace/name), else the operator's own namespace.
+def _normal_audience(audience: str) -> str:
+    return audience.strip().rstrip("/").lower()
 
-    The operator's namespace is POD_NAMESPACE (the Deployment sets it), else the
-    in-cluster ServiceAccount namespace file, else `m2m-token-operator`.
-    """
+
+def api_server_audiences(token_file: Path) -> frozenset[str]:
+    """The issuer and audiences in the operator's own ServiceAccount token (none outside a pod)."""
+    try:
+        payload = token_file.read_text(encoding="ascii").strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (OSError, UnicodeDecodeError, IndexError, binascii.Error, ValueError):
+        return frozenset()
+    if not isinstance(claims, dict):
+        return frozenset()
+    audiences = claims.get("aud")
+    found = [claims.get("iss"), *(audiences if isinstance(audiences, list) else [audiences])]
+    return frozenset(_normal_audience(a) for a in found if isinstance(a, str) and a.strip())
+
+
+def _federation_audience(reader: _Reader, token_file: Path) -> str:
+    """M2M_FEDERATION_AUDIENCE: never one the cluster's own API server accepts."""
+    audience = reader.text("M2M_FEDERATION_AUDIENCE") or DEFAULT_FEDERATION_AUDIENCE
+    refused = {_normal_audience(a) for a in KUBERNETES_API_AUDIENCES}
+    refused |= api_server_audiences(token_file)
+    if _normal_audience(audience) in refused:
+        reader.problem(
+            "M2M_FEDERATION_AUDIENCE",
+            audience,
+            "the audience your token endpoint's federated credentials expect (Entra ID:"
+            f" {DEFAULT_FEDERATION_AUDIENCE}), never the Kubernetes API server's own audience"
+            " or issuer: a ServiceAccount token minted for it works against this cluster's"
+            " API, and the operator would send it to a token endpoint",
+        )
+    return audience
+
+
+def _operator_namespace(env: Mapping[str, str]) -> str:
+    """POD_NAMESPACE (the Deployment sets it), else the in-cluster ServiceAccount
+    namespace file, else `m2m-token-operator`."""
+    namespace = env.get("POD_NAMESPACE", "").strip()
+    if not namespace:
+        try:
+            namespace = Path(IN_CLUSTER_NAMESPACE_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            namespace = ""
+    return namespace or DEFAULT_SEAL_NAMESPACE
+
+
+def _seal_key_secret(reader: _Reader, env: Mapping[str, str]) -> tuple[str, str]:
+    """M2M_SEAL_KEY_SECRET (namespace/name), else the operator's own namespace."""
     raw = reader.text("M2M_SEAL_KEY_SECRET")
     if raw:
         namespace, _, name = raw.partition("/")
@@ -237,13 +310,7 @@ def _seal_key_secret(reader: _Reader, env: Mapping[str, str]) -> tuple[str, str]
             raw,
             f"namespace/name, such as m2m-token-operator/{DEFAULT_SEAL_SECRET_NAME}",
         )
-    namespace = env.get("POD_NAMESPACE", "").strip()
-    if not namespace:
-        try:
-            namespace = Path(IN_CLUSTER_NAMESPACE_FILE).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            namespace = ""
-    return namespace or DEFAULT_SEAL_NAMESPACE, DEFAULT_SEAL_SECRET_NAME
+    return _operator_namespace(env), DEFAULT_SEAL_SECRET_NAME
 
 
 def _default_identity_host(env: Mapping[str, str], directory: Path | None) -> frozenset[str]:

@@ -36,6 +36,8 @@ EXPECTED_KINDS = {
     "ClusterRoleBinding",
     "Role",
     "RoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
     "Deployment",
     "PodDisruptionBudget",
     "NetworkPolicy",

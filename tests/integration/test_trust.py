@@ -6,7 +6,10 @@ operator in this process; tests/e2e/test_trust.py runs it as a process.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
+
+import kubernetes
 
 from ._token_endpoint import TokenEndpoint
 from .harness import Kube, OperatorFactory, wait_for
@@ -82,3 +85,86 @@ async def test_the_denial_survives_a_restart_without_a_write(
     )
     assert kube.read_status(NS, NAME) == before  # no status write: the same failure, same time
     assert token_endpoint.count == 0
+
+
+OPERATOR_NAMESPACE = "m2m-token-operator"  # devenv.install's; the operator's default
+SEAL_KEY_SECRET = "m2m-token-operator-seal-key"
+
+
+async def test_token_requests_in_the_operators_own_namespace_are_refused_unread(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    """Issue 18: there a secretRef names the operator's identity, a secretName its seal key.
+
+    Created in the real operator namespace (not one of the test's), so removed at the end.
+    """
+    group, version, plural = "m2m.dev", "v1alpha1", "tokenrequests"
+    seal_before = kube.core.read_namespaced_secret(SEAL_KEY_SECRET, OPERATOR_NAMESPACE).metadata
+    identity: Any = {
+        "metadata": {"name": "identity-copy"},
+        "stringData": {
+            "AZURE_APP_CLIENT_ID": "its-client",
+            "AZURE_APP_CLIENT_SECRET": "its-secret",
+            "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": token_endpoint.url,
+        },
+    }
+    refused = {
+        "by-ref": {
+            "scope": "api://by-ref/.default",
+            "credentials": {"secretRef": {"name": "identity-copy"}},
+        },
+        "seal-name": {"scope": "api://seal-name/.default", "secretName": SEAL_KEY_SECRET},
+        "own": {"scope": "api://own/.default"},
+    }
+    kube.core.create_namespaced_secret(OPERATOR_NAMESPACE, identity)
+    try:
+        for name, spec in refused.items():
+            body: Any = {
+                "apiVersion": f"{group}/{version}",
+                "kind": "TokenRequest",
+                "metadata": {"name": name},
+                "spec": spec,
+            }
+            kube.custom.create_namespaced_custom_object(
+                group, version, OPERATOR_NAMESPACE, plural, body
+            )
+        operator_factory.start()
+        kube.create_token_request(NS, NAME, TARGET)  # elsewhere: served as usual
+        await wait_condition(kube, "Ready", "True", "TokenIssued", timeout=15)
+
+        for name in refused:
+
+            def reason(name: str = name) -> Any:
+                found: Any = kube.custom.get_namespaced_custom_object(
+                    group, version, OPERATOR_NAMESPACE, plural, name
+                )
+                conditions = by_type(found.get("status") or {})
+                degraded = conditions.get("Degraded") or {}
+                return degraded if degraded.get("reason") == "OperatorNamespaceNotServed" else None
+
+            degraded = await wait_for(reason, message=f"{name} refused")
+            assert degraded["status"] == "True"
+            assert "operator's own namespace" in degraded["message"]
+
+        # The refusing looks wrote their status last: had they read or written a Secret,
+        # or asked for a token, it would show by now. One token request: the other namespace's.
+        assert token_endpoint.count == 1
+        secret_calls = kube.requests(path=rf"/namespaces/{OPERATOR_NAMESPACE}/secrets")
+        # Only the seal key, read once at start (it exists: the session's fixture made it).
+        assert [(r.method, r.path.rsplit("/", 1)[-1]) for r in secret_calls] == [
+            ("GET", SEAL_KEY_SECRET)
+        ]
+        seal_after = kube.core.read_namespaced_secret(SEAL_KEY_SECRET, OPERATOR_NAMESPACE).metadata
+        assert seal_before is not None
+        assert seal_after is not None
+        assert seal_after.resource_version == seal_before.resource_version
+        listed = kube.core.list_namespaced_secret(OPERATOR_NAMESPACE).items
+        names = {s.metadata.name for s in listed if s.metadata is not None}
+        assert names.isdisjoint({"by-ref", "own"}), names
+    finally:
+        for name in refused:
+            with contextlib.suppress(kubernetes.client.ApiException):
+                kube.custom.delete_namespaced_custom_object(
+                    group, version, OPERATOR_NAMESPACE, plural, name
+                )
+        kube.core.delete_namespaced_secret("identity-copy", OPERATOR_NAMESPACE)

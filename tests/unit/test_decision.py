@@ -400,3 +400,26 @@ def test_a_conflict_error_type_is_a_kube_error() -> None:
     outcome = decide(facts_of(cache=served(NEW), write=WriteOutcome.CREATED, api_error=error), NOW)
     assert conditions(outcome)[1] == ("True", "KubernetesAPIError")
     assert reasons(outcome) == [("Normal", "TokenIssued"), ("Warning", "KubernetesAPIError")]
+
+
+def test_operator_namespace_not_served() -> None:
+    # Issue 18: a TokenRequest in the operator's own namespace (where a secretRef would
+    # name the operator's identity and a secretName its seal key). The reconciler reads
+    # nothing for it; whatever else the facts say, nothing is served and no wake is set.
+    facts = facts_of(in_operator_namespace=True, secret_read=False, remembered_token=OLD)
+    outcome = decide(facts, NOW)
+    assert conditions(outcome) == (
+        ("False", "OperatorNamespaceNotServed"),
+        ("True", "OperatorNamespaceNotServed"),
+    )
+    assert outcome.token is None
+    assert outcome.wake_at is None
+    assert outcome.count_failures == ("OperatorNamespaceNotServed",)
+    assert reasons(outcome) == [("Warning", "OperatorNamespaceNotServed")]
+    assert outcome.status is not None
+    assert "operator's own namespace" in outcome.status["conditions"][1]["message"]
+    # Looked at again (a restart, a resync): the same status, nothing written or counted.
+    again = decide(dataclasses.replace(facts, previous_status=outcome.status), NOW + timedelta(1))
+    assert not again.write_status
+    assert again.events == ()
+    assert again.count_failures == ()

@@ -33,6 +33,21 @@ def test_invalid_settings_stop_with_a_clear_message() -> None:
     assert "M2M_CONNECT_TIMEOUT_SECONDS" in result.stderr
 
 
+def test_the_api_servers_audience_as_federation_audience_stops_the_operator() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "m2m_token_operator", "--standalone"],
+        env={"M2M_FEDERATION_AUDIENCE": "https://kubernetes.default.svc", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "M2M_FEDERATION_AUDIENCE='https://kubernetes.default.svc' is not valid" in (
+        result.stderr
+    )
+
+
 def test_the_peering_identity_is_set_once_and_kept() -> None:
     environ: dict[str, str] = {}
     identity = ensure_peering_identity(environ)

@@ -1,5 +1,6 @@
 """Log records are scrubbed of registered secrets and JWT-shaped strings at creation."""
 
+import gc
 import json
 import logging
 
@@ -108,12 +109,12 @@ def test_json_output_keeps_the_scrubbed_traceback_field() -> None:
     assert "Stack (most recent call last)" in data["stack_info"]
 
 
-def test_every_one_of_thousands_of_values_is_found_and_the_oldest_age_out() -> None:
+def test_every_one_of_thousands_of_values_is_found_and_the_oldest_unheld_age_out() -> None:
     redactor = redaction.Redactor()
-    values = [f"token-{n:05d}-{'x' * 40}" for n in range(redaction._MAX_VALUES + 10)]
+    values = [f"token-{n:05d}-{'x' * 40}" for n in range(redaction._RECENT_VALUES + 10)]
     for value in values:
         redactor.register(value)
-    assert len(redactor) == redaction._MAX_VALUES
+    assert len(redactor) == redaction._RECENT_VALUES
     newest, oldest = values[-1], values[0]
     assert redactor.scrub(f"a {newest} b") == f"a {redaction.REDACTED} b"
     assert redactor.scrub(f"a {oldest} b") == f"a {oldest} b"  # aged out: a long-gone token
@@ -131,3 +132,48 @@ def test_a_value_that_contains_another_is_replaced_whole() -> None:
     redactor.register("prefix-s3cr3t-value-suffix")
     assert redactor.scrub("<prefix-s3cr3t-value-suffix>") == f"<{redaction.REDACTED}>"
     assert redactor.scrub("<s3cr3t-value>") == f"<{redaction.REDACTED}>"
+
+
+class _Holder:
+    """Stands for a token or credentials object that carries a secret value."""
+
+
+def test_held_values_never_age_out_however_many_are_held() -> None:
+    # Issue 18: at 10,000 TokenRequests the fixed 4,096 values let live tokens and client
+    # secrets age out of the scrubber. Held values stay while their holder lives.
+    redactor = redaction.Redactor()
+    count = 5000  # more than the 4,096 recent values
+    holders = [_Holder() for _ in range(count)]
+    for index, holder in enumerate(holders):
+        redactor.register(f"held-secret-{index:05d}", holder=holder)
+    for index in range(count):  # as many one-use values after them
+        redactor.register(f"one-use-assertion-{index:05d}")
+
+    assert redactor.held == count
+    for index in (0, 1, count // 2, count - 1):
+        value = f"held-secret-{index:05d}"
+        assert redactor.scrub(f"posting {value}") == f"posting {redaction.REDACTED}"
+    # The one-use values are bounded as before: the oldest have aged out.
+    assert redactor.scrub("one-use-assertion-00000") == "one-use-assertion-00000"
+    assert redactor.scrub(f"one-use-assertion-{count - 1:05d}") == redaction.REDACTED
+
+
+def test_a_released_value_stays_a_while_then_ages_out() -> None:
+    redactor = redaction.Redactor(recent=2)
+    holder = _Holder()
+    redactor.register("token-value-released", holder=holder)
+    redactor.register("token-value-released", holder=holder)  # each look registers it again
+    other = _Holder()
+    redactor.register("token-value-released", holder=other)  # another holder of the same
+    del holder
+    gc.collect()
+    assert redactor.held == 1  # still held by `other`
+    del other
+    gc.collect()
+    assert redactor.held == 0
+    # Released: one of the recent values now, still scrubbed until two newer ones come.
+    assert redactor.scrub("token-value-released") == redaction.REDACTED
+    redactor.register("newer-value-1")
+    redactor.register("newer-value-2")
+    assert redactor.scrub("token-value-released") == "token-value-released"
+    assert len(redactor) == 2

@@ -1,5 +1,7 @@
 """Settings: defaults, every variable, and errors that name the variable and the fix."""
 
+import base64
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +39,58 @@ def test_defaults() -> None:
 def test_federation_audience() -> None:
     settings = Settings.from_env({"M2M_FEDERATION_AUDIENCE": " api://custom-exchange "})
     assert settings.federation_audience == "api://custom-exchange"
+
+
+@pytest.mark.parametrize(
+    "audience",
+    [
+        "https://kubernetes.default.svc",
+        "https://kubernetes.default.svc.cluster.local/",
+        "kubernetes",
+        "HTTPS://Kubernetes.Default.Svc",
+    ],
+)
+def test_federation_audience_is_never_the_api_servers(audience: str, tmp_path: Path) -> None:
+    # Issue 18: a ServiceAccount token for the API server's audience works against the
+    # cluster; the operator must never mint one to send to a token endpoint.
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(
+            {"M2M_FEDERATION_AUDIENCE": audience},
+            service_account_token_file=tmp_path / "absent",
+        )
+    assert f"M2M_FEDERATION_AUDIENCE={audience!r} is not valid" in str(raised.value)
+    assert "API server's own audience" in str(raised.value)
+
+
+def _jwt(claims: dict[str, object]) -> str:
+    def part(value: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+def test_federation_audience_is_not_the_issuer_or_audience_of_the_operators_own_token(
+    tmp_path: Path,
+) -> None:
+    # The cluster's issuer and API audience, as the operator's own (mounted) token names them.
+    token_file = tmp_path / "token"
+    token_file.write_text(
+        _jwt({"iss": "https://oidc.example/cluster-7", "aud": ["https://api.cluster-7.example"]})
+    )
+    for audience in ("https://oidc.example/cluster-7", "https://api.cluster-7.example/"):
+        with pytest.raises(SettingsError, match="M2M_FEDERATION_AUDIENCE"):
+            Settings.from_env(
+                {"M2M_FEDERATION_AUDIENCE": audience}, service_account_token_file=token_file
+            )
+    # Anything else, and the default, is fine; so is an unreadable token file.
+    allowed = Settings.from_env({}, service_account_token_file=token_file)
+    assert allowed.federation_audience == "api://AzureADTokenExchange"
+    token_file.write_text("not a token")
+    unread = Settings.from_env(
+        {"M2M_FEDERATION_AUDIENCE": "https://oidc.example/cluster-7"},
+        service_account_token_file=token_file,
+    )
+    assert unread.federation_audience == "https://oidc.example/cluster-7"
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
