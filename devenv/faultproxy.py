@@ -155,8 +155,8 @@ class Rule:
     """Which requests get an action: see the module docstring.
 
     ``method`` None matches any method; ``path`` is searched (``re.search``) in
-    the URL path without the query; ``watch`` None matches watches and other
-    requests alike. ``seen`` and ``applied`` count as the proxy goes.
+    the URL path without the query, ``query`` in the query string; ``watch``
+    None matches watches and other requests alike. ``seen`` and ``applied`` count as the proxy goes.
     """
 
     action: Action
@@ -167,9 +167,11 @@ class Rule:
     times: int | None = 1
     seen: int = 0
     applied: int = 0
+    query: str = ""
 
     def __post_init__(self) -> None:
         self._pattern = re.compile(self.path)
+        self._query_pattern = re.compile(self.query)
         if self.method is not None:
             self.method = self.method.upper()
 
@@ -178,6 +180,8 @@ class Rule:
         if self.method is not None and method.upper() != self.method:
             return False
         if self.watch is not None and is_watch(path, query) != self.watch:
+            return False
+        if self._query_pattern.search(query) is None:
             return False
         return self._pattern.search(path) is not None
 

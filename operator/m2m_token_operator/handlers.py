@@ -23,7 +23,7 @@ from typing import Any
 import kopf
 import kubernetes
 
-from m2m_token_operator import metrics, redaction, refresh, seal, watches
+from m2m_token_operator import metrics, presence, redaction, refresh, seal, watches
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, KubeError, load_api_client
@@ -231,6 +231,10 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     )
     runtime.closing(feed, feed.close, name="secret feed")
     for watch in secret_watches:
+        runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
+    # Deletions that Kopf's re-list after `410 Gone` does not report (presence.py).
+    _, token_request_watches = presence.build(watch_api, reconciler.forget, environ=os.environ)
+    for watch in token_request_watches:
         runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
     # Last, and it can fail (the port is taken): everything above is closed again then.
     server = metrics.serve(config.metrics_port)

@@ -60,6 +60,18 @@ class Conflict(KubeError):
     """The object exists already, or changed under a precondition (HTTP 409)."""
 
 
+JSON_PATCH = "application/json-patch+json"
+
+
+def _without_nulls(value: Any) -> Any:
+    """A JSON value without its null members: what a merge patch of it would leave."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
 def load_api_client() -> kubernetes.client.ApiClient:
     """The current kubeconfig (KUBECONFIG or ~/.kube/config), else the in-cluster config."""
     configuration = kubernetes.client.Configuration()
@@ -283,11 +295,26 @@ class KubeApi:
         )
 
     async def patch_token_request_status(
-        self, namespace: str, name: str, status: Mapping[str, Any]
+        self, namespace: str, name: str, status: Mapping[str, Any], *, uid: str
     ) -> bool:
-        """Write the status subresource; False when the TokenRequest no longer exists."""
+        """Write the status of the object with this uid; False when it is gone or replaced.
+
+        A JSON Patch whose first operation tests `/metadata/uid`: the API server applies
+        it to the object as stored, so a status meant for an object deleted and created
+        again under the same name is refused instead of landing on the new one. (A merge
+        patch carrying `metadata.uid` is accepted on `/status`: the status strategy
+        copies the stored metadata over the patched object before validating.) `status`
+        is the complete status (`status.build_status`): it replaces the stored one, its
+        null members left out, as the merge patch it replaces removed them.
+
+        A failed `test` is a 422 with a generic message, the code a status that the
+        schema refuses also gets: only then is the object read, to tell the two apart.
+        """
         self.writes += 1
-        body = {"status": dict(status)}
+        body: Any = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "add", "path": "/status", "value": _without_nulls(status)},
+        ]
         try:
             await self._call(
                 f"patch TokenRequest {namespace}/{name} status",
@@ -298,12 +325,26 @@ class KubeApi:
                     PLURAL,
                     name,
                     body,
+                    _content_type=JSON_PATCH,
                     _preload_content=False,
                     _request_timeout=self._timeout,
                 ),
             )
         except NotFound:
             logger.debug("TokenRequest %s/%s is gone; status not written", namespace, name)
+            return False
+        except KubeError as error:
+            if error.status != 422:
+                raise
+            current = await self.read_token_request(namespace, name)
+            if current is not None and (current.get("metadata") or {}).get("uid") == uid:
+                raise  # the object is there: the status itself was refused
+            logger.debug(
+                "TokenRequest %s/%s uid %s is gone or replaced; status not written",
+                namespace,
+                name,
+                uid,
+            )
             return False
         return True
 

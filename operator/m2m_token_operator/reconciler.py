@@ -133,18 +133,22 @@ class TokenRequestReconciler:
             return
         await self.reconcile(body)
 
-    def forget(self, namespace: str, name: str, uid: str | None = None) -> None:
+    def forget(
+        self, namespace: str, name: str, uid: str | None = None, *, why: str | None = None
+    ) -> None:
         """The TokenRequest is gone; its Secret goes with it through garbage collection.
 
         With `uid`, only that object: the DELETED event of an object deleted and created
-        again under the same name may arrive after the new one was learnt.
+        again under the same name may arrive after the new one was learnt. Also called by
+        `presence.TokenRequestPresence` for deletions Kopf's re-list does not report.
         """
         subscription = self.registry.forget(namespace, name, uid)
         if subscription is None:
             return
         self.scheduler.schedule(subscription.ref, None)
         metrics.forget_token_request(namespace, name)
-        why = "being deleted" if subscription.deleting else "deleted"
+        if why is None:
+            why = "being deleted" if subscription.deleting else "deleted"
         logger.info("%s forgotten (%s)", subscription.log_context, why)
 
     def being_deleted(self, namespace: str, name: str, uid: str | None) -> None:
@@ -409,6 +413,8 @@ class TokenRequestReconciler:
                 facts = dataclasses.replace(
                     facts, secret_token=self._token_in(subscription, existing)
                 )
+                if not self.registry.current(subscription):
+                    raise _Superseded
                 written = await write_secret(
                     self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
                 )
@@ -431,6 +437,10 @@ class TokenRequestReconciler:
         if not outcome.serve:
             self.forget(subscription.namespace, subscription.name, subscription.uid)
             return
+        if not self.registry.current(subscription):
+            # Deleted or replaced during the look (the uid check, in memory): nothing of it
+            # may reach the name's status or wake-up, which may be another object's now.
+            return
         subscription.credentials_failures = outcome.credentials_failures
         subscription.conflicts = outcome.conflicts
         subscription.api_failures = outcome.api_failures
@@ -442,11 +452,17 @@ class TokenRequestReconciler:
             return
         if outcome.write_status:
             found = await self._kube.patch_token_request_status(
-                subscription.namespace, subscription.name, outcome.status
+                subscription.namespace, subscription.name, outcome.status, uid=subscription.uid
             )
             if not found:
-                # Deleted without a DELETED event reaching us (a watch gap): stop serving it.
-                self.forget(subscription.namespace, subscription.name, subscription.uid)
+                # No object with its uid (deleted or replaced before any watch told us):
+                # stop serving it; the new object under the name is learnt on its own.
+                self.forget(
+                    subscription.namespace,
+                    subscription.name,
+                    subscription.uid,
+                    why="its status patch found no object with its uid",
+                )
                 return
             subscription.status = outcome.status
         handled = outcome.observation.last_refresh_request if outcome.observation else None

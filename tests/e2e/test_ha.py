@@ -131,22 +131,26 @@ def test_replica_paused_by_a_higher_priority_one_stops_refreshing_and_catches_up
     high.wait_for_log(RESUMED, timeout=30)
     second = kube.wait_secret(namespace, "orders-api", unlike=first.token, operator=high)
     third = kube.wait_secret(namespace, "orders-api", unlike=second.token, operator=high)
+    before_delete = low.log_size()
     kube.delete_token_request(namespace, "gone-while-paused")
+    # Kopf's watch is paused, the operator's own TokenRequest watch (presence.py) is not:
+    # the paused replica forgets the deleted TokenRequest at once.
+    low.wait_for_log(
+        rf"tokenrequest={namespace}/gone-while-paused \S+ forgotten",
+        timeout=30,
+        since=before_delete,
+    )
 
     low_after_pause = [t for t in _times_mentioning(low, "token obtained") if t > paused_at]
     assert low_after_pause == []
 
-    # The higher one leaves cleanly (a rollout): the lower one resumes at once, forgets
-    # the TokenRequest deleted meanwhile (no watch replays that), and serves the token
-    # the other one left in the Secret before it refreshes it itself.
+    # The higher one leaves cleanly (a rollout): the lower one resumes at once and serves
+    # the token the other one left in the Secret before it refreshes it itself.
     # Measured before the stop: the lower one may resume while the higher one's process
     # is still exiting (its peering entry goes first), and that line must not be missed.
     low_log_size = low.log_size()
     assert high.stop() == 0
     low.wait_for_log(r"Refreshes active", timeout=30, since=low_log_size)
-    low.wait_for_log(
-        rf"tokenrequest={namespace}/gone-while-paused \S+ forgotten", timeout=30, since=low_log_size
-    )
     low.wait_for_log(
         rf"tokenrequest={namespace}/orders-api \S+ reusing the unexpired token",
         timeout=30,

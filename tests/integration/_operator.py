@@ -48,6 +48,9 @@ DEFAULT_PURGE_PREFIXES = ("m2m_token_operator",)
 # The cluster-wide watches of `--all-namespaces` (paths as the proxy sees them).
 TOKEN_REQUESTS = r"^/apis/m2m\.dev/v1alpha1/tokenrequests$"
 SECRETS = r"^/api/v1/secrets$"
+# Kopf's TokenRequest watch (path, query): the operator's own metadata-only watch of them
+# (presence.py) is the one that sends a labelSelector.
+KOPF_TOKEN_REQUESTS = (TOKEN_REQUESTS, r"^(?!.*labelSelector=)")
 # The owned-Secrets watch (path, query): once it watches, its first list is in, so the
 # operator's looks read their Secrets from it (deterministically, for the tests that count).
 OWNED_SECRETS = (SECRETS, r"managed-by")
@@ -168,7 +171,7 @@ class OperatorRun:
         proxy: FaultProxy,
         module: str | None = DEFAULT_MODULE,
         path: str | None = None,
-        ready_watches: Sequence[str | tuple[str, str]] = (TOKEN_REQUESTS,),
+        ready_watches: Sequence[str | tuple[str, str]] = (KOPF_TOKEN_REQUESTS,),
         purge_prefixes: Sequence[str] = DEFAULT_PURGE_PREFIXES,
         extra_args: Sequence[str] = (),
         settings: kopf.OperatorSettings | None = None,

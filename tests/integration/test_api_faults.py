@@ -14,13 +14,15 @@ import socket
 import time
 from typing import Any
 
+import pytest
 import requests
 
-from devenv.faultproxy import Delay, Fail, Gone, Rule
+from devenv.faultproxy import Delay, Exchange, Fail, Gone, Rule
 
 from .harness import (
     CLUSTER_NAME,
     SECRETS,
+    TOKEN_REQUESTS,
     Kube,
     OperatorFactory,
     OperatorRun,
@@ -39,8 +41,12 @@ FAST_REFRESH_LIFETIME = 60
 # The liveness test: how long each API request is held, how long a probe may take.
 SLOW = 20.0
 PROBE_TIMEOUT = 5.0
-# The operator's cluster-wide watches, as the proxy sees their paths.
+# The operator's cluster-wide watches, as the proxy sees their paths: TokenRequests are
+# watched twice, by Kopf and by the operator's own metadata-only watch (presence.py), which
+# alone sends a labelSelector (empty).
 TOKEN_REQUEST_WATCH = r"^/apis/m2m\.dev/v1alpha1/tokenrequests$"
+KOPF_QUERY = r"^(?!.*labelSelector=)"
+PRESENCE_QUERY = r"labelSelector="
 SECRET_WATCH = r"^/api/v1/secrets$"
 
 
@@ -130,16 +136,21 @@ async def test_gone_on_the_token_request_watch_relists_and_loses_nothing(
     await wait_ready(kube, "before")
     versions_before = len(kube.versions(SECRETS, NS, "before"))
 
-    # The next watch of TokenRequests is answered "410 Gone"; the open one breaks now.
-    gone = kube.proxy.add(Rule(Gone(), method="GET", path=TOKEN_REQUEST_WATCH, watch=True))
+    # Kopf's next watch of TokenRequests is answered "410 Gone"; the open ones break now.
+    gone = kube.proxy.add(
+        Rule(Gone(), method="GET", path=TOKEN_REQUEST_WATCH, watch=True, query=KOPF_QUERY)
+    )
     broken = time.monotonic()
-    assert kube.proxy.drop_watches(TOKEN_REQUEST_WATCH) == 1
+    assert kube.proxy.drop_watches(TOKEN_REQUEST_WATCH) == 2  # Kopf's and presence.py's
     # A TokenRequest created while the operator has no watch: only the re-list can show it.
     kube.create_token_request(NS, "during", TARGET)
 
-    answered = (await kube.proxy.wait_for("GET", TOKEN_REQUEST_WATCH, watch=True, since=broken))[0]
+    def injected() -> list[Exchange]:
+        watches = kube.proxy.requests("GET", TOKEN_REQUEST_WATCH, watch=True, since=broken)
+        return [e for e in watches if e.injected]
+
+    answered = (await wait_for(injected, message="Kopf's watch answered 410"))[0]
     assert gone.applied == 1
-    assert answered.injected
     # Kopf's answer to 410: a fresh list, then a new watch from the list's resourceVersion.
     [relist, *_] = await kube.proxy.wait_for(
         "GET", TOKEN_REQUEST_WATCH, watch=False, since=answered.at
@@ -164,8 +175,8 @@ async def test_dropped_watches_are_resumed_and_changes_still_arrive(
     original = token_in_secret(kube)
 
     dropped = time.monotonic()
-    # TokenRequests (Kopf), owned Secrets and opted-in credentials Secrets (watches.py).
-    assert kube.proxy.drop_watches(f"{TOKEN_REQUEST_WATCH}|{SECRET_WATCH}") == 3
+    # TokenRequests (Kopf, presence.py), owned and opted-in credentials Secrets (watches.py).
+    assert kube.proxy.drop_watches(f"{TOKEN_REQUEST_WATCH}|{SECRET_WATCH}") == 4
     await kube.proxy.wait_for("GET", TOKEN_REQUEST_WATCH, watch=True, since=dropped)
     await kube.proxy.wait_for("GET", SECRET_WATCH, watch=True, since=dropped)
 
@@ -176,6 +187,137 @@ async def test_dropped_watches_are_resumed_and_changes_still_arrive(
     kube.patch_token_request(NS, NAME, {"spec": {"secretName": "renamed"}})
     await wait_for(lambda: token_in_secret(kube, "renamed") == original, message="renamed")
     assert token_endpoint.count == 1
+
+
+# ---- TokenRequests deleted or replaced behind a look's back (issue 17, items 2 and 3) --------
+
+HOLD_FINALIZER = "test.m2m.dev/hold"
+GAP_FORGOTTEN = "forgotten (gone from the TokenRequest list after a watch gap)"
+
+
+@pytest.mark.usefixtures("garbage_collector")
+@pytest.mark.parametrize(
+    ("gapped", "forgotten"),
+    [
+        # Kopf's watch only (the usual case): the operator's own watch sees the DELETED.
+        (KOPF_QUERY, "forgotten (deleted)"),
+        # Both: only the operator's own re-list can tell.
+        ("", GAP_FORGOTTEN),
+    ],
+    ids=["kopf-watch-gap", "both-watches-gap"],
+)
+async def test_a_token_request_deleted_during_a_watch_gap_is_forgotten_not_restored(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun, gapped: str, forgotten: str
+) -> None:
+    """Issue 17, item 2: Kopf's re-list after 410 emits no DELETED for what vanished in the
+    gap; the registry kept the object, and when the garbage collector deleted its Secret
+    the operator created it again (SecretRestored), at every look.
+
+    The TokenRequest watches (Kopf's, and in the second case presence.py's too) are
+    broken, answered 410, and their re-lists held by the proxy until the deletion is
+    done, so they see no DELETED event. A finalizer of the test's keeps the Secret until
+    the operator has said it forgot the TokenRequest; then the Secret goes."""
+    gaps = 1 if gapped else 2
+    kube.create_token_request(NS, "stays", TARGET)
+    kube.create_token_request(NS, NAME, TARGET)
+    await wait_ready(kube, "stays")
+    await wait_ready(kube, NAME)
+    await wait_for(
+        lambda: len(kube.proxy.open_watches(TOKEN_REQUEST_WATCH)) == 2,
+        message="both TokenRequest watches open",
+    )
+    kube.patch_secret(NS, NAME, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
+    try:
+        held = kube.proxy.add(
+            Rule(
+                Delay(60),
+                method="GET",
+                path=TOKEN_REQUEST_WATCH,
+                watch=False,
+                query=gapped,
+                times=None,
+            )
+        )
+        gone = kube.proxy.add(
+            Rule(
+                Gone(), method="GET", path=TOKEN_REQUEST_WATCH, watch=True, query=gapped, times=gaps
+            )
+        )
+        assert kube.proxy.drop_watches(TOKEN_REQUEST_WATCH) == 2
+        # Answered 410 and listing again; the lists wait in the proxy.
+        await wait_for(
+            lambda: gone.applied == gaps and held.applied == gaps, message="re-lists held"
+        )
+        deleted = time.monotonic()
+        kube.delete_token_request(NS, NAME)
+        await wait_for(lambda: kube.read_token_request(NS, NAME) is None, message="deleted")
+        kube.proxy.clear()  # the re-lists go on, without the deleted TokenRequest
+
+        namespace = kube.ns(NS)
+        await wait_for(
+            lambda: any(
+                f"tokenrequest={namespace}/{NAME} " in line and forgotten in line
+                for line in operator.logs
+            ),
+            message="the operator saying it forgot the deleted TokenRequest",
+        )
+    finally:
+        kube.patch_secret(NS, NAME, {"metadata": {"finalizers": None}})
+    # The garbage collector deletes the Secret (its owner is gone)...
+    await wait_for(lambda: kube.read_secret(NS, NAME) is None, message="the Secret collected")
+    # ... and the Secret watch is past that deletion once it shows a later one: the other
+    # TokenRequest's Secret, deleted now, is restored.
+    kube.delete_secret(NS, "stays")
+    await wait_for(lambda: token_in_secret(kube, "stays"), message="the other Secret restored")
+    # A create's path holds no name: one create since the deletion, the other's restore.
+    creates = kube.proxy.requests("POST", rf"/namespaces/{namespace}/secrets$", since=deleted)
+    assert len(creates) == 1, creates
+    assert kube.proxy.requests("PUT", rf"/namespaces/{namespace}/secrets/{NAME}$") == []
+    versions = kube.versions(SECRETS, NS, NAME)
+    assert versions[-1] is None, "the Secret was created again"
+    assert versions.count(None) == 1, "the Secret was created again"
+    assert "SecretRestored" not in reasons(kube)
+
+
+async def test_a_look_overtaken_by_delete_and_recreate_never_writes_the_new_objects_status(
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
+) -> None:
+    """Issue 17, item 3: status patches went by name, so a look whose object was deleted
+    and created again under the same name patched the new object's status with the old
+    one's facts. The proxy holds the first look's status patch while the object is
+    replaced; the new object's status must never show the old one's Secret name."""
+    status_path = rf"/tokenrequests/{NAME}/status$"
+    held = kube.proxy.add(Rule(Delay(60), method="PATCH", path=status_path))
+    first = kube.create_token_request(NS, NAME, {**TARGET, "secretName": "first"})
+    await wait_for(lambda: held.applied == 1, message="the first look's status patch held")
+
+    kube.delete_token_request(NS, NAME)
+    await wait_for(lambda: kube.read_token_request(NS, NAME) is None, message="deleted")
+    second = kube.create_token_request(NS, NAME, {**TARGET, "secretName": "second"})
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    kube.proxy.clear()  # the held patch goes on, to the API server where `second` lives
+
+    def second_ready() -> dict[str, Any] | None:
+        status = kube.read_status(NS, NAME) or {}
+        by_type = {c["type"]: c for c in status.get("conditions") or []}
+        ready = by_type.get("Ready", {}).get("status") == "True"
+        return status if ready and status.get("secretName") == "second" else None
+
+    await wait_for(second_ready, timeout=10, message="the new object Ready")
+    # Both status patches answered: the held one (the old look's) and the new look's.
+    await kube.proxy.wait_for("PATCH", status_path, count=2)
+    statuses = [
+        (version.get("status") or {}).get("secretName")
+        for version in kube.versions(TOKEN_REQUESTS, NS, NAME)
+        if version is not None and version["metadata"]["uid"] == second["metadata"]["uid"]
+    ]
+    assert "first" not in statuses, statuses
+    assert statuses[-1] == "second"
+    assert token_in_secret(kube, "second")
+    # The old look's patch was refused (its uid test) and that taken for "replaced": one
+    # read of the object tells it from a status the schema refuses; not retried.
+    [refused] = [e for e in kube.proxy.requests("PATCH", status_path) if e.status == 422]
+    await kube.proxy.wait_for("GET", rf"/tokenrequests/{NAME}$", since=refused.at)
 
 
 # ---- liveness while the API server is slow ------------------------------------------------

@@ -48,6 +48,14 @@ def test_first_applicable_rule_wins_and_a_skipping_rule_hides_nothing() -> None:
     assert book.select("GET", SECRET) is None
 
 
+def test_query_regex_tells_two_watches_of_one_path_apart() -> None:
+    """Kopf's TokenRequest watch sends no labelSelector; the operator's own one does."""
+    book = RuleBook()
+    book.add(Rule(Gone(), path="tokenrequests", query=r"^(?!.*labelSelector=)", times=None))
+    assert book.select("GET", TOKEN_REQUESTS, "watch=true&resourceVersion=7") == Gone()
+    assert book.select("GET", TOKEN_REQUESTS, "labelSelector=&watch=true") is None
+
+
 def test_watch_flag_tells_watches_from_lists() -> None:
     assert is_watch(TOKEN_REQUESTS, "watch=true&resourceVersion=12")
     assert is_watch(TOKEN_REQUESTS, "watch=1")
