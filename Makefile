@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration e2e binaries bench bench-scale clean
+.PHONY: demo test lint unit integration e2e binaries bench bench-scale bench-soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(STAMP)
 ## bench-scale: the whole operator on a real control plane; one JSON line (BENCH_ARGS=--quick)
 bench-scale: binaries
 	PYTHONPATH=. $(BIN)/python bench/scale_bench.py $(BENCH_ARGS)
+
+## bench-soak: short tokens through endpoint outages, API-server freezes, operator kills;
+## prints expired Secret-seconds (must be 0); one JSON line (BENCH_ARGS=--quick: ~1 min)
+bench-soak: binaries
+	PYTHONPATH=. $(BIN)/python bench/soak_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -19,11 +19,17 @@ must not notice either. So the cache:
 - keeps a key's failure record (its hold or backoff) after the last subscriber
   leaves, until that hold or backoff ends, so toggling a TokenRequest's scope
   or identity away and back cannot buy one token request per edit;
-- refreshes a shared key at the LATEST refresh point its subscribers allow
-  (`subscribe`): one subscriber with a large `refreshBefore` must not make the
-  operator refresh, and rewrite every other namespace's Secret, early;
+- refreshes a shared key at the EARLIEST refresh point its subscribers need
+  (`subscribe`), each `refreshBefore` capped at half the token's lifetime: every
+  subscriber's Secret gets its token as early as it asked, and no subscriber can
+  make a key cost more than two token requests per token lifetime;
+- after a failed refresh, retries before the token held expires (the retry
+  policy caps the wait by a fraction of the token's remaining lifetime);
 - on request (`force`, the `m2m.dev/refresh` annotation) fetches a new token
-  although the one held is fresh, at most once per key every `FORCE_INTERVAL`.
+  although the one held is fresh, at most once per key every `FORCE_INTERVAL`,
+  and not while a permanent failure of the same credential is held;
+- keeps an entry whose request is in flight when its key is forgotten, so a
+  key wanted again meanwhile joins that request (single flight).
 
 The blocking fetch runs on a bounded thread pool, never on the event loop.
 Everything else runs on the event loop only, so no state here needs a lock.
@@ -96,7 +102,9 @@ class CacheKey:
         )
 
 
-_SHARED = object()  # memo key of a subscribed key's one shared refresh point
+_SHARED = object()  # memo key of a subscribed key's one shared result
+# Memo key of a shared key's refresh point; a refresh_before is never this long.
+_SHARED_POINT = timedelta.max
 
 
 class Freshness(enum.Enum):
@@ -140,6 +148,8 @@ class _Entry:
     failed_fingerprint: str | None = None
     flight: asyncio.Task[None] | None = None
     forced_at: datetime | None = None  # when the last forced fetch started
+    # Forgotten while its request was in flight: dropped (or retained) when it lands.
+    forgotten: bool = False
     # Memos of pure functions of the fields above; cleared whenever those change.
     refresh_points: dict[timedelta | None, datetime] = field(default_factory=dict)
     fresh_results: dict[object, tuple[datetime, CacheResult]] = field(default_factory=dict)
@@ -194,15 +204,13 @@ class TokenCache:
     ) -> CacheResult:
         """The token for this identity and scope, fetched only when due and allowed."""
         key = CacheKey.for_credentials(credentials, scope)
-        self._retained.pop(key, None)  # wanted again: its record is live, not retained
         entry = self._entries.get(key)
-        if entry is not None:
+        if entry is not None and key not in self._retained and not entry.forgotten:
             memo = entry.fresh_results.get(self._memo_key(key, refresh_before))
             if memo is not None and self._clock() < memo[0]:
                 self.stats.hits += 1
                 return memo[1]
-        else:
-            entry = self._entries[key] = _Entry()
+        entry = self._live_entry(key)
 
         now = self._clock()
         current = self._result(key, entry, now=now, refresh_before=refresh_before, fetched=False)
@@ -231,15 +239,18 @@ class TokenCache:
         unless the last forced one started less than FORCE_INTERVAL ago (then the
         result says `fetched=False` and the token is the one that request got), or
         the endpoint asked to wait (Retry-After) and that time has not come.
-        Backoff and the hold after a permanent failure are bypassed: a person
-        asking after fixing something is exactly when to try again. The caller
-        wakes the key's other subscribers when `fetched` is True, as after `get`.
+        The transient backoff is bypassed (a person asking is a good moment to try
+        again); the hold after a permanent failure is not, unless the credential
+        has changed since (a rotated secret is tried at once, as by `get`): a loop
+        of annotations on TokenRequests with rejected credentials must not become
+        a loop of rejected requests. The caller wakes the key's other subscribers
+        when `fetched` is True, as after `get`.
         """
         key = CacheKey.for_credentials(credentials, scope)
-        entry = self._entries.setdefault(key, _Entry())
+        entry = self._live_entry(key)
         now = self._clock()
         if entry.flight is None:
-            if not self._may_force(entry, now):
+            if not self._may_force(entry, now) or self._held_permanently(entry, credentials, now):
                 self.stats.held += 1
                 return self._result(
                     key, entry, now=now, refresh_before=refresh_before, fetched=False
@@ -288,7 +299,7 @@ class TokenCache:
         """Adopt a token read back from an owned Secret, unless a later-expiring one is held."""
         if token.expired(self._clock()):
             return
-        entry = self._entries.setdefault(key, _Entry())
+        entry = self._live_entry(key)
         if entry.token is not None and entry.token.expires_at >= token.expires_at:
             return
         entry.store(token, self._token_jitter(token))
@@ -322,10 +333,20 @@ class TokenCache:
         self._subscribers.pop(key, None)
         now = self._clock()
         self._prune_retained(now)
+        entry = self._entries.get(key)
+        if entry is not None and entry.flight is not None:
+            # Kept until its request lands: a get meanwhile joins it instead of starting
+            # a second request for the same key (`_landed` finishes the forgetting).
+            entry.forgotten = True
+            return
+        self._drop(key, now)
+
+    def _drop(self, key: CacheKey, now: datetime) -> None:
+        """Drop `key`'s entry, retaining its failure record until its hold/backoff ends."""
         entry = self._entries.pop(key, None)
         if entry is None or entry.retry_at is None or entry.retry_at <= now:
             return
-        if entry.error is None or entry.flight is not None:
+        if entry.error is None:
             return
         kept = _Entry(
             error=entry.error,
@@ -346,15 +367,34 @@ class TokenCache:
                 del self._retained[key]
                 self._entries.pop(key, None)
 
+    def _live_entry(self, key: CacheKey) -> _Entry:
+        """`key`'s entry for a caller that uses it: no longer retained nor forgotten.
+
+        Every path that puts something live in an entry (a request, a token, a forced
+        fetch's time) goes through here, so a later prune never evicts it.
+        """
+        self._retained.pop(key, None)  # the heap's item for it is skipped when popped
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry()
+        entry.forgotten = False
+        return entry
+
     def subscribe(
         self, key: CacheKey, subscriber: Hashable, refresh_before: timedelta | None
     ) -> None:
         """Record that `subscriber` uses `key` with this refresh_before (idempotent).
 
-        While a key has subscribers, its refresh point is the latest one that any of
-        their refresh_before values gives, whatever refresh_before `get` is passed: the
-        token is shared, so it is refreshed once, as late as the subscribers allow.
+        While a key has subscribers, its refresh point follows their refresh_before
+        values, whatever refresh_before `get` is passed: with two or more, the earliest
+        of their points, each refresh_before capped at half the token's lifetime
+        (`RefreshPolicy.shared_refresh_at`). The token is shared, so it is refreshed
+        once, as early as the neediest subscriber asks, and never more than twice per
+        lifetime whatever anyone asks.
         """
+        entry = self._entries.get(key)
+        if entry is not None and (entry.forgotten or key in self._retained):
+            self._live_entry(key)  # used again: its token and records are live
         subscribers = self._subscribers.setdefault(key, {})
         if subscriber in subscribers and subscribers[subscriber] == refresh_before:
             return
@@ -374,6 +414,7 @@ class TokenCache:
         entry = self._entries.get(key)
         if entry is not None:
             entry.fresh_results.clear()
+            entry.refresh_points.pop(_SHARED_POINT, None)
 
     def _memo_key(self, key: CacheKey, refresh_before: timedelta | None) -> object:
         return _SHARED if self._subscribers.get(key) else refresh_before
@@ -382,17 +423,23 @@ class TokenCache:
         self, key: CacheKey, entry: _Entry, token: AccessToken, refresh_before: timedelta | None
     ) -> datetime:
         subscribers = self._subscribers.get(key)
-        wanted = set(subscribers.values()) if subscribers else {refresh_before}
-        points: list[datetime] = []
-        for before in wanted:
+        if subscribers is None or len(subscribers) < 2:
+            # Alone (or no subscriber): exactly what it asks for.
+            before = next(iter(subscribers.values())) if subscribers else refresh_before
             point = entry.refresh_points.get(before)
             if point is None:
                 point = self._refresh.refresh_at(
                     token, refresh_before=before, jitter_fraction=entry.jitter
                 )
                 entry.refresh_points[before] = point
-            points.append(point)
-        return max(points)
+            return point
+        shared = entry.refresh_points.get(_SHARED_POINT)
+        if shared is None:
+            shared = self._refresh.shared_refresh_at(
+                token, refresh_befores=set(subscribers.values()), jitter_fraction=entry.jitter
+            )
+            entry.refresh_points[_SHARED_POINT] = shared
+        return shared
 
     # Internals: all run on the event loop.
 
@@ -421,6 +468,14 @@ class TokenCache:
             return credentials.fingerprint() == entry.failed_fingerprint
         return True
 
+    def _held_permanently(
+        self, entry: _Entry, credentials: ClientCredentials, now: datetime
+    ) -> bool:
+        """Held by a permanent failure of this very credential (not by a backoff)."""
+        if entry.error is None or not is_permanent(entry.error):
+            return False
+        return self._held(entry, credentials, now)
+
     async def _fly(
         self, key: CacheKey, entry: _Entry, credentials: ClientCredentials, scope: str
     ) -> None:
@@ -442,6 +497,9 @@ class TokenCache:
             entry.failed_fingerprint = None
         finally:
             entry.flight = None
+            if entry.forgotten and self._entries.get(key) is entry:
+                # Nobody wanted the key again while the request ran: forget it now.
+                self._drop(key, self._clock())
 
     def _failed(self, entry: _Entry, error: Exception, *, fingerprint: str | None) -> None:
         now = self._clock()
@@ -450,8 +508,14 @@ class TokenCache:
         entry.error = error
         entry.last_failure_at = now
         entry.failed_fingerprint = fingerprint
+        held = entry.token
         entry.retry_at = self._retry.next_attempt_at(
-            now=now, failures=entry.failures, error=error, jitter_fraction=self._random()
+            now=now,
+            failures=entry.failures,
+            error=error,
+            jitter_fraction=self._random(),
+            # The token still served: the next attempt comes before it expires.
+            valid_until=None if held is None or held.expired(now) else held.expires_at,
         )
         entry.fresh_results.clear()
 

@@ -169,8 +169,11 @@ def _token_in_secret(facts: Facts, now: datetime) -> tuple[AccessToken | None, b
     return token, delivered
 
 
-def _retry_soon(facts: Facts, now: datetime) -> datetime:
-    return now + facts.retry.backoff(failures=facts.api_failures + 1, jitter_fraction=facts.jitter)
+def _retry_soon(facts: Facts, now: datetime, token: AccessToken | None) -> datetime:
+    """The next look after a Kubernetes API failure: backoff, but before `token` expires."""
+    backoff = facts.retry.backoff(failures=facts.api_failures + 1, jitter_fraction=facts.jitter)
+    valid_until = None if token is None else token.expires_at
+    return now + facts.retry.before_deadline(backoff, now=now, valid_until=valid_until)
 
 
 def _operator_identity_denied(
@@ -283,7 +286,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
             )
         )
         # The token fetched (if any) stays cached: the next look writes it without a request.
-        wake.append(_retry_soon(facts, now))
+        wake.append(_retry_soon(facts, now, token))
     elif facts.secret_foreign or facts.write is WriteOutcome.CONFLICT:
         # Nothing could be delivered. A foreign Secret is not watched (only owned ones
         # are): the first look learns of it from a refused create (its token stays cached,
@@ -348,7 +351,7 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         if facts.write is WriteOutcome.RACED:
             # The Secret changed between the read and the replace: it still holds what was
             # read, and the new token is written on the next look, soon.
-            wake.append(_retry_soon(facts, now))
+            wake.append(_retry_soon(facts, now, token))
             refresh_at = None if token is None else wake[-1]
             log.append((logging.INFO, "Secret changed while it was written; writing again soon"))
     if token is not None:

@@ -390,6 +390,14 @@ class TokenRequestReconciler:
             if not self.registry.current(subscription):
                 raise _Superseded
             facts = dataclasses.replace(facts, cache=result)
+            if _uses_operator_identity(spec) and not self._identity_namespaces.allowed(
+                subscription.namespace
+            ):
+                # The grant was revoked while the token was fetched: nothing is written.
+                # The token stays cached for the namespaces still granted it.
+                self.registry.drop_key(subscription)
+                denial = self._identity_namespaces.denial_message(subscription.namespace)
+                return dataclasses.replace(facts, operator_identity_denied=denial)
             if result.token is None:
                 return facts
             desired = render_secret(

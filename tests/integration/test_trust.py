@@ -168,3 +168,34 @@ async def test_token_requests_in_the_operators_own_namespace_are_refused_unread(
                     group, version, OPERATOR_NAMESPACE, plural, name
                 )
         kube.core.delete_namespaced_secret("identity-copy", OPERATOR_NAMESPACE)
+
+
+async def test_a_grant_revoked_during_the_fetch_gets_no_token_written(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    operator = operator_factory.start(env=SELECTOR)
+    kube.ensure_namespace(NS)
+    label(kube, "allowed")
+    namespace = kube.ns(NS)
+    await wait_for(
+        lambda: f"Namespace {namespace} may use the operator's own identity" in operator.all_text,
+        message="the grant seen by the operator",
+    )
+    token_endpoint.pause()
+    kube.create_token_request(NS, NAME, TARGET)
+    await wait_for(lambda: token_endpoint.count == 1, message="the token request held")
+    # Revoked while the token request is in flight; the operator sees it before the answer.
+    label(kube, None)
+    await wait_for(
+        lambda: (
+            f"Namespace {namespace} may no longer use the operator's own identity"
+            in operator.all_text
+        ),
+        message="the revocation seen by the operator",
+    )
+    token_endpoint.resume()
+    denied = await wait_condition(kube, "Ready", "False", "OperatorIdentityNotAllowed")
+    assert by_type(denied)["Degraded"]["reason"] == "OperatorIdentityNotAllowed"
+    assert kube.read_secret(NS, NAME) is None  # the freshly minted token was never written
+    assert secret_tokens(kube) == []
+    assert token_endpoint.count == 1

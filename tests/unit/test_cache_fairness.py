@@ -1,5 +1,6 @@
 """Cache rules that keep one tenant from costing the others: holds that outlive the last
-subscriber, and a shared key refreshed at the latest point its subscribers allow.
+subscriber, and a shared key refreshed at the earliest point its subscribers need, each
+refreshBefore capped at half the token's lifetime.
 
 Same fake clock and counting fetch as test_cache.py.
 """
@@ -103,36 +104,63 @@ async def test_a_transient_backoff_is_kept_too(
     assert len(fetch.calls) == 1
 
 
-# The latest refresh point of a shared key
+# The earliest refresh point of a shared key
 
 
-async def test_a_shared_key_is_refreshed_at_the_latest_point_its_subscribers_allow(
+async def test_a_shared_key_is_refreshed_at_the_earliest_point_its_subscribers_need(
+    clock: FakeClock,
+) -> None:
+    """The measured case: 90 s tokens, one subscriber asking 40 s, another 5 s."""
+    fetch = CountingFetch(clock, lifetime=90)
+    cache = make_cache(clock, fetch)
+    try:
+        first = await cache.get(identity(), SCOPE)
+        assert first.token is not None
+        key = first.key
+        cache.subscribe(key, ("team-a", "api"), timedelta(seconds=40))
+        cache.subscribe(key, ("team-b", "api"), timedelta(seconds=5))
+        shared = cache.peek(key)
+        assert shared.refresh_at == first.token.expires_at - timedelta(seconds=40)
+
+        clock.now = first.token.expires_at - timedelta(seconds=41)
+        assert not (await cache.get(identity(), SCOPE)).fetched
+        clock.advance(1)  # team-a's point: due for everyone
+        refreshed = await cache.get(identity(), SCOPE, refresh_before=timedelta(seconds=5))
+        assert refreshed.fetched
+        assert len(fetch.calls) == 2
+    finally:
+        cache.close()
+
+
+async def test_a_large_refresh_before_on_a_shared_key_counts_as_half_the_lifetime(
     cache: TokenCache, fetch: CountingFetch, clock: FakeClock
 ) -> None:
     first = await cache.get(identity(), SCOPE)
     assert first.token is not None
     key = first.key
-    default_point = first.refresh_at  # a third of the hour left: 40 minutes after issue
-    assert default_point is not None
     cache.subscribe(key, ("team-a", "api"), None)
     # A tenant asks for a refresh 55 minutes before expiry (5 minutes after issue).
     cache.subscribe(key, ("team-b", "eager"), timedelta(minutes=55))
     eager = await cache.get(identity(), SCOPE, refresh_before=timedelta(minutes=55))
-    assert eager.refresh_at == default_point  # not the eager one's 5 minutes
+    assert eager.refresh_at == first.token.issued_at + timedelta(minutes=30)
 
-    clock.advance(10 * 60)  # past the eager point, before the shared one
-    later = await cache.get(identity(), SCOPE, refresh_before=timedelta(minutes=55))
-    assert not later.fetched
-    assert len(fetch.calls) == 1
+    # Ten hours of refreshes, each at the key's point: two calls per token lifetime.
+    end = clock.now + timedelta(hours=10)
+    while clock.now < end:
+        current = cache.peek(key)
+        assert current.refresh_at is not None
+        clock.now = current.refresh_at
+        assert (await cache.get(identity(), SCOPE)).fetched
+    assert len(fetch.calls) == 1 + 20
 
     # Alone on the key, the eager subscriber gets what it asked for.
     cache.unsubscribe(key, ("team-a", "api"))
-    alone = await cache.get(identity(), SCOPE, refresh_before=timedelta(minutes=55))
-    assert alone.fetched
-    assert len(fetch.calls) == 2
+    alone = cache.peek(key)
+    assert alone.token is not None
+    assert alone.refresh_at == alone.token.issued_at + timedelta(minutes=5)
 
 
-async def test_the_latest_point_never_passes_the_expiry_floor(
+async def test_a_small_refresh_before_never_delays_another_subscribers_refresh(
     cache: TokenCache, clock: FakeClock
 ) -> None:
     first = await cache.get(identity(), SCOPE)
@@ -140,8 +168,8 @@ async def test_the_latest_point_never_passes_the_expiry_floor(
     cache.subscribe(first.key, "short", timedelta(seconds=1))
     cache.subscribe(first.key, "default", None)
     result = cache.peek(first.key)
-    assert result.refresh_at is not None
-    assert result.refresh_at <= first.token.expires_at - timedelta(seconds=60)
+    # The default rule's point (a third of the hour left), not the late one.
+    assert result.refresh_at == first.token.expires_at - timedelta(minutes=20)
 
 
 async def test_forget_drops_the_subscribers(cache: TokenCache) -> None:

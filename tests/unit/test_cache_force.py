@@ -134,20 +134,42 @@ async def test_force_joins_a_request_already_running(clock: FakeClock) -> None:
     assert forced.token == got.token
 
 
-async def test_force_bypasses_backoff_and_the_permanent_hold(
+async def test_force_bypasses_the_backoff(
     clock: FakeClock, cache: TokenCache, fetch: CountingFetch
 ) -> None:
-    fetch.outcomes.append(CredentialsRejected("invalid_client"))
-    rejected = await cache.get(identity(), SCOPE)
-    assert rejected.error is not None
+    fetch.outcomes.append(EndpointUnavailable("HTTP 503"))
+    failed = await cache.get(identity(), SCOPE)
+    assert failed.error is not None
     clock.advance(1)
-    held = await cache.get(identity(), SCOPE)
-    assert not held.fetched  # held for minutes by the permanent failure
+    assert not (await cache.get(identity(), SCOPE)).fetched  # backing off
     forced = await cache.force(identity(), SCOPE)
     assert forced.fetched
     assert forced.token is not None
     assert forced.error is None
     assert len(fetch.calls) == 2
+
+
+async def test_force_obeys_the_permanent_hold_of_the_same_credential(
+    clock: FakeClock, cache: TokenCache, fetch: CountingFetch
+) -> None:
+    """N TokenRequests with rejected secrets and a looping annotation: no request
+    before the hold ends (it used to be one per key every 10 s)."""
+    rejected_secrets = [f"wrong-{n}" for n in range(5)]
+    for secret in rejected_secrets:
+        fetch.outcomes.append(CredentialsRejected("AADSTS7000215: invalid secret"))
+        assert (await cache.get(identity(secret=secret), SCOPE)).error is not None
+    assert len(fetch.calls) == 5
+    hold_ends = START + timedelta(minutes=5)
+    while clock.now + FORCE_INTERVAL < hold_ends:
+        clock.advance(FORCE_INTERVAL.total_seconds())
+        for secret in rejected_secrets:
+            held = await cache.force(identity(secret=secret), SCOPE)
+            assert not held.fetched
+            assert isinstance(held.error, CredentialsRejected)
+            assert held.next_attempt_at == hold_ends
+    assert len(fetch.calls) == 5
+    clock.now = hold_ends
+    assert (await cache.force(identity(secret="wrong-0"), SCOPE)).fetched
 
 
 async def test_force_honours_retry_after(

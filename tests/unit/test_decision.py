@@ -246,6 +246,15 @@ def test_an_unreadable_secret_assumes_what_was_last_served() -> None:
     assert outcome.wake_at <= OLD.expires_at
 
 
+def test_kubernetes_api_retries_close_in_on_the_expiry_of_the_token_in_the_secret() -> None:
+    """The fourth API failure in a row would wait 30-50 s; the Secret's token has 9 s."""
+    error = KubeError(action="replace Secret shop/orders-api-token", status=None, reason="Timeout")
+    ending = token("ending", issued=NOW - timedelta(seconds=21), seconds=30)
+    outcome = decide(facts_of(secret_token=ending, api_error=error, api_failures=3), NOW)
+    assert outcome.token == ending
+    assert outcome.wake_at == NOW + timedelta(seconds=3)  # a third of what is left
+
+
 # --- the events -------------------------------------------------------------------------
 
 

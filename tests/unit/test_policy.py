@@ -116,6 +116,44 @@ def test_refresh_before_just_short_of_the_lifetime_is_still_clamped_to_min_inter
     assert after_issue(point) == 60
 
 
+# A token shared by several TokenRequests
+
+
+def test_shared_the_earliest_need_wins() -> None:
+    """90 s tokens, subscribers asking 40 s and 5 s: refreshed 40 s before expiry."""
+    short = token(90)
+    point = REFRESH.shared_refresh_at(
+        short, refresh_befores=[timedelta(seconds=40), timedelta(seconds=5)], jitter_fraction=0
+    )
+    assert short.expires_at - point == timedelta(seconds=40)
+    hour = token(3600)
+    with_default = REFRESH.shared_refresh_at(
+        hour, refresh_befores=[None, timedelta(seconds=1)], jitter_fraction=0
+    )
+    assert after_issue(with_default) == 2400  # the default rule's point, not the late one
+
+
+@pytest.mark.parametrize(
+    "ask", [timedelta(minutes=31), timedelta(minutes=59), timedelta(hours=1), timedelta(days=2)]
+)
+def test_shared_a_refresh_before_over_half_the_lifetime_counts_as_half(ask: timedelta) -> None:
+    hour = token(3600)
+    for fraction in (0.0, 0.5, 1.0):
+        point = REFRESH.shared_refresh_at(
+            hour, refresh_befores=[None, ask], jitter_fraction=fraction
+        )
+        assert after_issue(point) == 1800  # not sooner, not even by the jitter
+
+
+def test_shared_tiny_tokens_stay_within_their_lifetime() -> None:
+    tiny = token(3)
+    for ask in (None, timedelta(seconds=1), timedelta(hours=1)):
+        point = REFRESH.shared_refresh_at(
+            tiny, refresh_befores=[ask, timedelta(seconds=2)], jitter_fraction=1
+        )
+        assert 1.5 <= after_issue(point) <= 2.25
+
+
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 
@@ -177,3 +215,45 @@ def test_permanent_failures_are_held(error: Exception) -> None:
 
 def test_unknown_exceptions_back_off_like_transient_ones() -> None:
     assert delay(failures=3, error=RuntimeError("bug"), jitter_fraction=0.5) == 20
+
+
+# While the token served is still valid
+
+
+def until_valid(seconds: float) -> datetime:
+    return NOW + timedelta(seconds=seconds)
+
+
+def delay_before(valid_for: float, *, failures: int, error: Exception) -> float:
+    moment = RETRY.next_attempt_at(
+        now=NOW,
+        failures=failures,
+        error=error,
+        jitter_fraction=0.5,
+        valid_until=until_valid(valid_for),
+    )
+    return (moment - NOW).total_seconds()
+
+
+def test_transient_retries_wait_at_most_a_third_of_the_time_left() -> None:
+    error = EndpointUnavailable("down")
+    assert delay_before(9, failures=1, error=error) == 3  # not the 5 s backoff
+    assert delay_before(9, failures=2, error=error) == 3  # nor 10 s, past the expiry
+    assert delay_before(1200, failures=9, error=error) == 300  # the cap is shorter
+    assert delay_before(600, failures=9, error=error) == 200
+    assert delay_before(2, failures=1, error=error) == 1  # the floor
+    assert delay_before(0.5, failures=1, error=error) == 1  # the floor, even past expiry
+
+
+def test_the_deadline_keeps_retry_after_and_the_hold() -> None:
+    throttled = Throttled("slow down", retry_after=7)
+    assert delay_before(9, failures=1, error=throttled) == 7
+    assert delay_before(9, failures=1, error=CredentialsRejected("no")) == 300
+
+
+def test_without_a_valid_token_the_backoff_is_unchanged() -> None:
+    error = EndpointUnavailable("down")
+    expired = RETRY.next_attempt_at(
+        now=NOW, failures=2, error=error, jitter_fraction=0.5, valid_until=until_valid(-1)
+    )
+    assert (expired - NOW).total_seconds() == 10
