@@ -1,4 +1,4 @@
-"""Pinned etcd, kube-apiserver, kube-controller-manager and kubectl, built once per machine.
+"""Pinned etcd, kube-apiserver, kube-controller-manager, kubectl and helm, built once per machine.
 
 No prebuilt binary can be downloaded where this project is built and tested;
 only the Go module proxy is reachable. So the binaries are compiled from their
@@ -10,7 +10,9 @@ later run finds the cache and returns at once.
 `python -m devenv.binaries` fills the cache (CI runs it before the tests so the
 build time shows as its own step) and also fetches the token server.
 `M2M_BIN_DIR` points at a directory with all four binaries to skip building
-(e.g. binaries from setup-envtest).
+(e.g. binaries from setup-envtest); `M2M_HELM` likewise names a helm binary.
+Helm is its own component, built only by `ensure_helm` (the chart tests and
+`python -m devenv.binaries`), so the control-plane tests never wait for it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "BuildError",
     "Component",
     "ensure_binaries",
+    "ensure_helm",
     "main",
 ]
 
@@ -126,6 +129,17 @@ ETCD = Component(
     binaries={"etcd": "go.etcd.io/etcd/server/v3"},
 )
 COMPONENTS = (ETCD, KUBERNETES)
+HELM = Component(
+    name="helm",
+    module="helm.sh/helm/v4",
+    binaries={"helm": "helm.sh/helm/v4/cmd/helm"},
+    # What Helm's Makefile stamps for a tagged release; unstamped, `helm version`
+    # says v4.3 and charts' kubeVersion checks see no patch level.
+    stamps=(
+        "helm.sh/helm/v4/internal/version.version={version}",
+        "helm.sh/helm/v4/internal/version.gitTreeState=clean",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -285,10 +299,21 @@ def ensure_binaries(*, log: Log = _print) -> Binaries:
     return Binaries.in_directories(by_name)
 
 
+def ensure_helm(*, log: Log = _print) -> Path:
+    """Return the pinned helm binary, building it once if it is not cached yet."""
+    override = os.environ.get("M2M_HELM")
+    if override:
+        helm = Path(override).expanduser().resolve()
+        if not os.access(helm, os.X_OK):
+            raise BuildError(f"M2M_HELM={override} is not an executable file")
+        return helm
+    return _build(HELM, log) / "helm"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m devenv.binaries",
-        description="Build (once) the control-plane binaries and fetch the token server.",
+        description="Build (once) the control-plane binaries and helm, and fetch the token server.",
     )
     parser.add_argument(
         "--no-token-server",
@@ -306,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             binaries.kubectl,
         ):
             _print(f"ready: {path}")
+        _print(f"ready: {ensure_helm()}")
         if not args.no_token_server:
             # Imported here so that building binaries never depends on Java tooling.
             from devenv.tokenserver import ensure_classpath
