@@ -307,7 +307,7 @@ class KubeApi:
             return False
         return True
 
-    # Kopf's peering (read only: Kopf itself writes the keep-alives)
+    # Kopf's peering (Kopf itself writes the keep-alives; we only read it, or create it once)
 
     async def read_cluster_peering(self, name: str) -> JsonObject | None:
         return await self._read_or_none(
@@ -321,6 +321,30 @@ class KubeApi:
                 _request_timeout=self._timeout,
             ),
         )
+
+    async def create_cluster_peering(self, name: str) -> bool:
+        """Create an empty ClusterKopfPeering; False when it exists already (HTTP 409)."""
+        body = {
+            "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": name},
+        }
+        self.writes += 1
+        try:
+            await self._call(
+                f"create ClusterKopfPeering {name}",
+                lambda: self._custom.create_cluster_custom_object(
+                    PEERING_GROUP,
+                    PEERING_VERSION,
+                    CLUSTER_PEERING_PLURAL,
+                    body,
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                ),
+            )
+        except Conflict:
+            return False
+        return True
 
     # Events
 
