@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import kubernetes
 import urllib3.exceptions
 
+from m2m_token_operator import metrics
 from m2m_token_operator.admission import CALL_PRIORITY, PriorityGate, event_priority
 from m2m_token_operator.events import EventQueue
 
@@ -115,7 +117,11 @@ class KubeApi:
     ) -> bytes:
         loop = asyncio.get_running_loop()
         async with self._admission.slot(CALL_PRIORITY.get() if priority is None else priority):
-            return await loop.run_in_executor(self._executor, self._blocking, action, function)
+            started = time.perf_counter()
+            try:
+                return await loop.run_in_executor(self._executor, self._blocking, action, function)
+            finally:
+                metrics.observe_api_call(action, time.perf_counter() - started)
 
     @staticmethod
     def _blocking(action: str, function: Callable[[], Any]) -> bytes:
