@@ -30,6 +30,13 @@ from devenv.tokenserver import DEFAULT_ISSUER, TokenServer
 
 from ._support import CLUSTER_NAME, OPERATOR_CLIENT_ID, OPERATOR_CLIENT_SECRET, kubectl
 
+# docs/install.md, "Check that both replicas joined" (and the chart's NOTES.txt).
+JOINED_TEMPLATE = (
+    "-o",
+    "go-template={{range $id, $peer := .status}}{{$id}} priority={{$peer.priority}}"
+    ' lastseen={{$peer.lastseen}}{{"\\n"}}{{end}}',
+)
+
 EXPECTED_KINDS = {
     "CustomResourceDefinition",
     "Namespace",
@@ -146,6 +153,11 @@ def test_documented_install_on_a_fresh_cluster(token_server: TokenServer, tmp_pa
             assert peering.stdout.strip() == f"clusterkopfpeering.kopf.dev/{PEERING_NAME}"
             # Kopf joined it: the replica's keep-alive is in the object's status.
             replica.wait_for_log("Refreshes active", timeout=30)
+            # docs/install.md's check that the replicas joined: one line per replica.
+            joined = kubectl(fresh, "get", "clusterkopfpeering", PEERING_NAME, *JOINED_TEMPLATE)
+            assert joined.returncode == 0, joined.stderr
+            assert joined.stdout.startswith("replica-a priority="), joined.stdout
+            assert len(joined.stdout.splitlines()) == 1
         # Upgrades need a single pass too.
         again = kubectl(fresh, *apply)
         assert again.returncode == 0, again.stderr
