@@ -35,7 +35,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "operatorIdentity": {"namespaceSelector": "m2m.dev/operator-identity=allowed"},
     "allowedTokenEndpointHosts": ["login.microsoftonline.com", "*.example.com", "idp:8443"],
     "logging": {"format": "text", "level": "debug"},
-    "tuning": {"retryInitialSeconds": 2.5, "fetchWorkers": 16},
+    "tuning": {"retryInitialSeconds": 2.5, "fetchWorkers": 16, "retryAfterMaxSeconds": 2592000},
     "image": {"repository": "registry.example.com/m2m-token-operator", "tag": "0.1.0-rc1"},
     "imagePullSecrets": [{"name": "regcred"}],
     "extraEnv": [{"name": "M2M_FEDERATION_AUDIENCE", "value": "api://custom"}],
@@ -142,6 +142,7 @@ def test_accepted_values_render_settings_the_operator_accepts(tmp_path: Path) ->
     assert env["M2M_LOG_FORMAT"] == "text"
     assert env["M2M_RETRY_INITIAL_SECONDS"] == "2.5"
     assert env["M2M_FETCH_WORKERS"] == "16"
+    assert env["M2M_RETRY_AFTER_MAX_SECONDS"] == "2592000"  # not 2.592e+06
     assert env["M2M_FEDERATION_AUDIENCE"] == "api://custom"
     # The operator reads them without complaint (the credentials directory aside:
     # it exists only in the pod).
