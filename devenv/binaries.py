@@ -10,9 +10,11 @@ later run finds the cache and returns at once.
 `python -m devenv.binaries` fills the cache (CI runs it before the tests so the
 build time shows as its own step) and also fetches the token server.
 `M2M_BIN_DIR` points at a directory with all four binaries to skip building
-(e.g. binaries from setup-envtest); `M2M_HELM` likewise names a helm binary.
-Helm is its own component, built only by `ensure_helm` (the chart tests and
-`python -m devenv.binaries`), so the control-plane tests never wait for it.
+(e.g. binaries from setup-envtest); `M2M_HELM` likewise names a helm binary,
+`M2M_PROMQL_CHECK` a promql-check. Helm and promql-check (Prometheus's PromQL
+parser, for the dashboard and alert tests) are components of their own, built
+only by `ensure_helm` / `ensure_promql_check` (their tests and `python -m
+devenv.binaries`), so the control-plane tests never wait for them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "Component",
     "ensure_binaries",
     "ensure_helm",
+    "ensure_promql_check",
     "main",
 ]
 
@@ -91,6 +94,8 @@ class Component:
         digest = hashlib.sha256()
         for file_name in ("go.mod", "go.sum"):
             digest.update((self.build_dir / file_name).read_bytes())
+        for source in sorted(self.build_dir.glob("*.go")):  # a module's own main package
+            digest.update(source.read_bytes())
         digest.update(repr((self.binaries, self.ldflags, _BUILD_FLAGS)).encode())
         return digest.hexdigest()[:10]
 
@@ -139,6 +144,13 @@ HELM = Component(
         "helm.sh/helm/v4/internal/version.version={version}",
         "helm.sh/helm/v4/internal/version.gitTreeState=clean",
     ),
+)
+# Prometheus's PromQL parser behind a line protocol (devenv/gobuild/promql/main.go):
+# the dashboard's and the alerts' expressions are checked by the parser Prometheus uses.
+PROMQL_CHECK = Component(
+    name="promql",
+    module="github.com/prometheus/prometheus",
+    binaries={"promql-check": "m2m-token-operator/devenv/gobuild/promql"},
 )
 
 
@@ -299,15 +311,25 @@ def ensure_binaries(*, log: Log = _print) -> Binaries:
     return Binaries.in_directories(by_name)
 
 
-def ensure_helm(*, log: Log = _print) -> Path:
-    """Return the pinned helm binary, building it once if it is not cached yet."""
-    override = os.environ.get("M2M_HELM")
+def _ensure_tool(component: Component, override_variable: str, log: Log) -> Path:
+    [name] = component.binaries
+    override = os.environ.get(override_variable)
     if override:
-        helm = Path(override).expanduser().resolve()
-        if not os.access(helm, os.X_OK):
-            raise BuildError(f"M2M_HELM={override} is not an executable file")
-        return helm
-    return _build(HELM, log) / "helm"
+        tool = Path(override).expanduser().resolve()
+        if not os.access(tool, os.X_OK):
+            raise BuildError(f"{override_variable}={override} is not an executable file")
+        return tool
+    return _build(component, log) / name
+
+
+def ensure_helm(*, log: Log = _print) -> Path:
+    """Return the pinned helm binary (or $M2M_HELM), building it once if not cached yet."""
+    return _ensure_tool(HELM, "M2M_HELM", log)
+
+
+def ensure_promql_check(*, log: Log = _print) -> Path:
+    """Return promql-check (or $M2M_PROMQL_CHECK), building it once if not cached yet."""
+    return _ensure_tool(PROMQL_CHECK, "M2M_PROMQL_CHECK", log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             _print(f"ready: {path}")
         _print(f"ready: {ensure_helm()}")
+        _print(f"ready: {ensure_promql_check()}")
         if not args.no_token_server:
             # Imported here so that building binaries never depends on Java tooling.
             from devenv.tokenserver import ensure_classpath
