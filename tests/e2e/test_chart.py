@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from devenv.controlplane import Cluster
 from devenv.install import MANIFESTS_DIR, REPO_ROOT, read_documents
 from m2m_token_operator.settings import Settings
 
@@ -28,6 +29,7 @@ from ._helm import (
     render,
     template,
 )
+from ._support import kubectl
 
 # Every value the chart has that renders an optional object, turned on.
 EVERYTHING_ON: dict[str, Any] = {
@@ -293,3 +295,31 @@ def test_default_values_render_what_kustomize_renders(tmp_path: Path) -> None:
     assert sorted(actual) == sorted(expected)
     for key, manifest in expected.items():
         assert actual[key] == manifest, f"{key[0]} {key[1]} differs from manifests/"
+
+
+@pytest.mark.usefixtures("operator_installed")
+def test_every_optional_value_renders_objects_the_api_server_accepts(
+    control_plane: Cluster, tmp_path: Path
+) -> None:
+    """Server-side dry run of what EVERYTHING_ON renders (the monitoring kinds aside:
+    their CRDs belong to prometheus-operator), and of a sharded release."""
+    values = {
+        **EVERYTHING_ON,
+        "metrics": {"dashboard": {"enabled": True}},  # in the release namespace
+    }
+    for case in (values, {"sharding": {"namespaces": ["team-a", "team-a-*"]}}):
+        rendered = template(tmp_path, case)
+        assert rendered.returncode == 0, rendered.stderr
+        result = kubectl(
+            control_plane,
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager=chart-test",
+            "-f",
+            "-",
+            stdin=rendered.stdout,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "Warning" not in result.stderr, result.stderr
+        assert "deployment.apps/m2m-token-operator serverside-applied" in result.stdout
