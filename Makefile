@@ -4,7 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration e2e binaries bench bench-scale bench-soak clean
+.PHONY: demo test lint unit integration e2e binaries image bench bench-scale bench-soak clean
+
+# The operator image `make image` builds (override: make image IMAGE=registry/name:tag).
+IMAGE ?= m2m-token-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +34,13 @@ unit: $(STAMP)
 integration: binaries
 	$(BIN)/pytest tests/integration -q
 
+## binaries: build (once) etcd, kube-apiserver, kube-controller-manager, kubectl and helm
 binaries: $(STAMP)
 	$(BIN)/python -m devenv.binaries
+
+## image: build the operator image from the Dockerfile (docker, podman, buildah or nerdctl)
+image:
+	$(PYTHON) -m devenv.image --image $(IMAGE)
 
 e2e: binaries
 	$(BIN)/pytest tests/e2e -q

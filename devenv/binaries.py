@@ -1,4 +1,4 @@
-"""Pinned etcd, kube-apiserver, kube-controller-manager and kubectl, built once per machine.
+"""Pinned etcd, kube-apiserver, kube-controller-manager, kubectl and helm, built once per machine.
 
 No prebuilt binary can be downloaded where this project is built and tested;
 only the Go module proxy is reachable. So the binaries are compiled from their
@@ -10,7 +10,11 @@ later run finds the cache and returns at once.
 `python -m devenv.binaries` fills the cache (CI runs it before the tests so the
 build time shows as its own step) and also fetches the token server.
 `M2M_BIN_DIR` points at a directory with all four binaries to skip building
-(e.g. binaries from setup-envtest).
+(e.g. binaries from setup-envtest); `M2M_HELM` likewise names a helm binary,
+`M2M_PROMQL_CHECK` a promql-check. Helm and promql-check (Prometheus's PromQL
+parser, for the dashboard and alert tests) are components of their own, built
+only by `ensure_helm` / `ensure_promql_check` (their tests and `python -m
+devenv.binaries`), so the control-plane tests never wait for them.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ __all__ = [
     "BuildError",
     "Component",
     "ensure_binaries",
+    "ensure_helm",
+    "ensure_promql_check",
     "main",
 ]
 
@@ -88,6 +94,8 @@ class Component:
         digest = hashlib.sha256()
         for file_name in ("go.mod", "go.sum"):
             digest.update((self.build_dir / file_name).read_bytes())
+        for source in sorted(self.build_dir.glob("*.go")):  # a module's own main package
+            digest.update(source.read_bytes())
         digest.update(repr((self.binaries, self.ldflags, _BUILD_FLAGS)).encode())
         return digest.hexdigest()[:10]
 
@@ -126,6 +134,24 @@ ETCD = Component(
     binaries={"etcd": "go.etcd.io/etcd/server/v3"},
 )
 COMPONENTS = (ETCD, KUBERNETES)
+HELM = Component(
+    name="helm",
+    module="helm.sh/helm/v4",
+    binaries={"helm": "helm.sh/helm/v4/cmd/helm"},
+    # What Helm's Makefile stamps for a tagged release; unstamped, `helm version`
+    # says v4.3 and charts' kubeVersion checks see no patch level.
+    stamps=(
+        "helm.sh/helm/v4/internal/version.version={version}",
+        "helm.sh/helm/v4/internal/version.gitTreeState=clean",
+    ),
+)
+# Prometheus's PromQL parser behind a line protocol (devenv/gobuild/promql/main.go):
+# the dashboard's and the alerts' expressions are checked by the parser Prometheus uses.
+PROMQL_CHECK = Component(
+    name="promql",
+    module="github.com/prometheus/prometheus",
+    binaries={"promql-check": "m2m-token-operator/devenv/gobuild/promql"},
+)
 
 
 @dataclass(frozen=True)
@@ -285,10 +311,31 @@ def ensure_binaries(*, log: Log = _print) -> Binaries:
     return Binaries.in_directories(by_name)
 
 
+def _ensure_tool(component: Component, override_variable: str, log: Log) -> Path:
+    [name] = component.binaries
+    override = os.environ.get(override_variable)
+    if override:
+        tool = Path(override).expanduser().resolve()
+        if not os.access(tool, os.X_OK):
+            raise BuildError(f"{override_variable}={override} is not an executable file")
+        return tool
+    return _build(component, log) / name
+
+
+def ensure_helm(*, log: Log = _print) -> Path:
+    """Return the pinned helm binary (or $M2M_HELM), building it once if not cached yet."""
+    return _ensure_tool(HELM, "M2M_HELM", log)
+
+
+def ensure_promql_check(*, log: Log = _print) -> Path:
+    """Return promql-check (or $M2M_PROMQL_CHECK), building it once if not cached yet."""
+    return _ensure_tool(PROMQL_CHECK, "M2M_PROMQL_CHECK", log)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m devenv.binaries",
-        description="Build (once) the control-plane binaries and fetch the token server.",
+        description="Build (once) the control-plane binaries and helm, and fetch the token server.",
     )
     parser.add_argument(
         "--no-token-server",
@@ -306,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             binaries.kubectl,
         ):
             _print(f"ready: {path}")
+        _print(f"ready: {ensure_helm()}")
+        _print(f"ready: {ensure_promql_check()}")
         if not args.no_token_server:
             # Imported here so that building binaries never depends on Java tooling.
             from devenv.tokenserver import ensure_classpath

@@ -5,9 +5,9 @@ not a copy that drifts from them. So this reads the very files `kubectl apply
 -k manifests/` reads (the kustomization's `resources`, followed into `crds/`),
 and server-side applies them through the API: CRDs first (then waits until they
 are Established), the namespace, the ServiceAccount, the ClusterRole and its
-binding, the admission policy that limits what the operator's account may
-write (then waits until the API server enforces it), and the Kopf peering
-object. What needs Pods (the Deployment, its
+binding, and the admission policy that limits what the operator's account may
+write (then waits until the API server enforces it); the Kopf peering object is
+the operator's to create, at start. What needs Pods (the Deployment, its
 PodDisruptionBudget, NetworkPolicy and Service) is skipped: there are no nodes
 here; the operator runs as a local process with the ServiceAccount's token.
 """
@@ -52,7 +52,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = REPO_ROOT / "crds" / "tokenrequests.m2m.dev.yaml"
 MANIFESTS_DIR = REPO_ROOT / "manifests"
 EXAMPLES_DIR = REPO_ROOT / "examples"
-# As named in manifests/ (serviceaccount.yaml, rbac.yaml, kopf-peering.yaml).
+# As named in manifests/ (serviceaccount.yaml, rbac.yaml, the Deployment's --peering).
 OPERATOR_NAMESPACE = "m2m-token-operator"
 OPERATOR_SERVICE_ACCOUNT = "m2m-token-operator"
 PEERING_NAME = "m2m-token-operator"
@@ -240,9 +240,8 @@ def wait_for_admission_policy(api: k8s.ApiClient, *, timeout: float = 60.0) -> N
 def install_operator(
     api: k8s.ApiClient, *, objects: list[Manifest] | None = None, timeout: float = 60.0
 ) -> list[Manifest]:
-    """Apply the shipped CRDs, namespace, ServiceAccount, RBAC, admission policy and
-    peering (or `objects`, e.g. a rendered overlay's, without the Pod-related kinds);
-    idempotent.
+    """Apply the shipped CRDs, namespace, ServiceAccount, RBAC and admission policy (or
+    `objects`, e.g. a rendered overlay's, without the Pod-related kinds); idempotent.
 
     Returns what was applied, as the server answered.
     """
@@ -255,7 +254,7 @@ def install_operator(
     applied = apply_objects(api, crds, timeout=timeout)
     wait_for_crds(api, (doc["metadata"]["name"] for doc in crds), timeout=timeout)
     wait_until_listable(api, crds, timeout=timeout)
-    # Custom objects (the ClusterKopfPeering) only after their CRD is served.
+    # Custom objects, should the manifests ever ship one, only after their CRD is served.
     applied += apply_objects(api, [*namespaces, *rest], timeout=timeout)
     if any(doc["kind"] == "ValidatingAdmissionPolicyBinding" for doc in objects):
         wait_for_admission_policy(api, timeout=timeout)

@@ -28,7 +28,7 @@ from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, KubeError, load_api_client
 from m2m_token_operator.namespaces import OperatorIdentityNamespaces
-from m2m_token_operator.peering import PeeringConfig, PeeringGate
+from m2m_token_operator.peering import PeeringConfig, PeeringGate, ensure_cluster_peering
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.settings import Settings
@@ -153,6 +153,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
 
     api_client = load_api_client()
     kube = runtime.closing(KubeApi(api_client), lambda: kube.close(), name="kube")
+    await ensure_cluster_peering(settings.peering, kube)
     seal_key = await _seal_key(kube, config)
     token_client = runtime.closing(
         TokenClient(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import kubernetes
 import urllib3.exceptions
 
+from m2m_token_operator import metrics
 from m2m_token_operator.admission import CALL_PRIORITY, PriorityGate, event_priority
 from m2m_token_operator.events import EventQueue
 
@@ -127,7 +129,11 @@ class KubeApi:
     ) -> bytes:
         loop = asyncio.get_running_loop()
         async with self._admission.slot(CALL_PRIORITY.get() if priority is None else priority):
-            return await loop.run_in_executor(self._executor, self._blocking, action, function)
+            started = time.perf_counter()
+            try:
+                return await loop.run_in_executor(self._executor, self._blocking, action, function)
+            finally:
+                metrics.observe_api_call(action, time.perf_counter() - started)
 
     @staticmethod
     def _blocking(action: str, function: Callable[[], Any]) -> bytes:
@@ -348,7 +354,7 @@ class KubeApi:
             return False
         return True
 
-    # Kopf's peering (read only: Kopf itself writes the keep-alives)
+    # Kopf's peering (Kopf itself writes the keep-alives; we only read it, or create it once)
 
     async def read_cluster_peering(self, name: str) -> JsonObject | None:
         return await self._read_or_none(
@@ -362,6 +368,30 @@ class KubeApi:
                 _request_timeout=self._timeout,
             ),
         )
+
+    async def create_cluster_peering(self, name: str) -> bool:
+        """Create an empty ClusterKopfPeering; False when it exists already (HTTP 409)."""
+        body = {
+            "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": name},
+        }
+        self.writes += 1
+        try:
+            await self._call(
+                f"create ClusterKopfPeering {name}",
+                lambda: self._custom.create_cluster_custom_object(
+                    PEERING_GROUP,
+                    PEERING_VERSION,
+                    CLUSTER_PEERING_PLURAL,
+                    body,
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                ),
+            )
+        except Conflict:
+            return False
+        return True
 
     # Events
 

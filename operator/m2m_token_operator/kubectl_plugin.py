@@ -2,8 +2,10 @@
 
     kubectl m2m status NAME [-n NS]     conditions, expiry, refresh point, claims, events
     kubectl m2m refresh NAME [-n NS]    ask for a new token now (sets m2m.dev/refresh)
+    kubectl m2m refresh -l SELECTOR [-A]   the same for every match (after a credential rotation)
     kubectl m2m claims NAME [-o yaml|json]   what the token says (status.token), never the token
     kubectl m2m doctor [NAMESPACE]      pods that will never see a refreshed token, and the fix
+    kubectl m2m version                 this plugin's version and the API version it speaks
 
 It runs with the user's kubeconfig and RBAC (`--kubeconfig`, `--context`,
 `-n`), never with the operator's: `doctor` lists pods only where the user may.
@@ -17,6 +19,7 @@ without a cluster; `main` only fetches and prints.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -375,7 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
     refresh = commands.add_parser(
         "refresh", parents=[common], help="ask the operator for a new token now"
     )
-    refresh.add_argument("name")
+    refresh.add_argument("name", nargs="?", help="one TokenRequest (or use -l / --all)")
+    refresh.add_argument("-l", "--selector", help="every TokenRequest matching this label selector")
+    refresh.add_argument(
+        "--all", action="store_true", help="every TokenRequest (of the namespace, or with -A)"
+    )
+    refresh.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="with -l or --all: in every namespace you may list TokenRequests in",
+    )
     claims = commands.add_parser(
         "claims", parents=[common], help="what the token says (status.token), never the token"
     )
@@ -387,7 +400,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="pods reading a TokenRequest's Secret in ways that never see a refreshed token",
     )
     doctor.add_argument("target_namespace", nargs="?", metavar="NAMESPACE")
+    commands.add_parser("version", help="this plugin's version and the API version it speaks")
     return parser
+
+
+def plugin_version() -> str:
+    try:
+        return importlib.metadata.version("m2m-token-operator")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
+def render_version() -> str:
+    return f"kubectl-m2m {plugin_version()} (TokenRequest API {GROUP}/{VERSION})\n"
+
+
+def refresh_targets_error(arguments: argparse.Namespace) -> str | None:
+    """What is wrong with the choice of TokenRequests to refresh, or None."""
+    bulk = arguments.selector is not None or arguments.all
+    if arguments.name and bulk:
+        return "give a NAME, or -l SELECTOR / --all, not both"
+    if not arguments.name and not bulk:
+        return "give a NAME, or -l SELECTOR / --all for many"
+    if arguments.all_namespaces and not bulk:
+        return "-A needs -l SELECTOR or --all"
+    if arguments.selector is not None and arguments.all:
+        return "give -l SELECTOR or --all, not both"
+    return None
+
+
+def _name_of(body: Mapping[str, Any]) -> tuple[str, str]:
+    metadata = body.get("metadata") or {}
+    return str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
 
 
 class Cluster:
@@ -464,14 +508,32 @@ class Cluster:
             what=f"TokenRequest {name}",
         )
 
-    def token_requests(self, namespace: str) -> list[JsonObject]:
-        listed = self.call(
-            lambda: self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, _preload_content=False
-            ),
-            action=f"list tokenrequests.{GROUP}",
-            namespace=namespace,
-        )
+    def token_requests(
+        self, namespace: str | None, *, label_selector: str | None = None
+    ) -> list[JsonObject]:
+        """The TokenRequests of `namespace` (None: of every namespace) matching the selector."""
+        selector = label_selector or ""  # empty: every TokenRequest
+        if namespace is None:
+            listed = self.call(
+                lambda: self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, PLURAL, label_selector=selector, _preload_content=False
+                ),
+                action=f"list tokenrequests.{GROUP}",
+                namespace="(all namespaces)",
+            )
+        else:
+            listed = self.call(
+                lambda: self.custom.list_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    PLURAL,
+                    label_selector=selector,
+                    _preload_content=False,
+                ),
+                action=f"list tokenrequests.{GROUP}",
+                namespace=namespace,
+            )
         items: list[JsonObject] = listed.get("items") or []
         return items
 
@@ -499,12 +561,14 @@ def run(arguments: argparse.Namespace, *, cluster: Cluster, now: datetime) -> tu
         return EXIT_OK, render_status(body, events, now=now, events_error=events_error)
     if arguments.command == "refresh":
         patch = refresh_patch(now)
-        cluster.annotate_refresh(namespace, arguments.name, patch)
         value = patch["metadata"]["annotations"][REFRESH_ANNOTATION]
-        return EXIT_OK, (
-            f"Refresh requested for TokenRequest {namespace}/{arguments.name}"
-            f" ({REFRESH_ANNOTATION}={value}); see `kubectl m2m status {arguments.name}`.\n"
-        )
+        if arguments.name:
+            cluster.annotate_refresh(namespace, arguments.name, patch)
+            return EXIT_OK, (
+                f"Refresh requested for TokenRequest {namespace}/{arguments.name}"
+                f" ({REFRESH_ANNOTATION}={value}); see `kubectl m2m status {arguments.name}`.\n"
+            )
+        return refresh_many(arguments, cluster=cluster, namespace=namespace, patch=patch)
     if arguments.command == "claims":
         body = cluster.token_request(namespace, arguments.name)
         if claims_of(body) is None:
@@ -522,13 +586,47 @@ def run(arguments: argparse.Namespace, *, cluster: Cluster, now: datetime) -> tu
     return EXIT_OK, render_doctor(namespace, findings, token_requests=len(token_requests))
 
 
+def refresh_many(
+    arguments: argparse.Namespace, *, cluster: Cluster, namespace: str, patch: JsonObject
+) -> tuple[int, str]:
+    """Refresh every match; one line each, and on: a failure does not stop the others."""
+    where = None if arguments.all_namespaces else namespace
+    matches = cluster.token_requests(where, label_selector=arguments.selector)
+    scope = "all namespaces" if where is None else f"namespace {where}"
+    if not matches:
+        return EXIT_OK, f"No TokenRequests to refresh in {scope}.\n"
+    lines: list[str] = []
+    failed = 0
+    for body in sorted(matches, key=_name_of):
+        item_namespace, name = _name_of(body)
+        try:
+            cluster.annotate_refresh(item_namespace, name, patch)
+        except PluginError as error:
+            failed += 1
+            lines.append(f"failed    {clean(item_namespace)}/{clean(name)}: {clean(error)}")
+            continue
+        lines.append(f"requested {clean(item_namespace)}/{clean(name)}")
+    value = patch["metadata"]["annotations"][REFRESH_ANNOTATION]
+    lines.append(
+        f"Refresh requested for {len(matches) - failed} of {len(matches)} TokenRequests in"
+        f" {scope} ({REFRESH_ANNOTATION}={value})."
+    )
+    return (EXIT_FAILED if failed else EXIT_OK), "\n".join(lines) + "\n"
+
+
 def _fail(message: str, code: int) -> NoReturn:
     print(f"kubectl m2m: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    arguments = build_parser().parse_args(argv)
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    if arguments.command == "version":  # needs no cluster
+        sys.stdout.write(render_version())
+        raise SystemExit(EXIT_OK)
+    if arguments.command == "refresh" and (problem := refresh_targets_error(arguments)):
+        parser.error(f"refresh: {problem}")
     try:
         cluster = Cluster(kubeconfig=arguments.kubeconfig, context=arguments.context)
         code, text = run(arguments, cluster=cluster, now=datetime.now(UTC))

@@ -53,7 +53,24 @@ CACHE_LOOKUPS = Counter(
     ["result"],
 )
 
+REFRESH_LAG = Histogram(
+    "m2m_refresh_lag_seconds",
+    "How late scheduled work (a refresh, a retry) became ready to run, after its due time.",
+    buckets=(0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 900),
+)
+API_LATENCY = Histogram(
+    "m2m_kube_api_request_duration_seconds",
+    "Time of the operator's own Kubernetes API calls (not Kopf's watches), by call.",
+    ["call"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
 Fetch = Callable[[ClientCredentials, str], AccessToken]
+
+
+def observe_api_call(action: str, seconds: float) -> None:
+    """`action` is the call's description ("read Secret ns/name"): its verb and kind label it."""
+    API_LATENCY.labels(call=" ".join(action.split()[:2])).observe(seconds)
 
 
 def instrument_fetch(fetch: Fetch) -> Fetch:

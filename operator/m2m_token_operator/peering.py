@@ -20,9 +20,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from m2m_token_operator.kube import JsonObject, KubeError
+from m2m_token_operator.kube import JsonObject, KubeError, NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +154,58 @@ class PeeringGate:
             logger.info("Refreshes paused: %s", why)
             if self._on_pause is not None:
                 self._on_pause()
+
+
+class PeeringSettings(Protocol):
+    """What `ensure_cluster_peering` reads of Kopf's `settings.peering`."""
+
+    name: str
+    mandatory: bool
+    clusterwide: bool
+    standalone: bool
+
+
+class PeeringObjects(Protocol):
+    async def read_cluster_peering(self, name: str) -> JsonObject | None: ...
+
+    async def create_cluster_peering(self, name: str) -> bool: ...
+
+
+async def ensure_cluster_peering(
+    peering: PeeringSettings,
+    kube: PeeringObjects,
+    *,
+    attempts: int = 30,
+    retry_interval: float = 2.0,
+) -> None:
+    """Create the ClusterKopfPeering that `--peering=NAME` waits for, when it is missing.
+
+    Kopf with a named peering stays paused until that object exists, and the
+    object cannot be shipped beside its CRD: `kubectl apply -k` maps every
+    object before the CRD it has just created is served, so a fresh cluster
+    needed a second pass. Created here, at start (before Kopf's watches begin),
+    one pass installs everything. Read first: where the object exists, `get`
+    suffices, and `create` (which RBAC cannot limit to one name) is never used.
+    The CRD may still be coming up when the first replica starts (same apply),
+    so a 404 is retried for a while before the start fails (and Kopf retries it).
+    """
+    if peering.standalone or not peering.clusterwide or not peering.mandatory:
+        return
+    for attempt in range(1, attempts + 1):
+        try:
+            if await kube.read_cluster_peering(peering.name) is not None:
+                return
+            created = await kube.create_cluster_peering(peering.name)
+        except NotFound:
+            if attempt == attempts:
+                raise
+            logger.info(
+                "ClusterKopfPeering is not served yet (CRD clusterkopfpeerings.kopf.dev);"
+                " retrying in %gs",
+                retry_interval,
+            )
+            await asyncio.sleep(retry_interval)
+            continue
+        if created:
+            logger.info("Created the ClusterKopfPeering %s", peering.name)
+        return

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
+from m2m_token_operator import metrics
+
 logger = logging.getLogger(__name__)
 
 Target = TypeVar("Target", bound=Hashable)
@@ -114,6 +116,7 @@ class Scheduler(Generic[Target]):
             if self._due.get(target) == at:  # otherwise cancelled or moved: a stale entry
                 del self._due[target]
                 ready.append(target)
+                metrics.REFRESH_LAG.observe(max(0.0, (now - at).total_seconds()))
         return ready
 
     def _seconds_to_next(self, now: datetime) -> float | None:

@@ -2,14 +2,15 @@
 
 The kustomization is rendered by the pinned kubectl's kustomize and every
 object is validated by the API server (server-side dry run: schema, admission,
-Pod Security labels of the namespace), and the documented two-pass install is
-run on a fresh control plane. The harness (`devenv.install`) installs the same
+Pod Security labels of the namespace), and the documented single-pass install
+is run on a fresh control plane. The harness (`devenv.install`) installs the same
 files; its names must match the shipped Deployment's.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,13 +25,21 @@ from devenv.install import (
     SKIPPED_KINDS,
     installable_objects,
 )
+from devenv.operatorprocess import Identity, OperatorProcess
+from devenv.tokenserver import DEFAULT_ISSUER, TokenServer
 
-from ._support import kubectl
+from ._support import CLUSTER_NAME, OPERATOR_CLIENT_ID, OPERATOR_CLIENT_SECRET, kubectl
+
+# docs/install.md, "Check that both replicas joined" (and the chart's NOTES.txt).
+JOINED_TEMPLATE = (
+    "-o",
+    "go-template={{range $id, $peer := .status}}{{$id}} priority={{$peer.priority}}"
+    ' lastseen={{$peer.lastseen}}{{"\\n"}}{{end}}',
+)
 
 EXPECTED_KINDS = {
     "CustomResourceDefinition",
     "Namespace",
-    "ClusterKopfPeering",
     "ServiceAccount",
     "ClusterRole",
     "ClusterRoleBinding",
@@ -74,7 +83,8 @@ def test_kustomization_renders(control_plane: Cluster) -> None:
     [container] = pod["containers"]
     assert f"--peering={PEERING_NAME}" in container["args"]
     assert "--standalone" not in container["args"]
-    _named(documents, "ClusterKopfPeering", PEERING_NAME)
+    # The operator creates its peering object itself (one-pass installs).
+    assert not [d for d in documents if d["kind"] == "ClusterKopfPeering"]
     binding = _named(documents, "ClusterRoleBinding", "m2m-token-operator")
     assert binding["subjects"] == [
         {
@@ -87,8 +97,8 @@ def test_kustomization_renders(control_plane: Cluster) -> None:
 
 @pytest.mark.usefixtures("operator_installed")
 def test_every_object_passes_server_side_dry_run(control_plane: Cluster) -> None:
-    # The CRDs and the namespace exist (operator_installed), so the
-    # ClusterKopfPeering and the namespaced objects can be validated too.
+    # The CRDs and the namespace exist (operator_installed), so the namespaced
+    # objects can be validated too.
     text, documents = _render(control_plane)
     result = kubectl(
         control_plane, "apply", "--server-side", "--dry-run=server", "-f", "-", stdin=text
@@ -107,39 +117,49 @@ def test_every_object_passes_server_side_dry_run(control_plane: Cluster) -> None
     os.environ.get("M2M_E2E_EXISTING_CLUSTER") == "1",
     reason="needs a fresh control plane of its own",
 )
-def test_documented_install_on_a_fresh_cluster() -> None:
-    """docs/install.md, section "Apply": two passes, the second creates the peering object."""
+def test_documented_install_on_a_fresh_cluster(token_server: TokenServer, tmp_path: Path) -> None:
+    """docs/install.md, "Install with kustomize": one pass, then the operator creates its peering.
+
+    The first `kubectl apply -k` used to fail on a fresh cluster (`no matches for
+    kind "ClusterKopfPeering"`: the object was mapped before its CRD, created by the
+    same command, was served). Now nothing of a new kind ships beside its CRD, and a
+    replica started with the shipped --peering creates the object it waits for.
+    """
     with ControlPlane() as fresh:
         apply = ("apply", "--server-side", "-k", str(MANIFESTS_DIR))
         first = kubectl(fresh, *apply)
-        # The first pass races the API server: the ClusterKopfPeering goes in only if its
-        # CRD, created moments earlier by the same command, is already served when kubectl
-        # maps that object (once in three runs here). Else that kind's objects, and only
-        # they, fail; the documented wait and second pass must work either way.
-        if first.returncode == 0:
-            assert f"clusterkopfpeering.kopf.dev/{PEERING_NAME} serverside-applied" in (
-                first.stdout
-            ), first.stdout
-        else:
-            errors = [line for line in first.stderr.splitlines() if line.startswith("error:")]
-            assert errors, first.stderr
-            assert all('no matches for kind "ClusterKopfPeering"' in e for e in errors), errors
+        assert first.returncode == 0, first.stderr
+        assert "Warning" not in first.stderr, first.stderr
+        absent = kubectl(fresh, "get", "clusterkopfpeering", PEERING_NAME, "-o", "name")
+        assert absent.returncode != 0
+        assert "NotFound" in absent.stderr, absent.stderr
 
-        waited = kubectl(
-            fresh,
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/tokenrequests.m2m.dev",
-            "crd/clusterkopfpeerings.kopf.dev",
+        # A replica as the Deployment runs it: cluster-wide, the shipped peering, as the
+        # shipped ServiceAccount (whose RBAC must allow creating the peering object).
+        kubeconfig = fresh.service_account_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)
+        replica = OperatorProcess(
+            kubeconfig=kubeconfig,
+            log_file=tmp_path / "operator.log",
+            identity=Identity(
+                client_id=OPERATOR_CLIENT_ID,
+                client_secret=OPERATOR_CLIENT_SECRET,
+                token_endpoint=token_server.token_endpoint(DEFAULT_ISSUER),
+            ),
+            cluster_name=CLUSTER_NAME,
+            args=["--all-namespaces", f"--peering={PEERING_NAME}"],
+            settings={"POD_ID": "replica-a"},
         )
-        assert waited.returncode == 0, waited.stderr
-
-        second = kubectl(fresh, *apply)
-        assert second.returncode == 0, second.stderr
-        assert "Warning" not in second.stderr, second.stderr
-        peering = kubectl(fresh, "get", "clusterkopfpeering", PEERING_NAME, "-o", "name")
-        assert peering.stdout.strip() == f"clusterkopfpeering.kopf.dev/{PEERING_NAME}"
-        # Upgrades need a single pass.
-        third = kubectl(fresh, *apply)
-        assert third.returncode == 0, third.stderr
+        with replica:
+            replica.wait_for_log(f"Created the ClusterKopfPeering {PEERING_NAME}", timeout=30)
+            peering = kubectl(fresh, "get", "clusterkopfpeering", PEERING_NAME, "-o", "name")
+            assert peering.stdout.strip() == f"clusterkopfpeering.kopf.dev/{PEERING_NAME}"
+            # Kopf joined it: the replica's keep-alive is in the object's status.
+            replica.wait_for_log("Refreshes active", timeout=30)
+            # docs/install.md's check that the replicas joined: one line per replica.
+            joined = kubectl(fresh, "get", "clusterkopfpeering", PEERING_NAME, *JOINED_TEMPLATE)
+            assert joined.returncode == 0, joined.stderr
+            assert joined.stdout.startswith("replica-a priority="), joined.stdout
+            assert len(joined.stdout.splitlines()) == 1
+        # Upgrades need a single pass too.
+        again = kubectl(fresh, *apply)
+        assert again.returncode == 0, again.stderr

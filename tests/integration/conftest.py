@@ -2,7 +2,7 @@
 
 * ``control_plane`` (session): etcd, kube-apiserver and kube-controller-manager
   from ``devenv`` (about 3 s once the binaries are cached, ``make binaries``),
-  with the shipped CRD, namespace, ServiceAccount, RBAC and peering installed
+  with the shipped CRD, namespace, ServiceAccount, RBAC and peering CRDs installed
   by ``devenv.install`` (as in the e2e tier).
 * ``garbage_collector`` (session): waits until the garbage collector watches
   TokenRequests; for the tests that need it to delete a Secret whose owner is gone.
