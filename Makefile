@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration e2e binaries bench bench-scale clean
+.PHONY: demo test lint unit integration e2e binaries bench bench-scale bench-owned-secrets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(STAMP)
 ## bench-scale: the whole operator on a real control plane; one JSON line (BENCH_ARGS=--quick)
 bench-scale: binaries
 	PYTHONPATH=. $(BIN)/python bench/scale_bench.py $(BENCH_ARGS)
+
+## bench-owned-secrets: labelled Secrets not ours (peak RSS), and a kill mid-burst (calls per scope)
+bench-owned-secrets: binaries
+	PYTHONPATH=. $(BIN)/python bench/owned_secrets_bench.py forged $(BENCH_ARGS)
+	PYTHONPATH=. $(BIN)/python bench/owned_secrets_bench.py kill $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
