@@ -247,14 +247,14 @@ class TokenRequestReconciler:
         if data is None:
             # A metadata-only event: the data is known if a look wrote or read this version.
             metadata = secret.get("metadata", {})
+            where = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+            version = str(metadata.get("resourceVersion") or "")
             store = self._owned_secrets
-            data = store and store.data_at(
-                str(metadata.get("namespace") or ""),
-                str(metadata.get("name") or ""),
-                str(metadata.get("resourceVersion") or ""),
-            )
+            data = store and store.data_at(*where, version)
             if data is None:
-                return True  # changed since: perhaps edited; the look reads it
+                if store is not None:
+                    store.changed(*where, version)
+                return True  # changed since the operator saw it, perhaps edited: read it
         if data != secret_data(scope=subscription.spec.scope, token=cached.token):
             return True
         labels = secret.get("metadata", {}).get("labels") or {}
@@ -547,8 +547,9 @@ class TokenRequestReconciler:
         The watch's copy carries no data. It is known without a call when a look wrote or
         read that very version; or, for a Secret no look has read or written since the
         start, when its seal is that of the token about to be written (`writing`: the
-        token and its seal): the operator wrote that token there. Otherwise the Secret
-        changed since the operator last saw it, perhaps by hand: it is read.
+        token and its seal) and its managedFields give no part of its data to anyone but
+        the operator: the operator wrote that token there, and nobody changed it since.
+        Otherwise the Secret changed since the operator last saw it: it is read.
         """
         if secret is not None and "data" not in secret:
             metadata = secret.get("metadata", {})
@@ -561,6 +562,7 @@ class TokenRequestReconciler:
                 and facts.spec is not None
                 and store is not None
                 and not store.data_seen(namespace, name)
+                and not store.data_edited(namespace, name)
                 and hmac.compare_digest(seal.encode(), writing[1].encode())
             ):
                 data = secret_data(scope=facts.spec.scope, token=writing[0])

@@ -47,6 +47,7 @@ import kubernetes
 # Kopf's own matcher, so that our Secret watches serve exactly the namespaces Kopf serves.
 from kopf._cogs.structs.references import NamespaceName, match_namespace
 
+from m2m_token_operator.kube import SECRET_FIELD_MANAGER
 from m2m_token_operator.secret_output import (
     EXPIRES_AT_KEY,
     KEY_ID_ANNOTATION,
@@ -164,6 +165,8 @@ class OwnedSecrets:
         # was not of the operator's shape (kept out of memory, and read again when needed).
         self._data: dict[tuple[str, str], tuple[str, dict[str, str] | None]] = {}
         self._by_key_id: dict[str, set[tuple[str, str]]] = {}
+        # Secrets whose managedFields give a part of `data` to another manager than ours.
+        self._data_edited: set[tuple[str, str]] = set()
         self._synced: list[asyncio.Event] = []
 
     def track(self, synced: asyncio.Event) -> None:
@@ -190,6 +193,10 @@ class OwnedSecrets:
         self._unindex(key)
         compact = _compact(secret)
         self._objects[key] = compact
+        if _data_managed_by_others(metadata):
+            self._data_edited.add(key)
+        else:
+            self._data_edited.discard(key)
         key_id = (compact["metadata"].get("annotations") or {}).get(KEY_ID_ANNOTATION)
         if isinstance(key_id, str):
             self._by_key_id.setdefault(key_id, set()).add(key)
@@ -215,6 +222,12 @@ class OwnedSecrets:
         else:
             self._data[key] = (version, None)
 
+    def changed(self, namespace: str, name: str, version: str) -> None:
+        """The Secret changed to a version no look read or wrote: the next look reads it
+        (never infers its data from its seal: an edit may have left the seal in place)."""
+        if self.data_at(namespace, name, version) is None:
+            self._data[(namespace, name)] = (version, None)
+
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Secret as last seen (not to be modified), or None if the watch has none.
 
@@ -231,6 +244,11 @@ class OwnedSecrets:
     def data_seen(self, namespace: str, name: str) -> bool:
         """Whether a look read or wrote this Secret (any version) since it was last created."""
         return (namespace, name) in self._data
+
+    def data_edited(self, namespace: str, name: str) -> bool:
+        """Whether the Secret's managedFields say someone else set a part of its data: then
+        its seal annotation is no proof of what its data holds (an edit keeps it)."""
+        return (namespace, name) in self._data_edited
 
     def data_at(self, namespace: str, name: str, version: str) -> dict[str, str] | None:
         """The Secret's data if a look read or wrote it at `version`."""
@@ -262,6 +280,7 @@ class OwnedSecrets:
         self._unindex(key)
         self._objects.pop(key, None)
         self._data.pop(key, None)
+        self._data_edited.discard(key)
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -332,6 +351,23 @@ def _compact(secret: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _METADATA_KEPT = ("name", "namespace", "uid", "resourceVersion")
+
+
+def _data_managed_by_others(metadata: Mapping[str, Any]) -> bool:
+    """Whether a field manager other than the operator owns a part of the Secret's data.
+
+    The API server gives a field to whoever last changed it (and takes it from the
+    others), so after the operator's write the data is all its own, and any edit of
+    it since (kubectl edit or patch, a script) shows as another manager's `f:data`.
+    Secrets written before the operator named its field manager count as edited.
+    """
+    for entry in metadata.get("managedFields") or []:
+        if not isinstance(entry, Mapping) or entry.get("manager") == SECRET_FIELD_MANAGER:
+            continue
+        fields = entry.get("fieldsV1")
+        if isinstance(fields, Mapping) and fields.get("f:data"):
+            return True
+    return False
 
 
 def _shared(values: Mapping[str, Any]) -> dict[str, Any]:

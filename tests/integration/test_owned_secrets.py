@@ -58,3 +58,32 @@ async def test_a_restart_fetches_no_token_that_some_secret_already_holds(
     found = {r.path.rsplit("/", 1)[1] for r in after if r.method == "GET" and r.status == 200}
     assert found == {"holder"}
     assert [str(r) for r in after if r.method in WRITES and r.path.endswith("/holder")] == []
+
+
+async def test_an_edit_after_a_restart_that_read_no_secret_is_repaired(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    """The restart infers the Secret's data from its seal (no read); the edit's watch event
+    carries no data either, and is a version no look has seen: the look reads and repairs."""
+    first = operator_factory.start()
+    kube.create_token_request(NS, "orders-api", TARGET)
+    await wait_ready(kube, "orders-api")
+    original = kube.read_secret(NS, "orders-api")
+    assert original is not None
+    first.stop()
+
+    restarted = time.monotonic()
+    run = operator_factory.start()
+    await wait_for(lambda: "reusing the unexpired token" in run.all_text, message="the key seeded")
+    await wait_for(
+        lambda: "Handler 'tokenrequest' succeeded" in run.all_text,
+        message="the look after the restart done",
+    )
+    kube.patch_secret(NS, "orders-api", {"stringData": {"token": "tampered"}})
+    await wait_for(
+        lambda: kube.read_secret(NS, "orders-api") == original, message="restored after edit"
+    )
+    run.stop()
+    assert token_endpoint.count == 1  # the seeded token, written back
+    writes = kube.proxy.requests(path=r"/secrets/orders-api$", since=restarted)
+    assert [r.method for r in writes if r.method in WRITES] == ["PUT"]

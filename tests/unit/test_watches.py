@@ -330,3 +330,43 @@ def test_both_secret_watches_are_metadata_only() -> None:
     watches = secret_watches(api, feed, namespaces=["team-a"])
     assert [w.metadata_only for w in watches] == [True, True]
     api.close()  # type: ignore[no-untyped-call]
+
+
+def test_a_change_no_look_has_seen_is_read_not_inferred() -> None:
+    store = OwnedSecrets()
+    store.record(ADDED, ours("team-a", "api-token", version="5"))
+    assert not store.data_seen("team-a", "api-token")  # after a start: may be inferred
+    store.changed("team-a", "api-token", "6")  # a watch event of a version nobody read
+    assert store.data_seen("team-a", "api-token")
+    assert store.data_at("team-a", "api-token", "6") is None
+    # Our own write's event may come before the write returns: what it wrote still counts.
+    store.remember(full(ours("team-a", "api-token", version="6")))
+    store.changed("team-a", "api-token", "6")
+    assert store.data_at("team-a", "api-token", "6") is not None
+
+
+def test_managed_fields_tell_whether_anyone_else_changed_the_data() -> None:
+    def with_managers(*entries: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+        secret = ours("team-a", "api-token")
+        secret["metadata"]["managedFields"] = [
+            {"manager": manager, "operation": "Update", "fieldsV1": fields}
+            for manager, fields in entries
+        ]
+        return secret
+
+    data: dict[str, Any] = {"f:data": {"f:token": {}}}
+    labels: dict[str, Any] = {"f:metadata": {"f:labels": {"f:team": {}}}}
+    store = OwnedSecrets()
+    store.record(ADDED, with_managers(("m2m-token-operator", data), ("kubectl-label", labels)))
+    assert not store.data_edited("team-a", "api-token")  # a label of someone else's: no
+    store.record(MODIFIED, with_managers(("m2m-token-operator", data), ("kubectl-edit", data)))
+    assert store.data_edited("team-a", "api-token")
+    # The operator wrote it back: the API server gave the field back to it alone.
+    store.record(MODIFIED, with_managers(("m2m-token-operator", data)))
+    assert not store.data_edited("team-a", "api-token")
+    # Written by a version that did not name its field manager: not proven ours.
+    store.record(MODIFIED, with_managers(("OpenAPI-Generator", data)))
+    assert store.data_edited("team-a", "api-token")
+    kept = store.get("team-a", "api-token")
+    assert kept is not None
+    assert "managedFields" not in kept["metadata"]  # decided on arrival, not kept
