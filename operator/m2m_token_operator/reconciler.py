@@ -715,12 +715,14 @@ class TokenRequestReconciler:
             if token is not None:
                 REDACTOR.register(token.value)
                 self._cache.seed(key, token)
-                namespace, name = _secret_ref(secret)
+                where = _secret_ref(secret)
+                own_name = subscription.spec.secret_name if subscription.spec else None
+                if where == (subscription.namespace, own_name):
+                    found_in = "its Secret"
+                else:
+                    found_in = f"Secret {where[0]}/{where[1]} (same identity and scope)"
                 logger.info(
-                    "%s reusing the unexpired token found in Secret %s/%s",
-                    subscription.log_context,
-                    namespace,
-                    name,
+                    "%s reusing the unexpired token found in %s", subscription.log_context, found_in
                 )
                 return
 
