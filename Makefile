@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration e2e binaries image bench bench-scale bench-soak clean
+.PHONY: demo test lint unit integration e2e binaries image bench bench-scale bench-soak bench-owned-secrets clean
 
 # The operator image `make image` builds (override: make image IMAGE=registry/name:tag).
 IMAGE ?= m2m-token-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -56,6 +56,11 @@ bench-scale: binaries
 ## prints expired Secret-seconds (must be 0); one JSON line (BENCH_ARGS=--quick: ~1 min)
 bench-soak: binaries
 	PYTHONPATH=. $(BIN)/python bench/soak_bench.py $(BENCH_ARGS)
+
+## bench-owned-secrets: labelled Secrets not ours (peak RSS), and a kill mid-burst (calls per scope)
+bench-owned-secrets: binaries
+	PYTHONPATH=. $(BIN)/python bench/owned_secrets_bench.py forged $(BENCH_ARGS)
+	PYTHONPATH=. $(BIN)/python bench/owned_secrets_bench.py kill $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

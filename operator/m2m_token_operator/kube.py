@@ -31,6 +31,9 @@ VERSION = "v1alpha1"
 PLURAL = "tokenrequests"
 KIND = "TokenRequest"
 API_VERSION = f"{GROUP}/{VERSION}"
+# The field manager of the Secrets' writes: their managedFields then tell whether anyone
+# else changed a Secret's data since (watches.OwnedSecrets, without reading the data).
+SECRET_FIELD_MANAGER = "m2m-token-operator"
 PEERING_GROUP = "kopf.dev"
 PEERING_VERSION = "v1"
 CLUSTER_PEERING_PLURAL = "clusterkopfpeerings"
@@ -206,7 +209,11 @@ class KubeApi:
         response = await self._call(
             f"create Secret {namespace}/{body['metadata']['name']}",
             lambda: self._core.create_namespaced_secret(
-                namespace, body, _preload_content=False, _request_timeout=self._timeout
+                namespace,
+                body,
+                field_manager=SECRET_FIELD_MANAGER,
+                _preload_content=False,
+                _request_timeout=self._timeout,
             ),
         )
         return self._json(response)
@@ -218,7 +225,12 @@ class KubeApi:
         response = await self._call(
             f"replace Secret {namespace}/{name}",
             lambda: self._core.replace_namespaced_secret(
-                name, namespace, body, _preload_content=False, _request_timeout=self._timeout
+                name,
+                namespace,
+                body,
+                field_manager=SECRET_FIELD_MANAGER,
+                _preload_content=False,
+                _request_timeout=self._timeout,
             ),
         )
         return self._json(response)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
 import random as _random
 from collections.abc import Callable, Mapping
@@ -47,14 +48,18 @@ from m2m_token_operator.registry import ObjectRef, Registry, Subscription
 from m2m_token_operator.scheduler import Scheduler
 from m2m_token_operator.seal import SealKey
 from m2m_token_operator.secret_output import (
+    EXPIRES_AT_ANNOTATION,
+    SEAL_ANNOTATION,
     WriteOutcome,
     delete_other_owned_secrets,
     is_owned_by,
+    parse_time,
     render_secret,
     secret_data,
     secret_labels,
     template_drifted_from,
     token_from_secret,
+    token_request_owner,
     write_secret,
 )
 from m2m_token_operator.settings import Settings
@@ -65,6 +70,12 @@ from m2m_token_operator.watches import OwnedSecrets
 logger = logging.getLogger(__name__)
 
 __all__ = ["ObjectRef", "Subscription", "TokenRequestReconciler"]
+
+# How long the first looks after a start wait for the owned-Secrets watch's first list, so
+# that a key is seeded from whichever Secret holds its token before anyone fetches it.
+OWNED_SECRETS_WAIT_SECONDS = 20.0
+# Secrets read (at most) to seed one key: the latest-expiring first; one normally does.
+SEED_READS = 3
 
 
 class _Superseded(Exception):
@@ -107,6 +118,9 @@ class TokenRequestReconciler:
             on_key_left=cache.unsubscribe,
         )
         self.scheduler: Scheduler[ObjectRef] = Scheduler(clock=clock, handle=self._scheduled)
+        # One seeding per key at a time: the other looks of that key wait for its answer.
+        self._seeding: dict[CacheKey, asyncio.Future[None]] = {}
+        self._owned_secrets_waited = False  # the watch's first list was waited for once
 
     # Entry points (called from Kopf handlers)
 
@@ -234,7 +248,18 @@ class TokenRequestReconciler:
         cached = self._cache.peek(subscription.key)
         if cached.token is None:
             return False
-        data = secret.get("data") or {}
+        data = secret.get("data")
+        if data is None:
+            # A metadata-only event: the data is known if a look wrote or read this version.
+            metadata = secret.get("metadata", {})
+            where = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+            version = str(metadata.get("resourceVersion") or "")
+            store = self._owned_secrets
+            data = store and store.data_at(*where, version)
+            if data is None:
+                if store is not None:
+                    store.changed(*where, version)
+                return True  # changed since the operator saw it, perhaps edited: read it
         if data != secret_data(scope=subscription.spec.scope, token=cached.token):
             return True
         labels = secret.get("metadata", {}).get("labels") or {}
@@ -333,13 +358,13 @@ class TokenRequestReconciler:
             allowed = allowed_here
         try:
             # Looked up once per look (the watch's copy, or a read after a conflict): for the
-            # conflict check, the token it holds, the seeding and the write.
+            # conflict check, the token it holds, the seeding and the write. The watch's copy
+            # is metadata; its data is read, or inferred from its seal, where a step needs it.
             existing, guessed = await self._read_own_secret(subscription)
             facts = dataclasses.replace(
                 facts,
                 secret_read=True,
                 secret_foreign=existing is not None and not is_owned_by(existing, subscription.uid),
-                secret_token=self._token_in(subscription, existing),
             )
             if facts.secret_foreign:
                 return facts  # nothing could be delivered: no token is fetched for it
@@ -349,10 +374,12 @@ class TokenRequestReconciler:
                 # for this namespace any more.
                 self.registry.drop_key(subscription)
                 denial = self._identity_namespaces.denial_message(subscription.namespace)
+                facts, _ = await self._secret_facts(subscription, facts, existing)
                 return dataclasses.replace(facts, operator_identity_denied=denial)
             try:
                 credentials = await self._credentials(subscription)
             except CredentialsError as error:
+                facts, _ = await self._secret_facts(subscription, facts, existing)
                 return dataclasses.replace(facts, credentials_error=error)
             # The secret, key or assertion is registered with REDACTOR where it is read or made.
             if not client_id_shown(credentials.client_id):
@@ -362,13 +389,11 @@ class TokenRequestReconciler:
                 raise _Superseded
             key = CacheKey.for_credentials(credentials, spec.scope)
             if key != subscription.key:
-                # Seed only on the first look since the operator started: a key that changes
-                # later means a new identity (or scope), and the Secret holds the token of
-                # the old one, which must never be served as the new identity's token.
-                first_look = subscription.key is None
                 self.registry.use_key(subscription, key)
-                if first_look:
-                    self._seed_from_secret(subscription, key, credentials, existing)
+            # Before any fetch: the token of this key may be in some owned Secret already
+            # (after a start, also one written for another TokenRequest). The seal decides:
+            # a token of another identity or scope, or an edited one, never verifies.
+            await self._seed(subscription, key, credentials, existing)
             # The shared token is refreshed at the latest point its subscribers allow.
             self._cache.subscribe(key, subscription.ref, spec.refresh_before)
             forced = subscription.refresh_request
@@ -398,24 +423,37 @@ class TokenRequestReconciler:
                 self.registry.drop_key(subscription)
                 denial = self._identity_namespaces.denial_message(subscription.namespace)
                 return dataclasses.replace(facts, operator_identity_denied=denial)
-            if result.token is None:
+            token = result.token
+            facts, existing = await self._secret_facts(
+                subscription,
+                facts,
+                existing,
+                writing=None if token is None else (token, self._seal(key, credentials, token)),
+            )
+            if token is None or facts.secret_foreign:
                 return facts
             desired = render_secret(
                 owner=subscription.owner,
                 secret_name=spec.secret_name,
                 scope=spec.scope,
-                token=result.token,
-                seal=self._seal(key, credentials, result.token),
+                token=token,
+                seal=self._seal(key, credentials, token),
                 template=spec.secret_template,
+                key_id=self._seal_key.key_id(key, credentials),
             )
             written = await write_secret(
-                self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
+                self._kube,
+                desired=desired,
+                owner_uid=subscription.uid,
+                existing=existing,
+                written=self._remember,
             )
             if guessed and written in (WriteOutcome.CONFLICT, WriteOutcome.RACED):
                 # The watch was behind the API server, or the name is held by a Secret it
                 # never shows (someone else's, or ours without its label): the server's
                 # copy decides, as if it had been read first.
                 existing = await self._kube.read_secret(subscription.namespace, spec.secret_name)
+                self._remember(existing)
                 if existing is not None and not is_owned_by(existing, subscription.uid):
                     return dataclasses.replace(facts, secret_foreign=True, secret_token=None)
                 facts = dataclasses.replace(
@@ -424,7 +462,11 @@ class TokenRequestReconciler:
                 if not self.registry.current(subscription):
                     raise _Superseded
                 written = await write_secret(
-                    self._kube, desired=desired, owner_uid=subscription.uid, existing=existing
+                    self._kube,
+                    desired=desired,
+                    owner_uid=subscription.uid,
+                    existing=existing,
+                    written=self._remember,
                 )
             facts = dataclasses.replace(facts, write=written)
             delivered = written not in (WriteOutcome.CONFLICT, WriteOutcome.RACED)
@@ -516,7 +558,59 @@ class TokenRequestReconciler:
         if store is not None and store.ready() and subscription.conflicts == 0:
             return store.get(subscription.namespace, subscription.spec.secret_name), True
         secret = await self._kube.read_secret(subscription.namespace, subscription.spec.secret_name)
+        self._remember(secret)
         return secret, False
+
+    def _remember(self, secret: Mapping[str, Any] | None) -> None:
+        """A Secret read or written in full: its data is known at that resourceVersion."""
+        if secret is not None and self._owned_secrets is not None:
+            self._owned_secrets.remember(secret)
+
+    async def _secret_facts(
+        self,
+        subscription: Subscription,
+        facts: Facts,
+        secret: Mapping[str, Any] | None,
+        *,
+        writing: tuple[AccessToken, str] | None = None,
+    ) -> tuple[Facts, Mapping[str, Any] | None]:
+        """The facts about the look's Secret that need its data, and the Secret with it.
+
+        The watch's copy carries no data. It is known without a call when a look wrote or
+        read that very version; or, for a Secret no look has read or written since the
+        start, when its seal is that of the token about to be written (`writing`: the
+        token and its seal) and its managedFields give no part of its data to anyone but
+        the operator: the operator wrote that token there, and nobody changed it since.
+        Otherwise the Secret changed since the operator last saw it: it is read.
+        """
+        if secret is not None and "data" not in secret:
+            metadata = secret.get("metadata", {})
+            namespace = str(metadata.get("namespace") or subscription.namespace)
+            name = str(metadata.get("name") or "")
+            seal = str((metadata.get("annotations") or {}).get(SEAL_ANNOTATION) or "")
+            store = self._owned_secrets
+            if (
+                writing is not None
+                and facts.spec is not None
+                and store is not None
+                and not store.data_seen(namespace, name)
+                and not store.data_edited(namespace, name)
+                and hmac.compare_digest(seal.encode(), writing[1].encode())
+            ):
+                data = secret_data(scope=facts.spec.scope, token=writing[0])
+                secret = {**secret, "data": data}
+            else:
+                secret = await self._kube.read_secret(namespace, name)
+            self._remember(secret)
+        foreign = secret is not None and not is_owned_by(secret, subscription.uid)
+        return (
+            dataclasses.replace(
+                facts,
+                secret_foreign=foreign,
+                secret_token=None if foreign else self._token_in(subscription, secret),
+            ),
+            secret,
+        )
 
     async def _credentials(self, subscription: Subscription) -> ClientCredentials:
         assert subscription.spec is not None
@@ -570,29 +664,99 @@ class TokenRequestReconciler:
             seal_for=None,  # whoever wrote it; a token is served from the cache only if sealed
         )
 
-    def _seed_from_secret(
+    async def _seed(
         self,
         subscription: Subscription,
         key: CacheKey,
         credentials: ClientCredentials,
-        secret: Mapping[str, Any] | None,
+        own: Mapping[str, Any] | None,
     ) -> None:
-        """After a restart the owned Secret still holds a good token: reuse it, call nobody."""
-        if secret is None or self._cache.peek(key).token is not None:
+        """After a start an owned Secret may hold a good token of this key: reuse it, call
+        nobody. One seeding per key at a time; the key's other looks wait for it."""
+        if self._cache.peek(key).token is not None:
             return
-        token = token_from_secret(
-            secret,
-            owner_uid=subscription.uid,
-            scope=key.scope,
-            now=self._clock(),
-            seal_for=lambda token: self._seal(key, credentials, token),
+        seeding = self._seeding.get(key)
+        if seeding is None:
+            seeding = asyncio.ensure_future(self._seed_key(subscription, key, credentials, own))
+            self._seeding[key] = seeding
+            seeding.add_done_callback(lambda _: self._seeding.pop(key, None))
+        await asyncio.shield(seeding)
+
+    async def _seed_key(
+        self,
+        subscription: Subscription,
+        key: CacheKey,
+        credentials: ClientCredentials,
+        own: Mapping[str, Any] | None,
+    ) -> None:
+        """Find the key's Secrets by their key-id annotation (metadata, no call), read the
+        latest-expiring one, and seed the cache with its token if its seal verifies."""
+        store = self._owned_secrets
+        candidates: dict[tuple[str, str], Mapping[str, Any]] = {}
+        if store is not None:
+            if not store.ready() and not self._owned_secrets_waited:
+                # The first looks after a start: before anyone fetches, every owned Secret
+                # must be known, or a key whose token is in a Secret is fetched again.
+                try:
+                    async with asyncio.timeout(OWNED_SECRETS_WAIT_SECONDS):
+                        await store.wait_ready()
+                except TimeoutError:
+                    logger.warning(
+                        "The owned-Secrets watch has not listed within %.0f s (check its"
+                        " list/watch rights on Secrets); tokens are seeded from each"
+                        " TokenRequest's own Secret only",
+                        OWNED_SECRETS_WAIT_SECONDS,
+                    )
+                self._owned_secrets_waited = True
+            if store.ready():
+                for found in store.with_key_id(self._seal_key.key_id(key, credentials)):
+                    candidates[_secret_ref(found)] = found
+        if own is not None and is_owned_by(own, subscription.uid):
+            # Perhaps written before key ids existed.
+            candidates.setdefault(_secret_ref(own), own)
+        now = self._clock()
+        usable = sorted(
+            (
+                (expires_at, candidate)
+                for candidate in candidates.values()
+                if (expires_at := _annotated_expiry(candidate)) is not None and expires_at > now
+            ),
+            key=lambda pair: pair[0],
+            reverse=True,
         )
-        if token is not None:
-            REDACTOR.register(token.value, holder=token)
-            self._cache.seed(key, token)
-            logger.info(
-                "%s reusing the unexpired token found in its Secret", subscription.log_context
+        for _, candidate in usable[:SEED_READS]:
+            secret: Mapping[str, Any] | None = candidate
+            if "data" not in candidate:
+                namespace, name = _secret_ref(candidate)
+                try:
+                    secret = await self._kube.read_secret(namespace, name)
+                except KubeError as error:
+                    logger.warning("Secret %s/%s not read for seeding: %s", namespace, name, error)
+                    return  # the API is in trouble: fetch rather than wait for it
+                self._remember(secret)
+            owner = None if secret is None else token_request_owner(secret.get("metadata", {}))
+            if secret is None or owner is None:
+                continue
+            token = token_from_secret(
+                secret,
+                owner_uid=owner,
+                scope=key.scope,
+                now=self._clock(),
+                seal_for=lambda token: self._seal(key, credentials, token),
             )
+            if token is not None:
+                REDACTOR.register(token.value, holder=token)
+                self._cache.seed(key, token)
+                where = _secret_ref(secret)
+                own_name = subscription.spec.secret_name if subscription.spec else None
+                if where == (subscription.namespace, own_name):
+                    found_in = "its Secret"
+                else:
+                    found_in = f"Secret {where[0]}/{where[1]} (same identity and scope)"
+                logger.info(
+                    "%s reusing the unexpired token found in %s", subscription.log_context, found_in
+                )
+                return
 
     async def _relearn(self, subscription: Subscription) -> None:
         """After a pause: learn the object as it is now (the active replica handled its
@@ -621,3 +785,17 @@ class TokenRequestReconciler:
         for ref in self.registry.sharing_key(key):
             if ref != origin:
                 self.scheduler.schedule(ref, now)
+
+
+def _secret_ref(secret: Mapping[str, Any]) -> tuple[str, str]:
+    metadata = secret.get("metadata", {})
+    return str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
+
+
+def _annotated_expiry(secret: Mapping[str, Any]) -> datetime | None:
+    """The expiry an owned Secret's annotation states (not proof: the seal is checked)."""
+    text = (secret.get("metadata", {}).get("annotations") or {}).get(EXPIRES_AT_ANNOTATION)
+    try:
+        return parse_time(str(text)) if text else None
+    except ValueError:
+        return None

@@ -77,6 +77,22 @@ class SealKey:
         """
         return self._mac(b"credential\n" + credentials.seal_secret.encode())
 
+    def key_id(self, key: CacheKey, credentials: ClientCredentials) -> str:
+        """Which cache entry a Secret's token belongs to, without the token: equal for the
+        Secrets of one identity and scope, so that a start finds one of them per key (and
+        reads only that one) from the Secrets' metadata. Nobody without the key can tell
+        which identity it stands for."""
+        message = "\n".join(
+            (
+                "key",
+                key.token_endpoint,
+                key.client_id,
+                key.scope,
+                self.credential_binding(credentials),
+            )
+        )
+        return SEAL_PREFIX + self._mac(message.encode())
+
     def seal(self, key: CacheKey, credentials: ClientCredentials, token: AccessToken) -> str:
         """The seal written beside `token` in its Secret, for the cache entry `key`."""
         message = "\n".join(

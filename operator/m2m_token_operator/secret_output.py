@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from m2m_token_operator.kube import API_VERSION, KIND, Conflict, JsonObject, KubeApi, NotFound
+from m2m_token_operator.kube import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    Conflict,
+    JsonObject,
+    KubeApi,
+    NotFound,
+)
 from m2m_token_operator.models import SecretTemplate
 from m2m_token_operator.tokens import AccessToken
 
@@ -38,6 +46,11 @@ SEAL_ANNOTATION = "m2m.dev/seal"
 # any. A key removed from the template is then removed from the Secret, while the keys
 # other tools added (never in the template) stay, also across operator restarts.
 TEMPLATE_KEYS_ANNOTATION = "m2m.dev/template-keys"
+# Which cache entry (identity and scope) the token belongs to: SealKey.key_id, an HMAC
+# without the token. A start picks one Secret per key by it, from metadata alone, and
+# reads that Secret's data to seed the key. Written with each token; a Secret without it
+# (written by an older version) is not rewritten for it.
+KEY_ID_ANNOTATION = "m2m.dev/key-id"
 
 TOKEN_KEY = "token"
 TOKEN_TYPE_KEY = "token-type"
@@ -144,6 +157,7 @@ def render_secret(
     token: AccessToken,
     seal: str,
     template: SecretTemplate | None = None,
+    key_id: str | None = None,
 ) -> JsonObject:
     """The Secret exactly as the API contract describes it, plus spec.secretTemplate's keys.
 
@@ -157,6 +171,8 @@ def render_secret(
         ISSUED_AT_ANNOTATION: format_time(token.issued_at),
         SEAL_ANNOTATION: seal,
     }
+    if key_id is not None:
+        annotations[KEY_ID_ANNOTATION] = key_id
     if template:
         annotations[TEMPLATE_KEYS_ANNOTATION] = template_keys(template)
     return {
@@ -209,6 +225,24 @@ def is_owned_by(secret: Mapping[str, Any], owner_uid: str) -> bool:
     return any(ref.get("uid") == owner_uid and ref.get("controller") for ref in references)
 
 
+def token_request_owner(metadata: Mapping[str, Any]) -> str | None:
+    """The uid of the TokenRequest that controls an object with this metadata, if any.
+
+    What makes a Secret ours: anyone who can create a Secret can put our label on it,
+    but only the garbage collector's rules tie a controller reference to a TokenRequest.
+    """
+    for ref in metadata.get("ownerReferences") or []:
+        if (
+            isinstance(ref, Mapping)
+            and ref.get("controller")
+            and ref.get("kind") == KIND
+            and str(ref.get("apiVersion") or "").split("/")[0] == GROUP
+            and ref.get("uid")
+        ):
+            return str(ref["uid"])
+    return None
+
+
 def _differs(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     """True when the live Secret lacks anything the desired one says (extra keys count too)."""
     want_meta = desired["metadata"]
@@ -216,7 +250,10 @@ def _differs(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
         return True
     if (existing.get("data") or {}) != desired["data"]:
         return True
-    if template_drifted(existing, desired):
+    # The key id alone is no reason to write: Secrets of older versions get it with
+    # their next token, not all at once at an upgrade.
+    annotations = {k: v for k, v in want_meta["annotations"].items() if k != KEY_ID_ANNOTATION}
+    if template_drifted(existing, {"metadata": {**want_meta, "annotations": annotations}}):
         return True
     return not is_owned_by(existing, want_meta["ownerReferences"][0]["uid"])
 
@@ -260,16 +297,23 @@ async def write_secret(
     desired: Mapping[str, Any],
     owner_uid: str,
     existing: Mapping[str, Any] | None,
+    written: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> WriteOutcome:
     """Create or repair the Secret; never touch one this TokenRequest does not own.
 
     `existing` is the Secret as read earlier in the same look (None: it did not exist);
     a change since then makes the create or the guarded replace fail, never overwrite.
+    `written` is given the Secret as the API server stored it, after a create or replace.
     """
     namespace = desired["metadata"]["namespace"]
+
+    def tell(stored: Mapping[str, Any]) -> None:
+        if written is not None:
+            written(stored)
+
     if existing is None:
         try:
-            await kube.create_secret(namespace, desired)
+            tell(await kube.create_secret(namespace, desired))
         except Conflict:
             # Someone created it between our read and our create; look again next time.
             return WriteOutcome.CONFLICT
@@ -279,7 +323,7 @@ async def write_secret(
     if not _differs(existing, desired):
         return WriteOutcome.UNCHANGED
     try:
-        await kube.replace_secret(namespace, merge_for_replace(existing, desired))
+        tell(await kube.replace_secret(namespace, merge_for_replace(existing, desired)))
     except Conflict:
         # It changed under us: our content is not in it. Not "unchanged": the caller must
         # neither report the new token as delivered nor wait for its refresh point.
@@ -287,7 +331,7 @@ async def write_secret(
     except NotFound:
         # Deleted since the look's read (say, by a person): create it again at once.
         try:
-            await kube.create_secret(namespace, desired)
+            tell(await kube.create_secret(namespace, desired))
         except Conflict:
             return WriteOutcome.RACED  # and created again by someone: look again soon
         return WriteOutcome.CREATED

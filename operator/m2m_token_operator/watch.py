@@ -15,7 +15,10 @@ It behaves like a client-go reflector, in miniature:
   objects that went away meanwhile are reported as `DELETED`;
 - an object modified so that it stops matching the selector arrives as
   `DELETED` (the API server does that for selector watches);
-- failures are retried with capped exponential backoff, never in a tight loop.
+- failures are retried with capped exponential backoff, never in a tight loop;
+- with `metadata_only`, the API server sends each object as `PartialObjectMetadata`
+  (its metadata, never `data` or `spec`): an object that matches the selector but
+  is not ours costs its metadata, however large its content.
 
 The blocking client runs on a thread of its own, never on the event loop and
 never in the pool that the operator's reads and writes share, so a busy API
@@ -55,6 +58,10 @@ LIST_TIMEOUT = (10.0, 60.0)
 WATCH_TIMEOUT = (10.0, 120.0)
 RETRY_INITIAL = 1.0
 RETRY_MAXIMUM = 30.0
+# Content negotiation for metadata-only lists and watches (what client-go's metadata
+# informers send): the server strips everything but `metadata` before it serialises.
+METADATA_LIST_ACCEPT = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+METADATA_WATCH_ACCEPT = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 def _post(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
@@ -98,6 +105,7 @@ class LabelSelectedWatch:
         page_size: int = 500,
         random_fraction: Callable[[], float] = random.random,
         retry_initial: float = RETRY_INITIAL,
+        metadata_only: bool = False,
     ) -> None:
         self.name = name
         self._lister = lister
@@ -106,6 +114,7 @@ class LabelSelectedWatch:
         self._page_size = page_size
         self._random = random_fraction
         self._retry_initial = retry_initial
+        self.metadata_only = metadata_only
         self.synced = asyncio.Event()
         # Only what is needed to tell changed and vanished objects apart after a re-list.
         self._known: dict[ObjectKey, str] = {}
@@ -221,6 +230,8 @@ class LabelSelectedWatch:
             }
             if token:
                 arguments["_continue"] = token
+            if self.metadata_only:
+                arguments["_headers"] = {"Accept": METADATA_LIST_ACCEPT}
             try:
                 response = self._lister(**arguments)
             except kubernetes.client.ApiException as error:
@@ -266,15 +277,18 @@ class LabelSelectedWatch:
 
     def _watch(self, loop: asyncio.AbstractEventLoop, version: str) -> str:
         """One watch request from `version`; the last version seen when it ends normally."""
-        response = self._lister(
-            label_selector=self._selector,
-            watch=True,
-            resource_version=version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_SECONDS,
-            _preload_content=False,
-            _request_timeout=WATCH_TIMEOUT,
-        )
+        arguments: dict[str, Any] = {
+            "label_selector": self._selector,
+            "watch": True,
+            "resource_version": version,
+            "allow_watch_bookmarks": True,
+            "timeout_seconds": WATCH_SECONDS,
+            "_preload_content": False,
+            "_request_timeout": WATCH_TIMEOUT,
+        }
+        if self.metadata_only:
+            arguments["_headers"] = {"Accept": METADATA_WATCH_ACCEPT}
+        response = self._lister(**arguments)
         self._response = response
         try:
             for line in _lines(response):

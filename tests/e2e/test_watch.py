@@ -69,3 +69,44 @@ async def test_only_matching_objects_arrive_and_unlabelling_is_a_deletion(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_a_metadata_only_watch_never_receives_data(
+    admin_api: k8s.ApiClient, namespace: str
+) -> None:
+    """Issue 18: a labelled Secret that is not ours costs its metadata, never its data."""
+    core = k8s.CoreV1Api(admin_api)
+    big = "x" * 200_000
+    listed = k8s.V1Secret(
+        metadata=k8s.V1ObjectMeta(name="listed", labels=OURS), string_data={"k": big}
+    )
+    core.create_namespaced_secret(namespace, listed)
+    received: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+    watch = LabelSelectedWatch(
+        name="e2e-metadata",
+        lister=functools.partial(core.list_namespaced_secret, namespace),
+        label_selector=SELECTOR,
+        on_event=lambda kind, obj: received.put_nowait((kind, obj)),
+        metadata_only=True,
+    )
+    task = asyncio.create_task(watch.run())
+    try:
+        kind, obj = await asyncio.wait_for(received.get(), timeout=20)  # from the list
+        assert (kind, obj["metadata"]["name"]) == (ADDED, "listed")
+        assert obj["kind"] == "PartialObjectMetadata"
+        assert "data" not in obj
+        assert obj["metadata"]["labels"] == OURS
+        await asyncio.wait_for(watch.synced.wait(), timeout=20)
+        watched = k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name="watched", labels=OURS), string_data={"k": big}
+        )
+        await asyncio.to_thread(core.create_namespaced_secret, namespace, watched)
+        kind, obj = await asyncio.wait_for(received.get(), timeout=20)  # from the watch
+        assert (kind, obj["metadata"]["name"]) == (ADDED, "watched")
+        assert obj["kind"] == "PartialObjectMetadata"
+        assert "data" not in obj
+        assert obj["metadata"]["resourceVersion"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

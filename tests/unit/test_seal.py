@@ -217,3 +217,20 @@ async def test_load_or_create_uses_the_winners_key_after_a_409() -> None:
     assert key.seal(CACHE_KEY, CREDENTIALS, TOKEN) == winner.seal(CACHE_KEY, CREDENTIALS, TOKEN)
     assert kube.creates[0]["data"] != kube.stored["data"]  # ours lost; theirs is used
     assert kube.reads == 2
+
+
+def test_the_key_id_is_one_per_identity_and_scope_never_per_token() -> None:
+    key_id = KEY.key_id(CACHE_KEY, CREDENTIALS)
+    assert key_id.startswith("v2:")
+    # Another token of the same key: the same id (the Secrets of a key are found by it).
+    assert KEY.key_id(*_with(value="another.token.value")[:2]) == key_id
+    # Another identity, scope or credential: another id.
+    for change in (
+        {"client_id": "client-2"},
+        {"scope": "api://prod.orders.payments/.default"},
+        {"client_secret": "rotated"},
+    ):
+        assert KEY.key_id(*_with(**change)[:2]) != key_id
+    # Nobody without the seal key can compute it, and it is no seal.
+    assert SealKey(b"o" * KEY_BYTES).key_id(CACHE_KEY, CREDENTIALS) != key_id
+    assert key_id != KEY.seal(CACHE_KEY, CREDENTIALS, TOKEN)

@@ -3,7 +3,7 @@
 import base64
 import copy
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,14 +13,17 @@ from pytest_httpserver import HTTPServer
 
 from m2m_token_operator.kube import JsonObject, KubeApi
 from m2m_token_operator.secret_output import (
+    KEY_ID_ANNOTATION,
     Owner,
     WriteOutcome,
     _differs,
     format_time,
     is_owned_by,
     merge_for_replace,
+    owner_reference,
     render_secret,
     token_from_secret,
+    token_request_owner,
     write_secret,
 )
 from m2m_token_operator.tokens import AccessToken
@@ -241,3 +244,51 @@ async def test_replace_of_a_secret_deleted_meanwhile_creates_it_again(
     created = [request for request, _ in httpserver.log if request.method == "POST"]
     assert len(created) == 1
     assert json.loads(created[0].get_data())["data"] == desired["data"]
+
+
+def test_only_a_controller_reference_to_a_token_request_makes_a_secret_ours() -> None:
+    reference = owner_reference(OWNER)
+    assert token_request_owner({"ownerReferences": [reference]}) == OWNER.uid
+    assert token_request_owner({}) is None
+    assert token_request_owner({"ownerReferences": [{**reference, "controller": False}]}) is None
+    assert token_request_owner({"ownerReferences": [{**reference, "kind": "Job"}]}) is None
+    assert (
+        token_request_owner({"ownerReferences": [{**reference, "apiVersion": "evil.dev/v1"}]})
+        is None
+    )
+    # Another version of our group is still ours (a CRD version upgrade).
+    assert (
+        token_request_owner({"ownerReferences": [{**reference, "apiVersion": "m2m.dev/v1"}]})
+        == OWNER.uid
+    )
+
+
+def test_the_key_id_is_written_with_a_token_but_alone_is_no_reason_to_write() -> None:
+    desired = render_secret(
+        owner=OWNER, secret_name="orders-api", scope=SCOPE, token=TOKEN, seal=SEAL, key_id="v2:k"
+    )
+    assert desired["metadata"]["annotations"][KEY_ID_ANNOTATION] == "v2:k"
+    # A Secret written by an older version (no key id) with the same token: left alone.
+    older = copy.deepcopy(desired)
+    del older["metadata"]["annotations"][KEY_ID_ANNOTATION]
+    older["metadata"]["resourceVersion"] = "3"
+    assert not _differs(older, desired)
+    # With a new token it is written, key id included.
+    older["data"]["token"] = "b2xk"
+    assert _differs(older, desired)
+    merged = merge_for_replace(older, desired)
+    assert merged["metadata"]["annotations"][KEY_ID_ANNOTATION] == "v2:k"
+
+
+async def test_a_write_tells_what_the_api_server_stored(
+    httpserver: HTTPServer, kube: KubeApi
+) -> None:
+    desired = _desired()
+    stored = {**desired, "metadata": {**desired["metadata"], "resourceVersion": "9"}}
+    httpserver.expect_request(SECRETS_PATH, method="POST").respond_with_json(stored, status=201)
+    seen: list[Mapping[str, Any]] = []
+    outcome = await write_secret(
+        kube, desired=desired, owner_uid=OWNER.uid, existing=None, written=seen.append
+    )
+    assert outcome is WriteOutcome.CREATED
+    assert [s["metadata"]["resourceVersion"] for s in seen] == ["9"]

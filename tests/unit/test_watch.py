@@ -179,3 +179,40 @@ async def test_an_api_error_is_retried_and_one_bad_handler_does_not_end_the_watc
     )  # fmt: skip
     await _run_until(watch, seen, 1)
     assert seen == [(ADDED, "ok")]
+
+
+async def test_a_metadata_only_watch_asks_for_metadata_on_the_list_and_the_watch() -> None:
+    lister = _Lister(
+        [
+            _Response(data={"metadata": {"resourceVersion": "3"}, "items": [_obj("a", "1")]}),
+            _Response(lines=[{"type": "MODIFIED", "object": _obj("a", "4")}]),
+        ]
+    )
+    events: list[tuple[str, str]] = []
+    watch = LabelSelectedWatch(
+        name="test",
+        lister=lister,
+        label_selector="app=ours",
+        on_event=lambda kind, obj: events.append((kind, obj["metadata"]["name"])),
+        metadata_only=True,
+    )
+    await _run_until(watch, events, 2)
+    assert events == [(ADDED, "a"), (MODIFIED, "a")]
+    list_call, watch_call = lister.calls[0], lister.calls[1]
+    # What client-go's metadata informers send: the API server strips data before sending.
+    assert list_call["_headers"] == {
+        "Accept": "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+    }
+    assert watch_call["watch"] is True
+    assert watch_call["_headers"] == {
+        "Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+    }
+
+
+async def test_a_full_watch_sends_no_accept_header_of_its_own() -> None:
+    lister = _Lister(
+        [_Response(data={"metadata": {"resourceVersion": "3"}, "items": [_obj("a", "1")]})]
+    )
+    events: list[tuple[str, str]] = []
+    await _run_until(_watch(lister, events), events, 1)
+    assert all("_headers" not in call for call in lister.calls)

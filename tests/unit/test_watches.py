@@ -36,6 +36,43 @@ def secret(namespace: str, name: str, *, version: str = "1") -> dict[str, Any]:
     }
 
 
+def token_request_reference(uid: str = "uid-1") -> dict[str, Any]:
+    return {
+        "apiVersion": "m2m.dev/v1alpha1",
+        "kind": "TokenRequest",
+        "name": "orders-api",
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def ours(
+    namespace: str,
+    name: str,
+    *,
+    version: str = "1",
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """An owned Secret as the metadata-only watch shows it: a TokenRequest controls it."""
+    metadata: dict[str, Any] = {
+        "namespace": namespace,
+        "name": name,
+        "resourceVersion": version,
+        "labels": {"app.kubernetes.io/managed-by": "m2m-token-operator"},
+        "ownerReferences": [token_request_reference()],
+    }
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    return {"kind": "PartialObjectMetadata", "metadata": metadata}
+
+
+def full(secret: dict[str, Any], token: str = "dG9rZW4=") -> dict[str, Any]:
+    """The same Secret as a read or a write returns it: with the operator's four keys."""
+    data = {"token": token, "token-type": "QmVhcmVy", "expires-at": "eA==", "scope": "cw=="}
+    return {**secret, "data": data}
+
+
 class Sink:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str, bool]] = []  # (ns, name, version, deleted)
@@ -104,14 +141,14 @@ async def test_cancel_drops_pending_looks() -> None:
 
 
 @pytest.mark.looptime
-async def test_owned_secret_events_pass_at_once_with_only_metadata_and_data() -> None:
+async def test_owned_secret_events_pass_at_once_with_their_metadata() -> None:
     received: list[tuple[Mapping[str, Any], bool]] = []
     feed = SecretFeed(sink=lambda obj, deleted: received.append((obj, deleted)), serves=bool)
-    feed.owned(MODIFIED, secret("team-a", "api-token"))
+    feed.owned(MODIFIED, ours("team-a", "api-token"))
     feed.owned(DELETED, {"metadata": {"namespace": "team-a", "name": "gone"}})
     assert [deleted for _, deleted in received] == [False, True]
-    assert set(received[0][0]) == {"metadata", "data"}
-    assert received[1][0]["data"] == {}
+    assert set(received[0][0]) == {"metadata"}  # the watch is metadata-only: no data
+    assert received[0][0]["metadata"]["name"] == "api-token"
 
 
 async def test_events_of_namespaces_not_served_are_dropped() -> None:
@@ -184,28 +221,152 @@ def test_the_store_keeps_the_latest_of_each_owned_secret_before_the_look_it_wake
         serves=namespace_matcher(["team-a"]),
         store=store,
     )
-    first = secret("team-a", "api-token", version="1")
+    first = ours("team-a", "api-token", version="1", annotations={"m2m.dev/seal": "v2:abc"})
     first["metadata"]["managedFields"] = [{"manager": "m2m-token-operator"}]
     feed.owned(ADDED, first)
-    feed.owned(MODIFIED, secret("team-a", "api-token", version="2"))
-    feed.owned(ADDED, secret("team-b", "not-served"))
+    feed.owned(MODIFIED, ours("team-a", "api-token", version="2"))
+    feed.owned(ADDED, ours("team-b", "not-served"))
     kept = store.get("team-a", "api-token")
     assert kept is not None
     assert kept["metadata"]["resourceVersion"] == "2"
-    assert set(kept) == {"metadata", "data", "type"}
+    assert set(kept) == {"metadata"}
     assert seen_by_sink[0] is not None
-    assert set(seen_by_sink[0]["metadata"]) == {"name", "namespace", "resourceVersion"}
+    assert set(seen_by_sink[0]["metadata"]) == {
+        "name", "namespace", "resourceVersion", "labels", "annotations", "ownerReferences"
+    }  # fmt: skip
     assert [s["metadata"]["resourceVersion"] for s in seen_by_sink if s] == ["1", "2"]
     assert store.get("team-b", "not-served") is None
-    # Secrets of one identity and scope hold the same token: one string in memory.
-    same_token = secret("team-a", "other-token", version="3")
-    same_token["data"]["token"] = "".join(["dG9r", "ZW4="])  # equal, not the same object
-    assert same_token["data"]["token"] is not kept["data"]["token"]
-    feed.owned(ADDED, same_token)
-    other = store.get("team-a", "other-token")
-    assert other is not None
-    assert other["data"]["token"] is kept["data"]["token"]
-    feed.owned(DELETED, {"metadata": {"namespace": "team-a", "name": "other-token"}})
     feed.owned(DELETED, {"metadata": {"namespace": "team-a", "name": "api-token"}})
     assert store.get("team-a", "api-token") is None
     assert len(store) == 0
+
+
+def test_the_store_keeps_only_secrets_a_token_request_controls() -> None:
+    store = OwnedSecrets()
+    labelled_only = ours("team-a", "forged")
+    labelled_only["metadata"].pop("ownerReferences")
+    other_kind = ours("team-a", "other-kind")
+    other_kind["metadata"]["ownerReferences"][0]["kind"] = "Deployment"
+    other_group = ours("team-a", "other-group")
+    other_group["metadata"]["ownerReferences"][0]["apiVersion"] = "example.com/v1"
+    not_controller = ours("team-a", "not-controller")
+    not_controller["metadata"]["ownerReferences"][0]["controller"] = False
+    for forged in (labelled_only, other_kind, other_group, not_controller):
+        assert store.record(ADDED, forged) is False
+    assert store.record(ADDED, ours("team-a", "api-token")) is True
+    assert len(store) == 1
+    assert store.get("team-a", "forged") is None
+    # An owned Secret whose owner reference is removed is not ours any more.
+    disowned = ours("team-a", "api-token", version="2")
+    disowned["metadata"]["ownerReferences"] = []
+    assert store.record(MODIFIED, disowned) is False
+    assert store.get("team-a", "api-token") is None
+
+
+def test_the_store_holds_no_data_but_what_a_look_read_or_wrote_at_that_version() -> None:
+    store = OwnedSecrets()
+    event = full(ours("team-a", "api-token", version="5"))  # a full event: data not kept
+    store.record(ADDED, event)
+    kept = store.get("team-a", "api-token")
+    assert kept is not None
+    assert "data" not in kept
+    assert not store.data_seen("team-a", "api-token")
+    # A look read (or wrote) version 5: its data is known at version 5.
+    store.remember(full(ours("team-a", "api-token", version="5")))
+    kept = store.get("team-a", "api-token")
+    assert kept is not None
+    assert kept["data"]["token"] == "dG9rZW4="
+    assert store.data_at("team-a", "api-token", "5") == kept["data"]
+    # Someone changed it (version 6): its data is not known, though the look saw it once.
+    store.record(MODIFIED, ours("team-a", "api-token", version="6"))
+    kept = store.get("team-a", "api-token")
+    assert kept is not None
+    assert "data" not in kept
+    assert store.data_at("team-a", "api-token", "6") is None
+    assert store.data_seen("team-a", "api-token")
+    # Data not of the operator's shape (an added key, or a huge one) is never kept, but the
+    # Secret still counts as seen: its data is read again rather than trusted.
+    edited = full(ours("team-a", "api-token", version="6"))
+    edited["data"]["extra"] = "eA=="
+    store.remember(edited)
+    assert store.data_at("team-a", "api-token", "6") is None
+    assert store.data_seen("team-a", "api-token")
+    store.remember(full(ours("team-a", "api-token", version="6"), token="A" * (1 << 20)))
+    assert store.data_at("team-a", "api-token", "6") is None
+    # Gone: nothing of it stays.
+    store.record(DELETED, {"metadata": {"namespace": "team-a", "name": "api-token"}})
+    assert not store.data_seen("team-a", "api-token")
+
+
+def test_the_store_shares_the_data_strings_that_secrets_of_one_key_repeat() -> None:
+    store = OwnedSecrets()
+    for name in ("one", "two"):
+        store.record(ADDED, ours("team-a", name))
+        store.remember(full(ours("team-a", name), token="".join(["dG9r", "ZW4="])))
+    one, two = store.get("team-a", "one"), store.get("team-a", "two")
+    assert one is not None
+    assert two is not None
+    assert one["data"]["token"] is two["data"]["token"]
+
+
+def test_the_store_finds_the_secrets_of_a_key_by_their_key_id() -> None:
+    store = OwnedSecrets()
+    store.record(ADDED, ours("team-a", "one", annotations={"m2m.dev/key-id": "v2:k1"}))
+    store.record(ADDED, ours("team-b", "two", annotations={"m2m.dev/key-id": "v2:k1"}))
+    store.record(ADDED, ours("team-b", "three", annotations={"m2m.dev/key-id": "v2:k2"}))
+    store.record(ADDED, ours("team-b", "old"))  # written before key ids: no annotation
+    assert [s["metadata"]["name"] for s in store.with_key_id("v2:k1")] == ["one", "two"]
+    # A new token for another key moves the Secret; a deletion takes it out.
+    store.record(MODIFIED, ours("team-b", "two", annotations={"m2m.dev/key-id": "v2:k2"}))
+    assert [s["metadata"]["name"] for s in store.with_key_id("v2:k1")] == ["one"]
+    store.record(DELETED, {"metadata": {"namespace": "team-a", "name": "one"}})
+    assert store.with_key_id("v2:k1") == []
+    assert [s["metadata"]["name"] for s in store.with_key_id("v2:k2")] == ["three", "two"]
+
+
+def test_both_secret_watches_are_metadata_only() -> None:
+    api = kubernetes.client.ApiClient(kubernetes.client.Configuration())
+    feed = SecretFeed(sink=lambda obj, deleted: None, serves=bool)
+    watches = secret_watches(api, feed, namespaces=["team-a"])
+    assert [w.metadata_only for w in watches] == [True, True]
+    api.close()  # type: ignore[no-untyped-call]
+
+
+def test_a_change_no_look_has_seen_is_read_not_inferred() -> None:
+    store = OwnedSecrets()
+    store.record(ADDED, ours("team-a", "api-token", version="5"))
+    assert not store.data_seen("team-a", "api-token")  # after a start: may be inferred
+    store.changed("team-a", "api-token", "6")  # a watch event of a version nobody read
+    assert store.data_seen("team-a", "api-token")
+    assert store.data_at("team-a", "api-token", "6") is None
+    # Our own write's event may come before the write returns: what it wrote still counts.
+    store.remember(full(ours("team-a", "api-token", version="6")))
+    store.changed("team-a", "api-token", "6")
+    assert store.data_at("team-a", "api-token", "6") is not None
+
+
+def test_managed_fields_tell_whether_anyone_else_changed_the_data() -> None:
+    def with_managers(*entries: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+        secret = ours("team-a", "api-token")
+        secret["metadata"]["managedFields"] = [
+            {"manager": manager, "operation": "Update", "fieldsV1": fields}
+            for manager, fields in entries
+        ]
+        return secret
+
+    data: dict[str, Any] = {"f:data": {"f:token": {}}}
+    labels: dict[str, Any] = {"f:metadata": {"f:labels": {"f:team": {}}}}
+    store = OwnedSecrets()
+    store.record(ADDED, with_managers(("m2m-token-operator", data), ("kubectl-label", labels)))
+    assert not store.data_edited("team-a", "api-token")  # a label of someone else's: no
+    store.record(MODIFIED, with_managers(("m2m-token-operator", data), ("kubectl-edit", data)))
+    assert store.data_edited("team-a", "api-token")
+    # The operator wrote it back: the API server gave the field back to it alone.
+    store.record(MODIFIED, with_managers(("m2m-token-operator", data)))
+    assert not store.data_edited("team-a", "api-token")
+    # Written by a version that did not name its field manager: not proven ours.
+    store.record(MODIFIED, with_managers(("OpenAPI-Generator", data)))
+    assert store.data_edited("team-a", "api-token")
+    kept = store.get("team-a", "api-token")
+    assert kept is not None
+    assert "managedFields" not in kept["metadata"]  # decided on arrival, not kept
