@@ -255,3 +255,25 @@ def test_every_value_has_a_schema_and_a_comment() -> None:
         # Each top-level key is introduced by a comment (on it or on the line before).
         before = values_text.split(f"\n{key}:", 1)[0]
         assert before.rstrip().splitlines()[-1].lstrip().startswith("#"), key
+
+
+def test_every_kustomization_labels_its_objects_with_the_charts_version() -> None:
+    """The base and the kustomizations outside it (whose objects the base's labels do
+    not reach) carry the same labels, and the version is the chart's appVersion."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    expected = {
+        "app.kubernetes.io/part-of": "m2m-token-operator",
+        "app.kubernetes.io/version": chart["appVersion"],
+    }
+    for path in (
+        REPO / "manifests" / "kustomization.yaml",
+        REPO / "manifests" / "components" / "namespaced" / "kustomization.yaml",
+        REPO
+        / "manifests"
+        / "components"
+        / "namespaced"
+        / "served-namespace"
+        / "kustomization.yaml",
+    ):
+        kustomization = yaml.safe_load(path.read_text())
+        assert [entry["pairs"] for entry in kustomization["labels"]] == [expected], path
