@@ -185,3 +185,68 @@ def test_install_upgrade_uninstall(
             secret = kube.get_secret("shop", name)
             assert secret is not None
             assert secret.token
+
+
+def _can(api: k8s.ApiClient, namespace: str, verb: str, resource: str, group: str = "") -> bool:
+    """`kubectl auth can-i` as whoever `api` is: a SelfSubjectAccessReview."""
+    review = k8s.V1SelfSubjectAccessReview(
+        spec=k8s.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=k8s.V1ResourceAttributes(
+                namespace=namespace, verb=verb, resource=resource, group=group
+            )
+        )
+    )
+    answer = k8s.AuthorizationV1Api(api).create_self_subject_access_review(review)
+    return bool(answer.status and answer.status.allowed)
+
+
+def test_namespaced_mode_serves_its_namespaces_with_rights_there_only(
+    token_server: TokenServer, tmp_path: Path
+) -> None:
+    """`rbac.namespaced` installed by helm: the operator, as the chart's ServiceAccount
+    with the Deployment's args, serves a served namespace under the chart's Roles and
+    admission policy, and has no right on Secrets or TokenRequests elsewhere."""
+    served, unserved = "team-a", "team-z"
+    with ControlPlane() as cluster, cluster.api_client() as api:
+        core = k8s.CoreV1Api(api)
+        for namespace in (served, unserved):
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
+        values = {
+            **_values(token_server, "namespaced"),
+            "rbac": {"namespaced": True, "servedNamespaces": [served]},
+        }
+        installed = helm(
+            "install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--create-namespace",
+            "--values", str(values_file(tmp_path, values)),
+            kubeconfig=cluster.kubeconfig,
+        )  # fmt: skip
+        assert installed.returncode == 0, installed.stderr
+        wait_for_admission_policy(api)
+        kube = Kube(api)
+        for namespace in (served, unserved):
+            kube.create_secret(
+                namespace,
+                "orders-client",
+                credentials("e2e-shop", "e2e-shop-secret-123", token_server.token_endpoint()),
+            )
+
+        with _as_the_deployment_runs_it(cluster, tmp_path / "namespaced.log") as operator:
+            assert f"--namespace={served}" in operator.args
+            claims = _first_token(kube, operator, served, "orders")
+            # The restart seal's key, in the release namespace (its Role; the policy's seal key).
+            core.read_namespaced_secret("m2m-token-operator-seal-key", NAMESPACE)
+        assert claims["aud"] == "api://namespaced.orders.orders-api/.default"
+
+        kubeconfig = cluster.service_account_kubeconfig(NAMESPACE, RELEASE)
+        with new_api_client(kubeconfig) as as_operator:
+            assert _can(as_operator, served, "create", "secrets")
+            assert _can(as_operator, served, "list", "tokenrequests", "m2m.dev")
+            for verb, resource, group in (
+                ("get", "secrets", ""),
+                ("create", "secrets", ""),
+                ("list", "tokenrequests", "m2m.dev"),
+                ("patch", "tokenrequests/status", "m2m.dev"),
+            ):
+                assert not _can(as_operator, unserved, verb, resource, group), (verb, resource)
+            assert not _can(as_operator, "", "list", "secrets")
+            assert not _can(as_operator, "", "list", "tokenrequests", "m2m.dev")
