@@ -15,13 +15,15 @@ import pytest
 import yaml
 
 from devenv.controlplane import Cluster
-from devenv.install import MANIFESTS_DIR, REPO_ROOT, read_documents
+from devenv.install import MANIFESTS_DIR, OPERATOR_NAMESPACE, REPO_ROOT, read_documents
 from m2m_token_operator.settings import Settings
 
 from ._helm import (
     CHART_DIR,
+    RELEASE,
     Manifest,
     container,
+    documents,
     helm,
     kustomize,
     named,
@@ -54,6 +56,20 @@ EVERYTHING_ON: dict[str, Any] = {
     },
 }
 
+# The namespaced mode, the admission policy off and the NetworkPolicy's own selectors.
+NAMESPACED_WITH_OWN_SELECTORS: dict[str, Any] = {
+    "rbac": {"namespaced": True, "servedNamespaces": ["team-a", "team-b"]},
+    "admissionPolicy": {"enabled": False},
+    "networkPolicy": {
+        "prometheus": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+            "podSelector": {
+                "matchExpressions": [{"key": "app", "operator": "In", "values": ["prometheus"]}]
+            },
+        }
+    },
+}
+
 
 def test_lint_strict(tmp_path: Path) -> None:
     plain = helm("lint", "--strict", str(CHART_DIR))
@@ -63,6 +79,11 @@ def test_lint_strict(tmp_path: Path) -> None:
     everything = helm("lint", "--strict", str(CHART_DIR), "--values", str(values))
     assert everything.returncode == 0, everything.stdout + everything.stderr
     assert "0 chart(s) failed" in everything.stdout
+    modes = tmp_path / "modes.yaml"
+    modes.write_text(yaml.safe_dump(NAMESPACED_WITH_OWN_SELECTORS))
+    namespaced = helm("lint", "--strict", str(CHART_DIR), "--values", str(modes))
+    assert namespaced.returncode == 0, namespaced.stdout + namespaced.stderr
+    assert "0 chart(s) failed" in namespaced.stdout
 
 
 # (values, what helm's schema error must say): each names the value's path.
@@ -113,8 +134,26 @@ BAD_VALUES = [
     ({"sharding": {"namespaces": ["Team_A"]}}, "at '/sharding/namespaces/0'"),
     ({"metrics": {"port": 0}}, "at '/metrics/port': minimum"),
     ({"metrics": {"serviceMonitor": {"interval": "30"}}}, "at '/metrics/serviceMonitor/interval'"),
-    ({"rbac": {"namespaced": True}}, "at '/rbac/namespaced'"),
-    ({"admissionPolicy": {"enabled": True}}, "at '/admissionPolicy/enabled'"),
+    # Namespaced mode: its namespaces, plain names, and only with it.
+    ({"rbac": {"namespaced": True}}, "at '/rbac/servedNamespaces': minItems: got 0, want 1"),
+    (
+        {"rbac": {"namespaced": True, "servedNamespaces": ["team-*"]}},
+        "at '/rbac/servedNamespaces/0'",
+    ),
+    ({"rbac": {"servedNamespaces": ["team-a"]}}, "at '/rbac/servedNamespaces': maxItems"),
+    (
+        {
+            "rbac": {"namespaced": True, "servedNamespaces": ["team-a"]},
+            "sharding": {"namespaces": ["b"]},
+        },
+        "at '/sharding/namespaces': maxItems",
+    ),
+    ({"rbac": {"namespaced": "yes"}}, "at '/rbac/namespaced': got string, want boolean"),
+    ({"admissionPolicy": {"enabled": "true"}}, "at '/admissionPolicy/enabled': got string"),
+    (
+        {"networkPolicy": {"prometheus": {"podSelector": {"app": "prometheus"}}}},
+        "at '/networkPolicy/prometheus/podSelector': additional properties 'app' not allowed",
+    ),
 ]
 
 
@@ -163,6 +202,116 @@ def test_accepted_values_render_settings_the_operator_accepts(tmp_path: Path) ->
     assert pod["spec"]["tolerations"][0]["key"] == "dedicated"
     policy = named(docs, "NetworkPolicy")
     assert policy["spec"]["ingress"][0]["from"] == EVERYTHING_ON["networkPolicy"]["metricsFrom"]
+
+
+def test_the_release_namespace_is_never_served(tmp_path: Path) -> None:
+    rendered = template(
+        tmp_path, {"rbac": {"namespaced": True, "servedNamespaces": ["team-a", OPERATOR_NAMESPACE]}}
+    )
+    assert rendered.returncode != 0, rendered.stdout
+    assert f"rbac.servedNamespaces: {OPERATOR_NAMESPACE} is the release namespace" in (
+        rendered.stderr
+    )
+
+
+def _operator_rules(docs: list[Manifest], service_account: str, namespace: str) -> dict[str, Any]:
+    """(binding kind, binding namespace) -> the rules bound to the operator's ServiceAccount."""
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs}
+    bound: dict[str, Any] = {}
+    for binding in docs:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        subject = {"kind": "ServiceAccount", "name": service_account, "namespace": namespace}
+        if subject not in binding["subjects"]:
+            continue
+        ref = binding["roleRef"]
+        where = binding["metadata"].get("namespace") if ref["kind"] == "Role" else None
+        role = roles[(ref["kind"], where, ref["name"])]
+        key = f"{binding['kind']} {binding['metadata'].get('namespace', '')}".strip()
+        bound.setdefault(key, []).extend(role["rules"])
+    return bound
+
+
+def test_namespaced_mode_grants_secrets_and_tokenrequests_in_the_served_namespaces_only(
+    tmp_path: Path,
+) -> None:
+    docs = render(tmp_path, {"rbac": {"namespaced": True, "servedNamespaces": ["team-a", "b"]}})
+    deployment = named(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    args = container(docs)["args"]
+    assert [a for a in args if a.startswith("--namespace=")] == [
+        "--namespace=team-a",
+        "--namespace=b",
+    ]
+    assert "--standalone" in args
+    assert not [a for a in args if a.startswith(("--peering", "--all-namespaces"))]
+    assert "PodDisruptionBudget" not in {d["kind"] for d in docs}
+
+    bound = _operator_rules(docs, RELEASE, OPERATOR_NAMESPACE)
+    assert set(bound) == {
+        "ClusterRoleBinding",
+        "RoleBinding team-a",
+        "RoleBinding b",
+        f"RoleBinding {OPERATOR_NAMESPACE}",  # the seal key
+    }
+    # Cluster-wide: read-only, and nothing on Secrets or TokenRequests.
+    for rule in bound["ClusterRoleBinding"]:
+        assert not {"secrets", "tokenrequests"} & set(rule["resources"]), rule
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+    for served in ("team-a", "b"):
+        rules = bound[f"RoleBinding {served}"]
+        assert {"secrets", "tokenrequests"} <= {r for rule in rules for r in rule["resources"]}
+    # The seal key's Role in the release namespace names its one Secret for reads.
+    [seal_get, seal_create] = bound[f"RoleBinding {OPERATOR_NAMESPACE}"]
+    assert seal_get["resourceNames"] == ["m2m-token-operator-seal-key"]
+    assert seal_create["verbs"] == ["create"]
+    # The cluster-wide default, for contrast: Secrets everywhere.
+    default = _operator_rules(render(tmp_path), RELEASE, OPERATOR_NAMESPACE)
+    assert any("secrets" in rule["resources"] for rule in default["ClusterRoleBinding"])
+
+
+def test_the_admission_policy_names_the_releases_service_account_and_namespace(
+    tmp_path: Path,
+) -> None:
+    rendered = template(
+        tmp_path,
+        {"serviceAccount": {"name": "token-operator"}},
+        release="tokens",
+        namespace="platform",
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    docs = documents(rendered.stdout)
+    policy = named(docs, "ValidatingAdmissionPolicy", "tokens-m2m-token-operator-secret-writes")
+    binding = named(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {
+        "policyName": "tokens-m2m-token-operator-secret-writes",
+        "validationActions": ["Deny"],
+    }
+    [match] = policy["spec"]["matchConditions"]
+    assert match["expression"] == (
+        "request.userInfo.username == 'system:serviceaccount:platform:token-operator'"
+    )
+    seal_key = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}["sealKey"]
+    assert seal_key == (
+        "request.namespace == 'platform' && request.name == 'm2m-token-operator-seal-key'"
+    )
+    # The Deployment runs as that ServiceAccount.
+    pod = named(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "token-operator"
+    off = {d["kind"] for d in render(tmp_path, {"admissionPolicy": {"enabled": False}})}
+    assert not off & {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+
+
+def test_metrics_scrapes_are_admitted_from_the_prometheus_selectors(tmp_path: Path) -> None:
+    elsewhere = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}},
+        "podSelector": {"matchLabels": {"app": "prometheus-server"}},
+    }
+    docs = render(tmp_path, {"networkPolicy": {"prometheus": elsewhere}})
+    [ingress] = named(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert ingress["from"] == [elsewhere]
+    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
 
 
 def test_optional_monitoring_objects(tmp_path: Path) -> None:
@@ -240,6 +389,7 @@ PARITY_FILES = (
     "rbac.yaml",
     "federation-rbac.yaml",
     "user-rbac.yaml",
+    "admission-policy.yaml",
     "deployment.yaml",
     "pdb.yaml",
     "networkpolicy.yaml",
@@ -264,8 +414,28 @@ def _without_helm_labels(value: Any) -> Any:
     return value
 
 
-def _by_key(docs: list[Manifest]) -> dict[tuple[str, str], Manifest]:
-    return {(d["kind"], d["metadata"]["name"]): _without_helm_labels(d) for d in docs}
+Key = tuple[str, str, str]  # kind, namespace ("" when cluster-scoped), name
+
+
+def _key(doc: Manifest) -> Key:
+    return (doc["kind"], doc["metadata"].get("namespace", ""), doc["metadata"]["name"])
+
+
+def _by_key(docs: list[Manifest]) -> dict[Key, Manifest]:
+    by_key = {_key(d): _without_helm_labels(d) for d in docs}
+    assert len(by_key) == len(docs), "two objects of the same kind, namespace and name"
+    return by_key
+
+
+def _assert_same_objects(from_chart: list[Manifest], expected: dict[Key, Manifest]) -> None:
+    for doc in from_chart:
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/instance"] == "m2m-token-operator"
+    actual = _by_key(from_chart)
+    assert sorted(actual) == sorted(expected)
+    for key, manifest in expected.items():
+        assert actual[key] == manifest, f"{key} differs from kustomize's"
 
 
 def test_default_values_render_what_kustomize_renders(tmp_path: Path) -> None:
@@ -279,22 +449,30 @@ def test_default_values_render_what_kustomize_renders(tmp_path: Path) -> None:
     excluded_kinds = set(NOT_TEMPLATED.values())
     expected = _by_key([d for d in from_kustomize if d["kind"] not in excluded_kinds])
     # Every object the compared files define is in the comparison.
-    defined = {
-        (doc["kind"], doc["metadata"]["name"])
-        for name in PARITY_FILES
-        for doc in read_documents(MANIFESTS_DIR / name)
-    }
+    defined = {_key(doc) for name in PARITY_FILES for doc in read_documents(MANIFESTS_DIR / name)}
     assert defined == set(expected)
+    _assert_same_objects(render(tmp_path), expected)
 
-    from_chart = render(tmp_path)
-    for doc in from_chart:
-        labels = doc["metadata"]["labels"]
-        assert labels["app.kubernetes.io/managed-by"] == "Helm"
-        assert labels["app.kubernetes.io/instance"] == "m2m-token-operator"
-    actual = _by_key(from_chart)
-    assert sorted(actual) == sorted(expected)
-    for key, manifest in expected.items():
-        assert actual[key] == manifest, f"{key[0]} {key[1]} differs from manifests/"
+
+def test_namespaced_mode_renders_what_kustomize_renders_for_examples_namespaced(
+    tmp_path: Path,
+) -> None:
+    """examples/namespaced (manifests/components/namespaced serving team-a and team-b)."""
+    example = REPO_ROOT / "examples" / "namespaced"
+    [overlay] = read_documents(example / "kustomization.yaml")
+    served = [r for r in overlay["resources"] if (example / r).is_dir() and r.startswith("team-")]
+    assert served == ["team-a", "team-b"]
+    excluded_kinds = set(NOT_TEMPLATED.values())
+    expected = _by_key([d for d in kustomize(example) if d["kind"] not in excluded_kinds])
+    # The component's own objects are in the comparison: Roles per namespace, no
+    # cluster-wide operator ClusterRole, no PodDisruptionBudget.
+    assert ("Role", "team-b", "m2m-token-operator") in expected
+    assert ("ClusterRole", "", "m2m-token-operator-discovery") in expected
+    assert ("ClusterRole", "", "m2m-token-operator") not in expected
+    assert not [key for key in expected if key[0] == "PodDisruptionBudget"]
+    _assert_same_objects(
+        render(tmp_path, {"rbac": {"namespaced": True, "servedNamespaces": served}}), expected
+    )
 
 
 @pytest.mark.usefixtures("operator_installed")
@@ -307,7 +485,13 @@ def test_every_optional_value_renders_objects_the_api_server_accepts(
         **EVERYTHING_ON,
         "metrics": {"dashboard": {"enabled": True}},  # in the release namespace
     }
-    for case in (values, {"sharding": {"namespaces": ["team-a", "team-a-*"]}}):
+    cases = (
+        values,
+        {"sharding": {"namespaces": ["team-a", "team-a-*"]}},
+        # Served namespaces that exist in every cluster.
+        {"rbac": {"namespaced": True, "servedNamespaces": ["default", "kube-public"]}},
+    )
+    for case in cases:
         rendered = template(tmp_path, case)
         assert rendered.returncode == 0, rendered.stderr
         result = kubectl(

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from devenv.controlplane import Cluster, ControlPlane
+from devenv.controlplane import Cluster, ControlPlane, new_api_client
+from devenv.install import ADMISSION_POLICY, wait_for_admission_policy
 from devenv.operatorprocess import OperatorProcess
 from devenv.tokenserver import TokenServer, jwt_claims
 
@@ -80,6 +81,29 @@ def _as_the_deployment_runs_it(cluster: Cluster, log_file: Path) -> OperatorProc
     )
 
 
+def _assert_the_policy_denies_a_service_account_token_secret(
+    cluster: Cluster, namespace: str
+) -> None:
+    """As the chart's ServiceAccount, whose ClusterRole allows creating any Secret, a
+    `kubernetes.io/service-account-token` Secret is refused by the chart's policy."""
+    service_account = _deployment(cluster)["spec"]["template"]["spec"]["serviceAccountName"]
+    body: Any = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/service-account-token",
+        "metadata": {
+            "name": "stolen-token",
+            "annotations": {"kubernetes.io/service-account.name": "default"},
+        },
+    }
+    kubeconfig = cluster.service_account_kubeconfig(NAMESPACE, service_account)
+    with new_api_client(kubeconfig) as api, pytest.raises(k8s.ApiException) as raised:
+        k8s.CoreV1Api(api).create_namespaced_secret(namespace, body)
+    assert raised.value.status == 403, raised.value.body
+    assert f"ValidatingAdmissionPolicy '{ADMISSION_POLICY}'" in str(raised.value.body)
+    assert "m2m-token-operator may only write Opaque Secrets" in str(raised.value.body)
+
+
 def _first_token(
     kube: Kube, operator: OperatorProcess, namespace: str, name: str
 ) -> dict[str, Any]:
@@ -109,6 +133,10 @@ def test_install_upgrade_uninstall(
     with fresh.api_client() as api:
         kube = Kube(api)
         k8s.CoreV1Api(api).create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name="shop")))
+        # The chart's admission policy (on by default), once the API server enforces
+        # it: the operator's own writes below pass under it, and what it forbids is denied.
+        wait_for_admission_policy(api)
+        _assert_the_policy_denies_a_service_account_token_secret(fresh, "shop")
         # docs/install.md's walkthrough: an application identity Secret, then a TokenRequest.
         kube.create_secret(
             "shop",
@@ -138,9 +166,14 @@ def test_install_upgrade_uninstall(
         uninstalled = helm("uninstall", RELEASE, "--namespace", NAMESPACE, kubeconfig=admin)
         assert uninstalled.returncode == 0, uninstalled.stderr
         # Helm removed what it templated ...
-        gone = kubectl(fresh, "get", "clusterrole", RELEASE)
-        assert gone.returncode != 0
-        assert "NotFound" in gone.stderr
+        for kind, name in (
+            ("clusterrole", RELEASE),
+            ("validatingadmissionpolicy", ADMISSION_POLICY),
+            ("validatingadmissionpolicybinding", ADMISSION_POLICY),
+        ):
+            gone = kubectl(fresh, "get", kind, name)
+            assert gone.returncode != 0, kind
+            assert "NotFound" in gone.stderr, kind
         # ... and kept the API and the tokens: CRDs in crds/ are never deleted by helm,
         # so the TokenRequests and the Secrets they own stay.
         assert kubectl(fresh, "get", "crd", "tokenrequests.m2m.dev").returncode == 0
@@ -152,3 +185,68 @@ def test_install_upgrade_uninstall(
             secret = kube.get_secret("shop", name)
             assert secret is not None
             assert secret.token
+
+
+def _can(api: k8s.ApiClient, namespace: str, verb: str, resource: str, group: str = "") -> bool:
+    """`kubectl auth can-i` as whoever `api` is: a SelfSubjectAccessReview."""
+    review = k8s.V1SelfSubjectAccessReview(
+        spec=k8s.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=k8s.V1ResourceAttributes(
+                namespace=namespace, verb=verb, resource=resource, group=group
+            )
+        )
+    )
+    answer = k8s.AuthorizationV1Api(api).create_self_subject_access_review(review)
+    return bool(answer.status and answer.status.allowed)
+
+
+def test_namespaced_mode_serves_its_namespaces_with_rights_there_only(
+    token_server: TokenServer, tmp_path: Path
+) -> None:
+    """`rbac.namespaced` installed by helm: the operator, as the chart's ServiceAccount
+    with the Deployment's args, serves a served namespace under the chart's Roles and
+    admission policy, and has no right on Secrets or TokenRequests elsewhere."""
+    served, unserved = "team-a", "team-z"
+    with ControlPlane() as cluster, cluster.api_client() as api:
+        core = k8s.CoreV1Api(api)
+        for namespace in (served, unserved):
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=namespace)))
+        values = {
+            **_values(token_server, "namespaced"),
+            "rbac": {"namespaced": True, "servedNamespaces": [served]},
+        }
+        installed = helm(
+            "install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE, "--create-namespace",
+            "--values", str(values_file(tmp_path, values)),
+            kubeconfig=cluster.kubeconfig,
+        )  # fmt: skip
+        assert installed.returncode == 0, installed.stderr
+        wait_for_admission_policy(api)
+        kube = Kube(api)
+        for namespace in (served, unserved):
+            kube.create_secret(
+                namespace,
+                "orders-client",
+                credentials("e2e-shop", "e2e-shop-secret-123", token_server.token_endpoint()),
+            )
+
+        with _as_the_deployment_runs_it(cluster, tmp_path / "namespaced.log") as operator:
+            assert f"--namespace={served}" in operator.args
+            claims = _first_token(kube, operator, served, "orders")
+            # The restart seal's key, in the release namespace (its Role; the policy's seal key).
+            core.read_namespaced_secret("m2m-token-operator-seal-key", NAMESPACE)
+        assert claims["aud"] == "api://namespaced.orders.orders-api/.default"
+
+        kubeconfig = cluster.service_account_kubeconfig(NAMESPACE, RELEASE)
+        with new_api_client(kubeconfig) as as_operator:
+            assert _can(as_operator, served, "create", "secrets")
+            assert _can(as_operator, served, "list", "tokenrequests", "m2m.dev")
+            for verb, resource, group in (
+                ("get", "secrets", ""),
+                ("create", "secrets", ""),
+                ("list", "tokenrequests", "m2m.dev"),
+                ("patch", "tokenrequests/status", "m2m.dev"),
+            ):
+                assert not _can(as_operator, unserved, verb, resource, group), (verb, resource)
+            assert not _can(as_operator, "", "list", "secrets")
+            assert not _can(as_operator, "", "list", "tokenrequests", "m2m.dev")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import Metric
+from prometheus_client import REGISTRY, Metric
 
 from m2m_token_operator import metrics
 from m2m_token_operator.credentials import parse_host_entry
@@ -54,33 +54,51 @@ def test_the_dashboard_in_docs_is_the_charts() -> None:
 
 
 def _exported_series() -> set[str]:
-    """The series names metrics.py's collectors expose (with _total, _bucket, ... suffixes)."""
+    """The series names the operator's registry exposes (with _total, _bucket, ... suffixes).
+
+    Read from the registry rather than a list of collectors, so that a metric renamed
+    or removed in metrics.py (as the per-TokenRequest ones were) fails here.
+    """
     names: set[str] = set()
-    for collector in (
-        metrics.TOKEN_EXPIRY,
-        metrics.TOKEN_READY,
-        metrics.REFRESH_FAILURES,
-        metrics.ENDPOINT_REQUESTS,
-        metrics.ENDPOINT_LATENCY,
-        metrics.CACHE_LOOKUPS,
-        metrics.REFRESH_LAG,
-        metrics.API_LATENCY,
-    ):
-        described: list[Metric] = list(collector.describe())
-        for family in described:
-            if family.type == "counter":
-                names.add(f"{family.name}_total")
-            elif family.type == "histogram":
-                names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
-            else:
-                names.add(family.name)
+    collected: list[Metric] = list(REGISTRY.collect())
+    for family in collected:
+        if not family.name.startswith("m2m_"):
+            continue
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(family.name)
     return names
 
 
+def _dashboard() -> dict[str, Any]:
+    dashboard: dict[str, Any] = json.loads(
+        (CHART / "dashboards" / "m2m-token-operator.json").read_text()
+    )
+    return dashboard
+
+
 def _panels() -> list[dict[str, Any]]:
-    dashboard = json.loads((CHART / "dashboards" / "m2m-token-operator.json").read_text())
-    panels: list[dict[str, Any]] = dashboard["panels"]
+    panels: list[dict[str, Any]] = _dashboard()["panels"]
     return panels
+
+
+def _metric_names(expression: str) -> set[str]:
+    return set(re.findall(r"\bm2m_[a-z_]+\b", expression))
+
+
+def test_the_registry_lists_the_per_namespace_series() -> None:
+    # Without this, an empty or partial registry would let the tests below pass.
+    exported = _exported_series()
+    assert {
+        metrics.SOONEST_EXPIRY,
+        metrics.TOKEN_REQUESTS,
+        metrics.NOT_READY,
+        "m2m_token_refresh_failures_total",
+        "m2m_refresh_lag_seconds_bucket",
+    } <= exported
 
 
 def test_every_dashboard_query_names_metrics_the_operator_exports() -> None:
@@ -89,20 +107,44 @@ def test_every_dashboard_query_names_metrics_the_operator_exports() -> None:
     for panel in _panels():
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            names = set(re.findall(r"\bm2m_[a-z_]+\b", target["expr"]))
+            names = _metric_names(target["expr"])
             assert names, f"{panel['title']}: {target['expr']}"
             assert names <= exported, f"{panel['title']}: not exported: {names - exported}"
             queried |= names
     # What an operator of the service looks at (issue #19), each in some panel.
     for wanted in (
-        "m2m_token_ready",
-        "m2m_token_expiry_timestamp_seconds",
+        metrics.NOT_READY,
+        metrics.TOKEN_REQUESTS,
+        metrics.SOONEST_EXPIRY,
         "m2m_token_endpoint_requests_total",
         "m2m_token_refresh_failures_total",
         "m2m_refresh_lag_seconds_bucket",
         "m2m_kube_api_request_duration_seconds_bucket",
     ):
         assert wanted in queried
+
+
+def test_the_dashboard_variables_query_exported_metrics() -> None:
+    exported = _exported_series()
+    variables = [v for v in _dashboard()["templating"]["list"] if v["type"] == "query"]
+    assert variables
+    for variable in variables:
+        for query in (variable["query"]["query"], variable["definition"]):
+            names = _metric_names(query)
+            assert names, query
+            assert names <= exported, f"{variable['name']}: not exported: {names - exported}"
+
+
+def test_every_alert_names_metrics_the_operator_exports() -> None:
+    exported = _exported_series()
+    [rule] = [doc for doc in yaml.safe_load_all((REPO / "docs" / "alerts.yaml").read_text()) if doc]
+    alerted: set[str] = set()
+    for group in rule["spec"]["groups"]:
+        for alert in group["rules"]:
+            names = _metric_names(alert["expr"])
+            assert names <= exported, f"{alert['alert']}: not exported: {names - exported}"
+            alerted |= names
+    assert {metrics.SOONEST_EXPIRY, metrics.NOT_READY} <= alerted
 
 
 def test_dashboard_panels_do_not_overlap() -> None:
@@ -213,3 +255,25 @@ def test_every_value_has_a_schema_and_a_comment() -> None:
         # Each top-level key is introduced by a comment (on it or on the line before).
         before = values_text.split(f"\n{key}:", 1)[0]
         assert before.rstrip().splitlines()[-1].lstrip().startswith("#"), key
+
+
+def test_every_kustomization_labels_its_objects_with_the_charts_version() -> None:
+    """The base and the kustomizations outside it (whose objects the base's labels do
+    not reach) carry the same labels, and the version is the chart's appVersion."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    expected = {
+        "app.kubernetes.io/part-of": "m2m-token-operator",
+        "app.kubernetes.io/version": chart["appVersion"],
+    }
+    for path in (
+        REPO / "manifests" / "kustomization.yaml",
+        REPO / "manifests" / "components" / "namespaced" / "kustomization.yaml",
+        REPO
+        / "manifests"
+        / "components"
+        / "namespaced"
+        / "served-namespace"
+        / "kustomization.yaml",
+    ):
+        kustomization = yaml.safe_load(path.read_text())
+        assert [entry["pairs"] for entry in kustomization["labels"]] == [expected], path

@@ -55,3 +55,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "m2m.sharded" -}}
 {{- if .Values.sharding.namespaces }}true{{ end -}}
 {{- end -}}
+
+{{/* Namespaced mode: Roles in rbac.servedNamespaces instead of cluster-wide rights. */}}
+{{- define "m2m.namespaced" -}}
+{{- if .Values.rbac.namespaced }}true{{ end -}}
+{{- end -}}
+
+{{/* One process serving a set of namespaces (sharding or namespaced mode): no peering. */}}
+{{- define "m2m.standalone" -}}
+{{- if or (include "m2m.sharded" .) (include "m2m.namespaced" .) }}true{{ end -}}
+{{- end -}}
