@@ -7,14 +7,20 @@ tested: `tests/unit/test_benchfigures.py`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 __all__ = [
     "RequestKey",
+    "Stack",
+    "frame_function",
+    "frame_module",
+    "parse_collapsed",
     "parse_request_counts",
     "percentile",
     "ratio",
     "request_delta",
+    "shares",
     "spread",
 ]
 
@@ -76,3 +82,81 @@ def request_delta(
         if grown > 0:
             delta[f"{key[0]} {key[1]}"] = round(grown / per, 3)
     return delta
+
+
+# --- py-spy's raw output (collapsed stacks) ------------------------------------------
+
+# One frame of py-spy's raw format: "function (path/to/file.py:123)".
+_FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]*)(?::\d+)?\)$")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One line of `py-spy record --format raw --threads`: a thread, its frames, the samples."""
+
+    thread: str
+    frames: tuple[str, ...]  # outermost first, each "function (file:line)"
+    samples: int
+
+
+def parse_collapsed(text: str) -> list[Stack]:
+    """Lines "thread (123): Name;frame;frame 42"; a line without --threads has thread ""."""
+    stacks = []
+    for line in text.splitlines():
+        body, _, count = line.rstrip().rpartition(" ")
+        if not body or not count.isdigit():
+            continue
+        parts = body.split(";")
+        thread = ""
+        if parts[0].startswith("thread ("):
+            thread = parts[0].split(": ", 1)[-1]
+            parts = parts[1:]
+        if not parts:
+            continue
+        stacks.append(Stack(thread=thread, frames=tuple(parts), samples=int(count)))
+    return stacks
+
+
+def frame_module(frame: str) -> str:
+    """The top-level package or module a frame's file belongs to ("kopf", "json", ...)."""
+    match = _FRAME.match(frame)
+    path = match["file"] if match else frame
+    parts = [part for part in path.split("/") if part]
+    if "site-packages" in parts:
+        parts = parts[parts.index("site-packages") + 1 :]
+    else:
+        for marker in ("python3.11", "python3.12", "python3.13", "operator"):
+            if marker in parts:
+                parts = parts[parts.index(marker) + 1 :]
+                break
+    if not parts:
+        return path
+    return parts[0].removesuffix(".py")
+
+
+def frame_function(frame: str) -> str:
+    """The dotted module and function of a frame, e.g. "json.encoder.iterencode"."""
+    match = _FRAME.match(frame)
+    if match is None:
+        return frame
+    path = match["file"]
+    parts = [part for part in path.split("/") if part]
+    for marker in ("site-packages", "python3.11", "python3.12", "python3.13", "operator"):
+        if marker in parts:
+            parts = parts[parts.index(marker) + 1 :]
+            break
+    dotted = ".".join(parts).removesuffix(".py")
+    return f"{dotted}.{match['function']}" if dotted else match["function"]
+
+
+def shares(stacks: Sequence[Stack], key: Callable[[Stack], Iterable[str]]) -> dict[str, float]:
+    """Per label, the share (%) of all samples whose stack `key` labels with it (once each)."""
+    total = sum(stack.samples for stack in stacks)
+    counts: dict[str, int] = {}
+    for stack in stacks:
+        for label in set(key(stack)):
+            counts[label] = counts.get(label, 0) + stack.samples
+    if not total:
+        return {}
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return {label: round(100 * count / total, 1) for label, count in ordered}

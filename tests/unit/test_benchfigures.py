@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 
 from devenv.benchfigures import (
+    frame_function,
+    frame_module,
+    parse_collapsed,
     parse_request_counts,
     percentile,
     ratio,
     request_delta,
+    shares,
     spread,
 )
 
@@ -79,3 +83,50 @@ def test_request_delta_per_token_request() -> None:
         "PATCH tokenrequests/status": 2.0,
         "POST secrets": 1.0,
     }
+
+
+SITE = "/w/.venv/lib/python3.11/site-packages"
+PROFILE = f"""\
+py-spy> a line that is no stack
+thread (11): MainThread;_run (/usr/lib/python3.11/asyncio/events.py:80);process ({SITE}/kopf/_core/reactor/processing.py:5);dumps (/usr/lib/python3.11/json/__init__.py:231) 6
+thread (12): ThreadPoolExecutor-0_0;_worker (/usr/lib/python3.11/concurrent/futures/thread.py:83);patch (/w/operator/m2m_token_operator/kube.py:300);urlopen ({SITE}/urllib3/connectionpool.py:700) 3
+thread (11): MainThread;_run (/usr/lib/python3.11/asyncio/events.py:80);process ({SITE}/kopf/_core/reactor/processing.py:5) 1
+thread (13): Idle 7
+"""  # noqa: E501
+
+
+def test_parse_collapsed_stacks() -> None:
+    stacks = parse_collapsed(PROFILE)
+    assert [(s.thread, len(s.frames), s.samples) for s in stacks] == [
+        ("MainThread", 3, 6),
+        ("ThreadPoolExecutor-0_0", 3, 3),
+        ("MainThread", 2, 1),
+    ]
+
+
+def test_frame_module_and_function() -> None:
+    assert frame_module("dumps (/usr/lib/python3.11/json/__init__.py:231)") == "json"
+    assert frame_module(f"process ({SITE}/kopf/_core/reactor/processing.py:5)") == "kopf"
+    assert frame_module("patch (/w/operator/m2m_token_operator/kube.py:300)") == (
+        "m2m_token_operator"
+    )
+    assert frame_function("patch (/w/operator/m2m_token_operator/kube.py:300)") == (
+        "m2m_token_operator.kube.patch"
+    )
+    assert frame_function(f"urlopen ({SITE}/urllib3/connectionpool.py:700)") == (
+        "urllib3.connectionpool.urlopen"
+    )
+
+
+def test_shares_count_each_stack_once_per_label() -> None:
+    stacks = parse_collapsed(PROFILE)
+    assert shares(stacks, lambda s: [frame_module(s.frames[-1])]) == {
+        "json": 60.0,
+        "urllib3": 30.0,
+        "kopf": 10.0,
+    }
+    # kopf and asyncio are each on two stacks, of 6 and 1 samples: 7 of 10.
+    inclusive = shares(stacks, lambda s: map(frame_module, s.frames))
+    assert inclusive["kopf"] == 70.0
+    assert inclusive["asyncio"] == 70.0
+    assert shares([], lambda s: [s.thread]) == {}
