@@ -77,7 +77,8 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
 from devenv.benchfigures import (
-    parse_request_counts,
+    RequestKey,
+    parse_metric,
     percentile,
     ratio,
     request_delta,
@@ -217,13 +218,18 @@ def _version(obj: Any) -> str:
 def _watch_forever(
     recorder: Recorder, list_fn: Callable[..., Any], on_event: Callable[[str, Any], None], **kw: Any
 ) -> None:
-    """List once for a resourceVersion, then watch from it, resuming until stopped."""
+    """List once for a resourceVersion, then watch from it, resuming until stopped.
+
+    The watch asks for an hour (the API server ends it earlier, at a random point of
+    its --min-request-timeout): a watch request is counted in `apiserver_request_total`,
+    with its bytes, when it ends, and each run's request mix should show the operator's.
+    """
     version = _version(list_fn(**kw))
     while not recorder.stop.is_set():
         watcher = k8s_watch.Watch()  # type: ignore[no-untyped-call]
         try:
             for event in watcher.stream(  # type: ignore[no-untyped-call]
-                list_fn, resource_version=version, timeout_seconds=30, **kw
+                list_fn, resource_version=version, timeout_seconds=3600, **kw
             ):
                 version = _version(event["object"])
                 on_event(event["type"], event["object"])
@@ -337,14 +343,26 @@ def wait_quiet(operator: Operator, *, quiet: float, timeout: float) -> float:
     return round(time.monotonic() - started, 2)
 
 
-def scrape_request_counts(admin: k8s.ApiClient) -> dict[tuple[str, str], float]:
-    """The kube-apiserver's `apiserver_request_total` by (verb, resource), as admin."""
+# What the API server did, per TokenRequest, read from its own metrics: the requests by
+# verb and resource, their body and response bytes, and the watch events it sent (every
+# watcher of a resource gets each change: an operator's extra watches cost here).
+API_SERVER_METRICS = {
+    "requests_per_tr": "apiserver_request_total",
+    "request_bytes_per_tr": "apiserver_request_body_size_bytes_sum",
+    "response_bytes_per_tr": "apiserver_response_sizes_sum",
+    "watch_events_per_tr": "apiserver_watch_events_total",
+    "watch_event_bytes_per_tr": "apiserver_watch_events_sizes_sum",
+}
+
+
+def scrape_api_server(admin: k8s.ApiClient) -> dict[str, dict[RequestKey, float]]:
+    """The kube-apiserver's API_SERVER_METRICS by (verb, resource), read as admin."""
     method, url, headers, body, post_params = admin.param_serialize(
         "GET", "/metrics", header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"]
     )
     response = admin.call_api(method, url, headers, body, post_params, _request_timeout=30)
     text = response.read().decode()  # type: ignore[no-untyped-call]
-    return parse_request_counts(text)
+    return {key: parse_metric(text, metric) for key, metric in API_SERVER_METRICS.items()}
 
 
 # --- the operators under test ---------------------------------------------------------
@@ -545,7 +563,7 @@ def _pool(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 
 
 def create_token_requests(
-    kubeconfig: Path, namespaces: list[str], options: Options
+    kubeconfig: Path, namespaces: list[str], options: Options, count: int
 ) -> dict[str, float]:
     """Create all at once from 8 client threads; when each create call returned, by uid."""
     local = threading.local()
@@ -570,7 +588,7 @@ def create_token_requests(
         return str(made["metadata"]["uid"]), time.monotonic()
 
     with _pool(8) as pool:
-        return dict(pool.map(create, range(options.n)))
+        return dict(pool.map(create, range(count)))
 
 
 def create_unrelated_secrets(kubeconfig: Path, namespace: str, options: Options) -> None:
@@ -661,7 +679,7 @@ class Bench:
         )
 
     def operator(self, kind: str, index: int) -> Operator:
-        log_file = self.log_dir / f"run{index}-{kind}.log"
+        log_file = self.log_dir / (f"run{index}-{kind}.log" if index >= 0 else "warm-up.log")
         if kind == "floor":
             return FloorProcess(
                 kubeconfig=self.operator_kubeconfig, log_file=log_file, identity=self.identity()
@@ -684,12 +702,21 @@ class Bench:
             name="operator",
         )
 
-    def run(self, kind: str, index: int, *, profile: bool, restarts: bool) -> dict[str, Any]:
+    def warm_up(self) -> float:
+        """A small floor run, not counted: the first burst on a fresh control plane pays for
+        its caches and connections, and whichever operator ran first would be charged."""
+        started = time.monotonic()
+        self.run("floor", -1, n=min(self.options.n, 200), profile=False, restarts=False)
+        return round(time.monotonic() - started, 1)
+
+    def run(
+        self, kind: str, index: int, *, n: int, profile: bool, restarts: bool
+    ) -> dict[str, Any]:
         """One run of `kind` ("floor" or "ours") in namespaces of its own, drained after."""
         options, recorder, endpoint = self.options, self.recorder, self.endpoint
-        n = options.n
         core = k8s.CoreV1Api(self.admin)
-        namespaces = [f"bench-{index}-{i:02d}" for i in range(options.namespaces)]
+        run_name = f"run{index}" if index >= 0 else "warm-up"
+        namespaces = [f"bench-{run_name}-{i:02d}" for i in range(options.namespaces)]
         for name in namespaces:
             core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
         result: dict[str, Any] = {"kind": kind, "run": index, "loadavg_start": loadavg()}
@@ -707,11 +734,11 @@ class Bench:
                 result["profile"] = str(output)
 
             # The burst.
-            requests_from = scrape_request_counts(self.admin)
+            metrics_from = scrape_api_server(self.admin)
             operator_cpu_from = cpu_seconds(pid)
             cluster_cpu_from = control_plane_cpu_seconds(self.cluster)
             started = time.monotonic()
-            created = create_token_requests(self.cluster.kubeconfig, namespaces, options)
+            created = create_token_requests(self.cluster.kubeconfig, namespaces, options, n)
             uids = set(created)
             result["create_seconds"] = round(time.monotonic() - started, 2)
             wait_until(
@@ -761,14 +788,18 @@ class Bench:
             settled_cluster_cpu = control_plane_cpu_seconds(self.cluster) - cluster_cpu_from
             result["settled_operator_cpu_ms_per_tr"] = round(1000 * settled_operator_cpu / n, 2)
             result["settled_control_plane_cpu_ms_per_tr"] = round(1000 * settled_cluster_cpu / n, 2)
-            mix = request_delta(requests_from, scrape_request_counts(self.admin), per=n)
-            result["requests_per_tr"] = mix
-            result["requests_per_tr_total"] = round(sum(mix.values()), 2)
+            metrics_to = scrape_api_server(self.admin)
+            for key in API_SERVER_METRICS:
+                result[key] = request_delta(metrics_from[key], metrics_to[key], per=n)
+            for key in ("requests_per_tr", "watch_events_per_tr", "watch_event_bytes_per_tr"):
+                result[f"{key}_total"] = round(sum(result[key].values()), 2)
 
             # Idle: nothing is due for the next 40 minutes (1 h tokens).
             idle_from = time.monotonic()
             cpu_from = cpu_seconds(pid)
-            time.sleep(options.idle_seconds)  # measuring a window, not waiting for an outcome
+            time.sleep(
+                options.idle_seconds if index >= 0 else 0.0
+            )  # measuring a window, not waiting for an outcome
             window = time.monotonic() - idle_from
             cpu = cpu_seconds(pid) - cpu_from
             result["idle_cpu_percent"] = round(100 * cpu / window, 2)
@@ -822,6 +853,8 @@ FIGURES = (
     ("control_plane_cpu_ms_per_tr", "control-plane CPU per TR, until all Ready", "ms"),
     ("settled_control_plane_cpu_ms_per_tr", "control-plane CPU per TR, until events", "ms"),
     ("requests_per_tr_total", "API requests per TR (all clients)", ""),
+    ("watch_events_per_tr_total", "watch events sent per TR (all watchers)", ""),
+    ("watch_event_bytes_per_tr_total", "watch event bytes sent per TR", "B"),
     ("events_posted_s", "all events posted", "s"),
     ("rss_empty_mib", "RSS empty", "MiB"),
     ("rss_loaded_mib", "RSS loaded", "MiB"),
@@ -862,14 +895,20 @@ def report(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"{title:<46} {spread(row['floor']):>16} {spread(row['ours']):>16} {shown:>12}"
         )
-    lines.append("API requests per TokenRequest, burst to settled (floor | ours, per run):")
     floors = [run for run in runs if run["kind"] == "floor"]
     ours = [run for run in runs if run["kind"] == "ours"]
-    keys = sorted({k for run in runs for k in run["requests_per_tr"]})
-    for key in keys:
-        floor_values = spread([run["requests_per_tr"].get(key, 0.0) for run in floors])
-        our_values = spread([run["requests_per_tr"].get(key, 0.0) for run in ours])
-        lines.append(f"  {key:<44} {floor_values:>16} {our_values:>16}")
+    for metric, title in (
+        ("requests_per_tr", "API requests"),
+        ("request_bytes_per_tr", "request body bytes"),
+        ("response_bytes_per_tr", "response bytes"),
+        ("watch_events_per_tr", "watch events sent"),
+        ("watch_event_bytes_per_tr", "watch event bytes sent"),
+    ):
+        lines.append(f"{title} per TokenRequest, burst to settled (floor | ours, per run):")
+        for key in sorted({k for run in runs for k in run[metric]}):
+            floor_values = spread([run[metric].get(key, 0.0) for run in floors])
+            our_values = spread([run[metric].get(key, 0.0) for run in ours])
+            lines.append(f"  {key:<44} {floor_values:>16} {our_values:>16}")
     for run in ours:
         lines.append(
             f"ours run {run['run']}: idle writes {run['idle_secret_writes']}, "
@@ -926,12 +965,15 @@ def run(options: Options) -> dict[str, Any]:
         runs: list[dict[str, Any]] = []
         order = ["floor", "ours"] * options.pairs
         try:
+            say(f"warm-up: the floor, {min(options.n, 200)} TokenRequests")
+            result["warm_up_s"] = bench.warm_up()
             for index, kind in enumerate(order):
                 say(f"run {index}: {kind}, {options.n} TokenRequests")
                 runs.append(
                     bench.run(
                         kind,
                         index,
+                        n=options.n,
                         profile=index < 2,
                         restarts=index == len(order) - 1,  # the last run is ours
                     )

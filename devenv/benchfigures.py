@@ -16,6 +16,7 @@ __all__ = [
     "frame_function",
     "frame_module",
     "parse_collapsed",
+    "parse_metric",
     "parse_request_counts",
     "percentile",
     "ratio",
@@ -24,8 +25,8 @@ __all__ = [
     "spread",
 ]
 
-# One sample of the kube-apiserver's `apiserver_request_total` counter in Prometheus's text format.
-_REQUEST_TOTAL = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)")
+# One sample of a metric in Prometheus's text format: name{labels} value.
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 # (verb, resource): "POST", "secrets"; a subresource is appended ("tokenrequests/status").
@@ -53,12 +54,16 @@ def spread(values: Sequence[float]) -> str:
     return ", ".join(f"{value:g}" for value in values)
 
 
-def parse_request_counts(metrics_text: str) -> dict[RequestKey, float]:
-    """`apiserver_request_total` summed over code, scope, component, group and version."""
+def parse_metric(metrics_text: str, name: str) -> dict[RequestKey, float]:
+    """One metric of the kube-apiserver, summed per (verb, resource[/subresource]).
+
+    Other labels (code, scope, component, group, version) are summed over; a metric
+    without a verb label (the watch events) has verb "".
+    """
     counts: dict[RequestKey, float] = {}
     for line in metrics_text.splitlines():
-        match = _REQUEST_TOTAL.match(line)
-        if match is None:
+        match = _SAMPLE.match(line)
+        if match is None or match["name"] != name:
             continue
         labels = dict(_LABEL.findall(match["labels"]))
         resource = labels.get("resource", "")
@@ -67,6 +72,11 @@ def parse_request_counts(metrics_text: str) -> dict[RequestKey, float]:
         key = (labels.get("verb", ""), resource)
         counts[key] = counts.get(key, 0.0) + float(match["value"])
     return counts
+
+
+def parse_request_counts(metrics_text: str) -> dict[RequestKey, float]:
+    """`apiserver_request_total` summed over code, scope, component, group and version."""
+    return parse_metric(metrics_text, "apiserver_request_total")
 
 
 def request_delta(
@@ -80,7 +90,7 @@ def request_delta(
     for key in sorted(after):
         grown = after[key] - before.get(key, 0.0)
         if grown > 0:
-            delta[f"{key[0]} {key[1]}"] = round(grown / per, 3)
+            delta[f"{key[0]} {key[1]}".strip()] = round(grown / per, 3)
     return delta
 
 

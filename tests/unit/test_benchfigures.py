@@ -8,6 +8,7 @@ from devenv.benchfigures import (
     frame_function,
     frame_module,
     parse_collapsed,
+    parse_metric,
     parse_request_counts,
     percentile,
     ratio,
@@ -34,6 +35,8 @@ METRICS = "\n".join(
         _sample("m2m.dev", "tokenrequests", "status", "PATCH", "200", "7"),
         _sample("", "events", "", "LIST", "200", "1.5e+01"),
         'apiserver_request_duration_seconds_count{resource="secrets",verb="POST"} 99',
+        'apiserver_watch_events_total{group="",resource="secrets",version="v1"} 40',
+        'apiserver_watch_events_total{group="m2m.dev",resource="tokenrequests",version="v1"} 9',
     ]
 )
 
@@ -69,6 +72,17 @@ def test_parse_sums_codes_and_names_subresources() -> None:
         ("POST", "secrets"): 12.0,
         ("PATCH", "tokenrequests/status"): 7.0,
         ("LIST", "events"): 15.0,
+    }
+
+
+def test_parse_metric_without_a_verb() -> None:
+    assert parse_metric(METRICS, "apiserver_watch_events_total") == {
+        ("", "secrets"): 40.0,
+        ("", "tokenrequests"): 9.0,
+    }
+    assert request_delta({}, parse_metric(METRICS, "apiserver_watch_events_total"), per=4) == {
+        "secrets": 10.0,
+        "tokenrequests": 2.25,
     }
 
 
