@@ -23,6 +23,7 @@ __all__ = [
     "request_delta",
     "shares",
     "spread",
+    "work_requests",
 ]
 
 # One sample of a metric in Prometheus's text format: name{labels} value.
@@ -77,6 +78,17 @@ def parse_metric(metrics_text: str, name: str) -> dict[RequestKey, float]:
 def parse_request_counts(metrics_text: str) -> dict[RequestKey, float]:
     """`apiserver_request_total` summed over code, scope, component, group and version."""
     return parse_metric(metrics_text, "apiserver_request_total")
+
+
+def work_requests(before: Mapping[RequestKey, float], after: Mapping[RequestKey, float]) -> float:
+    """Requests between two scrapes that are work on objects: not the control plane's
+    heartbeats (leases), not non-resource paths (/metrics, /healthz, discovery), not
+    watches (counted when they end, at a time of the API server's choosing)."""
+    return sum(
+        after[key] - before.get(key, 0.0)
+        for key in after
+        if key[0] != "WATCH" and key[1] and not key[1].startswith(("leases", "/"))
+    )
 
 
 def request_delta(

@@ -15,6 +15,7 @@ from devenv.benchfigures import (
     request_delta,
     shares,
     spread,
+    work_requests,
 )
 
 
@@ -144,3 +145,15 @@ def test_shares_count_each_stack_once_per_label() -> None:
     assert inclusive["kopf"] == 70.0
     assert inclusive["asyncio"] == 70.0
     assert shares([], lambda s: [s.thread]) == {}
+
+
+def test_work_requests_leave_out_heartbeats_paths_and_watches() -> None:
+    before = {("GET", "secrets"): 5.0, ("PUT", "leases"): 1.0}
+    after = {
+        ("GET", "secrets"): 8.0,
+        ("PUT", "leases"): 9.0,
+        ("GET", "/metrics"): 4.0,
+        ("WATCH", "secrets"): 2.0,
+        ("DELETE", "tokenrequests"): 1.0,
+    }
+    assert work_requests(before, after) == 4.0
