@@ -358,12 +358,18 @@ API_SERVER_METRICS = {
 
 def scrape_api_server(admin: k8s.ApiClient) -> dict[str, dict[RequestKey, float]]:
     """The kube-apiserver's API_SERVER_METRICS by (verb, resource), read as admin."""
+    text = metrics_text(admin)
+    return {key: parse_metric(text, metric) for key, metric in API_SERVER_METRICS.items()}
+
+
+def metrics_text(admin: k8s.ApiClient) -> str:
+    """The kube-apiserver's /metrics (Prometheus text), read as admin."""
     method, url, headers, body, post_params = admin.param_serialize(
         "GET", "/metrics", header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"]
     )
     response = admin.call_api(method, url, headers, body, post_params, _request_timeout=30)
-    text = response.read().decode()  # type: ignore[no-untyped-call]
-    return {key: parse_metric(text, metric) for key, metric in API_SERVER_METRICS.items()}
+    text: str = response.read().decode()  # type: ignore[no-untyped-call]
+    return text
 
 
 # --- the operators under test ---------------------------------------------------------
@@ -661,6 +667,25 @@ def drain(core: k8s.CoreV1Api, namespaces: list[str], timeout: float) -> float:
 
     wait_until(all_gone, timeout=timeout, what=f"namespaces {namespaces} gone")
     return round(time.monotonic() - started, 2)
+
+
+def wait_for_watchers(admin: k8s.ApiClient, resource: str, count: int, timeout: float) -> float:
+    """Wait until `count` watches of `resource` are open at the API server; seconds waited.
+
+    The garbage collector starts watching a new custom resource only at its next
+    discovery resync (up to 30 s after the CRD): a run before that sends each change to
+    one watcher less, and makes the collector look up owners with GETs instead.
+    """
+    started = time.monotonic()
+
+    def open_watches() -> float:
+        gauge = parse_metric(metrics_text(admin), "apiserver_longrunning_requests")
+        return gauge.get(("WATCH", resource), 0.0)
+
+    wait_until(
+        lambda: open_watches() >= count, timeout=timeout, what=f"{count} watches of {resource}"
+    )
+    return round(time.monotonic() - started, 1)
 
 
 def wait_for_quiet_api(admin: k8s.ApiClient, *, timeout: float) -> float:
@@ -983,6 +1008,8 @@ def run(options: Options) -> dict[str, Any]:
         install_operator(admin)
         recorder = Recorder()
         start_recording(cluster.kubeconfig, recorder)
+        # The bench's own watch and the garbage collector's, before any run.
+        result["gc_watch_wait_s"] = wait_for_watchers(admin, PLURAL, 2, timeout=120.0)
         bench = Bench(
             options=options,
             cluster=cluster,
