@@ -48,7 +48,8 @@ e2e: binaries
 bench: $(STAMP)
 	$(BIN)/python bench/cache_bench.py
 
-## bench-scale: the whole operator on a real control plane; one JSON line (BENCH_ARGS=--quick)
+## bench-scale: ours against the floor (bench/floor_operator.py) on a real control plane, alternating;
+##   a table, then one JSON line (BENCH_ARGS="--quick", "--pairs N --count N")
 bench-scale: binaries
 	PYTHONPATH=. $(BIN)/python bench/scale_bench.py $(BENCH_ARGS)
 

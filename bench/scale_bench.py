@@ -1,36 +1,49 @@
-"""The operator at scale, end to end: N TokenRequests on a real control plane.
+"""The operator at scale, end to end, against the floor: N TokenRequests on a real control plane.
 
 Why a benchmark of its own: the figures that matter in production (time until
-a burst of TokenRequests is Ready, memory per 1,000 of them, idle CPU, what a
-restart costs, and whether other people's Secrets end up in the process) are
-properties of the whole operator with its Kubernetes watches, not of the cache
-alone (that is `cache_bench.py`).
+a burst of TokenRequests is Ready, CPU and memory per TokenRequest, idle CPU,
+what a restart costs, and whether other people's Secrets end up in the
+process) are properties of the whole operator with its Kubernetes watches, not
+of the cache alone (that is `cache_bench.py`).
+
+Why a floor: on a shared 2-core machine absolute seconds say more about the
+load than about the operator, and the control plane alone costs about 10 ms of
+CPU per TokenRequest. The yardstick is `floor_operator.py`, the least work any
+operator must do (one watch; per TokenRequest one Secret create, one status
+patch, one Event; one token call per scope), run on the same control plane in
+the same run, alternating with ours: floor, ours, floor, ours (`--pairs`). Our
+figures are printed next to the floor's, with ours/floor per pair.
 
 What it runs, all on 127.0.0.1:
 
 - a real kube-apiserver + etcd (`devenv.controlplane.ControlPlane`), with the
-  shipped CRD and RBAC (`devenv.install`);
-- the operator as a child process, as its own ServiceAccount
-  (`devenv.operatorprocess`), like the e2e tests;
+  shipped CRD, RBAC and admission policy (`devenv.install`);
+- the operator, or the floor, as a child process, as the operator's own
+  ServiceAccount (`devenv.operatorprocess`), like the e2e tests;
 - a fake token endpoint that answers in 50 ms with unique JWT-shaped tokens and
   counts its calls per scope.
 
-Phases: start empty (RSS empty) → create N TokenRequests over S scopes in K
-namespaces at once, watch for each one's first Ready=True (all-Ready time,
-create→Ready p50/p99; latency from the moment the create call returned) →
-RSS loaded → every TokenIssued event posted (the operator posts events in the
-background, after the statuses: `events_posted_s`) → idle window (CPU from
-/proc/<pid>/stat, Secret writes seen by a watch on the managed Secrets, token
-calls, RSS idle) → restart (token calls
-and Secret writes until the operator has looked at every TokenRequest again,
-RSS at start) → M unrelated Secrets of X bytes in another namespace → restart
-again (RSS at start with them).
+Each run gets its own K namespaces. Phases: start empty (RSS empty) → scrape
+the API server's `apiserver_request_total` → create N TokenRequests over S
+scopes at once, watch for each one's first Ready=True (all-Ready time,
+create→Ready p50/p99 from the moment its create call returned; CPU of the
+operator and of the control plane until then) → RSS loaded → every TokenIssued
+event posted, the operator's log quiet for 3 s (CPU until then: "settled") →
+scrape again: the requests per TokenRequest by verb and resource → idle window
+(CPU from /proc/<pid>/stat, Secret writes seen by a watch on the managed
+Secrets, token calls, RSS idle) → the operator stopped, the namespaces deleted
+and waited for until they are gone. After the last run of ours, before its
+namespaces go: restart (token calls and Secret writes until the operator has
+looked at every TokenRequest again, RSS at start) → M unrelated Secrets of X
+bytes in another namespace → restart again (RSS at start with them).
 
-Prints ONE JSON line. Not part of `make test`: `make bench-scale`, or
+Prints a table (floor, ours, ratio per pair) and then ONE JSON line with every
+figure. Not part of `make test`: `make bench-scale`, or
 
     .venv/bin/python bench/scale_bench.py --quick
-    .venv/bin/python bench/scale_bench.py --n 1000 --scopes 100 --namespaces 10 \
-        --unrelated 2000 --unrelated-size 65536 --idle-seconds 60
+    .venv/bin/python bench/scale_bench.py --count 1000 --scopes 100 --namespaces 10 \
+        --pairs 2 --unrelated 2000 --unrelated-size 65536 --idle-seconds 60
+    .venv/bin/python bench/scale_bench.py --pairs 1 --profile-dir /tmp/prof  # py-spy
 
 The machine may be shared: the load average (`/proc/loadavg`) is in the output.
 """
@@ -43,7 +56,9 @@ import concurrent.futures
 import json
 import os
 import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -55,23 +70,39 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 from urllib.parse import parse_qs
 
 from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 
+from devenv.benchfigures import (
+    RequestKey,
+    parse_metric,
+    percentile,
+    ratio,
+    request_delta,
+    spread,
+    work_requests,
+)
 from devenv.controlplane import ControlPlane, new_api_client
 from devenv.install import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, install_operator
 from devenv.operatorprocess import Identity, OperatorProcess
+from devenv.process import _die_with_parent
 
 GROUP, VERSION, PLURAL = "m2m.dev", "v1alpha1", "tokenrequests"
 MANAGED_BY = "app.kubernetes.io/managed-by=m2m-token-operator"
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "floor_operator.py"
 # Kopf's line once an object's handlers ran after a start: "looked at it" (resume handlers
 # in older versions, the one event handler since Kopf keeps no state on TokenRequests).
 LOOKED = re.compile(
     r"\[([^\]/]+/[^\]]+)\] (?:Resuming is processed|Handler 'tokenrequest' succeeded)"
 )
+
+
+def say(text: str) -> None:
+    """Progress, on stderr: stdout holds the table and the JSON line."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 # --- the fake token endpoint -------------------------------------------------------
@@ -151,11 +182,11 @@ class TokenEndpoint:
 
 @dataclass
 class Recorder:
-    """First Ready=True per TokenRequest, and every event of a managed Secret."""
+    """First Ready=True per TokenRequest uid, TokenIssued events, every managed Secret event."""
 
-    ready_at: dict[tuple[str, str], float] = field(default_factory=dict)
+    ready_at: dict[str, float] = field(default_factory=dict)  # uid -> monotonic time
     secret_writes: list[tuple[float, str]] = field(default_factory=list)
-    issued_events: set[tuple[str, str]] = field(default_factory=set)  # TokenIssued, per object
+    issued_events: set[str] = field(default_factory=set)  # uids with a TokenIssued event
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -163,13 +194,13 @@ class Recorder:
         with self.lock:
             return sum(1 for at, kind in self.secret_writes if at >= since and kind != "DELETED")
 
-    def ready_count(self) -> int:
+    def count_ready(self, uids: set[str]) -> int:
         with self.lock:
-            return len(self.ready_at)
+            return len(uids & self.ready_at.keys())
 
-    def issued_count(self) -> int:
+    def count_issued(self, uids: set[str]) -> int:
         with self.lock:
-            return len(self.issued_events)
+            return len(uids & self.issued_events)
 
 
 def _is_ready(body: dict[str, Any]) -> bool:
@@ -188,13 +219,18 @@ def _version(obj: Any) -> str:
 def _watch_forever(
     recorder: Recorder, list_fn: Callable[..., Any], on_event: Callable[[str, Any], None], **kw: Any
 ) -> None:
-    """List once for a resourceVersion, then watch from it, resuming until stopped."""
+    """List once for a resourceVersion, then watch from it, resuming until stopped.
+
+    The watch asks for an hour (the API server ends it earlier, at a random point of
+    its --min-request-timeout): a watch request is counted in `apiserver_request_total`,
+    with its bytes, when it ends, and each run's request mix should show the operator's.
+    """
     version = _version(list_fn(**kw))
     while not recorder.stop.is_set():
         watcher = k8s_watch.Watch()  # type: ignore[no-untyped-call]
         try:
             for event in watcher.stream(  # type: ignore[no-untyped-call]
-                list_fn, resource_version=version, timeout_seconds=30, **kw
+                list_fn, resource_version=version, timeout_seconds=3600, **kw
             ):
                 version = _version(event["object"])
                 on_event(event["type"], event["object"])
@@ -218,20 +254,17 @@ def start_recording(kubeconfig: Path, recorder: Recorder) -> list[threading.Thre
 
     def on_token_request(kind: str, obj: Any) -> None:
         if kind in ("ADDED", "MODIFIED") and _is_ready(obj):
-            meta = obj["metadata"]
-            ref = (meta["namespace"], meta["name"])
             with recorder.lock:
-                recorder.ready_at.setdefault(ref, time.monotonic())
+                recorder.ready_at.setdefault(obj["metadata"]["uid"], time.monotonic())
 
     def on_secret(kind: str, _obj: Any) -> None:
         with recorder.lock:
             recorder.secret_writes.append((time.monotonic(), kind))
 
     def on_event(kind: str, obj: Any) -> None:
-        if kind == "ADDED":
-            involved = obj.involved_object
+        if kind == "ADDED" and obj.involved_object.uid:
             with recorder.lock:
-                recorder.issued_events.add((involved.namespace, involved.name))
+                recorder.issued_events.add(obj.involved_object.uid)
 
     threads = [
         threading.Thread(
@@ -297,7 +330,7 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def wait_quiet(operator: OperatorProcess, *, quiet: float, timeout: float) -> float:
+def wait_quiet(operator: Operator, *, quiet: float, timeout: float) -> float:
     """Wait until the operator's log has not grown for `quiet` seconds; how long it took."""
     started = time.monotonic()
     size, since = operator.log_size(), started
@@ -311,10 +344,149 @@ def wait_quiet(operator: OperatorProcess, *, quiet: float, timeout: float) -> fl
     return round(time.monotonic() - started, 2)
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
-    return ordered[index]
+# What the API server did, per TokenRequest, read from its own metrics: the requests by
+# verb and resource, their body and response bytes, and the watch events it sent (every
+# watcher of a resource gets each change: an operator's extra watches cost here).
+API_SERVER_METRICS = {
+    "requests_per_tr": "apiserver_request_total",
+    "request_bytes_per_tr": "apiserver_request_body_size_bytes_sum",
+    "response_bytes_per_tr": "apiserver_response_sizes_sum",
+    "watch_events_per_tr": "apiserver_watch_events_total",
+    "watch_event_bytes_per_tr": "apiserver_watch_events_sizes_sum",
+}
+
+
+def scrape_api_server(admin: k8s.ApiClient) -> dict[str, dict[RequestKey, float]]:
+    """The kube-apiserver's API_SERVER_METRICS by (verb, resource), read as admin."""
+    text = metrics_text(admin)
+    return {key: parse_metric(text, metric) for key, metric in API_SERVER_METRICS.items()}
+
+
+def metrics_text(admin: k8s.ApiClient) -> str:
+    """The kube-apiserver's /metrics (Prometheus text), read as admin."""
+    method, url, headers, body, post_params = admin.param_serialize(
+        "GET", "/metrics", header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"]
+    )
+    response = admin.call_api(method, url, headers, body, post_params, _request_timeout=30)
+    text: str = response.read().decode()  # type: ignore[no-untyped-call]
+    return text
+
+
+# --- the operators under test ---------------------------------------------------------
+
+
+class Operator(Protocol):
+    """What a run needs of either operator: ours (`OperatorProcess`) or the floor."""
+
+    log_file: Path
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def start(self, *, timeout: float = ...) -> None: ...
+
+    def stop(self, timeout: float = ...) -> int | None: ...
+
+    def log_text(self) -> str: ...
+
+    def log_size(self) -> int: ...
+
+
+class FloorProcess:
+    """`python bench/floor_operator.py` with the operator's kubeconfig and identity."""
+
+    def __init__(self, *, kubeconfig: Path, log_file: Path, identity: Identity) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_file = log_file
+        self.identity = identity
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self, *, timeout: float = 60.0) -> None:
+        env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+        env.update(self.identity.as_env(), KUBECONFIG=str(self.kubeconfig), PYTHONUNBUFFERED="1")
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_file.open("wb")
+        self._process = subprocess.Popen(
+            [sys.executable, str(FLOOR_SCRIPT)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            process_group=0,
+        )
+        deadline = time.monotonic() + timeout
+        while "floor: watching" not in self.log_text():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the floor did not start:\n{self.log_text()[-4000:]}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return process.returncode
+
+    def log_text(self) -> str:
+        if not self.log_file.exists():
+            return ""
+        return self.log_file.read_text(encoding="utf-8", errors="replace")
+
+    def log_size(self) -> int:
+        return len(self.log_text())
+
+
+class Profiler:
+    """py-spy recording one process into a raw (collapsed stacks) file, until stopped."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self.output = output
+        py_spy = Path(sys.executable).parent / "py-spy"  # `pip install py-spy` in the venv
+        command = [
+            str(py_spy) if py_spy.exists() else "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--threads",
+            # Only the thread holding the GIL: the Python work, not threads that wait for
+            # a socket or a queue (on a loaded machine py-spy takes many of those for active).
+            "--gil",
+        ]
+        log = output.parent / f"{output.name}.log"
+        with log.open("wb") as stream:
+            self._process = subprocess.Popen(
+                [*command, "--output", str(output), "--nonblocking"],
+                stdin=subprocess.DEVNULL,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        # The burst must not start before py-spy samples ("Sampling process ...").
+        wait_until(lambda: "Sampling" in log.read_text(), timeout=30, what="py-spy sampling")
+
+    def stop(self) -> None:
+        self._process.send_signal(signal.SIGINT)
+        self._process.wait(timeout=120)
 
 
 # --- the run ------------------------------------------------------------------------
@@ -325,49 +497,71 @@ class Options:
     n: int
     scopes: int
     namespaces: int
+    pairs: int
     unrelated: int
     unrelated_size: int
     idle_seconds: float
     latency: float
     timeout: float
     log_dir: Path | None
+    profile_dir: Path | None = None
     verbose: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=1000, help="TokenRequests (default 1000)")
+    parser.add_argument(
+        "--count", "--n", dest="n", type=int, default=1000, help="TokenRequests per run (1000)"
+    )
     parser.add_argument("--scopes", type=int, default=100, help="distinct scopes (default 100)")
     parser.add_argument("--namespaces", type=int, default=10, help="namespaces (default 10)")
+    parser.add_argument(
+        "--pairs", type=int, default=None, help="floor/ours pairs (default 2; 1 with --quick)"
+    )
     parser.add_argument("--unrelated", type=int, default=2000, help="unrelated Secrets (2000)")
     parser.add_argument(
         "--unrelated-size", type=int, default=65536, help="bytes per unrelated Secret (64 KiB)"
     )
-    parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle window (60 s)")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=60.0, help="idle window per run (60 s)"
+    )
     parser.add_argument("--latency", type=float, default=0.05, help="token endpoint latency (s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per phase (s)")
-    parser.add_argument("--log-dir", type=Path, default=None, help="keep the operator's log")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep the operators' logs")
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="record the first burst of each with py-spy (raw stacks) here; costs CPU",
+    )
     parser.add_argument(
         "--verbose", action="store_true", help="the operator logs at debug level (costs CPU)"
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="N=100 over 10 scopes, 200 unrelated Secrets, 10 s idle (a cheap check)",
+        help="N=100 over 10 scopes, 200 unrelated Secrets, 10 s idle, one pair (a cheap check)",
     )
     args = parser.parse_args(argv)
+    pairs = args.pairs
     if args.quick:
         args.n, args.scopes, args.unrelated, args.idle_seconds = 100, 10, 200, 10.0
+        pairs = 1 if pairs is None else pairs
+    pairs = 2 if pairs is None else pairs
+    if pairs < 1:
+        parser.error("--pairs must be at least 1")
     return Options(
         n=args.n,
         scopes=args.scopes,
         namespaces=args.namespaces,
+        pairs=pairs,
         unrelated=args.unrelated,
         unrelated_size=args.unrelated_size,
         idle_seconds=args.idle_seconds,
         latency=args.latency,
         timeout=args.timeout,
         log_dir=args.log_dir,
+        profile_dir=args.profile_dir,
         verbose=args.verbose,
     )
 
@@ -379,9 +573,9 @@ def _pool(workers: int) -> Iterator[concurrent.futures.ThreadPoolExecutor]:
 
 
 def create_token_requests(
-    kubeconfig: Path, namespaces: list[str], options: Options
-) -> dict[tuple[str, str], float]:
-    """Create all at once from 8 client threads; returns when each create call returned."""
+    kubeconfig: Path, namespaces: list[str], options: Options, count: int
+) -> dict[str, float]:
+    """Create all at once from 8 client threads; when each create call returned, by uid."""
     local = threading.local()
 
     def custom() -> k8s.CustomObjectsApi:
@@ -390,20 +584,21 @@ def create_token_requests(
         api: k8s.CustomObjectsApi = local.api
         return api
 
-    def create(index: int) -> tuple[tuple[str, str], float]:
+    def create(index: int) -> tuple[str, float]:
         namespace = namespaces[index % len(namespaces)]
-        name = f"tr-{index:05d}"
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "TokenRequest",
-            "metadata": {"name": name},
+            "metadata": {"name": f"tr-{index:05d}"},
             "spec": {"scope": f"api://bench-{index % options.scopes:04d}/.default"},
         }
-        custom().create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-        return (namespace, name), time.monotonic()
+        made: Any = custom().create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body
+        )
+        return str(made["metadata"]["uid"]), time.monotonic()
 
     with _pool(8) as pool:
-        return dict(pool.map(create, range(options.n)))
+        return dict(pool.map(create, range(count)))
 
 
 def create_unrelated_secrets(kubeconfig: Path, namespace: str, options: Options) -> None:
@@ -449,47 +644,111 @@ def restart(operator: OperatorProcess, endpoint: TokenEndpoint, recorder: Record
     }
 
 
-def run(options: Options) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "n": options.n,
-        "scopes": options.scopes,
-        "namespaces": options.namespaces,
-        "unrelated_secrets": options.unrelated,
-        "unrelated_secret_bytes": options.unrelated_size,
-        "idle_window_s": options.idle_seconds,
-        "endpoint_latency_s": options.latency,
-        "cpus": os.cpu_count(),
-        "loadavg_start": loadavg(),
-    }
-    log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="m2m-scale-bench-"))
-    with (
-        ControlPlane() as cluster,
-        TokenEndpoint(latency=options.latency) as endpoint,
-        cluster.api_client() as admin,
-    ):
-        install_operator(admin)
-        operator_kubeconfig = cluster.service_account_kubeconfig(
-            OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, expiration_seconds=4 * 3600
+def drain(core: k8s.CoreV1Api, namespaces: list[str], timeout: float) -> float:
+    """Delete the namespaces and wait until they are gone (not just Terminating); seconds."""
+    started = time.monotonic()
+    for name in namespaces:
+        core.delete_namespace(name)
+
+    def gone(name: str) -> bool:
+        try:
+            core.read_namespace(name)
+        except k8s.ApiException as error:
+            if error.status == 404:
+                return True
+            raise
+        return False
+
+    remaining = list(namespaces)
+
+    def all_gone() -> bool:
+        remaining[:] = [name for name in remaining if not gone(name)]
+        return not remaining
+
+    wait_until(all_gone, timeout=timeout, what=f"namespaces {namespaces} gone")
+    return round(time.monotonic() - started, 2)
+
+
+def wait_for_watchers(admin: k8s.ApiClient, resource: str, count: int, timeout: float) -> float:
+    """Wait until `count` watches of `resource` are open at the API server; seconds waited.
+
+    The garbage collector starts watching a new custom resource only at its next
+    discovery resync (up to 30 s after the CRD): a run before that sends each change to
+    one watcher less, and makes the collector look up owners with GETs instead.
+    """
+    started = time.monotonic()
+
+    def open_watches() -> float:
+        gauge = parse_metric(metrics_text(admin), "apiserver_longrunning_requests")
+        return gauge.get(("WATCH", resource), 0.0)
+
+    wait_until(
+        lambda: open_watches() >= count, timeout=timeout, what=f"{count} watches of {resource}"
+    )
+    return round(time.monotonic() - started, 1)
+
+
+def wait_for_quiet_api(admin: k8s.ApiClient, *, timeout: float) -> float:
+    """Wait until the API server has served no work requests for 3 s; seconds waited.
+
+    After a drain the garbage collector still looks up the deleted objects' owners and
+    dependents for a while; without this wait the next run would pay for those requests.
+    """
+    started = time.monotonic()
+    previous = request_counts_now(admin)
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < 3.0:
+        time.sleep(0.5)
+        current = request_counts_now(admin)
+        if work_requests(previous, current) > 0:
+            quiet_since = time.monotonic()
+            if time.monotonic() - started > timeout:
+                busy = request_delta(previous, current)
+                say(f"the API server was not quiet within {timeout} s ({busy}); going on")
+                break
+        previous = current
+    return round(time.monotonic() - started, 1)
+
+
+def request_counts_now(admin: k8s.ApiClient) -> dict[RequestKey, float]:
+    return scrape_api_server(admin)["requests_per_tr"]
+
+
+@dataclass
+class Bench:
+    """What every run shares: one control plane, one token endpoint, one recorder."""
+
+    options: Options
+    cluster: ControlPlane
+    admin: k8s.ApiClient
+    endpoint: TokenEndpoint
+    recorder: Recorder
+    operator_kubeconfig: Path
+    log_dir: Path
+
+    def identity(self) -> Identity:
+        return Identity(
+            client_id="bench-operator",
+            client_secret="bench-secret",
+            token_endpoint=self.endpoint.url,
         )
-        core = k8s.CoreV1Api(admin)
-        namespaces = [f"bench-{i:02d}" for i in range(options.namespaces)]
-        for name in [*namespaces, "bench-unrelated"]:
-            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
-        recorder = Recorder()
-        start_recording(cluster.kubeconfig, recorder)
-        operator = OperatorProcess(
-            kubeconfig=operator_kubeconfig,
-            log_file=log_dir / "operator.log",
-            identity=Identity(
-                client_id="bench-operator",
-                client_secret="bench-secret",
-                token_endpoint=endpoint.url,
-            ),
+
+    def operator(self, kind: str, index: int) -> Operator:
+        log_file = self.log_dir / (f"run{index}-{kind}.log" if index >= 0 else "warm-up.log")
+        if kind == "floor":
+            return FloorProcess(
+                kubeconfig=self.operator_kubeconfig, log_file=log_file, identity=self.identity()
+            )
+        verbose = ["--verbose"] if self.options.verbose else []
+        return OperatorProcess(
+            kubeconfig=self.operator_kubeconfig,
+            log_file=log_file,
+            identity=self.identity(),
             cluster_name="bench",
-            args=["--standalone", "--all-namespaces", *(["--verbose"] if options.verbose else [])],
+            args=["--standalone", "--all-namespaces", *verbose],
             settings={
                 "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS": "true",
-                "M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS": f"127.0.0.1:{endpoint.port}",
+                "M2M_ALLOWED_TOKEN_ENDPOINT_HOSTS": f"127.0.0.1:{self.endpoint.port}",
                 "M2M_LOG_FORMAT": "text",
                 # The operator's identity serves only selected namespaces: here, every one
                 # (a selector every namespace matches; ignored by versions without it).
@@ -497,87 +756,315 @@ def run(options: Options) -> dict[str, Any]:
             },
             name="operator",
         )
+
+    def warm_up(self) -> float:
+        """A small floor run, not counted: the first burst on a fresh control plane pays for
+        its caches and connections, and whichever operator ran first would be charged."""
+        started = time.monotonic()
+        self.run("floor", -1, n=min(self.options.n, 200), profile=False, restarts=False)
+        return round(time.monotonic() - started, 1)
+
+    def run(
+        self, kind: str, index: int, *, n: int, profile: bool, restarts: bool
+    ) -> dict[str, Any]:
+        """One run of `kind` ("floor" or "ours") in namespaces of its own, drained after."""
+        options, recorder, endpoint = self.options, self.recorder, self.endpoint
+        core = k8s.CoreV1Api(self.admin)
+        run_name = f"run{index}" if index >= 0 else "warm-up"
+        namespaces = [f"bench-{run_name}-{i:02d}" for i in range(options.namespaces)]
+        for name in namespaces:
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name)))
+        result: dict[str, Any] = {"kind": kind, "run": index, "loadavg_start": loadavg()}
+        operator = self.operator(kind, index)
         operator.start(timeout=options.timeout)
+        profiler: Profiler | None = None
         try:
             assert operator.pid is not None
-            result["rss_empty_mib"] = round(rss_mib(operator.pid), 1)
+            pid = operator.pid
+            result["rss_empty_mib"] = round(rss_mib(pid), 1)
+            if profile and self.options.profile_dir is not None:
+                self.options.profile_dir.mkdir(parents=True, exist_ok=True)
+                output = self.options.profile_dir / f"{kind}-burst.txt"
+                profiler = Profiler(pid, output)
+                result["profile"] = str(output)
 
             # The burst.
-            operator_cpu_from = cpu_seconds(operator.pid)
-            cluster_cpu_from = control_plane_cpu_seconds(cluster)
+            metrics_from = scrape_api_server(self.admin)
+            operator_cpu_from = cpu_seconds(pid)
+            cluster_cpu_from = control_plane_cpu_seconds(self.cluster)
             started = time.monotonic()
-            created = create_token_requests(cluster.kubeconfig, namespaces, options)
+            created = create_token_requests(self.cluster.kubeconfig, namespaces, options, n)
+            uids = set(created)
             result["create_seconds"] = round(time.monotonic() - started, 2)
             wait_until(
-                lambda: recorder.ready_count() >= options.n,
+                lambda: recorder.count_ready(uids) >= n,
                 timeout=options.timeout,
-                what=f"{options.n} Ready TokenRequests",
+                what=f"{n} Ready TokenRequests ({kind})",
             )
+            operator_cpu = cpu_seconds(pid) - operator_cpu_from
+            cluster_cpu = control_plane_cpu_seconds(self.cluster) - cluster_cpu_from
             with recorder.lock:
-                ready = dict(recorder.ready_at)
+                ready = {uid: recorder.ready_at[uid] for uid in uids}
             result["all_ready_s"] = round(max(ready.values()) - started, 2)
             # CPU seconds spent until all were Ready (including the burst's own creates in
             # the control plane): on a shared machine a steadier figure than the seconds.
             result["burst_cpu_s"] = {
-                "operator": round(cpu_seconds(operator.pid) - operator_cpu_from, 2),
-                "control_plane": round(control_plane_cpu_seconds(cluster) - cluster_cpu_from, 2),
+                "operator": round(operator_cpu, 2),
+                "control_plane": round(cluster_cpu, 2),
             }
-            latencies = [ready[ref] - at for ref, at in created.items()]
+            result["operator_cpu_ms_per_tr"] = round(1000 * operator_cpu / n, 2)
+            result["control_plane_cpu_ms_per_tr"] = round(1000 * cluster_cpu / n, 2)
+            latencies = [ready[uid] - at for uid, at in created.items()]
             result["latency_p50_s"] = round(statistics.median(latencies), 3)
             result["latency_p99_s"] = round(percentile(latencies, 0.99), 3)
             calls = Counter(endpoint.calls_since(started))
             result["token_calls"] = sum(calls.values())
             result["token_calls_per_scope"] = round(sum(calls.values()) / options.scopes, 3)
-            result["rss_loaded_mib"] = round(rss_mib(operator.pid), 1)
+            result["rss_loaded_mib"] = round(rss_mib(pid), 1)
             result["loadavg_burst"] = loadavg()
 
-            # Idle: nothing is due for the next 40 minutes (1 h tokens). The window starts
-            # once the burst's tail is done: every TokenIssued event posted (they follow the
-            # statuses, in the background), then the operator's log quiet for 3 s (Kopf
-            # logs a line for every TokenRequest event it handles).
+            # Settled: every TokenIssued event posted (ours posts them in the background,
+            # after the statuses), then the operator's log quiet for 3 s (Kopf logs a line
+            # for every TokenRequest event it handles). The request mix covers the burst
+            # up to here, so it includes the events.
             settle_from = time.monotonic()
             wait_until(
-                lambda: recorder.issued_count() >= options.n,
+                lambda: recorder.count_issued(uids) >= n,
                 timeout=options.timeout,
-                what=f"{options.n} TokenIssued events",
+                what=f"{n} TokenIssued events ({kind})",
             )
             result["events_posted_s"] = round(time.monotonic() - started, 2)
             wait_quiet(operator, quiet=3.0, timeout=options.timeout)
             result["settle_s"] = round(time.monotonic() - settle_from, 2)
+            if profiler is not None:
+                profiler.stop()
+                profiler = None
+            settled_operator_cpu = cpu_seconds(pid) - operator_cpu_from
+            settled_cluster_cpu = control_plane_cpu_seconds(self.cluster) - cluster_cpu_from
+            result["settled_operator_cpu_ms_per_tr"] = round(1000 * settled_operator_cpu / n, 2)
+            result["settled_control_plane_cpu_ms_per_tr"] = round(1000 * settled_cluster_cpu / n, 2)
+            metrics_to = scrape_api_server(self.admin)
+            for key in API_SERVER_METRICS:
+                result[key] = request_delta(metrics_from[key], metrics_to[key], per=n)
+            for key in ("requests_per_tr", "watch_events_per_tr", "watch_event_bytes_per_tr"):
+                result[f"{key}_total"] = round(sum(result[key].values()), 2)
+
+            # Idle: nothing is due for the next 40 minutes (1 h tokens).
             idle_from = time.monotonic()
-            cpu_from = cpu_seconds(operator.pid)
-            time.sleep(options.idle_seconds)  # measuring a window, not waiting for an outcome
+            cpu_from = cpu_seconds(pid)
+            time.sleep(
+                options.idle_seconds if index >= 0 else 0.0
+            )  # measuring a window, not waiting for an outcome
             window = time.monotonic() - idle_from
-            cpu = cpu_seconds(operator.pid) - cpu_from
+            cpu = cpu_seconds(pid) - cpu_from
             result["idle_cpu_percent"] = round(100 * cpu / window, 2)
             result["idle_secret_writes"] = recorder.writes_since(idle_from)
             result["idle_token_calls"] = len(endpoint.calls_since(idle_from))
-            result["rss_idle_mib"] = round(rss_mib(operator.pid), 1)
+            result["rss_idle_mib"] = round(rss_mib(pid), 1)
             result["loadavg_idle"] = loadavg()
 
-            # Restart without, then with, unrelated Secrets in the cluster.
-            result["restart"] = restart(operator, endpoint, recorder, options.n, options.timeout)
-            if options.unrelated:
-                made = time.monotonic()
-                create_unrelated_secrets(cluster.kubeconfig, "bench-unrelated", options)
-                result["unrelated_create_s"] = round(time.monotonic() - made, 1)
-                result["restart_with_unrelated"] = restart(
-                    operator, endpoint, recorder, options.n, options.timeout
-                )
-                without = result["restart"]["rss_mib"]
-                with_them = result["restart_with_unrelated"]["rss_mib"]
-                result["rss_unrelated_ratio"] = round(with_them / without, 3)
+            if restarts:
+                assert isinstance(operator, OperatorProcess)
+                result.update(self.restarts(operator))
             result["loadavg_end"] = loadavg()
         finally:
-            recorder.stop.set()
+            if profiler is not None:
+                profiler.stop()
             operator.stop()
             result["operator_log"] = str(operator.log_file)
+        result["drain_s"] = drain(core, namespaces, options.timeout)
+        result["quiet_after_drain_s"] = wait_for_quiet_api(self.admin, timeout=60.0)
+        return result
+
+    def restarts(self, operator: OperatorProcess) -> dict[str, Any]:
+        """Restart without, then with, unrelated Secrets in the cluster (ours only)."""
+        options = self.options
+        result: dict[str, Any] = {}
+        result["restart"] = restart(
+            operator, self.endpoint, self.recorder, options.n, options.timeout
+        )
+        if options.unrelated:
+            core = k8s.CoreV1Api(self.admin)
+            core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name="unrelated")))
+            made = time.monotonic()
+            create_unrelated_secrets(self.cluster.kubeconfig, "unrelated", options)
+            result["unrelated_create_s"] = round(time.monotonic() - made, 1)
+            result["restart_with_unrelated"] = restart(
+                operator, self.endpoint, self.recorder, options.n, options.timeout
+            )
+            without = float(result["restart"]["rss_mib"])
+            with_them = float(result["restart_with_unrelated"]["rss_mib"])
+            result["rss_unrelated_ratio"] = round(with_them / without, 3)
+            drain(core, ["unrelated"], options.timeout)
+        return result
+
+
+# Figures compared per pair: (key in a run's result, label, unit).
+FIGURES = (
+    ("create_seconds", "creating them took (8 threads)", "s"),
+    ("all_ready_s", "all Ready (from the first create)", "s"),
+    ("latency_p50_s", "create -> Ready p50", "s"),
+    ("latency_p99_s", "create -> Ready p99", "s"),
+    ("operator_cpu_ms_per_tr", "operator CPU per TR, until all Ready", "ms"),
+    ("settled_operator_cpu_ms_per_tr", "operator CPU per TR, until events posted", "ms"),
+    ("control_plane_cpu_ms_per_tr", "control-plane CPU per TR, until all Ready", "ms"),
+    ("settled_control_plane_cpu_ms_per_tr", "control-plane CPU per TR, until events", "ms"),
+    ("requests_per_tr_total", "API requests per TR (all clients)", ""),
+    ("watch_events_per_tr_total", "watch events sent per TR (all watchers)", ""),
+    ("watch_event_bytes_per_tr_total", "watch event bytes sent per TR", "B"),
+    ("events_posted_s", "all events posted", "s"),
+    ("rss_empty_mib", "RSS empty", "MiB"),
+    ("rss_loaded_mib", "RSS loaded", "MiB"),
+    ("rss_idle_mib", "RSS idle", "MiB"),
+    ("idle_cpu_percent", "idle CPU", "%"),
+    ("token_calls_per_scope", "token calls per scope", ""),
+)
+
+
+def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure: the floor's values, ours, and ours/floor for each pair, in run order."""
+    floors = [run for run in runs if run["kind"] == "floor"]
+    ours = [run for run in runs if run["kind"] == "ours"]
+    comparison: dict[str, Any] = {}
+    for key, _label, _unit in FIGURES:
+        comparison[key] = {
+            "floor": [run[key] for run in floors],
+            "ours": [run[key] for run in ours],
+            "ratio": [ratio(o[key], f[key]) for f, o in zip(floors, ours, strict=True)],
+        }
+    return comparison
+
+
+def report(result: dict[str, Any]) -> list[str]:
+    """The human-readable lines printed before the JSON line."""
+    comparison, runs = result["comparison"], result["runs"]
+    lines = [
+        f"{result['n']} TokenRequests, {result['scopes']} scopes, {result['namespaces']} "
+        f"namespaces, {result['pairs']} pair(s), {result['cpus']} CPUs, "
+        f"load {result['loadavg_start']} at start",
+        f"{'figure':<46} {'floor':>16} {'ours':>16} {'ours/floor':>12}",
+    ]
+    for key, label, unit in FIGURES:
+        row = comparison[key]
+        ratios = [r for r in row["ratio"] if r is not None]
+        shown = f"{min(ratios):.2f}-{max(ratios):.2f}" if len(set(ratios)) > 1 else spread(ratios)
+        title = f"{label} ({unit})" if unit else label
+        lines.append(
+            f"{title:<46} {spread(row['floor']):>16} {spread(row['ours']):>16} {shown:>12}"
+        )
+    floors = [run for run in runs if run["kind"] == "floor"]
+    ours = [run for run in runs if run["kind"] == "ours"]
+    for metric, title in (
+        ("requests_per_tr", "API requests"),
+        ("request_bytes_per_tr", "request body bytes"),
+        ("response_bytes_per_tr", "response bytes"),
+        ("watch_events_per_tr", "watch events sent"),
+        ("watch_event_bytes_per_tr", "watch event bytes sent"),
+    ):
+        lines.append(f"{title} per TokenRequest, burst to settled (floor | ours, per run):")
+        largest = max(
+            (v for run in runs for k, v in run[metric].items() if not k.startswith("WATCH ")),
+            default=0.0,
+        )
+        for key in sorted({k for run in runs for k in run[metric]}):
+            # The controllers' own watches and heartbeats, a few per run: in the JSON only.
+            if max(run[metric].get(key, 0.0) for run in runs) < largest / 100:
+                continue
+            # A watch's response is counted when it ends, whenever that is: not the burst's.
+            if metric == "response_bytes_per_tr" and key.startswith("WATCH "):
+                continue
+            floor_values = spread([run[metric].get(key, 0.0) for run in floors])
+            our_values = spread([run[metric].get(key, 0.0) for run in ours])
+            lines.append(f"  {key:<44} {floor_values:>16} {our_values:>16}")
+    for run in ours:
+        lines.append(
+            f"ours run {run['run']}: idle writes {run['idle_secret_writes']}, "
+            f"idle token calls {run['idle_token_calls']}"
+        )
+        for name in ("restart", "restart_with_unrelated"):
+            if name in run:
+                r = run[name]
+                lines.append(
+                    f"  {name}: token calls {r['token_calls']}, Secret writes "
+                    f"{r['secret_writes']}, all looked at in {r['seconds_to_look_at_all']} s, "
+                    f"RSS {r['rss_mib']} MiB"
+                )
+        if "rss_unrelated_ratio" in run:
+            lines.append(f"  RSS with / without unrelated Secrets: {run['rss_unrelated_ratio']}")
+    return lines
+
+
+def run(options: Options) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "n": options.n,
+        "scopes": options.scopes,
+        "namespaces": options.namespaces,
+        "pairs": options.pairs,
+        "unrelated_secrets": options.unrelated,
+        "unrelated_secret_bytes": options.unrelated_size,
+        "idle_window_s": options.idle_seconds,
+        "endpoint_latency_s": options.latency,
+        "cpus": os.cpu_count(),
+        "loadavg_start": loadavg(),
+        "profiled": options.profile_dir is not None,
+    }
+    log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="m2m-scale-bench-"))
+    result["log_dir"] = str(log_dir)
+    with (
+        ControlPlane() as cluster,
+        TokenEndpoint(latency=options.latency) as endpoint,
+        cluster.api_client() as admin,
+    ):
+        install_operator(admin)
+        recorder = Recorder()
+        start_recording(cluster.kubeconfig, recorder)
+        # The bench's own watch and the garbage collector's, before any run.
+        result["gc_watch_wait_s"] = wait_for_watchers(admin, PLURAL, 2, timeout=120.0)
+        bench = Bench(
+            options=options,
+            cluster=cluster,
+            admin=admin,
+            endpoint=endpoint,
+            recorder=recorder,
+            operator_kubeconfig=cluster.service_account_kubeconfig(
+                OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, expiration_seconds=4 * 3600
+            ),
+            log_dir=log_dir,
+        )
+        runs: list[dict[str, Any]] = []
+        order = ["floor", "ours"] * options.pairs
+        try:
+            say(f"warm-up: the floor, {min(options.n, 200)} TokenRequests")
+            result["warm_up_s"] = bench.warm_up()
+            for index, kind in enumerate(order):
+                say(f"run {index}: {kind}, {options.n} TokenRequests")
+                runs.append(
+                    bench.run(
+                        kind,
+                        index,
+                        n=options.n,
+                        profile=index < 2,
+                        restarts=index == len(order) - 1,  # the last run is ours
+                    )
+                )
+                say(
+                    f"run {index}: {kind}: all Ready {runs[-1]['all_ready_s']} s, "
+                    f"p99 {runs[-1]['latency_p99_s']} s, "
+                    f"{runs[-1]['operator_cpu_ms_per_tr']} ms CPU per TR"
+                )
+        finally:
+            recorder.stop.set()
+    result["runs"] = runs
+    result["comparison"] = compare(runs)
+    result["loadavg_end"] = loadavg()
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     result = run(options)
+    for line in report(result):
+        print(line)
     print(json.dumps(result, sort_keys=True))
     return 0
 
