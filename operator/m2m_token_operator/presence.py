@@ -33,8 +33,9 @@ from typing import Any, Protocol
 import kubernetes
 
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION
+from m2m_token_operator.namespace_match import namespace_matcher
 from m2m_token_operator.watch import DELETED, LabelSelectedWatch
-from m2m_token_operator.watches import namespace_matcher, served_namespaces
+from m2m_token_operator.watches import served_namespaces
 
 logger = logging.getLogger(__name__)
 

@@ -44,10 +44,8 @@ from typing import Any, Generic, TypeVar
 
 import kubernetes
 
-# Kopf's own matcher, so that our Secret watches serve exactly the namespaces Kopf serves.
-from kopf._cogs.structs.references import NamespaceName, match_namespace
-
 from m2m_token_operator.kube import SECRET_FIELD_MANAGER
+from m2m_token_operator.namespace_match import namespace_matcher
 from m2m_token_operator.secret_output import (
     EXPIRES_AT_KEY,
     KEY_ID_ANNOTATION,
@@ -129,13 +127,6 @@ def served_namespaces(environ: Mapping[str, str]) -> list[str]:
     """The --namespace patterns the operator runs with; [] means all namespaces."""
     raw = environ.get(SERVED_NAMESPACES_ENV, "")
     return [line.strip() for line in raw.splitlines() if line.strip()]
-
-
-def namespace_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """Exactly Kopf's --namespace semantics: any of the patterns, each with globs and '!'."""
-    if not patterns:
-        return lambda _: True
-    return lambda namespace: any(match_namespace(NamespaceName(namespace), p) for p in patterns)
 
 
 def _is_glob(pattern: str) -> bool:
