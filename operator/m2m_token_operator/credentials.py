@@ -47,6 +47,11 @@ from m2m_token_operator.assertion import (
     parse_private_jwk,
     private_members,
 )
+from m2m_token_operator.constants import (
+    CREDENTIALS_INVALID,
+    CREDENTIALS_MISSING,
+    ENDPOINT_NOT_ALLOWED,
+)
 from m2m_token_operator.redaction import REDACTOR
 
 if TYPE_CHECKING:
@@ -66,9 +71,6 @@ CLIENT_SECRET = "client_secret"
 PRIVATE_KEY_JWT = "private_key_jwt"
 FEDERATED = "workload_identity_federation"
 
-CREDENTIALS_MISSING = "CredentialsMissing"
-CREDENTIALS_INVALID = "CredentialsInvalid"
-ENDPOINT_NOT_ALLOWED = "EndpointNotAllowed"
 
 OPERATOR_IDENTITY = "operator identity"
 

@@ -30,6 +30,7 @@ from m2m_token_operator import metrics
 from m2m_token_operator.admission import look_started
 from m2m_token_operator.cache import CacheKey, TokenCache
 from m2m_token_operator.client import client_id_shown
+from m2m_token_operator.constants import EXPIRES_AT_ANNOTATION, SEAL_ANNOTATION
 from m2m_token_operator.credentials import (
     ClientCredentials,
     CredentialsError,
@@ -48,12 +49,9 @@ from m2m_token_operator.registry import ObjectRef, Registry, Subscription
 from m2m_token_operator.scheduler import Scheduler
 from m2m_token_operator.seal import SealKey
 from m2m_token_operator.secret_output import (
-    EXPIRES_AT_ANNOTATION,
-    SEAL_ANNOTATION,
     WriteOutcome,
     delete_other_owned_secrets,
     is_owned_by,
-    parse_time,
     render_secret,
     secret_data,
     secret_labels,
@@ -64,6 +62,7 @@ from m2m_token_operator.secret_output import (
 )
 from m2m_token_operator.settings import Settings
 from m2m_token_operator.status import event_body
+from m2m_token_operator.timefmt import parse_time
 from m2m_token_operator.tokens import AccessToken
 from m2m_token_operator.watches import OwnedSecrets
 

@@ -31,7 +31,8 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
-from m2m_token_operator.kube import Conflict, JsonObject, KubeApi
+from m2m_token_operator.constants import JsonObject
+from m2m_token_operator.kube import Conflict, KubeApi
 
 if TYPE_CHECKING:
     from m2m_token_operator.cache import CacheKey

@@ -44,13 +44,16 @@ from typing import Any, Generic, TypeVar
 
 import kubernetes
 
+from m2m_token_operator.constants import (
+    CREDENTIALS_LABEL,
+    KEY_ID_ANNOTATION,
+    MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE,
+)
 from m2m_token_operator.kube import SECRET_FIELD_MANAGER
 from m2m_token_operator.namespace_match import namespace_matcher
 from m2m_token_operator.secret_output import (
     EXPIRES_AT_KEY,
-    KEY_ID_ANNOTATION,
-    MANAGED_BY_LABEL,
-    MANAGED_BY_VALUE,
     SCOPE_KEY,
     TOKEN_KEY,
     TOKEN_TYPE_KEY,
@@ -61,7 +64,6 @@ from m2m_token_operator.watch import DELETED, LabelSelectedWatch
 logger = logging.getLogger(__name__)
 
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
-CREDENTIALS_LABEL = "m2m.dev/credentials"
 CREDENTIALS_SELECTOR = f"{CREDENTIALS_LABEL}=true"
 # Set by the console script from --namespace flags (one per line); unset: all namespaces.
 SERVED_NAMESPACES_ENV = "M2M_SERVED_NAMESPACES"
