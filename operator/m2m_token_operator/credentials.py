@@ -108,9 +108,11 @@ class ClientCredentials:
     material: bytes = field(repr=False)
     client_secret: str | None = field(default=None, repr=False)
     client_assertion: Callable[[], str] | None = field(default=None, repr=False, compare=False)
-    # Keys the HMAC sealing a token in its Secret (stable across restarts, unlike the
-    # fingerprint): the client secret, a secret derived from the private key, or, for a
-    # ServiceAccount, which holds no secret, its identity (see docs/security.md).
+    # Binds a sealed token to this credential: an input of the seal's HMAC, whose key is
+    # the operator's own seal key (seal.SealKey.credential_binding), never this value.
+    # Stable across restarts, unlike the fingerprint: the client secret, a secret derived
+    # from the private key, or, for a ServiceAccount, which holds no secret, its identity
+    # (see docs/security.md).
     seal_secret: str = field(default="", repr=False)
 
     def fingerprint(self) -> str:
