@@ -46,6 +46,13 @@ TEMPLATE_KEYS_ANNOTATION = "m2m.dev/template-keys"
 # (written by an older version) is not rewritten for it.
 KEY_ID_ANNOTATION = "m2m.dev/key-id"
 
+# The Secret holding the restart seal's key (seal.py), unless M2M_SEAL_KEY_SECRET names
+# another: in the operator's own namespace, read from the in-cluster file (or POD_NAMESPACE),
+# else the default namespace.
+DEFAULT_SEAL_SECRET_NAME = "m2m-token-operator-seal-key"
+DEFAULT_SEAL_NAMESPACE = "m2m-token-operator"
+IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
 # The audience of a federated identity's ServiceAccount token: Entra's token exchange.
 DEFAULT_FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
 

@@ -36,7 +36,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 import urllib3.util
@@ -53,9 +52,6 @@ from m2m_token_operator.constants import (
     ENDPOINT_NOT_ALLOWED,
 )
 from m2m_token_operator.redaction import REDACTOR
-
-if TYPE_CHECKING:
-    from m2m_token_operator.settings import Settings
 
 CLIENT_ID_KEY = "AZURE_APP_CLIENT_ID"
 # Key names, not secrets.
@@ -299,19 +295,23 @@ def _read_file(directory: Path, key: str) -> str | None:
 
 
 def operator_identity(
-    settings: Settings, environ: Mapping[str, str] | None = None
+    credentials_dir: Path | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    allow_insecure_http: bool,
 ) -> ClientCredentials:
     """The operator's own identity, read afresh on every call.
 
-    Each key comes from a file in `settings.credentials_dir` when there is one
-    (a mounted Secret, updated in place when the identity is rotated), else from
-    the environment variable of the same name.
+    Each key comes from a file in `credentials_dir` (M2M_CREDENTIALS_DIR) when there
+    is one (a mounted Secret, updated in place when the identity is rotated), else
+    from the environment variable of the same name. `allow_insecure_http`:
+    M2M_ALLOW_INSECURE_HTTP_ENDPOINTS.
     """
     env = os.environ if environ is None else environ
     values: dict[str, str] = {}
     missing: list[str] = []
     for key in KEYS:
-        raw = _read_file(settings.credentials_dir, key) if settings.credentials_dir else None
+        raw = _read_file(credentials_dir, key) if credentials_dir else None
         if raw is None:
             raw = env.get(key)
         # Files made with `kubectl create secret --from-file` usually end in a newline.
@@ -322,17 +322,15 @@ def operator_identity(
             missing.append(key)
     if missing:
         where = "the environment"
-        if settings.credentials_dir:
-            where = f"{settings.credentials_dir} or the environment"
+        if credentials_dir:
+            where = f"{credentials_dir} or the environment"
         raise CredentialsError(
             f"The operator's own identity is incomplete: {', '.join(missing)} not set in {where};"
             " set them, or name a credentials Secret in spec.credentials.secretRef",
             reason=CREDENTIALS_MISSING,
         )
     try:
-        check_endpoint_url(
-            values[TOKEN_ENDPOINT_KEY], allow_insecure_http=settings.allow_insecure_http
-        )
+        check_endpoint_url(values[TOKEN_ENDPOINT_KEY], allow_insecure_http=allow_insecure_http)
     except CredentialsError as error:
         raise CredentialsError(
             f"The operator's own identity: {_inner(error)}", reason=error.reason
@@ -346,13 +344,13 @@ def operator_identity(
 
 
 def operator_token_endpoint(
-    settings: Settings, environ: Mapping[str, str] | None = None
+    credentials_dir: Path | None, environ: Mapping[str, str] | None = None
 ) -> str | None:
     """The operator's own token endpoint alone (None when unset), read afresh like the rest."""
     env = os.environ if environ is None else environ
     raw = None
-    if settings.credentials_dir:
-        raw = _read_file(settings.credentials_dir, TOKEN_ENDPOINT_KEY)
+    if credentials_dir:
+        raw = _read_file(credentials_dir, TOKEN_ENDPOINT_KEY)
     if raw is None:
         raw = env.get(TOKEN_ENDPOINT_KEY)
     return (raw or "").strip() or None

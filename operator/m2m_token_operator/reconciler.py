@@ -619,7 +619,7 @@ class TokenRequestReconciler:
             # annotation or a ServiceAccount that appears is found by the next retry.
             account = await self._kube.read_service_account(subscription.namespace, account_name)
             default_endpoint = await asyncio.to_thread(
-                operator_token_endpoint, self._settings, self._environ
+                operator_token_endpoint, self._settings.credentials_dir, self._environ
             )
             return federated_identity(
                 account,
@@ -633,7 +633,12 @@ class TokenRequestReconciler:
             )
         if subscription.spec.credentials_secret is None:
             # Read afresh each time: a mounted Secret may have been rotated in place.
-            return await asyncio.to_thread(operator_identity, self._settings, self._environ)
+            return await asyncio.to_thread(
+                operator_identity,
+                self._settings.credentials_dir,
+                self._environ,
+                allow_insecure_http=self._settings.allow_insecure_http,
+            )
         secret = await self._kube.read_secret(
             subscription.namespace, subscription.spec.credentials_secret
         )

@@ -24,7 +24,12 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from m2m_token_operator.constants import DEFAULT_FEDERATION_AUDIENCE
+from m2m_token_operator.constants import (
+    DEFAULT_FEDERATION_AUDIENCE,
+    DEFAULT_SEAL_NAMESPACE,
+    DEFAULT_SEAL_SECRET_NAME,
+    IN_CLUSTER_NAMESPACE_FILE,
+)
 from m2m_token_operator.credentials import (
     TOKEN_ENDPOINT_KEY,
     EndpointPolicy,
@@ -34,15 +39,6 @@ from m2m_token_operator.kube_names import is_dns_label, is_dns_subdomain
 from m2m_token_operator.models import SpecError, resolve_scope
 from m2m_token_operator.namespaces import SELECTOR_SETTING, SelectorError, validate_selector
 from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
-from m2m_token_operator.seal import (
-    DEFAULT_NAMESPACE as DEFAULT_SEAL_NAMESPACE,
-)
-from m2m_token_operator.seal import (
-    DEFAULT_SECRET_NAME as DEFAULT_SEAL_SECRET_NAME,
-)
-from m2m_token_operator.seal import (
-    IN_CLUSTER_NAMESPACE_FILE,
-)
 
 MICROSOFT_LOGIN_HOST = "login.microsoftonline.com"
 LOG_FORMATS = ("json", "text")
