@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit integration e2e binaries image bench bench-scale bench-soak bench-owned-secrets clean
+.PHONY: demo test lint unit packaging integration e2e binaries image bench bench-scale bench-soak bench-owned-secrets clean
 
 # The operator image `make image` builds (override: make image IMAGE=registry/name:tag).
 IMAGE ?= m2m-token-operator:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -19,17 +19,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m devenv.demo $(DEMO_ARGS)
 
-## test: lint, type-check, then every test suite (unit, integration, e2e)
-test: lint unit integration e2e
+## test: lint, type-check, then every test suite (unit, packaging, integration, e2e)
+test: lint unit packaging integration e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 
+## unit: millisecond tests only (no network, no processes started)
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
+
+## packaging: the image's install steps in a fresh venv, from the package index (1-2 min)
+packaging: $(STAMP)
+	$(BIN)/pytest tests/packaging -q
 
 integration: binaries
 	$(BIN)/pytest tests/integration -q
@@ -64,4 +70,4 @@ bench-owned-secrets: binaries
 	PYTHONPATH=. $(BIN)/python bench/owned_secrets_bench.py kill $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

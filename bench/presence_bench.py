@@ -37,7 +37,7 @@ import kubernetes
 from devenv.controlplane import ControlPlane
 from devenv.install import install_operator
 from m2m_token_operator import presence
-from m2m_token_operator.kube import GROUP, PLURAL, VERSION
+from m2m_token_operator.constants import GROUP, PLURAL, VERSION
 from m2m_token_operator.watch import LabelSelectedWatch
 
 TICKS = os.sysconf("SC_CLK_TCK")

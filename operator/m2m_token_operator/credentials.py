@@ -36,7 +36,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 import urllib3.util
@@ -47,10 +46,12 @@ from m2m_token_operator.assertion import (
     parse_private_jwk,
     private_members,
 )
+from m2m_token_operator.constants import (
+    CREDENTIALS_INVALID,
+    CREDENTIALS_MISSING,
+    ENDPOINT_NOT_ALLOWED,
+)
 from m2m_token_operator.redaction import REDACTOR
-
-if TYPE_CHECKING:
-    from m2m_token_operator.settings import Settings
 
 CLIENT_ID_KEY = "AZURE_APP_CLIENT_ID"
 # Key names, not secrets.
@@ -66,9 +67,6 @@ CLIENT_SECRET = "client_secret"
 PRIVATE_KEY_JWT = "private_key_jwt"
 FEDERATED = "workload_identity_federation"
 
-CREDENTIALS_MISSING = "CredentialsMissing"
-CREDENTIALS_INVALID = "CredentialsInvalid"
-ENDPOINT_NOT_ALLOWED = "EndpointNotAllowed"
 
 OPERATOR_IDENTITY = "operator identity"
 
@@ -106,9 +104,11 @@ class ClientCredentials:
     material: bytes = field(repr=False)
     client_secret: str | None = field(default=None, repr=False)
     client_assertion: Callable[[], str] | None = field(default=None, repr=False, compare=False)
-    # Keys the HMAC sealing a token in its Secret (stable across restarts, unlike the
-    # fingerprint): the client secret, a secret derived from the private key, or, for a
-    # ServiceAccount, which holds no secret, its identity (see docs/security.md).
+    # Binds a sealed token to this credential: an input of the seal's HMAC, whose key is
+    # the operator's own seal key (seal.SealKey.credential_binding), never this value.
+    # Stable across restarts, unlike the fingerprint: the client secret, a secret derived
+    # from the private key, or, for a ServiceAccount, which holds no secret, its identity
+    # (see docs/security.md).
     seal_secret: str = field(default="", repr=False)
 
     def fingerprint(self) -> str:
@@ -295,19 +295,23 @@ def _read_file(directory: Path, key: str) -> str | None:
 
 
 def operator_identity(
-    settings: Settings, environ: Mapping[str, str] | None = None
+    credentials_dir: Path | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    allow_insecure_http: bool,
 ) -> ClientCredentials:
     """The operator's own identity, read afresh on every call.
 
-    Each key comes from a file in `settings.credentials_dir` when there is one
-    (a mounted Secret, updated in place when the identity is rotated), else from
-    the environment variable of the same name.
+    Each key comes from a file in `credentials_dir` (M2M_CREDENTIALS_DIR) when there
+    is one (a mounted Secret, updated in place when the identity is rotated), else
+    from the environment variable of the same name. `allow_insecure_http`:
+    M2M_ALLOW_INSECURE_HTTP_ENDPOINTS.
     """
     env = os.environ if environ is None else environ
     values: dict[str, str] = {}
     missing: list[str] = []
     for key in KEYS:
-        raw = _read_file(settings.credentials_dir, key) if settings.credentials_dir else None
+        raw = _read_file(credentials_dir, key) if credentials_dir else None
         if raw is None:
             raw = env.get(key)
         # Files made with `kubectl create secret --from-file` usually end in a newline.
@@ -318,17 +322,15 @@ def operator_identity(
             missing.append(key)
     if missing:
         where = "the environment"
-        if settings.credentials_dir:
-            where = f"{settings.credentials_dir} or the environment"
+        if credentials_dir:
+            where = f"{credentials_dir} or the environment"
         raise CredentialsError(
             f"The operator's own identity is incomplete: {', '.join(missing)} not set in {where};"
             " set them, or name a credentials Secret in spec.credentials.secretRef",
             reason=CREDENTIALS_MISSING,
         )
     try:
-        check_endpoint_url(
-            values[TOKEN_ENDPOINT_KEY], allow_insecure_http=settings.allow_insecure_http
-        )
+        check_endpoint_url(values[TOKEN_ENDPOINT_KEY], allow_insecure_http=allow_insecure_http)
     except CredentialsError as error:
         raise CredentialsError(
             f"The operator's own identity: {_inner(error)}", reason=error.reason
@@ -342,13 +344,13 @@ def operator_identity(
 
 
 def operator_token_endpoint(
-    settings: Settings, environ: Mapping[str, str] | None = None
+    credentials_dir: Path | None, environ: Mapping[str, str] | None = None
 ) -> str | None:
     """The operator's own token endpoint alone (None when unset), read afresh like the rest."""
     env = os.environ if environ is None else environ
     raw = None
-    if settings.credentials_dir:
-        raw = _read_file(settings.credentials_dir, TOKEN_ENDPOINT_KEY)
+    if credentials_dir:
+        raw = _read_file(credentials_dir, TOKEN_ENDPOINT_KEY)
     if raw is None:
         raw = env.get(TOKEN_ENDPOINT_KEY)
     return (raw or "").strip() or None

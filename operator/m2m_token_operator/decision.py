@@ -28,19 +28,24 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from m2m_token_operator.cache import CacheResult
-from m2m_token_operator.credentials import CREDENTIALS_MISSING, CredentialsError
-from m2m_token_operator.kube import JsonObject, KubeError
-from m2m_token_operator.models import TokenRequestSpec
-from m2m_token_operator.policy import RetryPolicy
-from m2m_token_operator.secret_output import WriteOutcome, format_time, parse_time
-from m2m_token_operator.status import (
+from m2m_token_operator.constants import (
+    CREDENTIALS_MISSING,
     DEGRADED,
+    ENDPOINT_UNAVAILABLE,
     INVALID_SPEC,
     KUBERNETES_API_ERROR,
     OPERATOR_IDENTITY_NOT_ALLOWED,
     OPERATOR_NAMESPACE_NOT_SERVED,
     SECRET_CONFLICT,
     SECRET_WRITE_FAILED,
+    JsonObject,
+)
+from m2m_token_operator.credentials import CredentialsError
+from m2m_token_operator.kube import KubeError
+from m2m_token_operator.models import TokenRequestSpec
+from m2m_token_operator.policy import RetryPolicy
+from m2m_token_operator.secret_output import WriteOutcome
+from m2m_token_operator.status import (
     EventSpec,
     Failure,
     Observation,
@@ -49,6 +54,7 @@ from m2m_token_operator.status import (
     status_changed,
     transition_events,
 )
+from m2m_token_operator.timefmt import format_time, parse_time
 from m2m_token_operator.tokens import AccessToken, TokenEndpointError
 
 # The write outcomes after which the Secret holds the token the cache served.
@@ -116,7 +122,7 @@ class Outcome:
 def failure_from(error: Exception) -> Failure:
     if isinstance(error, TokenEndpointError | CredentialsError):
         return Failure(reason=error.reason, message=str(error))
-    return Failure(reason="EndpointUnavailable", message=type(error).__name__)
+    return Failure(reason=ENDPOINT_UNAVAILABLE, message=type(error).__name__)
 
 
 def failure_fields(error: Exception) -> str:

@@ -26,9 +26,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from m2m_token_operator.credentials import (
+from m2m_token_operator.constants import (
     CREDENTIALS_INVALID,
     CREDENTIALS_MISSING,
+    KUBERNETES_API_ERROR,
+)
+from m2m_token_operator.credentials import (
     FEDERATED,
     ClientCredentials,
     CredentialsError,
@@ -44,7 +47,6 @@ logger = logging.getLogger(__name__)
 CLIENT_ID_ANNOTATION = "azure.workload.identity/client-id"
 TENANT_ID_ANNOTATION = "azure.workload.identity/tenant-id"
 TOKEN_ENDPOINT_ANNOTATION = "m2m.dev/token-endpoint"
-DEFAULT_AUDIENCE = "api://AzureADTokenExchange"
 FEDERATION_CLUSTER_ROLE = "m2m-token-operator:federation"
 FEDERATION_NOT_PERMITTED = "FederationNotPermitted"
 # The shortest lifetime the TokenRequest API allows: the token is used at once.
@@ -73,7 +75,7 @@ class ServiceAccountGone(TokenEndpointError):
 class ServiceAccountTokenFailed(TokenEndpointError):
     """The API server failed to mint the token (5xx, unreachable): retried with backoff."""
 
-    reason = "KubernetesAPIError"  # as status.KUBERNETES_API_ERROR
+    reason = KUBERNETES_API_ERROR
     permanent = False
 
 

@@ -26,7 +26,8 @@ import kubernetes
 from m2m_token_operator import metrics, presence, redaction, refresh, seal, watches
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
-from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, KubeError, load_api_client
+from m2m_token_operator.constants import GROUP, PLURAL, VERSION
+from m2m_token_operator.kube import KubeApi, KubeError, load_api_client
 from m2m_token_operator.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.peering import PeeringConfig, PeeringGate, ensure_cluster_peering
 from m2m_token_operator.reconciler import TokenRequestReconciler

@@ -22,15 +22,11 @@ import urllib3.exceptions
 
 from m2m_token_operator import metrics
 from m2m_token_operator.admission import CALL_PRIORITY, PriorityGate, event_priority
+from m2m_token_operator.constants import GROUP, PLURAL, VERSION, JsonObject
 from m2m_token_operator.events import EventQueue
 
 logger = logging.getLogger(__name__)
 
-GROUP = "m2m.dev"
-VERSION = "v1alpha1"
-PLURAL = "tokenrequests"
-KIND = "TokenRequest"
-API_VERSION = f"{GROUP}/{VERSION}"
 # The field manager of the Secrets' writes: their managedFields then tell whether anyone
 # else changed a Secret's data since (watches.OwnedSecrets, without reading the data).
 SECRET_FIELD_MANAGER = "m2m-token-operator"
@@ -44,8 +40,6 @@ REQUEST_TIMEOUT = (10.0, 30.0)
 
 # See load_api_client: never urllib3's default of 3 retries with backoff.
 API_RETRIES = 1
-
-JsonObject = dict[str, Any]
 
 
 class KubeError(Exception):

@@ -29,10 +29,9 @@ from typing import Any, NoReturn
 
 import yaml
 
-from m2m_token_operator.kube import GROUP, KIND, PLURAL, VERSION
+from m2m_token_operator.constants import DEGRADED, GROUP, KIND, PLURAL, READY, VERSION, JsonObject
 from m2m_token_operator.refresh import REFRESH_ANNOTATION
-
-JsonObject = dict[str, Any]
+from m2m_token_operator.timefmt import format_time, parse_time_or_none
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # not found, or the API server failed
@@ -51,20 +50,6 @@ def clean(value: object, *, limit: int = _TEXT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: object) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def relative(moment: datetime, now: datetime) -> str:
     """ "in 47m" or "3m ago", as kubectl users read ages."""
     seconds = int((moment - now).total_seconds())
@@ -81,7 +66,7 @@ def relative(moment: datetime, now: datetime) -> str:
 
 
 def _time_line(value: object, now: datetime) -> str:
-    moment = parse_time(value)
+    moment = parse_time_or_none(value)
     if moment is None:
         return "-" if value in (None, "") else clean(value)
     return f"{format_time(moment)} ({relative(moment, now)})"
@@ -144,7 +129,7 @@ def render_status(
 
     row("Scope", clean(status.get("scope") or spec.get("scope") or "-"))
     row("Secret", clean(status.get("secretName") or spec.get("secretName") or "-"))
-    for kind in ("Ready", "Degraded"):
+    for kind in (READY, DEGRADED):
         condition = _condition(status, kind)
         if condition:
             row(
@@ -195,7 +180,7 @@ def render_status(
     else:
         recent = sorted(events, key=_event_time)[-MAX_EVENTS:]
         for event in recent:
-            moment = parse_time(_event_time(event))
+            moment = parse_time_or_none(_event_time(event))
             when = relative(moment, now) if moment else "-"
             count = event.get("count") or 1
             times = f" (x{count})" if isinstance(count, int) and count > 1 else ""

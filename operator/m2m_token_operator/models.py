@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from m2m_token_operator.constants import GROUP, MANAGED_BY_LABEL
+from m2m_token_operator.kube_names import is_dns_label, is_dns_subdomain
+
 SCOPE_PREFIX = "api://"
 SCOPE_SUFFIX = "/.default"
 MAX_SCOPE_LENGTH = 1024
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 # Go's time.ParseDuration units that make sense for a refresh: hours, minutes, seconds,
 # in that order, each at most once. Sub-second precision would be noise next to the jitter.
 _DURATION = re.compile(r"(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?")
@@ -36,8 +37,8 @@ MAX_TEMPLATE_ENTRIES = 64
 MAX_LABEL_VALUE_LENGTH = 63
 MAX_ANNOTATION_VALUE_LENGTH = 2048  # 64 of them stay well inside the 256 KiB limit
 # Keys the operator owns on the Secret: the managed-by label and all of m2m.dev/*.
-RESERVED_KEYS = frozenset({"app.kubernetes.io/managed-by"})
-RESERVED_PREFIX = "m2m.dev"
+RESERVED_KEYS = frozenset({MANAGED_BY_LABEL})
+RESERVED_PREFIX = GROUP
 # A Kubernetes qualified name: an optional DNS-subdomain prefix and "/", then a name of
 # at most 63 characters (alphanumerics, '-', '_', '.'; alphanumeric at both ends).
 _QUALIFIED_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
@@ -117,7 +118,7 @@ def format_duration(value: timedelta) -> str:
 def _check_dns_label(value: object, *, field: str, example: str) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(f"{field} is required: a lowercase DNS label such as {example!r}")
-    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+    if not is_dns_label(value):
         raise SpecError(
             f"{field} {value!r} is not a valid DNS label: use at most 63 lowercase letters,"
             f" digits and '-', starting and ending with a letter or digit, such as {example!r}"
@@ -128,7 +129,7 @@ def _check_dns_label(value: object, *, field: str, example: str) -> str:
 def _check_dns_subdomain(value: object, *, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise SpecError(f"{field} must be a non-empty Kubernetes object name")
-    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+    if not is_dns_subdomain(value):
         raise SpecError(
             f"{field} {value!r} is not a valid Kubernetes object name: use at most 253"
             " lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
@@ -182,7 +183,7 @@ def _check_key(key: object, *, field: str) -> str:
     valid = (
         len(name) <= 63
         and _QUALIFIED_NAME.fullmatch(name) is not None
-        and (not slash or (0 < len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix)))
+        and (not slash or is_dns_subdomain(prefix))
     )
     if not valid:
         raise SpecError(

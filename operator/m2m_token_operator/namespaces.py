@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from m2m_token_operator.kube_names import DNS_SUBDOMAIN
+
 logger = logging.getLogger(__name__)
 
 SELECTOR_SETTING = "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR"
@@ -30,8 +32,7 @@ SELECTOR_SETTING = "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR"
 ALL_NAMESPACES_SELECTOR = "kubernetes.io/metadata.name"
 
 _NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_DNS_SUBDOMAIN = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-_KEY = re.compile(rf"(?:(?P<prefix>{_DNS_SUBDOMAIN})/)?{_NAME}")
+_KEY = re.compile(rf"(?:(?P<prefix>{DNS_SUBDOMAIN})/)?{_NAME}")
 _VALUE = re.compile(rf"(?:{_NAME})?")
 _INTEGER = re.compile(r"-?[0-9]+")
 # Tokens of the selector language: operators, parentheses, commas, and words.

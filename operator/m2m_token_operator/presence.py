@@ -32,15 +32,15 @@ from typing import Any, Protocol
 
 import kubernetes
 
-from m2m_token_operator.kube import GROUP, PLURAL, VERSION
-from m2m_token_operator.watch import DELETED, LabelSelectedWatch
-from m2m_token_operator.watches import namespace_matcher, served_namespaces
+from m2m_token_operator.constants import GROUP, PLURAL, VERSION
+from m2m_token_operator.namespace_match import namespace_matcher
+from m2m_token_operator.watch import DELETED, METADATA_WATCH_ACCEPT, LabelSelectedWatch
+from m2m_token_operator.watches import served_namespaces
 
 logger = logging.getLogger(__name__)
 
 # Metadata only: a TokenRequest's spec and status never cross the wire twice.
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
-METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 ObjectRef = tuple[str, str]  # (namespace, name)
 
@@ -53,7 +53,7 @@ def metadata_only(list_function: Callable[..., Any]) -> Callable[..., Any]:
     """The lister of a `LabelSelectedWatch`, asking for metadata only (list and watch)."""
 
     def lister(**arguments: Any) -> Any:
-        accept = METADATA_WATCH if arguments.get("watch") else METADATA_LIST
+        accept = METADATA_WATCH_ACCEPT if arguments.get("watch") else METADATA_LIST
         return list_function(**arguments, _headers={"Accept": accept})
 
     return lister

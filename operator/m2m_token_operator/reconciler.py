@@ -30,6 +30,7 @@ from m2m_token_operator import metrics
 from m2m_token_operator.admission import look_started
 from m2m_token_operator.cache import CacheKey, TokenCache
 from m2m_token_operator.client import client_id_shown
+from m2m_token_operator.constants import EXPIRES_AT_ANNOTATION, SEAL_ANNOTATION
 from m2m_token_operator.credentials import (
     ClientCredentials,
     CredentialsError,
@@ -48,12 +49,9 @@ from m2m_token_operator.registry import ObjectRef, Registry, Subscription
 from m2m_token_operator.scheduler import Scheduler
 from m2m_token_operator.seal import SealKey
 from m2m_token_operator.secret_output import (
-    EXPIRES_AT_ANNOTATION,
-    SEAL_ANNOTATION,
     WriteOutcome,
     delete_other_owned_secrets,
     is_owned_by,
-    parse_time,
     render_secret,
     secret_data,
     secret_labels,
@@ -64,6 +62,7 @@ from m2m_token_operator.secret_output import (
 )
 from m2m_token_operator.settings import Settings
 from m2m_token_operator.status import event_body
+from m2m_token_operator.timefmt import parse_time
 from m2m_token_operator.tokens import AccessToken
 from m2m_token_operator.watches import OwnedSecrets
 
@@ -620,7 +619,7 @@ class TokenRequestReconciler:
             # annotation or a ServiceAccount that appears is found by the next retry.
             account = await self._kube.read_service_account(subscription.namespace, account_name)
             default_endpoint = await asyncio.to_thread(
-                operator_token_endpoint, self._settings, self._environ
+                operator_token_endpoint, self._settings.credentials_dir, self._environ
             )
             return federated_identity(
                 account,
@@ -634,7 +633,12 @@ class TokenRequestReconciler:
             )
         if subscription.spec.credentials_secret is None:
             # Read afresh each time: a mounted Secret may have been rotated in place.
-            return await asyncio.to_thread(operator_identity, self._settings, self._environ)
+            return await asyncio.to_thread(
+                operator_identity,
+                self._settings.credentials_dir,
+                self._environ,
+                allow_insecure_http=self._settings.allow_insecure_http,
+            )
         secret = await self._kube.read_secret(
             subscription.namespace, subscription.spec.credentials_secret
         )

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from m2m_token_operator.cache import CacheKey
-from m2m_token_operator.kube import JsonObject
+from m2m_token_operator.constants import JsonObject
 from m2m_token_operator.models import SpecError, TokenRequestSpec, parse_spec
 from m2m_token_operator.refresh import pending_request
 from m2m_token_operator.secret_output import Owner

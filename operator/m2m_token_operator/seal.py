@@ -31,7 +31,8 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
-from m2m_token_operator.kube import Conflict, JsonObject, KubeApi
+from m2m_token_operator.constants import JsonObject
+from m2m_token_operator.kube import Conflict, KubeApi
 
 if TYPE_CHECKING:
     from m2m_token_operator.cache import CacheKey
@@ -42,9 +43,6 @@ logger = logging.getLogger(__name__)
 
 KEY_DATA_KEY = "key"
 KEY_BYTES = 32
-DEFAULT_SECRET_NAME = "m2m-token-operator-seal-key"
-DEFAULT_NAMESPACE = "m2m-token-operator"
-IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 # Seals made with a key: a version prefix, so that a seal of the old kind (keyed by the
 # client secret) can never verify and is recognisably old when someone looks.
 SEAL_PREFIX = "v2:"

@@ -15,42 +15,27 @@ import hmac
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from m2m_token_operator.kube import (
+from m2m_token_operator.constants import (
     API_VERSION,
+    EXPIRES_AT_ANNOTATION,
     GROUP,
+    ISSUED_AT_ANNOTATION,
+    KEY_ID_ANNOTATION,
     KIND,
-    Conflict,
+    MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE,
+    SEAL_ANNOTATION,
+    TEMPLATE_KEYS_ANNOTATION,
+    TOKEN_REQUEST_LABEL,
     JsonObject,
-    KubeApi,
-    NotFound,
 )
+from m2m_token_operator.kube import Conflict, KubeApi, NotFound
 from m2m_token_operator.models import SecretTemplate
+from m2m_token_operator.timefmt import format_time, parse_time
 from m2m_token_operator.tokens import AccessToken
-
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-MANAGED_BY_VALUE = "m2m-token-operator"
-TOKEN_REQUEST_LABEL = "m2m.dev/token-request"
-EXPIRES_AT_ANNOTATION = "m2m.dev/expires-at"
-# Not in the contract's list but harmless to users: the issue time lets a
-# restarted operator compute the same refresh point without calling the endpoint.
-ISSUED_AT_ANNOTATION = "m2m.dev/issued-at"
-# An HMAC keyed by the client secret over identity, scope, token and times (CacheKey.seal):
-# after a restart the token is reused only if it verifies, so an edited or planted token,
-# or one issued to another identity, is never served.
-SEAL_ANNOTATION = "m2m.dev/seal"
-# Which labels and annotations on the Secret came from spec.secretTemplate (compact JSON,
-# {"labels": [...], "annotations": [...]}, sorted), present only while the template has
-# any. A key removed from the template is then removed from the Secret, while the keys
-# other tools added (never in the template) stay, also across operator restarts.
-TEMPLATE_KEYS_ANNOTATION = "m2m.dev/template-keys"
-# Which cache entry (identity and scope) the token belongs to: SealKey.key_id, an HMAC
-# without the token. A start picks one Secret per key by it, from metadata alone, and
-# reads that Secret's data to seed the key. Written with each token; a Secret without it
-# (written by an older version) is not rewritten for it.
-KEY_ID_ANNOTATION = "m2m.dev/key-id"
 
 TOKEN_KEY = "token"
 TOKEN_TYPE_KEY = "token-type"
@@ -75,19 +60,6 @@ class WriteOutcome(enum.Enum):
     # The Secret changed between the look's read and the replace (HTTP 409): it still holds
     # what was read, not the new content. Written again on the next look.
     RACED = "raced"
-
-
-def format_time(moment: datetime) -> str:
-    """RFC 3339 in UTC with a Z, to the second, as Kubernetes prints times."""
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: str) -> datetime:
-    """An RFC 3339 time in UTC; one without an offset (say, hand-edited) is taken as UTC."""
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)  # not the process's local time zone
-    return moment.astimezone(UTC)
 
 
 def _b64(text: str) -> str:

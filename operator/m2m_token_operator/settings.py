@@ -18,36 +18,32 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from m2m_token_operator.constants import (
+    DEFAULT_FEDERATION_AUDIENCE,
+    DEFAULT_SEAL_NAMESPACE,
+    DEFAULT_SEAL_SECRET_NAME,
+    IN_CLUSTER_NAMESPACE_FILE,
+)
 from m2m_token_operator.credentials import (
     TOKEN_ENDPOINT_KEY,
     EndpointPolicy,
     parse_host_entry,
 )
+from m2m_token_operator.kube_names import is_dns_label, is_dns_subdomain
 from m2m_token_operator.models import SpecError, resolve_scope
 from m2m_token_operator.namespaces import SELECTOR_SETTING, SelectorError, validate_selector
 from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
-from m2m_token_operator.seal import (
-    DEFAULT_NAMESPACE as DEFAULT_SEAL_NAMESPACE,
-)
-from m2m_token_operator.seal import (
-    DEFAULT_SECRET_NAME as DEFAULT_SEAL_SECRET_NAME,
-)
-from m2m_token_operator.seal import (
-    IN_CLUSTER_NAMESPACE_FILE,
-)
 
 MICROSOFT_LOGIN_HOST = "login.microsoftonline.com"
 LOG_FORMATS = ("json", "text")
 # Kopf takes any integer; bounded so that every peer can hold it in a 32-bit integer.
 PEERING_PRIORITY_LIMIT = 2**31 - 1
-DEFAULT_FEDERATION_AUDIENCE = "api://AzureADTokenExchange"
 # Audiences a Kubernetes API server accepts ServiceAccount tokens for, by default and as
 # clusters commonly configure them. A token minted for one of these would work against the
 # cluster's API as that ServiceAccount; sending it to a token endpoint hands that away.
@@ -247,10 +243,6 @@ class Settings:
         )
 
 
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
-
-
 def _normal_audience(audience: str) -> str:
     return audience.strip().rstrip("/").lower()
 
@@ -303,7 +295,7 @@ def _seal_key_secret(reader: _Reader, env: Mapping[str, str]) -> tuple[str, str]
     raw = reader.text("M2M_SEAL_KEY_SECRET")
     if raw:
         namespace, _, name = raw.partition("/")
-        if _DNS_LABEL.fullmatch(namespace) and _DNS_SUBDOMAIN.fullmatch(name):
+        if is_dns_label(namespace) and is_dns_subdomain(name):
             return namespace, name
         reader.problem(
             "M2M_SEAL_KEY_SECRET",

@@ -18,36 +18,23 @@ from datetime import datetime
 from typing import Any
 
 from m2m_token_operator.claims import TokenClaims, decode_claims
-from m2m_token_operator.kube import API_VERSION, KIND, JsonObject
-from m2m_token_operator.secret_output import format_time
+from m2m_token_operator.constants import (
+    API_VERSION,
+    DEGRADED,
+    KIND,
+    NO_APP_ROLES,
+    PENDING,
+    READY,
+    REFRESH_REQUESTED,
+    REFRESH_SUCCEEDED,
+    SECRET_RESTORED,
+    TOKEN_EXPIRED,
+    TOKEN_ISSUED,
+    TOKEN_REFRESHED,
+    JsonObject,
+)
+from m2m_token_operator.timefmt import format_time
 from m2m_token_operator.tokens import AccessToken
-
-READY = "Ready"
-DEGRADED = "Degraded"
-
-# Condition reasons: one per failure class, CamelCase, as the API conventions ask.
-TOKEN_ISSUED = "TokenIssued"
-REFRESH_SUCCEEDED = "RefreshSucceeded"
-PENDING = "Pending"
-INVALID_SPEC = "InvalidSpec"
-CREDENTIALS_MISSING = "CredentialsMissing"
-CREDENTIALS_INVALID = "CredentialsInvalid"
-ENDPOINT_NOT_ALLOWED = "EndpointNotAllowed"
-OPERATOR_IDENTITY_NOT_ALLOWED = "OperatorIdentityNotAllowed"
-OPERATOR_NAMESPACE_NOT_SERVED = "OperatorNamespaceNotServed"
-CREDENTIALS_REJECTED = "CredentialsRejected"
-SCOPE_REJECTED = "ScopeRejected"
-ENDPOINT_UNAVAILABLE = "EndpointUnavailable"
-THROTTLED = "Throttled"
-SECRET_CONFLICT = "SecretConflict"
-SECRET_WRITE_FAILED = "SecretWriteFailed"
-KUBERNETES_API_ERROR = "KubernetesAPIError"
-# Event-only reasons.
-TOKEN_REFRESHED = "TokenRefreshed"
-SECRET_RESTORED = "SecretRestored"
-TOKEN_EXPIRED = "TokenExpired"
-NO_APP_ROLES = "NoAppRoles"
-REFRESH_REQUESTED = "RefreshRequested"
 
 COMPONENT = "m2m-token-operator"
 

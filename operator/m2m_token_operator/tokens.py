@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
+from m2m_token_operator.constants import (
+    CREDENTIALS_REJECTED,
+    ENDPOINT_UNAVAILABLE,
+    SCOPE_REJECTED,
+    THROTTLED,
+)
 from m2m_token_operator.credentials import CredentialsError
 
 
@@ -40,7 +46,7 @@ class AccessToken:
 class TokenEndpointError(Exception):
     """The token endpoint did not issue a token. `str()` never holds a secret or a token."""
 
-    reason: ClassVar[str] = "EndpointUnavailable"
+    reason: ClassVar[str] = ENDPOINT_UNAVAILABLE
     permanent: ClassVar[bool] = False
 
     def __init__(
@@ -66,22 +72,22 @@ class TokenEndpointError(Exception):
 
 
 class CredentialsRejected(TokenEndpointError):
-    reason = "CredentialsRejected"
+    reason = CREDENTIALS_REJECTED
     permanent = True
 
 
 class ScopeRejected(TokenEndpointError):
-    reason = "ScopeRejected"
+    reason = SCOPE_REJECTED
     permanent = True
 
 
 class Throttled(TokenEndpointError):
-    reason = "Throttled"
+    reason = THROTTLED
     permanent = False
 
 
 class EndpointUnavailable(TokenEndpointError):
-    reason = "EndpointUnavailable"
+    reason = ENDPOINT_UNAVAILABLE
     permanent = False
 
 

@@ -40,9 +40,10 @@ from typing import Any
 import kubernetes
 import urllib3.exceptions
 
+from m2m_token_operator.constants import JsonObject
+
 logger = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 ObjectKey = tuple[str, str]  # (namespace or "", name)
 EventHandler = Callable[[str, JsonObject], None]
 

@@ -44,15 +44,16 @@ from typing import Any, Generic, TypeVar
 
 import kubernetes
 
-# Kopf's own matcher, so that our Secret watches serve exactly the namespaces Kopf serves.
-from kopf._cogs.structs.references import NamespaceName, match_namespace
-
-from m2m_token_operator.kube import SECRET_FIELD_MANAGER
-from m2m_token_operator.secret_output import (
-    EXPIRES_AT_KEY,
+from m2m_token_operator.constants import (
+    CREDENTIALS_LABEL,
     KEY_ID_ANNOTATION,
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
+)
+from m2m_token_operator.kube import SECRET_FIELD_MANAGER
+from m2m_token_operator.namespace_match import namespace_matcher
+from m2m_token_operator.secret_output import (
+    EXPIRES_AT_KEY,
     SCOPE_KEY,
     TOKEN_KEY,
     TOKEN_TYPE_KEY,
@@ -63,7 +64,6 @@ from m2m_token_operator.watch import DELETED, LabelSelectedWatch
 logger = logging.getLogger(__name__)
 
 OWNED_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
-CREDENTIALS_LABEL = "m2m.dev/credentials"
 CREDENTIALS_SELECTOR = f"{CREDENTIALS_LABEL}=true"
 # Set by the console script from --namespace flags (one per line); unset: all namespaces.
 SERVED_NAMESPACES_ENV = "M2M_SERVED_NAMESPACES"
@@ -129,13 +129,6 @@ def served_namespaces(environ: Mapping[str, str]) -> list[str]:
     """The --namespace patterns the operator runs with; [] means all namespaces."""
     raw = environ.get(SERVED_NAMESPACES_ENV, "")
     return [line.strip() for line in raw.splitlines() if line.strip()]
-
-
-def namespace_matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """Exactly Kopf's --namespace semantics: any of the patterns, each with globs and '!'."""
-    if not patterns:
-        return lambda _: True
-    return lambda namespace: any(match_namespace(NamespaceName(namespace), p) for p in patterns)
 
 
 def _is_glob(pattern: str) -> bool:

@@ -1,12 +1,14 @@
 """Identities: the operator's own (env or rotated files), Secrets, and the endpoint allow-list."""
 
 import base64
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from m2m_token_operator.credentials import (
     CLIENT_SECRET,
+    ClientCredentials,
     CredentialsError,
     EndpointPolicy,
     credentials_from_secret,
@@ -181,13 +183,20 @@ def test_malformed_endpoint_is_invalid_and_foreign_one_not_allowed() -> None:
 # The operator's own identity
 
 
+def _operator_identity(settings: Settings, environ: Mapping[str, str]) -> ClientCredentials:
+    """As the reconciler calls it: the two settings it reads, not Settings."""
+    return operator_identity(
+        settings.credentials_dir, environ, allow_insecure_http=settings.allow_insecure_http
+    )
+
+
 def test_operator_identity_from_environment() -> None:
     environ = {
         "AZURE_APP_CLIENT_ID": "operator-client",
         "AZURE_APP_CLIENT_SECRET": SECRET,
         "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": "https://idp.internal.example/token",
     }
-    credentials = operator_identity(Settings.from_env(environ), environ)
+    credentials = _operator_identity(Settings.from_env(environ), environ)
     # Not held to the allow-list: this secret only ever goes to its own endpoint.
     assert credentials.token_endpoint == "https://idp.internal.example/token"
     assert (credentials.client_id, credentials.client_secret) == ("operator-client", SECRET)
@@ -196,7 +205,7 @@ def test_operator_identity_from_environment() -> None:
 
 def test_operator_identity_missing_names_the_variables() -> None:
     with pytest.raises(CredentialsError) as caught:
-        operator_identity(Settings.from_env({}), {"AZURE_APP_CLIENT_ID": "x"})
+        _operator_identity(Settings.from_env({}), {"AZURE_APP_CLIENT_ID": "x"})
     assert caught.value.reason == "CredentialsMissing"
     assert "AZURE_APP_CLIENT_SECRET, AZURE_OPENID_CONFIG_TOKEN_ENDPOINT" in str(caught.value)
 
@@ -208,11 +217,11 @@ def test_operator_identity_http_only_when_allowed() -> None:
         "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": "http://127.0.0.1:8080/token",
     }
     with pytest.raises(CredentialsError) as caught:
-        operator_identity(Settings.from_env(environ), environ)
+        _operator_identity(Settings.from_env(environ), environ)
     assert caught.value.reason == "CredentialsInvalid"
     assert "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS" in str(caught.value)
     allowing = Settings.from_env({**environ, "M2M_ALLOW_INSECURE_HTTP_ENDPOINTS": "true"})
-    assert operator_identity(allowing, environ).token_endpoint == "http://127.0.0.1:8080/token"
+    assert _operator_identity(allowing, environ).token_endpoint == "http://127.0.0.1:8080/token"
 
 
 def test_operator_identity_files_are_read_afresh(tmp_path: Path) -> None:
@@ -222,10 +231,10 @@ def test_operator_identity_files_are_read_afresh(tmp_path: Path) -> None:
     environ = {"M2M_CREDENTIALS_DIR": str(tmp_path), "AZURE_APP_CLIENT_SECRET": "env-secret"}
     settings = Settings.from_env(environ)
 
-    first = operator_identity(settings, environ)
+    first = _operator_identity(settings, environ)
     assert first.client_secret == "first-secret"  # the file wins over the environment
     (tmp_path / "AZURE_APP_CLIENT_SECRET").write_text("rotated-secret\n")
-    rotated = operator_identity(settings, environ)
+    rotated = _operator_identity(settings, environ)
     assert rotated.client_secret == "rotated-secret"
     assert rotated.fingerprint() != first.fingerprint()
 
@@ -237,14 +246,14 @@ def test_operator_identity_file_falls_back_to_environment(tmp_path: Path) -> Non
         "AZURE_APP_CLIENT_SECRET": "env-secret",
         "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": ENDPOINT,
     }
-    credentials = operator_identity(Settings.from_env(environ), environ)
+    credentials = _operator_identity(Settings.from_env(environ), environ)
     assert (credentials.client_id, credentials.client_secret) == ("operator-client", "env-secret")
 
 
 def test_operator_token_endpoint_alone(tmp_path: Path) -> None:
     environ = {"AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": " https://idp.example/token\n"}
-    assert operator_token_endpoint(Settings.from_env({}), environ) == "https://idp.example/token"
-    assert operator_token_endpoint(Settings.from_env({}), {}) is None
+    assert operator_token_endpoint(None, environ) == "https://idp.example/token"
+    assert operator_token_endpoint(None, {}) is None
     (tmp_path / "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT").write_text(ENDPOINT)
     settings = Settings.from_env({"M2M_CREDENTIALS_DIR": str(tmp_path)})
-    assert operator_token_endpoint(settings, environ) == ENDPOINT
+    assert operator_token_endpoint(settings.credentials_dir, environ) == ENDPOINT

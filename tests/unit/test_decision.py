@@ -9,13 +9,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from m2m_token_operator.cache import CacheKey, CacheResult, Freshness
+from m2m_token_operator.constants import DEGRADED, READY
 from m2m_token_operator.credentials import CredentialsError
 from m2m_token_operator.decision import Facts, Outcome, decide
 from m2m_token_operator.kube import Conflict, KubeError
 from m2m_token_operator.models import TokenRequestSpec
 from m2m_token_operator.policy import RetryPolicy
-from m2m_token_operator.secret_output import WriteOutcome, format_time
-from m2m_token_operator.status import DEGRADED, READY, build_status, condition_reason
+from m2m_token_operator.secret_output import WriteOutcome
+from m2m_token_operator.status import build_status, condition_reason
+from m2m_token_operator.timefmt import format_time
 from m2m_token_operator.tokens import (
     AccessToken,
     CredentialsRejected,

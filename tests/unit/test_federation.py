@@ -20,6 +20,7 @@ from pytest_httpserver import HTTPServer
 from m2m_token_operator.assertion import JWT_BEARER
 from m2m_token_operator.cache import TokenCache
 from m2m_token_operator.client import TokenClient
+from m2m_token_operator.constants import DEFAULT_FEDERATION_AUDIENCE
 from m2m_token_operator.credentials import (
     FEDERATED,
     CredentialsError,
@@ -28,7 +29,6 @@ from m2m_token_operator.credentials import (
 )
 from m2m_token_operator.federation import (
     CLIENT_ID_ANNOTATION,
-    DEFAULT_AUDIENCE,
     EXPIRATION_SECONDS,
     TENANT_ID_ANNOTATION,
     TOKEN_ENDPOINT_ANNOTATION,
@@ -94,7 +94,7 @@ def identity(
         policy=POLICY,
         default_endpoint=default_endpoint,
         allow_insecure_http=False,
-        audience=DEFAULT_AUDIENCE,
+        audience=DEFAULT_FEDERATION_AUDIENCE,
         mint=mint or RecordingMint(),
     )
 
@@ -108,7 +108,7 @@ def identity_at(endpoint: str, *, mint: Callable[..., tuple[str, str | None]]) -
         policy=POLICY,
         default_endpoint=None,
         allow_insecure_http=True,
-        audience=DEFAULT_AUDIENCE,
+        audience=DEFAULT_FEDERATION_AUDIENCE,
         mint=mint,
     )
 
@@ -162,7 +162,7 @@ def test_missing_service_account_or_client_id_is_credentials_missing() -> None:
             policy=POLICY,
             default_endpoint=OWN_ENDPOINT,
             allow_insecure_http=False,
-            audience=DEFAULT_AUDIENCE,
+            audience=DEFAULT_FEDERATION_AUDIENCE,
             mint=RecordingMint(),
         )
     assert caught.value.reason == "CredentialsMissing"
@@ -190,7 +190,7 @@ def test_each_assertion_is_a_fresh_mint_with_the_audience_and_shortest_lifetime(
     assert credentials.client_assertion is not None
     assert credentials.client_assertion() == SA_TOKEN
     assert credentials.client_assertion() == SA_TOKEN
-    assert mint.calls == [("shop", "shop-fe", DEFAULT_AUDIENCE, EXPIRATION_SECONDS)] * 2
+    assert mint.calls == [("shop", "shop-fe", DEFAULT_FEDERATION_AUDIENCE, EXPIRATION_SECONDS)] * 2
     assert EXPIRATION_SECONDS == 600
     assert REDACTOR.scrub(f"minted {SA_TOKEN}") == "minted [REDACTED]"
 

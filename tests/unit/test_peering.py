@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from m2m_token_operator.kube import JsonObject, KubeError
+from m2m_token_operator.constants import JsonObject
+from m2m_token_operator.kube import KubeError
 from m2m_token_operator.peering import PeeringConfig, PeeringGate, blocking_peers
 from m2m_token_operator.scheduler import Scheduler
 

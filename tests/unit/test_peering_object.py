@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from m2m_token_operator.kube import JsonObject, KubeError, NotFound
+from m2m_token_operator.constants import JsonObject
+from m2m_token_operator.kube import KubeError, NotFound
 from m2m_token_operator.peering import ensure_cluster_peering
 
 

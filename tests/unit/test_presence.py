@@ -12,11 +12,10 @@ from typing import Any
 from m2m_token_operator.kube import _without_nulls
 from m2m_token_operator.presence import (
     METADATA_LIST,
-    METADATA_WATCH,
     TokenRequestPresence,
     metadata_only,
 )
-from m2m_token_operator.watch import ADDED, DELETED, MODIFIED
+from m2m_token_operator.watch import ADDED, DELETED, METADATA_WATCH_ACCEPT, MODIFIED
 
 
 def _obj(name: str, uid: str | None, namespace: str = "shop") -> dict[str, Any]:
@@ -79,7 +78,7 @@ def test_the_watch_asks_for_metadata_only() -> None:
     lister(label_selector="", limit=500)
     lister(label_selector="", watch=True, resource_version="7")
     assert calls[0]["_headers"] == {"Accept": METADATA_LIST}
-    assert calls[1]["_headers"] == {"Accept": METADATA_WATCH}
+    assert calls[1]["_headers"] == {"Accept": METADATA_WATCH_ACCEPT}
 
 
 def test_the_status_sent_leaves_out_null_members_as_a_merge_patch_would() -> None:

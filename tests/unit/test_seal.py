@@ -12,8 +12,9 @@ from typing import Any, cast
 import pytest
 
 from m2m_token_operator.cache import CacheKey
+from m2m_token_operator.constants import JsonObject
 from m2m_token_operator.credentials import ClientCredentials, secret_credentials
-from m2m_token_operator.kube import Conflict, JsonObject, KubeApi
+from m2m_token_operator.kube import Conflict, KubeApi
 from m2m_token_operator.seal import (
     KEY_BYTES,
     SealKey,

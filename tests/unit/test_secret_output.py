@@ -11,13 +11,12 @@ import kubernetes
 import pytest
 from pytest_httpserver import HTTPServer
 
-from m2m_token_operator.kube import JsonObject, KubeApi
+from m2m_token_operator.constants import KEY_ID_ANNOTATION, JsonObject
+from m2m_token_operator.kube import KubeApi
 from m2m_token_operator.secret_output import (
-    KEY_ID_ANNOTATION,
     Owner,
     WriteOutcome,
     _differs,
-    format_time,
     is_owned_by,
     merge_for_replace,
     owner_reference,
@@ -26,6 +25,7 @@ from m2m_token_operator.secret_output import (
     token_request_owner,
     write_secret,
 )
+from m2m_token_operator.timefmt import format_time
 from m2m_token_operator.tokens import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
@@ -166,7 +166,7 @@ def test_parse_time_takes_a_timestamp_without_an_offset_as_utc() -> None:
     import os
     import time
 
-    from m2m_token_operator.secret_output import parse_time
+    from m2m_token_operator.timefmt import parse_time
 
     saved = os.environ.get("TZ")
     os.environ["TZ"] = "EST5"  # a POSIX rule, no tz database needed: UTC-5

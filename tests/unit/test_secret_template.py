@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from m2m_token_operator.constants import TEMPLATE_KEYS_ANNOTATION
 from m2m_token_operator.models import (
     MAX_TEMPLATE_ENTRIES,
     SecretTemplate,
@@ -19,7 +20,6 @@ from m2m_token_operator.models import (
     parse_spec,
 )
 from m2m_token_operator.secret_output import (
-    TEMPLATE_KEYS_ANNOTATION,
     Owner,
     _differs,
     merge_for_replace,

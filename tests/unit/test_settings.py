@@ -207,3 +207,25 @@ def test_all_problems_are_reported_at_once() -> None:
 def test_peering_priority_may_be_negative_and_empty_means_unset() -> None:
     assert Settings.from_env({"M2M_PEERING_PRIORITY": "-5"}).peering_priority == -5
     assert Settings.from_env({"M2M_PEERING_PRIORITY": " "}).peering_priority is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("ops/seal-key", ("ops", "seal-key")),
+        ("ops/seal.key-v2", ("ops", "seal.key-v2")),
+    ],
+)
+def test_the_seal_key_secret_is_a_namespace_and_a_secret_name(
+    raw: str, expected: tuple[str, str]
+) -> None:
+    assert Settings.from_env({"M2M_SEAL_KEY_SECRET": raw}).seal_key_secret == expected
+
+
+@pytest.mark.parametrize(
+    "raw", ["seal-key", "ops/", "/seal-key", "Ops/seal-key", "ops/seal..key", "ops/seal.-key"]
+)
+def test_a_seal_key_secret_that_is_not_a_kubernetes_name_stops_the_operator(raw: str) -> None:
+    # The names the API server would refuse: DNS label / DNS subdomain (kube_names).
+    with pytest.raises(SettingsError, match="M2M_SEAL_KEY_SECRET"):
+        Settings.from_env({"M2M_SEAL_KEY_SECRET": raw})

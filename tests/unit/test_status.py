@@ -4,9 +4,8 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from m2m_token_operator.constants import DEGRADED, READY
 from m2m_token_operator.status import (
-    DEGRADED,
-    READY,
     Failure,
     Observation,
     build_status,

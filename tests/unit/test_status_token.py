@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from m2m_token_operator.claims import TokenClaims
+from m2m_token_operator.constants import NO_APP_ROLES, REFRESH_REQUESTED
 from m2m_token_operator.status import (
-    NO_APP_ROLES,
-    REFRESH_REQUESTED,
     Observation,
     build_status,
     no_app_roles_event,

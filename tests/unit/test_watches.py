@@ -15,6 +15,7 @@ import kubernetes
 import pytest
 
 from m2m_token_operator.__main__ import namespace_patterns
+from m2m_token_operator.namespace_match import namespace_matcher
 from m2m_token_operator.watch import ADDED, DELETED, MODIFIED
 from m2m_token_operator.watches import (
     CREDENTIALS_SELECTOR,
@@ -22,7 +23,6 @@ from m2m_token_operator.watches import (
     Debouncer,
     OwnedSecrets,
     SecretFeed,
-    namespace_matcher,
     secret_watches,
     served_namespaces,
 )
