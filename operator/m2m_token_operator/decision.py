@@ -35,9 +35,11 @@ from m2m_token_operator.policy import RetryPolicy
 from m2m_token_operator.secret_output import WriteOutcome, format_time, parse_time
 from m2m_token_operator.status import (
     DEGRADED,
+    INTERNAL_ERROR,
     INVALID_SPEC,
     KUBERNETES_API_ERROR,
     OPERATOR_IDENTITY_NOT_ALLOWED,
+    PERMISSION_DENIED,
     SECRET_CONFLICT,
     SECRET_WRITE_FAILED,
     EventSpec,
@@ -88,6 +90,10 @@ class Facts:
     conflicts: int = 0  # consecutive looks that found a foreign Secret, before this look
     # The m2m.dev/refresh value this look forced a fetch for (recorded in status).
     refresh_request: str | None = None
+    # An unexpected exception ended the look: where its traceback is (no secret in it).
+    internal_error: str | None = None
+    # A permission the look needs is missing (which verb on which resource, and the fix).
+    permission_denied: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,19 @@ def _operator_identity_denied(
     return Failure(OPERATOR_IDENTITY_NOT_ALLOWED, message), failed_at, first
 
 
+def _held_failure(
+    facts: Facts, reason: str, message: str, now: datetime
+) -> tuple[Failure, datetime, bool]:
+    """A failure that lasts until something outside the look changes: its time is that of
+    the first look that found it (so repeated looks write nothing), and whether this is it."""
+    _, previous_reason = condition_reason(facts.previous_status, DEGRADED)
+    previous_time = facts.previous_status.get("lastFailureTime")
+    if previous_reason == reason and previous_time:
+        with contextlib.suppress(ValueError):
+            return Failure(reason, message), parse_time(str(previous_time)), False
+    return Failure(reason, message), now, True
+
+
 def decide(facts: Facts, now: datetime) -> Outcome:
     """The outcome of one look: pure, total, and the only place that picks the token."""
     if facts.deleting:
@@ -237,6 +256,14 @@ def decide(facts: Facts, now: datetime) -> Outcome:
     if spec is None:
         failure = Failure(INVALID_SPEC, facts.spec_error or "invalid spec")
         # Nothing to wait for: the next spec edit brings the object back.
+    elif facts.internal_error is not None:
+        # A bug: said in status (Degraded, and Ready False unless a still-valid token
+        # is served), counted, and retried on the backoff schedule of API failures.
+        failure = Failure(INTERNAL_ERROR, facts.internal_error)
+        api_failures = facts.api_failures + 1
+        failed_attempts, failed_at = api_failures, now
+        count_failures.append(INTERNAL_ERROR)
+        wake.append(_retry_soon(facts, now))
     elif facts.api_error is not None:
         failure = _api_failure(facts.api_error)
         api_failures = facts.api_failures + 1
@@ -251,6 +278,16 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         )
         # The token fetched (if any) stays cached: the next look writes it without a request.
         wake.append(_retry_soon(facts, now))
+    elif facts.permission_denied is not None:
+        # The operator's own RBAC, not this TokenRequest: counted once, no token request;
+        # the permission's return wakes it (the watch's first list), the expiry below too.
+        failure, failed_at, first = _held_failure(
+            facts, PERMISSION_DENIED, facts.permission_denied, now
+        )
+        failed_attempts = 1
+        if first:
+            count_failures.append(failure.reason)
+            log.append((logging.WARNING, f"not served: reason={failure.reason}"))
     elif facts.secret_foreign or facts.write is WriteOutcome.CONFLICT:
         # Nothing could be delivered. A foreign Secret is not watched (only owned ones
         # are): the first look learns of it from a refused create (its token stays cached,

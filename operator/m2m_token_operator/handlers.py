@@ -16,7 +16,7 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -24,18 +24,21 @@ import kopf
 import kubernetes
 
 from m2m_token_operator import metrics, redaction, refresh, seal, watches
-from m2m_token_operator.cache import TokenCache
+from m2m_token_operator.cache import FetchWithheld, TokenCache
 from m2m_token_operator.client import TokenClient
+from m2m_token_operator.credentials import ClientCredentials
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, KubeError, load_api_client
 from m2m_token_operator.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.peering import PeeringConfig, PeeringGate
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.settings import Settings
-from m2m_token_operator.tokens import utc_now
+from m2m_token_operator.tokens import AccessToken, utc_now
 from m2m_token_operator.watch import LabelSelectedWatch
 
 logger = logging.getLogger(__name__)
+
+Fetch = Callable[[ClientCredentials, str], AccessToken]
 
 # Where Kopf would keep handling state on a TokenRequest: under our domain, not Kopf's.
 STATE_PREFIX = "operator.m2m.dev"
@@ -93,6 +96,22 @@ def peering_gate(
         on_resume=reconciler.resume_after_pause,
         on_pause=reconciler.paused,
     )
+
+
+def _while_active(fetch: Fetch, memo: kopf.Memo) -> Fetch:
+    """The token fetch, withheld once the peering gate has closed.
+
+    Checked on the fetch thread right before the request: a fetch queued for a free
+    thread before the pause (its look since cancelled) must not go out after it.
+    """
+
+    def fetch_while_active(credentials: ClientCredentials, scope: str) -> AccessToken:
+        gate: PeeringGate | None = memo.get("peering_gate")
+        if gate is not None and gate.active is not True:
+            raise FetchWithheld
+        return fetch(credentials, scope)
+
+    return fetch_while_active
 
 
 def _close(api: Any) -> None:
@@ -165,7 +184,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     )
     cache = runtime.closing(
         TokenCache(
-            fetch=metrics.instrument_fetch(token_client.fetch),
+            fetch=_while_active(metrics.instrument_fetch(token_client.fetch), memo),
             refresh_policy=config.refresh_policy(),
             retry_policy=config.retry_policy(),
             clock=utc_now,
@@ -196,6 +215,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
             lister=kubernetes.client.CoreV1Api(api_client).list_namespace,
             label_selector=identity_namespaces.selector,
             on_event=identity_namespaces.on_event,
+            on_forbidden=functools.partial(_namespaces_forbidden, identity_namespaces, reconciler),
         )
         identity_namespaces.set_synced_check(watch.synced.is_set)
         memo["namespaces_task"] = runtime.start(
@@ -236,6 +256,18 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     server = metrics.serve(config.metrics_port)
     if server is not None:
         runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
+
+
+def _namespaces_forbidden(
+    identity_namespaces: OperatorIdentityNamespaces,
+    reconciler: TokenRequestReconciler,
+    forbidden: bool,
+) -> None:
+    """403 on the Namespace watch: the TokenRequests it blocks say so now (and once it
+    works again, its first list wakes them through `_watch_namespaces`)."""
+    identity_namespaces.set_forbidden(forbidden)
+    if forbidden:
+        reconciler.namespace_allowed_changed(None)
 
 
 async def _watch_namespaces(watch: LabelSelectedWatch, reconciler: TokenRequestReconciler) -> None:
@@ -342,7 +374,7 @@ async def token_request_event(
     elif metadata.get("deletionTimestamp"):
         reconciler.being_deleted(metadata.namespace or "", metadata.name or "", metadata.uid)
     else:
-        await reconciler.observed(_plain(body))
+        reconciler.observed(_plain(body))  # learns and schedules: the look is the scheduler's
 
 
 def _refresh_asked(body: kopf.Body, **_: Any) -> bool:

@@ -332,6 +332,10 @@ class KubeApi:
         """
         self._events.put(namespace, bodies, priority=event_priority())
 
+    def drop_pending_events(self) -> None:
+        """This replica paused: the events not posted yet are not its to post any more."""
+        self._events.drop_pending()
+
     async def create_event(self, namespace: str, body: Any, priority: float | None = None) -> None:
         self.writes += 1
         try:

@@ -50,7 +50,16 @@ CACHE_LOOKUPS = Counter(
     ["result"],
 )
 
+LOOK_ERRORS = Counter(
+    "m2m_look_errors_total",
+    "Looks at a TokenRequest ended by an unexpected exception (a bug; see the operator log).",
+)
+
 Fetch = Callable[[ClientCredentials, str], AccessToken]
+
+
+def record_look_error() -> None:
+    LOOK_ERRORS.inc()
 
 
 def instrument_fetch(fetch: Fetch) -> Fetch:
