@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -29,7 +30,13 @@ from m2m_token_operator.client import TokenClient
 from m2m_token_operator.credentials import ClientCredentials
 from m2m_token_operator.kube import GROUP, PLURAL, VERSION, KubeApi, KubeError, load_api_client
 from m2m_token_operator.namespaces import OperatorIdentityNamespaces
-from m2m_token_operator.peering import PeeringConfig, PeeringGate
+from m2m_token_operator.peering import (
+    LeaseConfig,
+    LeaseGate,
+    PeeringConfig,
+    PeeringGate,
+    lease_name,
+)
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.settings import Settings
@@ -39,6 +46,10 @@ from m2m_token_operator.watch import LabelSelectedWatch
 logger = logging.getLogger(__name__)
 
 Fetch = Callable[[ClientCredentials, str], AccessToken]
+ActivityGate = PeeringGate | LeaseGate
+# The shard's name (the pod label m2m.dev/shard): its replicas share one Lease.
+SHARD_SETTING = "M2M_SHARD"
+_SHARD_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?")
 
 # Where Kopf would keep handling state on a TokenRequest: under our domain, not Kopf's.
 STATE_PREFIX = "operator.m2m.dev"
@@ -72,8 +83,18 @@ def peering_gate(
     kube: KubeApi,
     reconciler: TokenRequestReconciler,
     environ: dict[str, str] | os._Environ[str],
-) -> PeeringGate | None:
-    """The gate that pauses our scheduler whenever Kopf pauses, or None when Kopf never does."""
+    namespace: str = "",
+) -> ActivityGate | None:
+    """The gate that pauses our scheduler whenever Kopf pauses, or None when Kopf never does.
+
+    With M2M_SHARD (a shard's replicas, `--namespace` mode): the shard's own Lease in
+    the operator's `namespace` decides instead; Kopf runs `--standalone` there.
+    """
+    shard = environ.get(SHARD_SETTING)
+    if shard is not None:
+        return _shard_gate(
+            shard, kube=kube, reconciler=reconciler, environ=environ, namespace=namespace
+        )
     if settings.peering.standalone:
         return None
     identity = environ.get("POD_ID")  # Kopf's own identity in the peering, when set
@@ -98,6 +119,33 @@ def peering_gate(
     )
 
 
+def _shard_gate(
+    shard: str,
+    *,
+    kube: KubeApi,
+    reconciler: TokenRequestReconciler,
+    environ: dict[str, str] | os._Environ[str],
+    namespace: str,
+) -> LeaseGate:
+    if not _SHARD_NAME.fullmatch(shard):
+        # Set but empty: the pod has no m2m.dev/shard label (the component reads it).
+        raise kopf.PermanentError(
+            f"{SHARD_SETTING}={shard!r} is not a shard name (lowercase letters, digits and"
+            " '-', at most 40): set the pod label m2m.dev/shard (manifests/components/shard)"
+        )
+    return LeaseGate(
+        config=LeaseConfig(
+            namespace=namespace,
+            name=lease_name(shard),
+            identity=environ.get("POD_ID") or socket.gethostname(),
+        ),
+        kube=kube,
+        clock=utc_now,
+        on_resume=reconciler.resume_after_pause,
+        on_pause=reconciler.paused,
+    )
+
+
 def _while_active(fetch: Fetch, memo: kopf.Memo) -> Fetch:
     """The token fetch, withheld once the peering gate has closed.
 
@@ -106,7 +154,7 @@ def _while_active(fetch: Fetch, memo: kopf.Memo) -> Fetch:
     """
 
     def fetch_while_active(credentials: ClientCredentials, scope: str) -> AccessToken:
-        gate: PeeringGate | None = memo.get("peering_gate")
+        gate: ActivityGate | None = memo.get("peering_gate")
         if gate is not None and gate.active is not True:
             raise FetchWithheld
         return fetch(credentials, scope)
@@ -234,7 +282,13 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
         lambda: peering_kube.close(),
         name="peering kube",
     )
-    gate = peering_gate(settings, kube=peering_kube, reconciler=reconciler, environ=os.environ)
+    gate = peering_gate(
+        settings,
+        kube=peering_kube,
+        reconciler=reconciler,
+        environ=os.environ,
+        namespace=config.seal_key_secret[0],  # the operator's namespace
+    )
     if gate is not None:
         reconciler.scheduler.gate = gate
         memo["peering_gate"] = gate
@@ -327,7 +381,7 @@ def scheduler_alive(memo: kopf.Memo, **_: Any) -> str:
     last = _reconciler(memo).scheduler.last_loop_at
     if last is None or utc_now() - last > SCHEDULER_STALL:
         raise RuntimeError("the refresh scheduler is stalled")
-    gate: PeeringGate | None = memo.get("peering_gate")
+    gate: ActivityGate | None = memo.get("peering_gate")
     if gate is not None and gate.active is None and utc_now() - gate.started_at > PEERING_UNREAD:
         # Never read (e.g. RBAC without `get` on it): refreshes would wait for ever.
         raise RuntimeError("the peering object has never been readable; refreshes wait on it")
