@@ -101,7 +101,8 @@ def peering_gate(
     if not settings.peering.clusterwide or not identity:
         logger.warning(
             "Refreshes do not follow Kopf's peering: it needs --all-namespaces and POD_ID"
-            " (m2m-token-operator sets POD_ID itself); run one replica or --standalone"
+            " (m2m-token-operator sets POD_ID itself); run one replica or --standalone, or"
+            " several with --standalone and M2M_SHARD (a Lease elects the active one)"
         )
         return None
     config = PeeringConfig(

@@ -71,6 +71,7 @@ class Scheduler(Generic[Target]):
         self._group_of: Callable[[Target], Hashable] = _one_group
         self._group_limit = concurrency
         self._queues: dict[Hashable, deque[Target]] = {}
+        self._queued: set[Target] = set()  # the targets in `_queues`, each at most once
         self._turns: deque[Hashable] = deque()  # groups with queued targets, next first
         self._active: Counter[Hashable] = Counter()
         self._stopping = False
@@ -154,6 +155,9 @@ class Scheduler(Generic[Target]):
             logger.exception("Scheduled work for %s failed", target)
 
     def _enqueue(self, target: Target) -> None:
+        if target in self._queued:
+            return  # it has not started yet: that handling will see this wake's cause too
+        self._queued.add(target)
         group = self._group_of(target)
         queue = self._queues.get(group)
         if queue is None:
@@ -179,6 +183,7 @@ class Scheduler(Generic[Target]):
             skipped = 0
             queue = self._queues[group]
             target = queue.popleft()
+            self._queued.discard(target)
             if queue:
                 self._turns.rotate(-1)  # its next target waits for the others' turns
             else:
@@ -212,6 +217,7 @@ class Scheduler(Generic[Target]):
             for target in queue:
                 self.schedule(target, now)
         self._queues.clear()
+        self._queued.clear()
         self._turns.clear()
         for task in list(self._running):
             task.cancel()
@@ -256,6 +262,7 @@ class Scheduler(Generic[Target]):
         finally:
             self._stopping = True
             self._queues.clear()  # nothing new starts while the running ones stop
+            self._queued.clear()
             self._turns.clear()
             for task in list(self._running):
                 task.cancel()

@@ -135,3 +135,30 @@ async def test_pause_cancels_the_handlings_under_way_and_they_run_again_on_resum
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_target_woken_again_while_it_waits_in_the_queue_runs_once() -> None:
+    """A queued target has not started: that handling sees the second wake's cause too."""
+    started: list[str] = []
+    release_first = asyncio.Event()
+
+    async def handle(target: str) -> None:
+        started.append(target)
+        if target == "first":
+            await release_first.wait()
+
+    scheduler: Scheduler[str] = Scheduler(clock=lambda: NOW, handle=handle, concurrency=1)
+    scheduler.schedule("first", NOW)
+    scheduler.schedule("second", NOW)
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await _until(lambda: started == ["first"] and scheduler.queued == 1)
+        scheduler.schedule("second", NOW)  # e.g. a fan-out while it waits for a slot
+        await _until(lambda: len(scheduler) == 0)  # the loop took the second wake
+        assert scheduler.queued == 1
+        release_first.set()
+        await _until(lambda: not scheduler._running and scheduler.queued == 0)
+        assert started == ["first", "second"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
