@@ -72,6 +72,8 @@ class Scheduler(Generic[Target]):
         self._group_limit = concurrency
         self._queues: dict[Hashable, deque[Target]] = {}
         self._queued: set[Target] = set()  # the targets in `_queues`, each at most once
+        self._running_targets: set[Target] = set()
+        self._rerun: set[Target] = set()  # woken while running: queued when that ends
         self._turns: deque[Hashable] = deque()  # groups with queued targets, next first
         self._active: Counter[Hashable] = Counter()
         self._stopping = False
@@ -157,6 +159,11 @@ class Scheduler(Generic[Target]):
     def _enqueue(self, target: Target) -> None:
         if target in self._queued:
             return  # it has not started yet: that handling will see this wake's cause too
+        if target in self._running_targets:
+            # Again once the running handling ends (it may not have seen this wake's cause),
+            # without holding a slot meanwhile only to wait for the target's lock.
+            self._rerun.add(target)
+            return
         self._queued.add(target)
         group = self._group_of(target)
         queue = self._queues.get(group)
@@ -192,6 +199,7 @@ class Scheduler(Generic[Target]):
             self._active[group] += 1
             task = asyncio.create_task(self._run_one(target))
             self._running[task] = target
+            self._running_targets.add(target)
             task.add_done_callback(functools.partial(self._finished, group=group))
 
     def _finished(self, task: asyncio.Task[None], *, group: Hashable) -> None:
@@ -199,6 +207,11 @@ class Scheduler(Generic[Target]):
         self._active[group] -= 1
         if self._active[group] <= 0:
             del self._active[group]
+        if target is not None:
+            self._running_targets.discard(target)
+            if target in self._rerun and not self._stopping:
+                self._rerun.discard(target)
+                self._enqueue(target)  # woken while it ran
         if task.cancelled() and target is not None and not self._stopping:
             self.schedule(target, self._clock())  # cut short by a pause: due again
         self._dispatch()  # asks the gate first: a paused replica starts nothing here

@@ -162,3 +162,31 @@ async def test_a_target_woken_again_while_it_waits_in_the_queue_runs_once() -> N
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_target_woken_while_it_runs_runs_again_after_without_holding_a_slot() -> None:
+    started: list[str] = []
+    release = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    async def handle(target: str) -> None:
+        started.append(target)
+        if started.count(target) == 1:
+            await release[target].wait()
+
+    scheduler: Scheduler[str] = Scheduler(clock=lambda: NOW, handle=handle, concurrency=2)
+    scheduler.schedule("a", NOW)
+    task = asyncio.create_task(scheduler.run())
+    try:
+        await _until(lambda: started == ["a"])
+        scheduler.schedule("a", NOW)  # e.g. a fan-out while "a" is being handled
+        scheduler.schedule("b", NOW)
+        # The second slot goes to "b", not to a second handling of "a" waiting on the first.
+        await _until(lambda: started == ["a", "b"])
+        release["a"].set()
+        await _until(lambda: started == ["a", "b", "a"])  # after the first one ended
+        release["b"].set()
+        await _until(lambda: not scheduler._running)
+        assert started == ["a", "b", "a"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
