@@ -71,6 +71,10 @@ def token_jitter(token: AccessToken) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+class FetchWithheld(Exception):
+    """The fetch sent nothing (this replica paused): no answer, so no failure is recorded."""
+
+
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     """What one token is for.
@@ -483,6 +487,8 @@ class TokenCache:
         loop = asyncio.get_running_loop()
         try:
             token = await loop.run_in_executor(self._executor, self._fetch, credentials, scope)
+        except FetchWithheld:
+            logger.debug("token request for %s withheld: this replica is paused", key)
         except Exception as error:
             if not isinstance(error, TokenEndpointError):
                 # A bug, not an endpoint's answer: keep the traceback (it holds no secret).

@@ -77,6 +77,8 @@ THROTTLED = "Throttled"
 SECRET_CONFLICT = "SecretConflict"
 SECRET_WRITE_FAILED = "SecretWriteFailed"
 KUBERNETES_API_ERROR = "KubernetesAPIError"
+INTERNAL_ERROR = "InternalError"  # an unexpected exception ended the look: a bug
+PERMISSION_DENIED = "PermissionDenied"  # the operator lacks a permission the look needs
 # Event-only reasons.
 TOKEN_REFRESHED = "TokenRefreshed"
 SECRET_RESTORED = "SecretRestored"

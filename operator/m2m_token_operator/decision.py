@@ -32,10 +32,12 @@ from m2m_token_operator.constants import (
     CREDENTIALS_MISSING,
     DEGRADED,
     ENDPOINT_UNAVAILABLE,
+    INTERNAL_ERROR,
     INVALID_SPEC,
     KUBERNETES_API_ERROR,
     OPERATOR_IDENTITY_NOT_ALLOWED,
     OPERATOR_NAMESPACE_NOT_SERVED,
+    PERMISSION_DENIED,
     SECRET_CONFLICT,
     SECRET_WRITE_FAILED,
     JsonObject,
@@ -97,6 +99,10 @@ class Facts:
     conflicts: int = 0  # consecutive looks that found a foreign Secret, before this look
     # The m2m.dev/refresh value this look forced a fetch for (recorded in status).
     refresh_request: str | None = None
+    # An unexpected exception ended the look: where its traceback is (no secret in it).
+    internal_error: str | None = None
+    # A permission the look needs is missing (which verb on which resource, and the fix).
+    permission_denied: str | None = None
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,15 @@ def _first_failure_time(facts: Facts, reason: str, now: datetime) -> tuple[datet
     return now, True
 
 
+def _held_failure(
+    facts: Facts, reason: str, message: str, now: datetime
+) -> tuple[Failure, datetime, bool]:
+    """A failure that lasts until something outside the look changes: its time is that of
+    the first look that found it (so repeated looks write nothing), and whether this is it."""
+    failed_at, first = _first_failure_time(facts, reason, now)
+    return Failure(reason, message), failed_at, first
+
+
 def decide(facts: Facts, now: datetime) -> Outcome:
     """The outcome of one look: pure, total, and the only place that picks the token."""
     if facts.deleting:
@@ -279,6 +294,14 @@ def decide(facts: Facts, now: datetime) -> Outcome:
     elif spec is None:
         failure = Failure(INVALID_SPEC, facts.spec_error or "invalid spec")
         # Nothing to wait for: the next spec edit brings the object back.
+    elif facts.internal_error is not None:
+        # A bug: said in status (Degraded, and Ready False unless a still-valid token
+        # is served), counted, and retried on the backoff schedule of API failures.
+        failure = Failure(INTERNAL_ERROR, facts.internal_error)
+        api_failures = facts.api_failures + 1
+        failed_attempts, failed_at = api_failures, now
+        count_failures.append(INTERNAL_ERROR)
+        wake.append(_retry_soon(facts, now, token))
     elif facts.api_error is not None:
         failure = _api_failure(facts.api_error)
         api_failures = facts.api_failures + 1
@@ -293,6 +316,16 @@ def decide(facts: Facts, now: datetime) -> Outcome:
         )
         # The token fetched (if any) stays cached: the next look writes it without a request.
         wake.append(_retry_soon(facts, now, token))
+    elif facts.permission_denied is not None:
+        # The operator's own RBAC, not this TokenRequest: counted once, no token request;
+        # the permission's return wakes it (the watch's first list), the expiry below too.
+        failure, failed_at, first = _held_failure(
+            facts, PERMISSION_DENIED, facts.permission_denied, now
+        )
+        failed_attempts = 1
+        if first:
+            count_failures.append(failure.reason)
+            log.append((logging.WARNING, f"not served: reason={failure.reason}"))
     elif facts.secret_foreign or facts.write is WriteOutcome.CONFLICT:
         # Nothing could be delivered. A foreign Secret is not watched (only owned ones
         # are): the first look learns of it from a refused create (its token stays cached,

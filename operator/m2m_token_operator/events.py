@@ -58,6 +58,12 @@ class EventQueue:
         while self._workers:
             await asyncio.wait(set(self._workers))
 
+    def drop_pending(self) -> None:
+        """Drop what is not posted yet and stop the posting; new events queue as before."""
+        self._pending.clear()
+        for worker in self._workers:
+            worker.cancel()
+
     def close(self) -> None:
         """Drop what is not posted yet (the operator stops), as client-go drops them."""
         self._closed = True

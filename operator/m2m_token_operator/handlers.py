@@ -15,8 +15,9 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -24,19 +25,33 @@ import kopf
 import kubernetes
 
 from m2m_token_operator import metrics, presence, redaction, refresh, seal, watches
-from m2m_token_operator.cache import TokenCache
+from m2m_token_operator.cache import FetchWithheld, TokenCache
 from m2m_token_operator.client import TokenClient
 from m2m_token_operator.constants import GROUP, PLURAL, VERSION
+from m2m_token_operator.credentials import ClientCredentials
 from m2m_token_operator.kube import KubeApi, KubeError, load_api_client
 from m2m_token_operator.namespaces import OperatorIdentityNamespaces
-from m2m_token_operator.peering import PeeringConfig, PeeringGate, ensure_cluster_peering
+from m2m_token_operator.peering import (
+    LeaseConfig,
+    LeaseGate,
+    PeeringConfig,
+    PeeringGate,
+    ensure_cluster_peering,
+    lease_name,
+)
 from m2m_token_operator.reconciler import TokenRequestReconciler
 from m2m_token_operator.runtime import Runtime
 from m2m_token_operator.settings import Settings
-from m2m_token_operator.tokens import utc_now
+from m2m_token_operator.tokens import AccessToken, utc_now
 from m2m_token_operator.watch import LabelSelectedWatch
 
 logger = logging.getLogger(__name__)
+
+Fetch = Callable[[ClientCredentials, str], AccessToken]
+ActivityGate = PeeringGate | LeaseGate
+# The shard's name (the pod label m2m.dev/shard): its replicas share one Lease.
+SHARD_SETTING = "M2M_SHARD"
+_SHARD_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?")
 
 # Where Kopf would keep handling state on a TokenRequest: under our domain, not Kopf's.
 STATE_PREFIX = "operator.m2m.dev"
@@ -70,15 +85,26 @@ def peering_gate(
     kube: KubeApi,
     reconciler: TokenRequestReconciler,
     environ: dict[str, str] | os._Environ[str],
-) -> PeeringGate | None:
-    """The gate that pauses our scheduler whenever Kopf pauses, or None when Kopf never does."""
+    namespace: str = "",
+) -> ActivityGate | None:
+    """The gate that pauses our scheduler whenever Kopf pauses, or None when Kopf never does.
+
+    With M2M_SHARD (a shard's replicas, `--namespace` mode): the shard's own Lease in
+    the operator's `namespace` decides instead; Kopf runs `--standalone` there.
+    """
+    shard = environ.get(SHARD_SETTING)
+    if shard is not None:
+        return _shard_gate(
+            shard, kube=kube, reconciler=reconciler, environ=environ, namespace=namespace
+        )
     if settings.peering.standalone:
         return None
     identity = environ.get("POD_ID")  # Kopf's own identity in the peering, when set
     if not settings.peering.clusterwide or not identity:
         logger.warning(
             "Refreshes do not follow Kopf's peering: it needs --all-namespaces and POD_ID"
-            " (m2m-token-operator sets POD_ID itself); run one replica or --standalone"
+            " (m2m-token-operator sets POD_ID itself); run one replica or --standalone, or"
+            " several with --standalone and M2M_SHARD (a Lease elects the active one)"
         )
         return None
     config = PeeringConfig(
@@ -94,6 +120,49 @@ def peering_gate(
         on_resume=reconciler.resume_after_pause,
         on_pause=reconciler.paused,
     )
+
+
+def _shard_gate(
+    shard: str,
+    *,
+    kube: KubeApi,
+    reconciler: TokenRequestReconciler,
+    environ: dict[str, str] | os._Environ[str],
+    namespace: str,
+) -> LeaseGate:
+    if not _SHARD_NAME.fullmatch(shard):
+        # Set but empty: the pod has no m2m.dev/shard label (the component reads it).
+        raise kopf.PermanentError(
+            f"{SHARD_SETTING}={shard!r} is not a shard name (lowercase letters, digits and"
+            " '-', at most 40): set the pod label m2m.dev/shard (manifests/components/shard)"
+        )
+    return LeaseGate(
+        config=LeaseConfig(
+            namespace=namespace,
+            name=lease_name(shard),
+            identity=environ.get("POD_ID") or socket.gethostname(),
+        ),
+        kube=kube,
+        clock=utc_now,
+        on_resume=reconciler.resume_after_pause,
+        on_pause=reconciler.paused,
+    )
+
+
+def _while_active(fetch: Fetch, memo: kopf.Memo) -> Fetch:
+    """The token fetch, withheld once the peering gate has closed.
+
+    Checked on the fetch thread right before the request: a fetch queued for a free
+    thread before the pause (its look since cancelled) must not go out after it.
+    """
+
+    def fetch_while_active(credentials: ClientCredentials, scope: str) -> AccessToken:
+        gate: ActivityGate | None = memo.get("peering_gate")
+        if gate is not None and gate.active is not True:
+            raise FetchWithheld
+        return fetch(credentials, scope)
+
+    return fetch_while_active
 
 
 def _close(api: Any) -> None:
@@ -167,7 +236,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     )
     cache = runtime.closing(
         TokenCache(
-            fetch=metrics.instrument_fetch(token_client.fetch),
+            fetch=_while_active(metrics.instrument_fetch(token_client.fetch), memo),
             refresh_policy=config.refresh_policy(),
             retry_policy=config.retry_policy(),
             clock=utc_now,
@@ -198,6 +267,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
             lister=kubernetes.client.CoreV1Api(api_client).list_namespace,
             label_selector=identity_namespaces.selector,
             on_event=identity_namespaces.on_event,
+            on_forbidden=functools.partial(_namespaces_forbidden, identity_namespaces, reconciler),
         )
         identity_namespaces.set_synced_check(watch.synced.is_set)
         memo["namespaces_task"] = runtime.start(
@@ -216,7 +286,13 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
         lambda: peering_kube.close(),
         name="peering kube",
     )
-    gate = peering_gate(settings, kube=peering_kube, reconciler=reconciler, environ=os.environ)
+    gate = peering_gate(
+        settings,
+        kube=peering_kube,
+        reconciler=reconciler,
+        environ=os.environ,
+        namespace=config.seal_key_secret[0],  # the operator's namespace
+    )
     if gate is not None:
         reconciler.scheduler.gate = gate
         memo["peering_gate"] = gate
@@ -242,6 +318,18 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     server = metrics.serve(config.metrics_port)
     if server is not None:
         runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
+
+
+def _namespaces_forbidden(
+    identity_namespaces: OperatorIdentityNamespaces,
+    reconciler: TokenRequestReconciler,
+    forbidden: bool,
+) -> None:
+    """403 on the Namespace watch: the TokenRequests it blocks say so now (and once it
+    works again, its first list wakes them through `_watch_namespaces`)."""
+    identity_namespaces.set_forbidden(forbidden)
+    if forbidden:
+        reconciler.namespace_allowed_changed(None)
 
 
 async def _watch_namespaces(watch: LabelSelectedWatch, reconciler: TokenRequestReconciler) -> None:
@@ -301,7 +389,7 @@ def scheduler_alive(memo: kopf.Memo, **_: Any) -> str:
     last = _reconciler(memo).scheduler.last_loop_at
     if last is None or utc_now() - last > SCHEDULER_STALL:
         raise RuntimeError("the refresh scheduler is stalled")
-    gate: PeeringGate | None = memo.get("peering_gate")
+    gate: ActivityGate | None = memo.get("peering_gate")
     if gate is not None and gate.active is None and utc_now() - gate.started_at > PEERING_UNREAD:
         # Never read (e.g. RBAC without `get` on it): refreshes would wait for ever.
         raise RuntimeError("the peering object has never been readable; refreshes wait on it")
@@ -348,7 +436,7 @@ async def token_request_event(
     elif metadata.get("deletionTimestamp"):
         reconciler.being_deleted(metadata.namespace or "", metadata.name or "", metadata.uid)
     else:
-        await reconciler.observed(_plain(body))
+        reconciler.observed(_plain(body))  # learns and schedules: the look is the scheduler's
 
 
 def _refresh_asked(body: kopf.Body, **_: Any) -> bool:

@@ -107,6 +107,7 @@ class KubeApi:
         self._timeout = request_timeout
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
+        self._coordination = kubernetes.client.CoordinationV1Api(api_client)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube-api")
         # One slot per thread: a call is handed to a thread only when one is free, so the
         # order of the waiting calls is ours (oldest look first), not the executor's FIFO.
@@ -399,6 +400,40 @@ class KubeApi:
             return False
         return True
 
+    # A shard's Lease (coordination.k8s.io): which of its replicas is active
+
+    async def read_lease(self, namespace: str, name: str) -> JsonObject | None:
+        return await self._read_or_none(
+            f"read Lease {namespace}/{name}",
+            lambda: self._coordination.read_namespaced_lease(
+                name, namespace, _preload_content=False, _request_timeout=self._timeout
+            ),
+        )
+
+    async def create_lease(self, namespace: str, body: Any) -> JsonObject:
+        self.writes += 1
+        return self._json(
+            await self._call(
+                f"create Lease {namespace}/{body['metadata']['name']}",
+                lambda: self._coordination.create_namespaced_lease(
+                    namespace, body, _preload_content=False, _request_timeout=self._timeout
+                ),
+            )
+        )
+
+    async def replace_lease(self, namespace: str, body: Any) -> JsonObject:
+        """Replace with the body's resourceVersion: a Conflict when another got there first."""
+        name = body["metadata"]["name"]
+        self.writes += 1
+        return self._json(
+            await self._call(
+                f"replace Lease {namespace}/{name}",
+                lambda: self._coordination.replace_namespaced_lease(
+                    name, namespace, body, _preload_content=False, _request_timeout=self._timeout
+                ),
+            )
+        )
+
     # Events
 
     def post_events(self, namespace: str, bodies: Sequence[Any]) -> None:
@@ -408,6 +443,10 @@ class KubeApi:
         so under load they go out after the calls of the looks that follow it.
         """
         self._events.put(namespace, bodies, priority=event_priority())
+
+    def drop_pending_events(self) -> None:
+        """This replica paused: the events not posted yet are not its to post any more."""
+        self._events.drop_pending()
 
     async def create_event(self, namespace: str, body: Any, priority: float | None = None) -> None:
         self.writes += 1

@@ -64,6 +64,10 @@ API_LATENCY = Histogram(
     ["call"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+LOOK_ERRORS = Counter(
+    "m2m_look_errors_total",
+    "Looks at a TokenRequest ended by an unexpected exception (a bug; see the operator log).",
+)
 
 Fetch = Callable[[ClientCredentials, str], AccessToken]
 
@@ -71,6 +75,10 @@ Fetch = Callable[[ClientCredentials, str], AccessToken]
 def observe_api_call(action: str, seconds: float) -> None:
     """`action` is the call's description ("read Secret ns/name"): its verb and kind label it."""
     API_LATENCY.labels(call=" ".join(action.split()[:2])).observe(seconds)
+
+
+def record_look_error() -> None:
+    LOOK_ERRORS.inc()
 
 
 def instrument_fetch(fetch: Fetch) -> Fetch:

@@ -160,6 +160,8 @@ class OperatorIdentityNamespaces:
         self._on_change = on_change
         self._is_synced = is_synced
         self._allowed: set[str] = set()
+        # Why the namespaces cannot be known (the watch got HTTP 403), or None.
+        self.permission_denied: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -204,6 +206,25 @@ class OperatorIdentityNamespaces:
 
     def __len__(self) -> int:
         return len(self._allowed)
+
+    def set_forbidden(self, forbidden: bool) -> None:
+        """The Namespace watch was refused (HTTP 403), or works again."""
+        if forbidden:
+            self.permission_denied = (
+                "The operator may not list and watch namespaces (HTTP 403), which it needs"
+                f" to know whether this namespace may use its own identity ({SELECTOR_SETTING})."
+                " Grant its ServiceAccount the verbs list and watch on the resource namespaces"
+                " (the ClusterRole m2m-token-operator in manifests/rbac.yaml); served again"
+                " within 30 s of that"
+            )
+            logger.warning(
+                "Cannot list/watch namespaces (HTTP 403): TokenRequests using the operator's"
+                " own identity wait, with reason PermissionDenied"
+            )
+        else:
+            if self.permission_denied is not None:
+                logger.info("Namespaces can be listed and watched again")
+            self.permission_denied = None
 
     def denial_message(self, namespace: str) -> str:
         """What a TokenRequest's status says when the grant is missing: why, and what to do."""

@@ -123,12 +123,16 @@ class TokenRequestReconciler:
 
     # Entry points (called from Kopf handlers)
 
-    async def reconcile(self, body: Mapping[str, Any]) -> None:
-        """Create, update or resume: (re)learn the TokenRequest and bring its Secret in line."""
-        subscription = self._learn(body)
-        await self._look(subscription)
+    def reconcile(self, body: Mapping[str, Any]) -> None:
+        """Create, update or resume: (re)learn the TokenRequest; the scheduler looks at once.
 
-    async def observed(self, body: Mapping[str, Any]) -> None:
+        Never a look here: every look, whoever asks for it, is the scheduler's, so that
+        the peering gate and the per-namespace budget apply to all of them.
+        """
+        subscription = self._learn(body)
+        self.scheduler.schedule(subscription.ref, self._clock())
+
+    def observed(self, body: Mapping[str, Any]) -> None:
         """A watch event or the initial listing: look again only if the spec is new to us.
 
         A new object (or one re-created under the same name) and a new
@@ -144,7 +148,7 @@ class TokenRequestReconciler:
             and known.generation == int(metadata.get("generation") or 0)
         ):
             return
-        await self.reconcile(body)
+        self.reconcile(body)
 
     def forget(
         self, namespace: str, name: str, uid: str | None = None, *, why: str | None = None
@@ -211,7 +215,14 @@ class TokenRequestReconciler:
         self.scheduler.schedule(subscription.ref, self._clock())
 
     def paused(self) -> None:
-        """Another replica serves now: only it may speak for the TokenRequests in metrics."""
+        """Another replica serves now: nothing more from here, not even what is under way.
+
+        The looks under way are cancelled (they are due again for the resume), the
+        events not posted yet are dropped, and only the active replica speaks for the
+        TokenRequests in metrics.
+        """
+        self.scheduler.pause()
+        self._kube.drop_pending_events()
         for subscription in self.registry:
             metrics.forget_token_request(subscription.namespace, subscription.name)
 
@@ -304,20 +315,40 @@ class TokenRequestReconciler:
                 return
             except KubeError as error:
                 logger.warning("%s status not written: %s", subscription.log_context, error)
-            except Exception:
-                # A bug must not silently end this TokenRequest's refreshes: look again later.
-                logger.exception("%s look failed unexpectedly", subscription.log_context)
-                failures = subscription.api_failures + 1
-                delay = self._retry.backoff(failures=failures, jitter_fraction=self._random())
-                await self._apply(
-                    subscription,
-                    Outcome(
-                        serve=True,
-                        credentials_failures=subscription.credentials_failures,
-                        api_failures=failures,
-                        wake_at=self._clock() + delay,
-                    ),
-                )
+            except Exception as error:
+                await self._internal_error(subscription, error)
+
+    async def _internal_error(self, subscription: Subscription, error: Exception) -> None:
+        """A bug must not silently end this TokenRequest's refreshes, nor hide in the log.
+
+        Status says InternalError (where to look, never the exception's text: it could
+        hold a secret), `m2m_look_errors_total` counts it, and it is retried on the
+        backoff schedule. Should deciding or writing that fail too, it is still retried.
+        """
+        kind = type(error).__name__
+        logger.error(
+            "%s look failed unexpectedly: error=%s",
+            subscription.log_context,
+            kind,
+            exc_info=error,
+        )
+        metrics.record_look_error()
+        message = (
+            f"An unexpected error ({kind}) ended the operator's look at this TokenRequest;"
+            " the operator's log has its traceback: search for"
+            f" 'tokenrequest={subscription.namespace}/{subscription.name}' and"
+            " 'look failed unexpectedly'. Retrying with backoff"
+        )
+        try:
+            facts = dataclasses.replace(self._facts(subscription), internal_error=message)
+            facts = await self._with_secret(subscription, facts)
+            await self._apply(subscription, decide(facts, self._clock()))
+        except Exception:
+            logger.exception("%s could not report the error in status", subscription.log_context)
+            failures = subscription.api_failures + 1
+            delay = self._retry.backoff(failures=failures, jitter_fraction=self._random())
+            subscription.api_failures = failures
+            self.scheduler.reschedule(subscription.ref, self._clock() + delay)
 
     def _facts(self, subscription: Subscription) -> Facts:
         """What is known before any call: the object as learnt and this replica's memory."""
@@ -353,6 +384,9 @@ class TokenRequestReconciler:
         if _uses_operator_identity(spec):
             allowed_here = self._identity_namespaces.allowed(subscription.namespace)
             if allowed_here is None:
+                denied = self._identity_namespaces.permission_denied
+                if denied is not None:
+                    return await self._permission_denied(subscription, facts, denied)
                 return dataclasses.replace(facts, operator_identity_pending=True)
             allowed = allowed_here
         try:
@@ -478,6 +512,29 @@ class TokenRequestReconciler:
             # Not Kopf's to retry: it would call the token endpoint again on its own
             # schedule. The token already fetched stays cached for the next look.
             return dataclasses.replace(facts, api_error=error)
+
+    async def _permission_denied(
+        self, subscription: Subscription, facts: Facts, denied: str
+    ) -> Facts:
+        """A missing permission blocks this look: said in status, with the Secret's token."""
+        return await self._with_secret(
+            subscription, dataclasses.replace(facts, permission_denied=denied)
+        )
+
+    async def _with_secret(self, subscription: Subscription, facts: Facts) -> Facts:
+        """The facts of a look that ended early, with the token its Secret holds (Ready)."""
+        if subscription.spec is None:
+            return facts
+        try:
+            existing, _ = await self._read_own_secret(subscription)
+        except KubeError:
+            return facts  # what was last served stands in for the Secret
+        return dataclasses.replace(
+            facts,
+            secret_read=True,
+            secret_foreign=existing is not None and not is_owned_by(existing, subscription.uid),
+            secret_token=self._token_in(subscription, existing),
+        )
 
     async def _apply(self, subscription: Subscription, outcome: Outcome) -> None:
         """Carry the outcome out: logs, metrics, the next wake-up, the status, the events."""

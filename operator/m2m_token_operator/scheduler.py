@@ -29,6 +29,11 @@ Target = TypeVar("Target", bound=Hashable)
 class Gate(Protocol):
     """Whether this replica may act (HA peering): due work waits while it may not."""
 
+    @property
+    def active(self) -> bool | None:
+        """The last decision, without reading anything (None: not decided yet)."""
+        ...
+
     async def confirm_active(self) -> bool: ...
 
     async def wait_active(self) -> None: ...
@@ -39,7 +44,13 @@ def _one_group(_: object) -> Hashable:
 
 
 class Scheduler(Generic[Target]):
-    """A due-time heap with lazy cancellation; `run` calls `handle(target)` when one is due."""
+    """A due-time heap with lazy cancellation; `run` calls `handle(target)` when one is due.
+
+    With a `gate` (HA peering), the gate is asked before EACH handling starts, whoever
+    asked for it and however it is started (the loop, or a slot freed by another
+    handling): a paused replica starts nothing. `pause()` also cancels the handlings
+    under way, so that none of them writes after this replica learnt it is paused.
+    """
 
     def __init__(
         self,
@@ -57,13 +68,17 @@ class Scheduler(Generic[Target]):
         self._sequence = itertools.count()
         self._changed = asyncio.Event()
         self._concurrency = concurrency
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], Target] = {}
         # Fair dispatch (see `fair_by`): due targets queue per group, groups take turns.
         self._group_of: Callable[[Target], Hashable] = _one_group
         self._group_limit = concurrency
         self._queues: dict[Hashable, deque[Target]] = {}
+        self._queued: set[Target] = set()  # the targets in `_queues`, each at most once
+        self._running_targets: set[Target] = set()
+        self._rerun: set[Target] = set()  # woken while running: queued when that ends
         self._turns: deque[Hashable] = deque()  # groups with queued targets, next first
         self._active: Counter[Hashable] = Counter()
+        self._stopping = False
         self.last_loop_at: datetime | None = None  # liveness: the loop is turning
 
     def fair_by(self, group_of: Callable[[Target], Hashable], *, limit: int) -> None:
@@ -126,8 +141,17 @@ class Scheduler(Generic[Target]):
             return None
         return max(0.0, (self._heap[0][0] - now).total_seconds())
 
+    def _may_start(self) -> bool:
+        """The gate's last decision: a closed (or undecided) gate starts nothing new."""
+        return self.gate is None or self.gate.active is True
+
     async def _run_one(self, target: Target) -> None:
         try:
+            # Asked right before the handling starts (a reading at most about a second
+            # old): the decision `_dispatch` saw may be older than the pause.
+            if self.gate is not None and not await self.gate.confirm_active():
+                self.schedule(target, self._clock())  # still due: it runs after the resume
+                return
             await self._handle(target)
         except asyncio.CancelledError:
             raise
@@ -136,6 +160,14 @@ class Scheduler(Generic[Target]):
             logger.exception("Scheduled work for %s failed", target)
 
     def _enqueue(self, target: Target) -> None:
+        if target in self._queued:
+            return  # it has not started yet: that handling will see this wake's cause too
+        if target in self._running_targets:
+            # Again once the running handling ends (it may not have seen this wake's cause),
+            # without holding a slot meanwhile only to wait for the target's lock.
+            self._rerun.add(target)
+            return
+        self._queued.add(target)
         group = self._group_of(target)
         queue = self._queues.get(group)
         if queue is None:
@@ -145,6 +177,10 @@ class Scheduler(Generic[Target]):
 
     def _dispatch(self) -> None:
         """Start queued targets while slots are free, one group after the other."""
+        if not self._may_start():
+            if self._queues:
+                self._changed.set()  # the loop waits on the gate for them, and goes on
+            return
         skipped = 0  # groups passed over in a row because they are at their limit
         while self._turns and len(self._running) < self._concurrency:
             if skipped >= len(self._turns):
@@ -157,6 +193,7 @@ class Scheduler(Generic[Target]):
             skipped = 0
             queue = self._queues[group]
             target = queue.popleft()
+            self._queued.discard(target)
             if queue:
                 self._turns.rotate(-1)  # its next target waits for the others' turns
             else:
@@ -164,15 +201,42 @@ class Scheduler(Generic[Target]):
                 del self._queues[group]
             self._active[group] += 1
             task = asyncio.create_task(self._run_one(target))
-            self._running.add(task)
+            self._running[task] = target
+            self._running_targets.add(target)
             task.add_done_callback(functools.partial(self._finished, group=group))
 
     def _finished(self, task: asyncio.Task[None], *, group: Hashable) -> None:
-        self._running.discard(task)
+        target = self._running.pop(task, None)
         self._active[group] -= 1
         if self._active[group] <= 0:
             del self._active[group]
-        self._dispatch()
+        if target is not None:
+            self._running_targets.discard(target)
+            if target in self._rerun and not self._stopping:
+                self._rerun.discard(target)
+                self._enqueue(target)  # woken while it ran
+        if task.cancelled() and target is not None and not self._stopping:
+            self.schedule(target, self._clock())  # cut short by a pause: due again
+        self._dispatch()  # asks the gate first: a paused replica starts nothing here
+
+    def pause(self) -> None:
+        """The gate closed: cancel the handlings under way; what they were doing is due again.
+
+        A handling cancelled while it waits (for an API call's turn, a token request's
+        result, the lock of its object) sends nothing more; an API call or token request
+        already running in a thread finishes, its result unused. Queued targets go back
+        to the heap, so that the loop waits on the gate for them and the resume starts
+        them (and a target queued twice runs once).
+        """
+        now = self._clock()
+        for queue in self._queues.values():
+            for target in queue:
+                self.schedule(target, now)
+        self._queues.clear()
+        self._queued.clear()
+        self._turns.clear()
+        for task in list(self._running):
+            task.cancel()
 
     @property
     def queued(self) -> int:
@@ -196,7 +260,7 @@ class Scheduler(Generic[Target]):
                 self.last_loop_at = now
                 if (
                     self.gate is not None
-                    and self._has_due(now)
+                    and (self._has_due(now) or self._queues)
                     and not await self.gate.confirm_active()
                 ):
                     await self._wait_for_gate()
@@ -212,7 +276,9 @@ class Scheduler(Generic[Target]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout=timeout)
         finally:
+            self._stopping = True
             self._queues.clear()  # nothing new starts while the running ones stop
+            self._queued.clear()
             self._turns.clear()
             for task in list(self._running):
                 task.cancel()

@@ -107,8 +107,13 @@ class LabelSelectedWatch:
         random_fraction: Callable[[], float] = random.random,
         retry_initial: float = RETRY_INITIAL,
         metadata_only: bool = False,
+        on_forbidden: Callable[[bool], None] | None = None,
     ) -> None:
         self.name = name
+        # Told (on the event loop) when the API server refuses the list or watch with 403,
+        # and again when a list succeeds after that: a missing permission is no silence.
+        self._on_forbidden = on_forbidden
+        self.forbidden = False
         self._lister = lister
         self._selector = label_selector
         self._on_event = on_event
@@ -178,6 +183,8 @@ class LabelSelectedWatch:
                 if isinstance(error, kubernetes.client.ApiException) and error.status == 410:
                     version = None
                     continue
+                if isinstance(error, kubernetes.client.ApiException) and error.status == 403:
+                    self._set_forbidden(loop, True)
                 failures += 1
                 delay = min(RETRY_MAXIMUM, self._retry_initial * 2 ** min(failures - 1, 10))
                 delay *= 0.5 + self._random() / 2
@@ -200,6 +207,14 @@ class LabelSelectedWatch:
                 version = None
                 if self._stop.wait(RETRY_MAXIMUM):
                     return
+
+    def _set_forbidden(self, loop: asyncio.AbstractEventLoop, forbidden: bool) -> None:
+        if forbidden == self.forbidden:
+            return
+        self.forbidden = forbidden
+        on_forbidden = self._on_forbidden
+        if on_forbidden is not None:
+            _post(loop, lambda: on_forbidden(forbidden))
 
     def _deliver(
         self, loop: asyncio.AbstractEventLoop, events: list[tuple[str, JsonObject]]
@@ -266,6 +281,7 @@ class LabelSelectedWatch:
         self._deliver(loop, [(DELETED, self._tombstone(key)) for key in vanished])
         self.lists += 1
         _post(loop, self.synced.set)
+        self._set_forbidden(loop, False)
         return version
 
     @staticmethod

@@ -257,6 +257,49 @@ def test_kubernetes_api_retries_close_in_on_the_expiry_of_the_token_in_the_secre
     assert outcome.wake_at == NOW + timedelta(seconds=3)  # a third of what is left
 
 
+def test_an_unexpected_exception_is_internal_error_and_keeps_a_still_valid_token() -> None:
+    message = "see the operator's log"
+    outcome = decide(
+        facts_of(secret_read=False, remembered_token=OLD, internal_error=message, api_failures=2),
+        NOW,
+    )
+    assert conditions(outcome) == (("True", "TokenIssued"), ("True", "InternalError"))
+    assert outcome.token == OLD
+    assert outcome.count_failures == ("InternalError",)
+    assert outcome.api_failures == 3  # retried on the backoff schedule, which grows
+    assert outcome.wake_at == NOW + RETRY.backoff(failures=3, jitter_fraction=0.0)
+    assert outcome.status is not None
+    degraded = next(c for c in outcome.status["conditions"] if c["type"] == DEGRADED)
+    assert degraded["message"] == message
+
+
+def test_an_unexpected_exception_without_a_token_is_not_ready() -> None:
+    outcome = decide(facts_of(secret_read=False, internal_error="see the log"), NOW)
+    assert conditions(outcome) == (("False", "InternalError"), ("True", "InternalError"))
+    assert outcome.token is None
+
+
+def test_a_missing_permission_is_permission_denied_and_keeps_the_secrets_token() -> None:
+    message = "The operator may not list and watch namespaces (HTTP 403)"
+    outcome = decide(facts_of(secret_token=OLD, permission_denied=message), NOW)
+    assert conditions(outcome) == (("True", "TokenIssued"), ("True", "PermissionDenied"))
+    assert outcome.count_failures == ("PermissionDenied",)
+    assert outcome.wake_at == OLD.expires_at
+    # The next look finds the same: nothing new to write, nothing counted again.
+    assert outcome.status is not None
+    again = decide(
+        facts_of(previous_status=outcome.status, secret_token=OLD, permission_denied=message),
+        NOW + timedelta(minutes=1),
+    )
+    assert not again.write_status
+    assert again.count_failures == ()
+
+
+def test_a_missing_permission_without_a_token_is_not_ready() -> None:
+    outcome = decide(facts_of(permission_denied="HTTP 403"), NOW)
+    assert conditions(outcome) == (("False", "PermissionDenied"), ("True", "PermissionDenied"))
+
+
 # --- the events -------------------------------------------------------------------------
 
 
