@@ -270,6 +270,8 @@ async def test_a_token_request_deleted_during_a_watch_gap_is_forgotten_not_resto
     kube.delete_secret(NS, "stays")
     await wait_for(lambda: token_in_secret(kube, "stays"), message="the other Secret restored")
     # A create's path holds no name: one create since the deletion, the other's restore.
+    # The API server stores it before the proxy records the answer: wait for the record.
+    await kube.proxy.wait_for("POST", rf"/namespaces/{namespace}/secrets$", since=deleted)
     creates = kube.proxy.requests("POST", rf"/namespaces/{namespace}/secrets$", since=deleted)
     assert len(creates) == 1, creates
     assert kube.proxy.requests("PUT", rf"/namespaces/{namespace}/secrets/{NAME}$") == []
