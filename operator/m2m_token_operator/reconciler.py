@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import logging
 import random as _random
@@ -689,13 +690,18 @@ class TokenRequestReconciler:
                 mint=self._kube.mint_service_account_token,  # blocking: on the fetch thread
             )
         if subscription.spec.credentials_secret is None:
-            # Read afresh each time: a mounted Secret may have been rotated in place.
-            return await asyncio.to_thread(
+            # Read afresh each time: a mounted Secret may have been rotated in place. Files
+            # are read on a thread; the environment alone is read here, since the hop to a
+            # thread cost more than the read (an eighth of a burst's CPU, profiled).
+            read_identity = functools.partial(
                 operator_identity,
                 self._settings.credentials_dir,
                 self._environ,
                 allow_insecure_http=self._settings.allow_insecure_http,
             )
+            if self._settings.credentials_dir is None:
+                return read_identity()
+            return await asyncio.to_thread(read_identity)
         secret = await self._kube.read_secret(
             subscription.namespace, subscription.spec.credentials_secret
         )
