@@ -415,6 +415,14 @@ def test_a_shards_replica_count_budget_and_service_account_follow_the_values(
     assert _lease_rules(one, "m2m-token-operator")
 
 
+def test_a_shard_without_a_name_fails_even_without_the_schema(tmp_path: Path) -> None:
+    rendered = template(
+        tmp_path, {"sharding": {"namespaces": ["team-a"]}}, extra=["--skip-schema-validation"]
+    )
+    assert rendered.returncode != 0, rendered.stdout
+    assert "sharding.name: required with sharding.namespaces" in rendered.stderr
+
+
 def test_no_lease_rights_outside_sharding(tmp_path: Path) -> None:
     for values in ({}, {"rbac": {"namespaced": True, "servedNamespaces": ["team-a"]}}):
         docs = render(tmp_path, values)
