@@ -70,6 +70,9 @@ NAMESPACED_WITH_OWN_SELECTORS: dict[str, Any] = {
     },
 }
 
+# The shard of examples/shards/team-a.
+SHARD_TEAM_A: dict[str, Any] = {"sharding": {"namespaces": ["team-a-*"], "name": "team-a"}}
+
 
 def test_lint_strict(tmp_path: Path) -> None:
     plain = helm("lint", "--strict", str(CHART_DIR))
@@ -84,6 +87,11 @@ def test_lint_strict(tmp_path: Path) -> None:
     namespaced = helm("lint", "--strict", str(CHART_DIR), "--values", str(modes))
     assert namespaced.returncode == 0, namespaced.stdout + namespaced.stderr
     assert "0 chart(s) failed" in namespaced.stdout
+    shard = tmp_path / "shard.yaml"
+    shard.write_text(yaml.safe_dump(SHARD_TEAM_A))
+    sharded = helm("lint", "--strict", str(CHART_DIR), "--values", str(shard))
+    assert sharded.returncode == 0, sharded.stdout + sharded.stderr
+    assert "0 chart(s) failed" in sharded.stdout
 
 
 # (values, what helm's schema error must say): each names the value's path.
@@ -132,6 +140,11 @@ BAD_VALUES = [
     ({"image": {"repository": "registry.example.com/m2m:0.1.0"}}, "at '/image/repository'"),
     ({"clustername": "prod"}, "additional properties 'clustername' not allowed"),
     ({"sharding": {"namespaces": ["Team_A"]}}, "at '/sharding/namespaces/0'"),
+    # A shard's name: required with its namespaces, a DNS label the operator accepts.
+    ({"sharding": {"namespaces": ["team-a"]}}, "at '/sharding/name': minLength: got 0, want 1"),
+    ({"sharding": {"namespaces": ["team-a"], "name": "Team_A"}}, "at '/sharding/name'"),
+    ({"sharding": {"namespaces": ["team-a"], "name": "a" * 41}}, "at '/sharding/name': maxLength"),
+    ({"sharding": {"name": "team-a"}}, "at '/sharding/name': maxLength: got 6, want 0"),
     ({"metrics": {"port": 0}}, "at '/metrics/port': minimum"),
     ({"metrics": {"serviceMonitor": {"interval": "30"}}}, "at '/metrics/serviceMonitor/interval'"),
     # Namespaced mode: its namespaces, plain names, and only with it.
@@ -338,15 +351,85 @@ def test_optional_monitoring_objects(tmp_path: Path) -> None:
     assert not defaults & {"ServiceMonitor", "PrometheusRule", "ConfigMap"}
 
 
-def test_sharding_runs_one_standalone_replica_over_the_named_namespaces(tmp_path: Path) -> None:
-    docs = render(tmp_path, {"sharding": {"namespaces": ["team-a", "team-a-*"]}})
+def test_a_shard_runs_two_standalone_replicas_elected_through_its_lease(tmp_path: Path) -> None:
+    docs = render(tmp_path, {"sharding": {"namespaces": ["team-a", "team-a-*"], "name": "team-a"}})
     deployment = named(docs, "Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert deployment["spec"]["template"]["metadata"]["labels"]["m2m.dev/shard"] == "team-a"
     args = container(docs)["args"]
-    assert args[:3] == ["--standalone", "--namespace=team-a", "--namespace=team-a-*"]
+    assert args[0] == "--standalone"
+    assert args[-2:] == ["--namespace=team-a", "--namespace=team-a-*"]
     assert not [a for a in args if a.startswith(("--peering", "--all-namespaces"))]
-    assert "PodDisruptionBudget" not in {d["kind"] for d in docs}
+    # M2M_SHARD from the pod label, as manifests/components/shard passes it.
+    [shard] = [e for e in container(docs)["env"] if e["name"] == "M2M_SHARD"]
+    assert shard["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.labels['m2m.dev/shard']"}}
+    budget = named(docs, "PodDisruptionBudget")
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    # The Lease rights, in the release namespace only, bound to the chart's ServiceAccount.
+    assert _lease_rules(docs, "m2m-token-operator") == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "update"],
+        }
+    ]
+
+
+def _lease_rules(docs: list[Manifest], service_account: str) -> list[dict[str, Any]]:
+    """The rules of the shard's Lease Role, after checking that it binds `service_account`."""
+    role = named(docs, "Role", "m2m-token-operator-shard-leases")
+    binding = named(docs, "RoleBinding", "m2m-token-operator-shard-leases")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == OPERATOR_NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "m2m-token-operator-shard-leases",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": service_account, "namespace": OPERATOR_NAMESPACE}
+    ]
+    rules: list[dict[str, Any]] = role["rules"]
+    return rules
+
+
+def test_a_shards_replica_count_budget_and_service_account_follow_the_values(
+    tmp_path: Path,
+) -> None:
+    three = render(
+        tmp_path, {**SHARD_TEAM_A, "replicaCount": 3, "serviceAccount": {"name": "shard-sa"}}
+    )
+    assert named(three, "Deployment")["spec"]["replicas"] == 3
+    assert (
+        named(three, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "shard-sa"
+    )
+    assert _lease_rules(three, "shard-sa")
+    # One replica: nothing to elect between, but the Lease still gates it; no budget.
+    one = render(tmp_path, {**SHARD_TEAM_A, "replicaCount": 1})
+    assert named(one, "Deployment")["spec"]["replicas"] == 1
+    assert "PodDisruptionBudget" not in {d["kind"] for d in one}
+    assert _lease_rules(one, "m2m-token-operator")
+
+
+def test_a_shard_without_a_name_fails_even_without_the_schema(tmp_path: Path) -> None:
+    rendered = template(
+        tmp_path, {"sharding": {"namespaces": ["team-a"]}}, extra=["--skip-schema-validation"]
+    )
+    assert rendered.returncode != 0, rendered.stdout
+    assert "sharding.name: required with sharding.namespaces" in rendered.stderr
+
+
+def test_no_lease_rights_outside_sharding(tmp_path: Path) -> None:
+    for values in ({}, {"rbac": {"namespaced": True, "servedNamespaces": ["team-a"]}}):
+        docs = render(tmp_path, values)
+        assert not [d for d in docs if "leases" in d["metadata"]["name"]]
+        assert "M2M_SHARD" not in {e["name"] for e in container(docs)["env"]}
+    # The namespaced mode stays one replica: no Lease elects an active one there.
+    assert named(docs, "Deployment")["spec"]["replicas"] == 1
 
 
 def test_image_by_digest_and_no_operator_identity(tmp_path: Path) -> None:
@@ -475,6 +558,54 @@ def test_namespaced_mode_renders_what_kustomize_renders_for_examples_namespaced(
     )
 
 
+def test_sharding_renders_what_kustomize_renders_for_examples_shards_team_a(
+    tmp_path: Path,
+) -> None:
+    """examples/shards/team-a (manifests/components/shard), one release per shard.
+
+    Where the two forms differ by design: kustomize renders every shard in one
+    namespace from one set of shared objects, so it names the shard's Deployment
+    and budget after the shard and tells the shards' pods apart by the label
+    m2m.dev/shard in their selectors; each Helm release has its own objects, named
+    after the release, and its selector has the release's instance label (removed
+    with Helm's labels here). And the component's own objects (the Lease Role and
+    its binding) carry no labels, as kustomize adds the base's labels only to the
+    base's objects.
+    """
+    excluded_kinds = set(NOT_TEMPLATED.values())
+    from_kustomize = [
+        d
+        for d in kustomize(REPO_ROOT / "examples" / "shards" / "team-a")
+        if d["kind"] not in excluded_kinds
+    ]
+    for doc in from_kustomize:
+        if doc["kind"] in ("Deployment", "PodDisruptionBudget"):
+            assert doc["metadata"]["name"] == "m2m-token-operator-team-a"
+            doc["metadata"]["name"] = "m2m-token-operator"
+            assert doc["spec"]["selector"]["matchLabels"].pop("m2m.dev/shard") == "team-a"
+    expected = _by_key(from_kustomize)
+    # The Lease rights are in the comparison; the namespaces' list/watch is in the
+    # chart's ClusterRole (as unsharded), kustomize's component adds its own.
+    lease_role = ("Role", OPERATOR_NAMESPACE, "m2m-token-operator-shard-leases")
+    lease_binding = ("RoleBinding", OPERATOR_NAMESPACE, "m2m-token-operator-shard-leases")
+    namespaces_role = ("ClusterRole", "", "m2m-token-operator-namespaces")
+    namespaces_binding = ("ClusterRoleBinding", "", "m2m-token-operator-namespaces")
+    assert expected.pop(namespaces_role)["rules"] == [
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+    ]
+    del expected[namespaces_binding]
+    from_chart = render(tmp_path, SHARD_TEAM_A)
+    cluster_role = named(from_chart, "ClusterRole", "m2m-token-operator")
+    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in (
+        cluster_role["rules"]
+    )
+    for key in (lease_role, lease_binding):
+        assert "labels" not in expected[key]["metadata"]
+        [chart_doc] = [d for d in from_chart if _key(d) == key]
+        expected[key]["metadata"]["labels"] = _without_helm_labels(chart_doc["metadata"]["labels"])
+    _assert_same_objects(from_chart, expected)
+
+
 @pytest.mark.usefixtures("operator_installed")
 def test_every_optional_value_renders_objects_the_api_server_accepts(
     control_plane: Cluster, tmp_path: Path
@@ -487,7 +618,7 @@ def test_every_optional_value_renders_objects_the_api_server_accepts(
     }
     cases = (
         values,
-        {"sharding": {"namespaces": ["team-a", "team-a-*"]}},
+        {"sharding": {"namespaces": ["team-a", "team-a-*"], "name": "team-a"}},
         # Served namespaces that exist in every cluster.
         {"rbac": {"namespaced": True, "servedNamespaces": ["default", "kube-public"]}},
     )

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY, Metric
 
 from m2m_token_operator import metrics
 from m2m_token_operator.credentials import parse_host_entry
+from m2m_token_operator.handlers import _SHARD_NAME as SHARD_NAME
 from m2m_token_operator.namespaces import SelectorError, validate_selector
 from m2m_token_operator.settings import Settings, SettingsError
 
@@ -244,6 +245,22 @@ def test_the_cluster_name_pattern_agrees_with_the_operator(name: str) -> None:
         operator_accepts = False
     node = SCHEMA["properties"]["clusterName"]
     schema_accepts = bool(re.fullmatch(node["pattern"], name)) and len(name) <= node["maxLength"]
+    assert schema_accepts == operator_accepts
+
+
+@pytest.mark.parametrize(
+    "name", ["team-a", "a", "0", "x" * 40, "x" * 41, "Team-a", "team_a", "-team", "team-", ""]
+)
+def test_the_shard_name_pattern_agrees_with_the_operator(name: str) -> None:
+    """sharding.name becomes M2M_SHARD, which the operator checks at start."""
+    operator_accepts = bool(SHARD_NAME.fullmatch(name))
+    node = SCHEMA["properties"]["sharding"]["properties"]["name"]
+    required = SCHEMA["properties"]["sharding"]["then"]["properties"]["name"]
+    schema_accepts = (
+        bool(re.fullmatch(node["pattern"], name))
+        and len(name) <= node["maxLength"]
+        and len(name) >= required["minLength"]
+    )
     assert schema_accepts == operator_accepts
 
 

@@ -61,7 +61,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.rbac.namespaced }}true{{ end -}}
 {{- end -}}
 
-{{/* One process serving a set of namespaces (sharding or namespaced mode): no peering. */}}
+{{/* Serving a set of namespaces (sharding or namespaced mode): no Kopf peering. */}}
 {{- define "m2m.standalone" -}}
 {{- if or (include "m2m.sharded" .) (include "m2m.namespaced" .) }}true{{ end -}}
+{{- end -}}
+
+{{/*
+One replica only: the namespaced mode, which has no Lease (a shard's replicas elect
+their active one through the shard's Lease, as manifests/components/shard).
+*/}}
+{{- define "m2m.singleReplica" -}}
+{{- if and (include "m2m.namespaced" .) (not (include "m2m.sharded" .)) }}true{{ end -}}
 {{- end -}}
