@@ -73,7 +73,45 @@ def blocking_peers(
     return sorted(blocking)
 
 
-class PeeringGate:
+class _ActivitySwitch:
+    """Whether this replica may work, and the pause and resume it tells the reconciler.
+
+    None until first decided: Kopf also starts paused. Shared by the two ways a replica
+    learns it is the active one (Kopf's peering, a shard's Lease).
+    """
+
+    def __init__(
+        self,
+        *,
+        on_resume: Callable[[], None] | None,
+        on_pause: Callable[[], None] | None,
+    ) -> None:
+        self._on_resume = on_resume
+        self._on_pause = on_pause
+        self._opened = asyncio.Event()
+        self.active: bool | None = None
+
+    async def wait_active(self) -> None:
+        await self._opened.wait()
+
+    def _decide(self, active: bool, why: str) -> None:
+        previous = self.active
+        if previous is active:
+            return
+        self.active = active
+        if active:
+            self._opened.set()
+            logger.info("Refreshes active: %s", why)
+            if previous is False and self._on_resume is not None:
+                self._on_resume()
+        else:
+            self._opened.clear()
+            logger.info("Refreshes paused: %s", why)
+            if self._on_pause is not None:
+                self._on_pause()
+
+
+class PeeringGate(_ActivitySwitch):
     """Open while this replica is the one Kopf lets work; closed (and unknown) otherwise."""
 
     def __init__(
@@ -87,18 +125,14 @@ class PeeringGate:
         freshness: timedelta = timedelta(seconds=1),
         poll_interval: float = 5.0,
     ) -> None:
+        super().__init__(on_resume=on_resume, on_pause=on_pause)
         self._config = config
         self._read = read_peering
         self._clock = clock
-        self._on_resume = on_resume
-        self._on_pause = on_pause
         self._freshness = freshness
         self._poll_interval = poll_interval
         self._checked_at: datetime | None = None
-        self._opened = asyncio.Event()
         self._lock = asyncio.Lock()
-        # None until the peering has been read once: Kopf also starts paused.
-        self.active: bool | None = None
         self.started_at = clock()
 
     async def confirm_active(self) -> bool:
@@ -108,9 +142,6 @@ class PeeringGate:
             if self._checked_at is None or now - self._checked_at >= self._freshness:
                 await self._evaluate(now)
         return self.active is True
-
-    async def wait_active(self) -> None:
-        await self._opened.wait()
 
     async def run(self) -> None:
         """Keep the reading current between scheduled work, so a takeover is noticed."""
@@ -143,22 +174,6 @@ class PeeringGate:
             self._decide(False, f"peers with the same or a higher priority: {blockers}")
         else:
             self._decide(True, "no live peer with the same or a higher priority")
-
-    def _decide(self, active: bool, why: str) -> None:
-        previous = self.active
-        if previous is active:
-            return
-        self.active = active
-        if active:
-            self._opened.set()
-            logger.info("Refreshes active: %s", why)
-            if previous is False and self._on_resume is not None:
-                self._on_resume()
-        else:
-            self._opened.clear()
-            logger.info("Refreshes paused: %s", why)
-            if self._on_pause is not None:
-                self._on_pause()
 
 
 class PeeringSettings(Protocol):
@@ -254,7 +269,7 @@ class LeaseApi(Protocol):
     async def replace_lease(self, namespace: str, body: JsonObject) -> JsonObject: ...
 
 
-class LeaseGate:
+class LeaseGate(_ActivitySwitch):
     """Open while this replica holds its shard's Lease and renewed it recently enough.
 
     Why a Lease and not Kopf's peering: in `--namespace` mode Kopf peers through a
@@ -279,17 +294,14 @@ class LeaseGate:
         on_resume: Callable[[], None] | None = None,
         on_pause: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(on_resume=on_resume, on_pause=on_pause)
         self._config = config
         self._kube = kube
         self._clock = clock
-        self._on_resume = on_resume
-        self._on_pause = on_pause
-        self._opened = asyncio.Event()
         self._lock = asyncio.Lock()
         self._renewed_at: datetime | None = None  # our last successful write of the Lease
         self._observed: tuple[Any, ...] | None = None  # another holder's record, as last seen
         self._observed_at: datetime | None = None
-        self.active: bool | None = None
         self.started_at = clock()
 
     async def confirm_active(self) -> bool:
@@ -301,9 +313,6 @@ class LeaseGate:
             self._renewed_at = None
             self._decide(False, "the Lease was not renewed in time")
         return self.active is True
-
-    async def wait_active(self) -> None:
-        await self._opened.wait()
 
     async def run(self) -> None:
         while True:
@@ -381,19 +390,3 @@ class LeaseGate:
     def _held(self, now: datetime, why: str) -> None:
         self._renewed_at = now
         self._decide(True, why)
-
-    def _decide(self, active: bool, why: str) -> None:
-        previous = self.active
-        if previous is active:
-            return
-        self.active = active
-        if active:
-            self._opened.set()
-            logger.info("Refreshes active: %s", why)
-            if previous is False and self._on_resume is not None:
-                self._on_resume()
-        else:
-            self._opened.clear()
-            logger.info("Refreshes paused: %s", why)
-            if self._on_pause is not None:
-                self._on_pause()
