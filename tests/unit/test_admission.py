@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from m2m_token_operator.admission import (
+from m2m_token_operator.kube.call_priority import (
     CALL_PRIORITY,
     EVENT_DEFERRAL_SECONDS,
     PriorityGate,

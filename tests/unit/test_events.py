@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from m2m_token_operator.events import EventQueue
+from m2m_token_operator.kube.event_queue import EventQueue
 
 
 class Poster:

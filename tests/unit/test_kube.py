@@ -11,7 +11,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from m2m_token_operator.kube import JSON_PATCH, KubeApi, KubeError
+from m2m_token_operator.kube.kube_api import JSON_PATCH, KubeApi, KubeError
 
 
 def closed_port() -> int:

@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import pytest
 
-from m2m_token_operator.models import (
+from m2m_token_operator.api.spec import (
     SpecError,
     TokenRequestSpec,
     format_duration,

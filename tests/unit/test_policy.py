@@ -4,15 +4,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from m2m_token_operator.credentials import CredentialsError
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
-from m2m_token_operator.tokens import (
+from m2m_token_operator.tokens.credentials import CredentialsError
+from m2m_token_operator.tokens.model import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
     Throttled,
 )
+from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
 ISSUED = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
 REFRESH = RefreshPolicy()

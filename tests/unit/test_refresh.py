@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m2m_token_operator.refresh import (
+from m2m_token_operator.api.refresh_annotation import (
     MAX_RECORDED_LENGTH,
     REFRESH_ANNOTATION,
     pending_request,

@@ -16,7 +16,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from m2m_token_operator.watch import ADDED, DELETED, MODIFIED, LabelSelectedWatch
+from m2m_token_operator.kube.reflector import ADDED, DELETED, MODIFIED, LabelSelectedWatch
 
 JsonObject = dict[str, Any]
 

@@ -14,10 +14,10 @@ from typing import Any
 import kubernetes
 import pytest
 
-from m2m_token_operator.__main__ import namespace_patterns
-from m2m_token_operator.namespace_match import namespace_matcher
-from m2m_token_operator.watch import ADDED, DELETED, MODIFIED
-from m2m_token_operator.watches import (
+from m2m_token_operator.app.main import namespace_patterns
+from m2m_token_operator.kube.namespace_match import namespace_matcher
+from m2m_token_operator.kube.reflector import ADDED, DELETED, MODIFIED
+from m2m_token_operator.kube.secret_watches import (
     CREDENTIALS_SELECTOR,
     OWNED_SELECTOR,
     Debouncer,

@@ -24,14 +24,14 @@ from typing import Any
 import kopf
 import kubernetes
 
-from m2m_token_operator import metrics, presence, redaction, refresh, seal, watches
-from m2m_token_operator.cache import FetchWithheld, TokenCache
-from m2m_token_operator.client import TokenClient
-from m2m_token_operator.constants import GROUP, PLURAL, VERSION
-from m2m_token_operator.credentials import ClientCredentials
-from m2m_token_operator.kube import KubeApi, KubeError, load_api_client
-from m2m_token_operator.namespaces import OperatorIdentityNamespaces
-from m2m_token_operator.peering import (
+from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION
+from m2m_token_operator.api.refresh_annotation import REFRESH_ANNOTATION, pending_request
+from m2m_token_operator.app.runtime import Runtime
+from m2m_token_operator.config.settings import Settings
+from m2m_token_operator.kube import presence, secret_watches
+from m2m_token_operator.kube.kube_api import KubeApi, KubeError, load_api_client
+from m2m_token_operator.kube.namespaces import OperatorIdentityNamespaces
+from m2m_token_operator.kube.peering import (
     LeaseConfig,
     LeaseGate,
     PeeringConfig,
@@ -39,11 +39,14 @@ from m2m_token_operator.peering import (
     ensure_cluster_peering,
     lease_name,
 )
-from m2m_token_operator.reconciler import TokenRequestReconciler
-from m2m_token_operator.runtime import Runtime
-from m2m_token_operator.settings import Settings
-from m2m_token_operator.tokens import AccessToken, utc_now
-from m2m_token_operator.watch import LabelSelectedWatch
+from m2m_token_operator.kube.reflector import LabelSelectedWatch
+from m2m_token_operator.reconcile import metrics, seal
+from m2m_token_operator.reconcile.reconciler import TokenRequestReconciler
+from m2m_token_operator.tokens import redaction
+from m2m_token_operator.tokens.cache import FetchWithheld, TokenCache
+from m2m_token_operator.tokens.client import TokenClient
+from m2m_token_operator.tokens.credentials import ClientCredentials
+from m2m_token_operator.tokens.model import AccessToken, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +249,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
         name="token cache",
     )
     identity_namespaces = OperatorIdentityNamespaces(config.operator_identity_namespace_selector)
-    owned_secrets = watches.OwnedSecrets()
+    owned_secrets = secret_watches.OwnedSecrets()
     reconciler = TokenRequestReconciler(
         settings=config,
         kube=kube,
@@ -301,16 +304,16 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     # Owned (and opted-in credentials) Secrets, selected by the API server; a client of
     # their own, so that watches never wait for the pool of reads and writes.
     watch_api = runtime.closing(load_api_client(), lambda: _close(watch_api), name="watch api")
-    feed, secret_watches = watches.build(
+    feed, secret_reflectors = secret_watches.build(
         watch_api,
         functools.partial(_secret_changed, reconciler),
         environ=os.environ,
         store=owned_secrets,
     )
     runtime.closing(feed, feed.close, name="secret feed")
-    for watch in secret_watches:
+    for watch in secret_reflectors:
         runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
-    # Deletions that Kopf's re-list after `410 Gone` does not report (presence.py).
+    # Deletions that Kopf's re-list after `410 Gone` does not report (kube/presence.py).
     _, token_request_watches = presence.build(watch_api, reconciler.forget, environ=os.environ)
     for watch in token_request_watches:
         runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
@@ -441,7 +444,7 @@ async def token_request_event(
 
 def _refresh_asked(body: kopf.Body, **_: Any) -> bool:
     """A new m2m.dev/refresh value not yet recorded in status.lastRefreshRequest."""
-    return refresh.pending_request(body.metadata.annotations, body.status) is not None
+    return pending_request(body.metadata.annotations, body.status) is not None
 
 
 # The annotation is metadata, not spec: `@kopf.on.update(field="spec")` never sees it and
@@ -454,7 +457,7 @@ def _refresh_asked(body: kopf.Body, **_: Any) -> bool:
     VERSION,
     PLURAL,
     id="refresh",
-    annotations={refresh.REFRESH_ANNOTATION: kopf.PRESENT},
+    annotations={REFRESH_ANNOTATION: kopf.PRESENT},
     when=_refresh_asked,
 )
 async def refresh_annotation(
@@ -465,7 +468,7 @@ async def refresh_annotation(
 ) -> None:
     if type == "DELETED":
         return
-    value = refresh.pending_request(body.metadata.annotations, body.status)
+    value = pending_request(body.metadata.annotations, body.status)
     if value is None:
         return
     _reconciler(memo).refresh_requested(

@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from m2m_token_operator.cache import CacheKey
-from m2m_token_operator.constants import JsonObject
-from m2m_token_operator.models import SpecError, TokenRequestSpec, parse_spec
-from m2m_token_operator.refresh import pending_request
-from m2m_token_operator.secret_output import Owner
+from m2m_token_operator.api.constants import JsonObject
+from m2m_token_operator.api.refresh_annotation import pending_request
+from m2m_token_operator.api.spec import SpecError, TokenRequestSpec, parse_spec
+from m2m_token_operator.reconcile.secret_output import Owner
+from m2m_token_operator.tokens.cache import CacheKey
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from m2m_token_operator.constants import GROUP, MANAGED_BY_LABEL
-from m2m_token_operator.kube_names import is_dns_label, is_dns_subdomain
+from m2m_token_operator.api.constants import GROUP, MANAGED_BY_LABEL
+from m2m_token_operator.api.kube_names import is_dns_label, is_dns_subdomain
 
 SCOPE_PREFIX = "api://"
 SCOPE_SUFFIX = "/.default"

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
-from m2m_token_operator.constants import (
+from m2m_token_operator.api.constants import (
     CREDENTIALS_REJECTED,
     ENDPOINT_UNAVAILABLE,
     SCOPE_REJECTED,
     THROTTLED,
 )
-from m2m_token_operator.credentials import CredentialsError
+from m2m_token_operator.tokens.credentials import CredentialsError
 
 
 def utc_now() -> datetime:

@@ -61,16 +61,15 @@ import requests
 import requests.adapters
 
 from m2m_token_operator import __version__
-from m2m_token_operator.assertion import JWT_BEARER
-from m2m_token_operator.credentials import (
+from m2m_token_operator.tokens.assertion import JWT_BEARER
+from m2m_token_operator.tokens.credentials import (
     CLIENT_SECRET,
     FEDERATED,
     PRIVATE_KEY_JWT,
     ClientCredentials,
 )
-from m2m_token_operator.deadline import DeadlineAdapter, watchdog
-from m2m_token_operator.redaction import REDACTOR
-from m2m_token_operator.tokens import (
+from m2m_token_operator.tokens.deadline import DeadlineAdapter, watchdog
+from m2m_token_operator.tokens.model import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
@@ -79,6 +78,7 @@ from m2m_token_operator.tokens import (
     TokenEndpointError,
     utc_now,
 )
+from m2m_token_operator.tokens.redaction import REDACTOR
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 import kubernetes
 import urllib3.exceptions
 
-from m2m_token_operator import metrics
-from m2m_token_operator.admission import CALL_PRIORITY, PriorityGate, event_priority
-from m2m_token_operator.constants import GROUP, PLURAL, VERSION, JsonObject
-from m2m_token_operator.events import EventQueue
+from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION, JsonObject
+from m2m_token_operator.kube.call_priority import CALL_PRIORITY, PriorityGate, event_priority
+from m2m_token_operator.kube.event_queue import EventQueue
+from m2m_token_operator.reconcile import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
-from m2m_token_operator import metrics
+from m2m_token_operator.reconcile import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -49,9 +49,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from m2m_token_operator.credentials import ClientCredentials
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
-from m2m_token_operator.tokens import AccessToken, TokenEndpointError, is_permanent
+from m2m_token_operator.tokens.credentials import ClientCredentials
+from m2m_token_operator.tokens.model import AccessToken, TokenEndpointError, is_permanent
+from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -40,18 +40,18 @@ from urllib.parse import SplitResult, urlsplit
 
 import urllib3.util
 
-from m2m_token_operator.assertion import (
+from m2m_token_operator.api.constants import (
+    CREDENTIALS_INVALID,
+    CREDENTIALS_MISSING,
+    ENDPOINT_NOT_ALLOWED,
+)
+from m2m_token_operator.tokens.assertion import (
     JWK_KEY,
     InvalidKeyError,
     parse_private_jwk,
     private_members,
 )
-from m2m_token_operator.constants import (
-    CREDENTIALS_INVALID,
-    CREDENTIALS_MISSING,
-    ENDPOINT_NOT_ALLOWED,
-)
-from m2m_token_operator.redaction import REDACTOR
+from m2m_token_operator.tokens.redaction import REDACTOR
 
 CLIENT_ID_KEY = "AZURE_APP_CLIENT_ID"
 # Key names, not secrets.

@@ -40,7 +40,7 @@ from typing import Any
 import kubernetes
 import urllib3.exceptions
 
-from m2m_token_operator.constants import JsonObject
+from m2m_token_operator.api.constants import JsonObject
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from m2m_token_operator.cache import CacheResult
-from m2m_token_operator.constants import (
+from m2m_token_operator.api.constants import (
     CREDENTIALS_MISSING,
     DEGRADED,
     ENDPOINT_UNAVAILABLE,
@@ -42,12 +41,11 @@ from m2m_token_operator.constants import (
     SECRET_WRITE_FAILED,
     JsonObject,
 )
-from m2m_token_operator.credentials import CredentialsError
-from m2m_token_operator.kube import KubeError
-from m2m_token_operator.models import TokenRequestSpec
-from m2m_token_operator.policy import RetryPolicy
-from m2m_token_operator.secret_output import WriteOutcome
-from m2m_token_operator.status import (
+from m2m_token_operator.api.spec import TokenRequestSpec
+from m2m_token_operator.api.timefmt import format_time, parse_time
+from m2m_token_operator.kube.kube_api import KubeError
+from m2m_token_operator.reconcile.secret_output import WriteOutcome
+from m2m_token_operator.reconcile.status import (
     EventSpec,
     Failure,
     Observation,
@@ -56,8 +54,10 @@ from m2m_token_operator.status import (
     status_changed,
     transition_events,
 )
-from m2m_token_operator.timefmt import format_time, parse_time
-from m2m_token_operator.tokens import AccessToken, TokenEndpointError
+from m2m_token_operator.tokens.cache import CacheResult
+from m2m_token_operator.tokens.credentials import CredentialsError
+from m2m_token_operator.tokens.model import AccessToken, TokenEndpointError
+from m2m_token_operator.tokens.timing import RetryPolicy
 
 # The write outcomes after which the Secret holds the token the cache served.
 _DELIVERED = (WriteOutcome.CREATED, WriteOutcome.UPDATED, WriteOutcome.UNCHANGED)

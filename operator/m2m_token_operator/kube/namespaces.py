@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from m2m_token_operator.kube_names import DNS_SUBDOMAIN
+from m2m_token_operator.api.kube_names import DNS_SUBDOMAIN
 
 logger = logging.getLogger(__name__)
 

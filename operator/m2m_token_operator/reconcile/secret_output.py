@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from m2m_token_operator.constants import (
+from m2m_token_operator.api.constants import (
     API_VERSION,
     EXPIRES_AT_ANNOTATION,
     GROUP,
@@ -32,10 +32,10 @@ from m2m_token_operator.constants import (
     TOKEN_REQUEST_LABEL,
     JsonObject,
 )
-from m2m_token_operator.kube import Conflict, KubeApi, NotFound
-from m2m_token_operator.models import SecretTemplate
-from m2m_token_operator.timefmt import format_time, parse_time
-from m2m_token_operator.tokens import AccessToken
+from m2m_token_operator.api.spec import SecretTemplate
+from m2m_token_operator.api.timefmt import format_time, parse_time
+from m2m_token_operator.kube.kube_api import Conflict, KubeApi, NotFound
+from m2m_token_operator.tokens.model import AccessToken
 
 TOKEN_KEY = "token"
 TOKEN_TYPE_KEY = "token-type"

@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from m2m_token_operator.tokens import AccessToken, is_permanent
+from m2m_token_operator.tokens.model import AccessToken, is_permanent
 
 _ZERO = timedelta(0)
 

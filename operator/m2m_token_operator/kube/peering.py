@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from m2m_token_operator.constants import JsonObject
-from m2m_token_operator.kube import KubeError, NotFound
+from m2m_token_operator.api.constants import JsonObject
+from m2m_token_operator.kube.kube_api import KubeError, NotFound
 
 logger = logging.getLogger(__name__)
 

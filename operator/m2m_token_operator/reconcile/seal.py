@@ -31,13 +31,13 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
-from m2m_token_operator.constants import JsonObject
-from m2m_token_operator.kube import Conflict, KubeApi
+from m2m_token_operator.api.constants import JsonObject
+from m2m_token_operator.kube.kube_api import Conflict, KubeApi
 
 if TYPE_CHECKING:
-    from m2m_token_operator.cache import CacheKey
-    from m2m_token_operator.credentials import ClientCredentials
-    from m2m_token_operator.tokens import AccessToken
+    from m2m_token_operator.tokens.cache import CacheKey
+    from m2m_token_operator.tokens.credentials import ClientCredentials
+    from m2m_token_operator.tokens.model import AccessToken
 
 logger = logging.getLogger(__name__)
 

@@ -24,21 +24,21 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from m2m_token_operator.constants import (
+from m2m_token_operator.api.constants import (
     DEFAULT_FEDERATION_AUDIENCE,
     DEFAULT_SEAL_NAMESPACE,
     DEFAULT_SEAL_SECRET_NAME,
     IN_CLUSTER_NAMESPACE_FILE,
 )
-from m2m_token_operator.credentials import (
+from m2m_token_operator.api.kube_names import is_dns_label, is_dns_subdomain
+from m2m_token_operator.api.spec import SpecError, resolve_scope
+from m2m_token_operator.kube.namespaces import SELECTOR_SETTING, SelectorError, validate_selector
+from m2m_token_operator.tokens.credentials import (
     TOKEN_ENDPOINT_KEY,
     EndpointPolicy,
     parse_host_entry,
 )
-from m2m_token_operator.kube_names import is_dns_label, is_dns_subdomain
-from m2m_token_operator.models import SpecError, resolve_scope
-from m2m_token_operator.namespaces import SELECTOR_SETTING, SelectorError, validate_selector
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
 MICROSOFT_LOGIN_HOST = "login.microsoftonline.com"
 LOG_FORMATS = ("json", "text")

@@ -29,9 +29,17 @@ from typing import Any, NoReturn
 
 import yaml
 
-from m2m_token_operator.constants import DEGRADED, GROUP, KIND, PLURAL, READY, VERSION, JsonObject
-from m2m_token_operator.refresh import REFRESH_ANNOTATION
-from m2m_token_operator.timefmt import format_time, parse_time_or_none
+from m2m_token_operator.api.constants import (
+    DEGRADED,
+    GROUP,
+    KIND,
+    PLURAL,
+    READY,
+    VERSION,
+    JsonObject,
+)
+from m2m_token_operator.api.refresh_annotation import REFRESH_ANNOTATION
+from m2m_token_operator.api.timefmt import format_time, parse_time_or_none
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # not found, or the API server failed

@@ -32,10 +32,10 @@ from typing import Any, Protocol
 
 import kubernetes
 
-from m2m_token_operator.constants import GROUP, PLURAL, VERSION
-from m2m_token_operator.namespace_match import namespace_matcher
-from m2m_token_operator.watch import DELETED, METADATA_WATCH_ACCEPT, LabelSelectedWatch
-from m2m_token_operator.watches import served_namespaces
+from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION
+from m2m_token_operator.kube.namespace_match import namespace_matcher
+from m2m_token_operator.kube.reflector import DELETED, METADATA_WATCH_ACCEPT, LabelSelectedWatch
+from m2m_token_operator.kube.secret_watches import served_namespaces
 
 logger = logging.getLogger(__name__)
 

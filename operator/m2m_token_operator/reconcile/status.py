@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from m2m_token_operator.claims import TokenClaims, decode_claims
-from m2m_token_operator.constants import (
+from m2m_token_operator.api.constants import (
     API_VERSION,
     DEGRADED,
     KIND,
@@ -33,8 +32,9 @@ from m2m_token_operator.constants import (
     TOKEN_REFRESHED,
     JsonObject,
 )
-from m2m_token_operator.timefmt import format_time
-from m2m_token_operator.tokens import AccessToken
+from m2m_token_operator.api.timefmt import format_time
+from m2m_token_operator.tokens.claims import TokenClaims, decode_claims
+from m2m_token_operator.tokens.model import AccessToken
 
 COMPONENT = "m2m-token-operator"
 

@@ -26,8 +26,8 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from m2m_token_operator.credentials import ClientCredentials
-from m2m_token_operator.tokens import AccessToken, TokenEndpointError
+from m2m_token_operator.tokens.credentials import ClientCredentials
+from m2m_token_operator.tokens.model import AccessToken, TokenEndpointError
 
 SOONEST_EXPIRY = "m2m_token_soonest_expiry_timestamp_seconds"
 TOKEN_REQUESTS = "m2m_token_requests"

@@ -44,22 +44,22 @@ from typing import Any, Generic, TypeVar
 
 import kubernetes
 
-from m2m_token_operator.constants import (
+from m2m_token_operator.api.constants import (
     CREDENTIALS_LABEL,
     KEY_ID_ANNOTATION,
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
 )
-from m2m_token_operator.kube import SECRET_FIELD_MANAGER
-from m2m_token_operator.namespace_match import namespace_matcher
-from m2m_token_operator.secret_output import (
+from m2m_token_operator.kube.kube_api import SECRET_FIELD_MANAGER
+from m2m_token_operator.kube.namespace_match import namespace_matcher
+from m2m_token_operator.kube.reflector import DELETED, LabelSelectedWatch
+from m2m_token_operator.reconcile.secret_output import (
     EXPIRES_AT_KEY,
     SCOPE_KEY,
     TOKEN_KEY,
     TOKEN_TYPE_KEY,
     token_request_owner,
 )
-from m2m_token_operator.watch import DELETED, LabelSelectedWatch
 
 logger = logging.getLogger(__name__)
 

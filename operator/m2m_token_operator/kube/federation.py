@@ -26,21 +26,21 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from m2m_token_operator.constants import (
+from m2m_token_operator.api.constants import (
     CREDENTIALS_INVALID,
     CREDENTIALS_MISSING,
     KUBERNETES_API_ERROR,
 )
-from m2m_token_operator.credentials import (
+from m2m_token_operator.kube.kube_api import KubeError, NotFound
+from m2m_token_operator.tokens.credentials import (
     FEDERATED,
     ClientCredentials,
     CredentialsError,
     EndpointPolicy,
     check_endpoint_url,
 )
-from m2m_token_operator.kube import KubeError, NotFound
-from m2m_token_operator.redaction import REDACTOR
-from m2m_token_operator.tokens import TokenEndpointError
+from m2m_token_operator.tokens.model import TokenEndpointError
+from m2m_token_operator.tokens.redaction import REDACTOR
 
 logger = logging.getLogger(__name__)
 

@@ -27,29 +27,21 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from m2m_token_operator import metrics
-from m2m_token_operator.admission import look_started
-from m2m_token_operator.cache import CacheKey, TokenCache
-from m2m_token_operator.client import client_id_shown
-from m2m_token_operator.constants import EXPIRES_AT_ANNOTATION, SEAL_ANNOTATION
-from m2m_token_operator.credentials import (
-    ClientCredentials,
-    CredentialsError,
-    credentials_from_secret,
-    operator_identity,
-    operator_token_endpoint,
-)
-from m2m_token_operator.decision import Facts, Outcome, decide
-from m2m_token_operator.federation import federated_identity
-from m2m_token_operator.kube import KubeApi, KubeError
-from m2m_token_operator.models import TokenRequestSpec
-from m2m_token_operator.namespaces import OperatorIdentityNamespaces
-from m2m_token_operator.policy import RetryPolicy
-from m2m_token_operator.redaction import REDACTOR
-from m2m_token_operator.registry import ObjectRef, Registry, Subscription
-from m2m_token_operator.scheduler import Scheduler
-from m2m_token_operator.seal import SealKey
-from m2m_token_operator.secret_output import (
+from m2m_token_operator.api.constants import EXPIRES_AT_ANNOTATION, SEAL_ANNOTATION
+from m2m_token_operator.api.spec import TokenRequestSpec
+from m2m_token_operator.api.timefmt import parse_time
+from m2m_token_operator.config.settings import Settings
+from m2m_token_operator.kube.call_priority import look_started
+from m2m_token_operator.kube.federation import federated_identity
+from m2m_token_operator.kube.kube_api import KubeApi, KubeError
+from m2m_token_operator.kube.namespaces import OperatorIdentityNamespaces
+from m2m_token_operator.kube.secret_watches import OwnedSecrets
+from m2m_token_operator.reconcile import metrics
+from m2m_token_operator.reconcile.decision import Facts, Outcome, decide
+from m2m_token_operator.reconcile.registry import ObjectRef, Registry, Subscription
+from m2m_token_operator.reconcile.scheduler import Scheduler
+from m2m_token_operator.reconcile.seal import SealKey
+from m2m_token_operator.reconcile.secret_output import (
     WriteOutcome,
     delete_other_owned_secrets,
     is_owned_by,
@@ -61,11 +53,19 @@ from m2m_token_operator.secret_output import (
     token_request_owner,
     write_secret,
 )
-from m2m_token_operator.settings import Settings
-from m2m_token_operator.status import event_body
-from m2m_token_operator.timefmt import parse_time
-from m2m_token_operator.tokens import AccessToken
-from m2m_token_operator.watches import OwnedSecrets
+from m2m_token_operator.reconcile.status import event_body
+from m2m_token_operator.tokens.cache import CacheKey, TokenCache
+from m2m_token_operator.tokens.client import client_id_shown
+from m2m_token_operator.tokens.credentials import (
+    ClientCredentials,
+    CredentialsError,
+    credentials_from_secret,
+    operator_identity,
+    operator_token_endpoint,
+)
+from m2m_token_operator.tokens.model import AccessToken
+from m2m_token_operator.tokens.redaction import REDACTOR
+from m2m_token_operator.tokens.timing import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
