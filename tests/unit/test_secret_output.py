@@ -12,6 +12,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 
 from m2m_token_operator.api.constants import KEY_ID_ANNOTATION, JsonObject
+from m2m_token_operator.api.secret_layout import token_request_owner
 from m2m_token_operator.api.timefmt import format_time
 from m2m_token_operator.kube.kube_api import KubeApi
 from m2m_token_operator.reconcile.secret_output import (
@@ -23,7 +24,6 @@ from m2m_token_operator.reconcile.secret_output import (
     owner_reference,
     render_secret,
     token_from_secret,
-    token_request_owner,
     write_secret,
 )
 from m2m_token_operator.tokens.model import AccessToken

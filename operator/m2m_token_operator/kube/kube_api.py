@@ -21,9 +21,9 @@ import kubernetes
 import urllib3.exceptions
 
 from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION, JsonObject
+from m2m_token_operator.kube.api_latency import observe_api_call
 from m2m_token_operator.kube.call_priority import CALL_PRIORITY, PriorityGate, event_priority
 from m2m_token_operator.kube.event_queue import EventQueue
-from m2m_token_operator.reconcile import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class KubeApi:
             try:
                 return await loop.run_in_executor(self._executor, self._blocking, action, function)
             finally:
-                metrics.observe_api_call(action, time.perf_counter() - started)
+                observe_api_call(action, time.perf_counter() - started)
 
     @staticmethod
     def _blocking(action: str, function: Callable[[], Any]) -> bytes:

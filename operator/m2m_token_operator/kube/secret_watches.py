@@ -50,16 +50,16 @@ from m2m_token_operator.api.constants import (
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
 )
-from m2m_token_operator.kube.kube_api import SECRET_FIELD_MANAGER
-from m2m_token_operator.kube.namespace_match import namespace_matcher
-from m2m_token_operator.kube.reflector import DELETED, LabelSelectedWatch
-from m2m_token_operator.reconcile.secret_output import (
+from m2m_token_operator.api.secret_layout import (
     EXPIRES_AT_KEY,
     SCOPE_KEY,
     TOKEN_KEY,
     TOKEN_TYPE_KEY,
     token_request_owner,
 )
+from m2m_token_operator.kube.kube_api import SECRET_FIELD_MANAGER
+from m2m_token_operator.kube.namespace_match import namespace_matcher
+from m2m_token_operator.kube.reflector import DELETED, LabelSelectedWatch
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,9 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+# The Kubernetes API layer times its own calls (it must not import this module); named here
+# too, so that this module lists every series the operator exports.
+from m2m_token_operator.kube.api_latency import API_LATENCY as API_LATENCY
 from m2m_token_operator.tokens.credentials import ClientCredentials
 from m2m_token_operator.tokens.model import AccessToken, TokenEndpointError
 
@@ -58,23 +61,12 @@ REFRESH_LAG = Histogram(
     "How late scheduled work (a refresh, a retry) became ready to run, after its due time.",
     buckets=(0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 900),
 )
-API_LATENCY = Histogram(
-    "m2m_kube_api_request_duration_seconds",
-    "Time of the operator's own Kubernetes API calls (not Kopf's watches), by call.",
-    ["call"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
 LOOK_ERRORS = Counter(
     "m2m_look_errors_total",
     "Looks at a TokenRequest ended by an unexpected exception (a bug; see the operator log).",
 )
 
 Fetch = Callable[[ClientCredentials, str], AccessToken]
-
-
-def observe_api_call(action: str, seconds: float) -> None:
-    """`action` is the call's description ("read Secret ns/name"): its verb and kind label it."""
-    API_LATENCY.labels(call=" ".join(action.split()[:2])).observe(seconds)
 
 
 def record_look_error() -> None:

@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from m2m_token_operator.api.constants import EXPIRES_AT_ANNOTATION, SEAL_ANNOTATION
+from m2m_token_operator.api.secret_layout import token_request_owner
 from m2m_token_operator.api.spec import TokenRequestSpec
 from m2m_token_operator.api.timefmt import parse_time
 from m2m_token_operator.config.settings import Settings
@@ -50,7 +51,6 @@ from m2m_token_operator.reconcile.secret_output import (
     secret_labels,
     template_drifted_from,
     token_from_secret,
-    token_request_owner,
     write_secret,
 )
 from m2m_token_operator.reconcile.status import event_body

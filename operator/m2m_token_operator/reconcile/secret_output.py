@@ -21,7 +21,6 @@ from typing import Any
 from m2m_token_operator.api.constants import (
     API_VERSION,
     EXPIRES_AT_ANNOTATION,
-    GROUP,
     ISSUED_AT_ANNOTATION,
     KEY_ID_ANNOTATION,
     KIND,
@@ -32,15 +31,16 @@ from m2m_token_operator.api.constants import (
     TOKEN_REQUEST_LABEL,
     JsonObject,
 )
+from m2m_token_operator.api.secret_layout import (
+    EXPIRES_AT_KEY,
+    SCOPE_KEY,
+    TOKEN_KEY,
+    TOKEN_TYPE_KEY,
+)
 from m2m_token_operator.api.spec import SecretTemplate
 from m2m_token_operator.api.timefmt import format_time, parse_time
 from m2m_token_operator.kube.kube_api import Conflict, KubeApi, NotFound
 from m2m_token_operator.tokens.model import AccessToken
-
-TOKEN_KEY = "token"
-TOKEN_TYPE_KEY = "token-type"
-EXPIRES_AT_KEY = "expires-at"
-SCOPE_KEY = "scope"
 
 
 @dataclass(frozen=True)
@@ -195,24 +195,6 @@ def template_drifted(existing: Mapping[str, Any], desired: Mapping[str, Any]) ->
 def is_owned_by(secret: Mapping[str, Any], owner_uid: str) -> bool:
     references = secret.get("metadata", {}).get("ownerReferences") or []
     return any(ref.get("uid") == owner_uid and ref.get("controller") for ref in references)
-
-
-def token_request_owner(metadata: Mapping[str, Any]) -> str | None:
-    """The uid of the TokenRequest that controls an object with this metadata, if any.
-
-    What makes a Secret ours: anyone who can create a Secret can put our label on it,
-    but only the garbage collector's rules tie a controller reference to a TokenRequest.
-    """
-    for ref in metadata.get("ownerReferences") or []:
-        if (
-            isinstance(ref, Mapping)
-            and ref.get("controller")
-            and ref.get("kind") == KIND
-            and str(ref.get("apiVersion") or "").split("/")[0] == GROUP
-            and ref.get("uid")
-        ):
-            return str(ref["uid"])
-    return None
 
 
 def _differs(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
