@@ -1,7 +1,7 @@
 """TokenRequestPresence: which uids a TokenRequest watch shows gone, and nothing else.
 
 The watch itself (re-list after 410, vanished objects as DELETED) is covered in
-test_watch.py; the whole path on a real API server in
+test_reflector.py; the whole path on a real API server in
 tests/integration/test_api_faults.py.
 """
 

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"m2m-token-operator: invalid settings: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     ensure_peering_identity(os.environ)
-    # The Secret watches (watches.py) serve the namespaces Kopf serves.
+    # The Secret watches (kube/secret_watches.py) serve the namespaces Kopf serves.
     os.environ[SERVED_NAMESPACES_ENV] = "\n".join(namespace_patterns(args))
     kopf.cli.main(
         args=kopf_arguments(args, log_format=settings.log_format),

@@ -1,4 +1,4 @@
-"""The background event queue (`events.py`): order, concurrency, failures, stop."""
+"""The background event queue (`kube/event_queue.py`): order, concurrency, failures, stop."""
 
 from __future__ import annotations
 
