@@ -19,10 +19,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from m2m_token_operator.cache import Freshness, TokenCache
-from m2m_token_operator.client import TokenClient
-from m2m_token_operator.credentials import secret_credentials
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
+from m2m_token_operator.tokens.cache import Freshness, TokenCache
+from m2m_token_operator.tokens.client import TokenClient
+from m2m_token_operator.tokens.credentials import secret_credentials
+from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
 HIT_GETS = 100_000
 CALLERS = 1_000

@@ -36,9 +36,9 @@ import kubernetes
 
 from devenv.controlplane import ControlPlane
 from devenv.install import install_operator
-from m2m_token_operator import presence
-from m2m_token_operator.constants import GROUP, PLURAL, VERSION
-from m2m_token_operator.watch import LabelSelectedWatch
+from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION
+from m2m_token_operator.kube import presence
+from m2m_token_operator.kube.reflector import LabelSelectedWatch
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -62,8 +62,8 @@ from kubernetes import watch as k8s_watch
 from devenv.controlplane import ControlPlane, new_api_client
 from devenv.install import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, install_operator
 from devenv.operatorprocess import Identity, OperatorProcess
-from m2m_token_operator.secret_output import EXPIRES_AT_KEY
-from m2m_token_operator.timefmt import parse_time
+from m2m_token_operator.api.secret_layout import EXPIRES_AT_KEY
+from m2m_token_operator.api.timefmt import parse_time
 
 GROUP, VERSION, PLURAL = "m2m.dev", "v1alpha1", "tokenrequests"
 MANAGED_BY = "app.kubernetes.io/managed-by=m2m-token-operator"

@@ -16,7 +16,7 @@ import yaml
 
 from devenv.controlplane import Cluster
 from devenv.install import MANIFESTS_DIR, OPERATOR_NAMESPACE, REPO_ROOT, read_documents
-from m2m_token_operator.settings import Settings
+from m2m_token_operator.config.settings import Settings
 
 from ._helm import (
     CHART_DIR,

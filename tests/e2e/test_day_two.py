@@ -15,7 +15,7 @@ import pytest
 
 from devenv.operatorprocess import OperatorProcess
 from devenv.tokenserver import NO_ROLES_ISSUER, ROLE, TENANT_ID, jwt_claims
-from m2m_token_operator.reconciler import TokenRequestReconciler
+from m2m_token_operator.reconcile.reconciler import TokenRequestReconciler
 
 from ._support import (
     CLUSTER_NAME,

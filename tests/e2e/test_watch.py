@@ -14,7 +14,7 @@ from typing import Any
 
 from kubernetes import client as k8s
 
-from m2m_token_operator.watch import ADDED, DELETED, MODIFIED, LabelSelectedWatch
+from m2m_token_operator.kube.reflector import ADDED, DELETED, MODIFIED, LabelSelectedWatch
 
 SELECTOR = "app.kubernetes.io/managed-by=m2m-token-operator"
 OURS = {"app.kubernetes.io/managed-by": "m2m-token-operator"}

@@ -43,7 +43,7 @@ from kopf.testing import KopfRunner
 
 from devenv.faultproxy import FaultProxy
 
-DEFAULT_MODULE = "m2m_token_operator.handlers"
+DEFAULT_MODULE = "m2m_token_operator.app.handlers"
 DEFAULT_PURGE_PREFIXES = ("m2m_token_operator",)
 # The cluster-wide watches of `--all-namespaces` (paths as the proxy sees them).
 TOKEN_REQUESTS = r"^/apis/m2m\.dev/v1alpha1/tokenrequests$"

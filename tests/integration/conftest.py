@@ -37,8 +37,8 @@ import pytest
 from devenv.controlplane import ControlPlane, new_api_client, request_service_account_token
 from devenv.faultproxy import FaultProxy
 from devenv.install import OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT, install_operator
-from m2m_token_operator.constants import DEFAULT_SEAL_SECRET_NAME as SEAL_KEY_SECRET
-from m2m_token_operator.seal import new_key_secret
+from m2m_token_operator.api.constants import DEFAULT_SEAL_SECRET_NAME as SEAL_KEY_SECRET
+from m2m_token_operator.reconcile.seal import new_key_secret
 
 from .harness import (
     CLIENT_ID,

@@ -175,7 +175,8 @@ async def test_dropped_watches_are_resumed_and_changes_still_arrive(
     original = token_in_secret(kube)
 
     dropped = time.monotonic()
-    # TokenRequests (Kopf, presence.py), owned and opted-in credentials Secrets (watches.py).
+    # TokenRequests (Kopf, kube/presence.py), owned and opted-in credentials Secrets
+    # (kube/secret_watches.py).
     assert kube.proxy.drop_watches(f"{TOKEN_REQUEST_WATCH}|{SECRET_WATCH}") == 4
     await kube.proxy.wait_for("GET", TOKEN_REQUEST_WATCH, watch=True, since=dropped)
     await kube.proxy.wait_for("GET", SECRET_WATCH, watch=True, since=dropped)

@@ -41,7 +41,7 @@ async def test_an_unexpected_exception_in_a_look_is_reported_counted_and_retried
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The operator's modules are imported afresh for each run: patch the running one's.
-    reconciler = sys.modules["m2m_token_operator.reconciler"]
+    reconciler = sys.modules["m2m_token_operator.reconcile.reconciler"]
     render_secret = reconciler.render_secret
 
     def broken(**_: Any) -> Any:

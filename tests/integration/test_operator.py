@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 import pytest
 
-from m2m_token_operator import handlers
+from m2m_token_operator.app import handlers
 
 from .harness import (
     CLIENT_ID,

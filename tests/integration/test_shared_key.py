@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from m2m_token_operator.timefmt import parse_time
+from m2m_token_operator.api.timefmt import parse_time
 
 from ._token_endpoint import TokenEndpoint
 from .harness import Kube, OperatorFactory

@@ -16,14 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 from pytest_httpserver import HTTPServer
 
-from m2m_token_operator.assertion import (
+from m2m_token_operator.tokens.assertion import (
     JWT_BEARER,
     InvalidKeyError,
     parse_private_jwk,
     private_members,
 )
-from m2m_token_operator.client import TokenClient
-from m2m_token_operator.credentials import (
+from m2m_token_operator.tokens.client import TokenClient
+from m2m_token_operator.tokens.credentials import (
     CLIENT_SECRET,
     PRIVATE_KEY_JWT,
     CredentialsError,
@@ -31,7 +31,7 @@ from m2m_token_operator.credentials import (
     credentials_from_secret,
     private_key_credentials,
 )
-from m2m_token_operator.redaction import REDACTOR
+from m2m_token_operator.tokens.redaction import REDACTOR
 
 ENDPOINT = "https://login.microsoftonline.com/tenant/oauth2/v2.0/token"
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"

@@ -17,20 +17,26 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from m2m_token_operator.cache import CacheKey, CacheResult, Freshness, TokenCache, token_jitter
-from m2m_token_operator.client import TokenClient
-from m2m_token_operator.credentials import (
+from m2m_token_operator.tokens.cache import (
+    CacheKey,
+    CacheResult,
+    Freshness,
+    TokenCache,
+    token_jitter,
+)
+from m2m_token_operator.tokens.client import TokenClient
+from m2m_token_operator.tokens.credentials import (
     ClientCredentials,
     secret_credentials,
 )
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
-from m2m_token_operator.tokens import (
+from m2m_token_operator.tokens.model import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
     Throttled,
 )
+from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
 SCOPE = "api://prod-gcp.orders.orders-api/.default"
 OTHER_SCOPE = "api://prod-gcp.orders.billing-api/.default"

@@ -9,8 +9,8 @@ from datetime import timedelta
 
 import pytest
 
-from m2m_token_operator.cache import Freshness
-from m2m_token_operator.tokens import EndpointUnavailable, Throttled
+from m2m_token_operator.tokens.cache import Freshness
+from m2m_token_operator.tokens.model import EndpointUnavailable, Throttled
 from tests.unit.test_cache import SCOPE, CountingFetch, FakeClock, identity, make_cache
 
 

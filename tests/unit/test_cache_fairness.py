@@ -12,13 +12,13 @@ from datetime import timedelta
 
 import pytest
 
-from m2m_token_operator.cache import CacheKey, TokenCache
-from m2m_token_operator.policy import RetryPolicy
-from m2m_token_operator.tokens import (
+from m2m_token_operator.tokens.cache import CacheKey, TokenCache
+from m2m_token_operator.tokens.model import (
     CredentialsRejected,
     EndpointUnavailable,
     ScopeRejected,
 )
+from m2m_token_operator.tokens.timing import RetryPolicy
 from tests.unit.test_cache import (
     OTHER_SCOPE,
     SCOPE,

@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import pytest
 
-from m2m_token_operator.cache import FORCE_INTERVAL, CacheKey, Freshness, TokenCache
-from m2m_token_operator.tokens import CredentialsRejected, EndpointUnavailable, Throttled
+from m2m_token_operator.tokens.cache import FORCE_INTERVAL, CacheKey, Freshness, TokenCache
+from m2m_token_operator.tokens.model import CredentialsRejected, EndpointUnavailable, Throttled
 from tests.unit.test_cache import (
     SCOPE,
     START,

@@ -12,8 +12,8 @@ from datetime import timedelta
 
 import pytest
 
-from m2m_token_operator.cache import FORCE_INTERVAL, CacheKey, TokenCache
-from m2m_token_operator.tokens import EndpointUnavailable
+from m2m_token_operator.tokens.cache import FORCE_INTERVAL, CacheKey, TokenCache
+from m2m_token_operator.tokens.model import EndpointUnavailable
 from tests.unit.test_cache import (
     OTHER_SCOPE,
     SCOPE,

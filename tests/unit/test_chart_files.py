@@ -14,11 +14,11 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY, Metric
 
-from m2m_token_operator import metrics
-from m2m_token_operator.credentials import parse_host_entry
-from m2m_token_operator.handlers import _SHARD_NAME as SHARD_NAME
-from m2m_token_operator.namespaces import SelectorError, validate_selector
-from m2m_token_operator.settings import Settings, SettingsError
+from m2m_token_operator.app.handlers import _SHARD_NAME as SHARD_NAME
+from m2m_token_operator.config.settings import Settings, SettingsError
+from m2m_token_operator.kube.namespaces import SelectorError, validate_selector
+from m2m_token_operator.reconcile import metrics
+from m2m_token_operator.tokens.credentials import parse_host_entry
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "m2m-token-operator"

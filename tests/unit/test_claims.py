@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from m2m_token_operator.claims import (
+from m2m_token_operator.tokens.claims import (
     MAX_ROLE_LENGTH,
     MAX_ROLES,
     MAX_TOKEN_LENGTH,

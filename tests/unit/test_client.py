@@ -23,9 +23,9 @@ from cryptography.x509.oid import NameOID
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from m2m_token_operator.client import TokenClient, parse_retry_after
-from m2m_token_operator.credentials import ClientCredentials, secret_credentials
-from m2m_token_operator.tokens import (
+from m2m_token_operator.tokens.client import TokenClient, parse_retry_after
+from m2m_token_operator.tokens.credentials import ClientCredentials, secret_credentials
+from m2m_token_operator.tokens.model import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from m2m_token_operator.client import TokenClient
-from m2m_token_operator.credentials import ClientCredentials, secret_credentials
-from m2m_token_operator.tokens import EndpointUnavailable
+from m2m_token_operator.tokens.client import TokenClient
+from m2m_token_operator.tokens.credentials import ClientCredentials, secret_credentials
+from m2m_token_operator.tokens.model import EndpointUnavailable
 
 SECRET = "drip-client-secret-Q~x"
 BODY = b'{"access_token": "eyJ0eXAiOiJKV1QifQ.e30.c2ln", "expires_in": 3600}'

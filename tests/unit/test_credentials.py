@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from m2m_token_operator.credentials import (
+from m2m_token_operator.config.settings import Settings
+from m2m_token_operator.tokens.credentials import (
     CLIENT_SECRET,
     ClientCredentials,
     CredentialsError,
@@ -16,7 +17,6 @@ from m2m_token_operator.credentials import (
     operator_token_endpoint,
     secret_credentials,
 )
-from m2m_token_operator.settings import Settings
 
 SECRET = "s3cr3t~value.with+chars"
 ENDPOINT = "https://login.microsoftonline.com/tenant/oauth2/v2.0/token"

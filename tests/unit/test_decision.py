@@ -8,17 +8,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from m2m_token_operator.cache import CacheKey, CacheResult, Freshness
-from m2m_token_operator.constants import DEGRADED, READY
-from m2m_token_operator.credentials import CredentialsError
-from m2m_token_operator.decision import Facts, Outcome, decide
-from m2m_token_operator.kube import Conflict, KubeError
-from m2m_token_operator.models import TokenRequestSpec
-from m2m_token_operator.policy import RetryPolicy
-from m2m_token_operator.secret_output import WriteOutcome
-from m2m_token_operator.status import build_status, condition_reason
-from m2m_token_operator.timefmt import format_time
-from m2m_token_operator.tokens import (
+from m2m_token_operator.api.constants import DEGRADED, READY
+from m2m_token_operator.api.spec import TokenRequestSpec
+from m2m_token_operator.api.timefmt import format_time
+from m2m_token_operator.kube.kube_api import Conflict, KubeError
+from m2m_token_operator.reconcile.decision import Facts, Outcome, decide
+from m2m_token_operator.reconcile.secret_output import WriteOutcome
+from m2m_token_operator.reconcile.status import build_status, condition_reason
+from m2m_token_operator.tokens.cache import CacheKey, CacheResult, Freshness
+from m2m_token_operator.tokens.credentials import CredentialsError
+from m2m_token_operator.tokens.model import (
     AccessToken,
     CredentialsRejected,
     EndpointUnavailable,
@@ -26,6 +25,7 @@ from m2m_token_operator.tokens import (
     Throttled,
     TokenEndpointError,
 )
+from m2m_token_operator.tokens.timing import RetryPolicy
 
 NOW = datetime(2026, 11, 29, 9, 30, tzinfo=UTC)
 SCOPE = "api://prod-gcp.orders.orders-api/.default"

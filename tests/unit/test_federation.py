@@ -17,17 +17,8 @@ import kubernetes
 import pytest
 from pytest_httpserver import HTTPServer
 
-from m2m_token_operator.assertion import JWT_BEARER
-from m2m_token_operator.cache import TokenCache
-from m2m_token_operator.client import TokenClient
-from m2m_token_operator.constants import DEFAULT_FEDERATION_AUDIENCE
-from m2m_token_operator.credentials import (
-    FEDERATED,
-    CredentialsError,
-    EndpointPolicy,
-    secret_credentials,
-)
-from m2m_token_operator.federation import (
+from m2m_token_operator.api.constants import DEFAULT_FEDERATION_AUDIENCE
+from m2m_token_operator.kube.federation import (
     CLIENT_ID_ANNOTATION,
     EXPIRATION_SECONDS,
     TENANT_ID_ANNOTATION,
@@ -37,10 +28,19 @@ from m2m_token_operator.federation import (
     ServiceAccountTokenFailed,
     federated_identity,
 )
-from m2m_token_operator.kube import KubeApi, KubeError, NotFound
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
-from m2m_token_operator.redaction import REDACTOR
-from m2m_token_operator.tokens import CredentialsRejected, is_permanent
+from m2m_token_operator.kube.kube_api import KubeApi, KubeError, NotFound
+from m2m_token_operator.tokens.assertion import JWT_BEARER
+from m2m_token_operator.tokens.cache import TokenCache
+from m2m_token_operator.tokens.client import TokenClient
+from m2m_token_operator.tokens.credentials import (
+    FEDERATED,
+    CredentialsError,
+    EndpointPolicy,
+    secret_credentials,
+)
+from m2m_token_operator.tokens.model import CredentialsRejected, is_permanent
+from m2m_token_operator.tokens.redaction import REDACTOR
+from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 SA_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ.c2ln-sa-token"

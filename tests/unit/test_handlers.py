@@ -17,14 +17,16 @@ import pytest
 from kopf._cogs.structs import ephemera
 from kopf._core.engines import probing
 
-from m2m_token_operator import handlers, kube, metrics
-from m2m_token_operator.__main__ import main
-from m2m_token_operator.kube import KubeApi
-from m2m_token_operator.peering import PeeringGate
-from m2m_token_operator.reconciler import TokenRequestReconciler
-from m2m_token_operator.runtime import Runtime
-from m2m_token_operator.seal import SealKey
-from m2m_token_operator.settings import Settings
+from m2m_token_operator.app import handlers
+from m2m_token_operator.app.main import main
+from m2m_token_operator.app.runtime import Runtime
+from m2m_token_operator.config.settings import Settings
+from m2m_token_operator.kube import kube_api
+from m2m_token_operator.kube.kube_api import KubeApi
+from m2m_token_operator.kube.peering import PeeringGate
+from m2m_token_operator.reconcile import metrics
+from m2m_token_operator.reconcile.reconciler import TokenRequestReconciler
+from m2m_token_operator.reconcile.seal import SealKey
 
 
 def probe(memo: Mapping[str, Any]) -> object:
@@ -154,8 +156,8 @@ def test_api_clients_never_use_urllib3s_default_retries(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     _use_kubeconfig(monkeypatch, tmp_path)
-    api_client = kube.load_api_client()
-    assert api_client.configuration.retries == kube.API_RETRIES == 1
+    api_client = kube_api.load_api_client()
+    assert api_client.configuration.retries == kube_api.API_RETRIES == 1
     api_client.close()  # type: ignore[no-untyped-call]
 
 

@@ -7,7 +7,7 @@ from typing import Any, cast
 
 import kopf
 
-from m2m_token_operator import handlers
+from m2m_token_operator.app import handlers
 
 # Kopf's decorator types the handler as its own protocol; call it as the plain coroutine it is.
 refresh_annotation = cast(Callable[..., Awaitable[None]], handlers.refresh_annotation)

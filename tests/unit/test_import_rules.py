@@ -30,16 +30,16 @@ def test_the_contract_forbids_every_private_kopf_subpackage() -> None:
 # The modules below the Kubernetes plumbing: settings, spec, tokens, status. Kept light so
 # that each can be read, tested and type-checked without the kubernetes client.
 LOWER_MODULES = (
-    "constants",
-    "timefmt",
-    "kube_names",
-    "namespace_match",
-    "models",
-    "policy",
-    "credentials",
-    "tokens",
-    "settings",
-    "status",
+    "api.constants",
+    "api.timefmt",
+    "api.kube_names",
+    "kube.namespace_match",
+    "api.spec",
+    "tokens.timing",
+    "tokens.credentials",
+    "tokens.model",
+    "config.settings",
+    "reconcile.status",
 )
 
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from m2m_token_operator.kube_names import is_dns_label, is_dns_subdomain
-from m2m_token_operator.timefmt import format_time, parse_time, parse_time_or_none
+from m2m_token_operator.api.kube_names import is_dns_label, is_dns_subdomain
+from m2m_token_operator.api.timefmt import format_time, parse_time, parse_time_or_none
 
 
 @pytest.mark.parametrize(

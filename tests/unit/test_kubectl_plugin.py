@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from m2m_token_operator.kubectl_plugin import (
+from m2m_token_operator.cli.kubectl_plugin import (
     NO_ROLES_HINT,
     PluginError,
     api_failure,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m2m_token_operator.kubectl_plugin import build_parser, main, refresh_targets_error
+from m2m_token_operator.cli.kubectl_plugin import build_parser, main, refresh_targets_error
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 from datetime import UTC, datetime, timedelta
 
-from m2m_token_operator.constants import JsonObject
-from m2m_token_operator.kube import Conflict
-from m2m_token_operator.peering import LeaseConfig, LeaseGate, lease_name
+from m2m_token_operator.api.constants import JsonObject
+from m2m_token_operator.kube.kube_api import Conflict
+from m2m_token_operator.kube.peering import LeaseConfig, LeaseGate, lease_name
 
 NOW = datetime(2026, 11, 29, 6, 0, tzinfo=UTC)
 NAMESPACE = "m2m-token-operator"

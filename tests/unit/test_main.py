@@ -3,12 +3,12 @@
 import subprocess
 import sys
 
-from m2m_token_operator.__main__ import ensure_peering_identity, kopf_arguments
+from m2m_token_operator.app.main import ensure_peering_identity, kopf_arguments
 
 
 def test_defaults_all_namespaces_and_json_logs() -> None:
     assert kopf_arguments([], log_format="json") == [
-        "run", "-m", "m2m_token_operator.handlers", "--all-namespaces", "--log-format=json",
+        "run", "-m", "m2m_token_operator.app.handlers", "--all-namespaces", "--log-format=json",
     ]  # fmt: skip
 
 

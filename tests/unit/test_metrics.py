@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from prometheus_client import REGISTRY
 
-from m2m_token_operator import metrics
-from m2m_token_operator.credentials import ClientCredentials, secret_credentials
-from m2m_token_operator.tokens import AccessToken, Throttled
+from m2m_token_operator.reconcile import metrics
+from m2m_token_operator.tokens.credentials import ClientCredentials, secret_credentials
+from m2m_token_operator.tokens.model import AccessToken, Throttled
 
 NOW = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
 CREDENTIALS = secret_credentials(

@@ -10,8 +10,8 @@ import kubernetes
 import pytest
 from prometheus_client import REGISTRY
 
-from m2m_token_operator.kube import KubeApi, KubeError
-from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.kube.kube_api import KubeApi, KubeError
+from m2m_token_operator.reconcile.scheduler import Scheduler
 
 NOW = datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from m2m_token_operator.namespace_match import match_namespace, namespace_matcher
+from m2m_token_operator.kube.namespace_match import match_namespace, namespace_matcher
 
 # (namespace, pattern, served): Kopf's tests/references/test_namespace_matching.py, then ours.
 CASES = [

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from m2m_token_operator.namespaces import (
+from m2m_token_operator.config.settings import Settings, SettingsError
+from m2m_token_operator.kube.namespaces import (
     OperatorIdentityNamespaces,
     SelectorError,
     validate_selector,
 )
-from m2m_token_operator.settings import Settings, SettingsError
 
 
 @pytest.mark.parametrize(

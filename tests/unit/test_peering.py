@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from m2m_token_operator.constants import JsonObject
-from m2m_token_operator.kube import KubeError
-from m2m_token_operator.peering import PeeringConfig, PeeringGate, blocking_peers
-from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.api.constants import JsonObject
+from m2m_token_operator.kube.kube_api import KubeError
+from m2m_token_operator.kube.peering import PeeringConfig, PeeringGate, blocking_peers
+from m2m_token_operator.reconcile.scheduler import Scheduler
 
 NOW = datetime(2026, 11, 29, 6, 0, tzinfo=UTC)
 ME = "operator-0"

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from m2m_token_operator.constants import JsonObject
-from m2m_token_operator.kube import KubeError, NotFound
-from m2m_token_operator.peering import ensure_cluster_peering
+from m2m_token_operator.api.constants import JsonObject
+from m2m_token_operator.kube.kube_api import KubeError, NotFound
+from m2m_token_operator.kube.peering import ensure_cluster_peering
 
 
 @dataclass

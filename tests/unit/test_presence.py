@@ -1,7 +1,7 @@
 """TokenRequestPresence: which uids a TokenRequest watch shows gone, and nothing else.
 
 The watch itself (re-list after 410, vanished objects as DELETED) is covered in
-test_watch.py; the whole path on a real API server in
+test_reflector.py; the whole path on a real API server in
 tests/integration/test_api_faults.py.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from m2m_token_operator.kube import _without_nulls
-from m2m_token_operator.presence import (
+from m2m_token_operator.kube.kube_api import _without_nulls
+from m2m_token_operator.kube.presence import (
     METADATA_LIST,
     TokenRequestPresence,
     metadata_only,
 )
-from m2m_token_operator.watch import ADDED, DELETED, METADATA_WATCH_ACCEPT, MODIFIED
+from m2m_token_operator.kube.reflector import ADDED, DELETED, METADATA_WATCH_ACCEPT, MODIFIED
 
 
 def _obj(name: str, uid: str | None, namespace: str = "shop") -> dict[str, Any]:

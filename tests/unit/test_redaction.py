@@ -7,7 +7,7 @@ import logging
 import pytest
 from kopf._core.actions.loggers import ObjectJsonFormatter, ObjectPrefixingJsonFormatter
 
-from m2m_token_operator import redaction
+from m2m_token_operator.tokens import redaction
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhYmMifQ.c2lnbmF0dXJl"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from m2m_token_operator.cache import CacheKey
-from m2m_token_operator.registry import Registry
+from m2m_token_operator.reconcile.registry import Registry
+from m2m_token_operator.tokens.cache import CacheKey
 
 KEY = CacheKey("https://login.example/token", "client-1", "api://x/.default", "")
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.reconcile.scheduler import Scheduler
 
 START = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.reconcile.scheduler import Scheduler
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 Ref = tuple[str, str]

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.reconcile.scheduler import Scheduler
 
 NOW = datetime(2026, 11, 29, 6, 0, tzinfo=UTC)
 

@@ -3,7 +3,7 @@
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from m2m_token_operator.scheduler import Scheduler
+from m2m_token_operator.reconcile.scheduler import Scheduler
 
 
 def _now() -> datetime:

@@ -11,11 +11,9 @@ from typing import Any, cast
 
 import pytest
 
-from m2m_token_operator.cache import CacheKey
-from m2m_token_operator.constants import JsonObject
-from m2m_token_operator.credentials import ClientCredentials, secret_credentials
-from m2m_token_operator.kube import Conflict, KubeApi
-from m2m_token_operator.seal import (
+from m2m_token_operator.api.constants import JsonObject
+from m2m_token_operator.kube.kube_api import Conflict, KubeApi
+from m2m_token_operator.reconcile.seal import (
     KEY_BYTES,
     SealKey,
     SealKeyError,
@@ -23,8 +21,10 @@ from m2m_token_operator.seal import (
     load_or_create,
     new_key_secret,
 )
-from m2m_token_operator.secret_output import Owner, render_secret, token_from_secret
-from m2m_token_operator.tokens import AccessToken
+from m2m_token_operator.reconcile.secret_output import Owner, render_secret, token_from_secret
+from m2m_token_operator.tokens.cache import CacheKey
+from m2m_token_operator.tokens.credentials import ClientCredentials, secret_credentials
+from m2m_token_operator.tokens.model import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 SCOPE = "api://prod.orders.orders-api/.default"

@@ -11,9 +11,11 @@ import kubernetes
 import pytest
 from pytest_httpserver import HTTPServer
 
-from m2m_token_operator.constants import KEY_ID_ANNOTATION, JsonObject
-from m2m_token_operator.kube import KubeApi
-from m2m_token_operator.secret_output import (
+from m2m_token_operator.api.constants import KEY_ID_ANNOTATION, JsonObject
+from m2m_token_operator.api.secret_layout import token_request_owner
+from m2m_token_operator.api.timefmt import format_time
+from m2m_token_operator.kube.kube_api import KubeApi
+from m2m_token_operator.reconcile.secret_output import (
     Owner,
     WriteOutcome,
     _differs,
@@ -22,11 +24,9 @@ from m2m_token_operator.secret_output import (
     owner_reference,
     render_secret,
     token_from_secret,
-    token_request_owner,
     write_secret,
 )
-from m2m_token_operator.timefmt import format_time
-from m2m_token_operator.tokens import AccessToken
+from m2m_token_operator.tokens.model import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 OWNER = Owner(namespace="shop", name="orders-api", uid="uid-1")
@@ -166,7 +166,7 @@ def test_parse_time_takes_a_timestamp_without_an_offset_as_utc() -> None:
     import os
     import time
 
-    from m2m_token_operator.timefmt import parse_time
+    from m2m_token_operator.api.timefmt import parse_time
 
     saved = os.environ.get("TZ")
     os.environ["TZ"] = "EST5"  # a POSIX rule, no tz database needed: UTC-5

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from m2m_token_operator.constants import TEMPLATE_KEYS_ANNOTATION
-from m2m_token_operator.models import (
+from m2m_token_operator.api.constants import TEMPLATE_KEYS_ANNOTATION
+from m2m_token_operator.api.spec import (
     MAX_TEMPLATE_ENTRIES,
     SecretTemplate,
     SpecError,
@@ -19,7 +19,7 @@ from m2m_token_operator.models import (
     parse_secret_template,
     parse_spec,
 )
-from m2m_token_operator.secret_output import (
+from m2m_token_operator.reconcile.secret_output import (
     Owner,
     _differs,
     merge_for_replace,
@@ -28,7 +28,7 @@ from m2m_token_operator.secret_output import (
     template_drifted_from,
     templated_keys,
 )
-from m2m_token_operator.tokens import AccessToken
+from m2m_token_operator.tokens.model import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 OWNER = Owner(namespace="shop", name="orders-api", uid="uid-1")

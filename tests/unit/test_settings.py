@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from m2m_token_operator.credentials import EndpointPolicy
-from m2m_token_operator.policy import RefreshPolicy, RetryPolicy
-from m2m_token_operator.settings import Settings, SettingsError
+from m2m_token_operator.config.settings import Settings, SettingsError
+from m2m_token_operator.tokens.credentials import EndpointPolicy
+from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
 
 def test_defaults() -> None:

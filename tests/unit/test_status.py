@@ -4,8 +4,8 @@ import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from m2m_token_operator.constants import DEGRADED, READY
-from m2m_token_operator.status import (
+from m2m_token_operator.api.constants import DEGRADED, READY
+from m2m_token_operator.reconcile.status import (
     Failure,
     Observation,
     build_status,
@@ -14,7 +14,7 @@ from m2m_token_operator.status import (
     status_changed,
     transition_events,
 )
-from m2m_token_operator.tokens import AccessToken
+from m2m_token_operator.tokens.model import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 TOKEN = AccessToken(

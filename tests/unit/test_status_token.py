@@ -7,16 +7,16 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from m2m_token_operator.claims import TokenClaims
-from m2m_token_operator.constants import NO_APP_ROLES, REFRESH_REQUESTED
-from m2m_token_operator.status import (
+from m2m_token_operator.api.constants import NO_APP_ROLES, REFRESH_REQUESTED
+from m2m_token_operator.reconcile.status import (
     Observation,
     build_status,
     no_app_roles_event,
     status_changed,
     transition_events,
 )
-from m2m_token_operator.tokens import AccessToken
+from m2m_token_operator.tokens.claims import TokenClaims
+from m2m_token_operator.tokens.model import AccessToken
 
 NOW = datetime(2026, 11, 29, 9, 0, 0, tzinfo=UTC)
 SCOPE = "api://prod-gcp.orders.orders-api/.default"

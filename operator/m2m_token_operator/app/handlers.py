@@ -1,0 +1,476 @@
+"""Kopf wiring, and nothing else: each handler hands the object to the reconciler.
+
+No handler here raises for a business failure. Failures are the reconciler's to
+report in status and to retry on the token's own schedule; a Kopf retry on top
+would double the calls to the token endpoint. No timer, no daemon and no
+mandatory deletion handler is registered, so Kopf adds no finalizer and a
+TokenRequest can always be deleted, even while the operator is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import hashlib
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+import kopf
+import kubernetes
+
+from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION
+from m2m_token_operator.api.refresh_annotation import REFRESH_ANNOTATION, pending_request
+from m2m_token_operator.app.runtime import Runtime
+from m2m_token_operator.config.settings import Settings
+from m2m_token_operator.kube import presence, secret_watches
+from m2m_token_operator.kube.kube_api import KubeApi, KubeError, load_api_client
+from m2m_token_operator.kube.namespaces import OperatorIdentityNamespaces
+from m2m_token_operator.kube.peering import (
+    LeaseConfig,
+    LeaseGate,
+    PeeringConfig,
+    PeeringGate,
+    ensure_cluster_peering,
+    lease_name,
+)
+from m2m_token_operator.kube.reflector import LabelSelectedWatch
+from m2m_token_operator.reconcile import metrics, seal
+from m2m_token_operator.reconcile.reconciler import TokenRequestReconciler
+from m2m_token_operator.tokens import redaction
+from m2m_token_operator.tokens.cache import FetchWithheld, TokenCache
+from m2m_token_operator.tokens.client import TokenClient
+from m2m_token_operator.tokens.credentials import ClientCredentials
+from m2m_token_operator.tokens.model import AccessToken, utc_now
+
+logger = logging.getLogger(__name__)
+
+Fetch = Callable[[ClientCredentials, str], AccessToken]
+ActivityGate = PeeringGate | LeaseGate
+# The shard's name (the pod label m2m.dev/shard): its replicas share one Lease.
+SHARD_SETTING = "M2M_SHARD"
+_SHARD_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?")
+
+# Where Kopf would keep handling state on a TokenRequest: under our domain, not Kopf's.
+STATE_PREFIX = "operator.m2m.dev"
+# Kopf's per-object workers at once (its default: unlimited), and how soon an idle one
+# exits (its default: 5 s, which with a limit would hold slots long after the work).
+KOPF_WORKER_LIMIT = 500
+KOPF_WORKER_IDLE_SECONDS = 0.5
+# The scheduler turns at least every 30 s; three missed turns mean it is stuck.
+SCHEDULER_STALL = timedelta(seconds=90)
+# Kopf itself needs a few seconds to join the peering; five minutes unread is a fault.
+PEERING_UNREAD = timedelta(minutes=5)
+# (connect, read) seconds for the peering read: well inside SCHEDULER_STALL.
+PEERING_READ_TIMEOUT = (5.0, 10.0)
+
+
+def peering_priority(config: Settings) -> int:
+    """M2M_PEERING_PRIORITY when set, else distinct per replica: derived from the host name.
+
+    The variable is validated by `Settings.from_env` before Kopf starts, so a bad value
+    stops the process with the settings error rather than failing a startup handler.
+    """
+    if config.peering_priority is not None:
+        return config.peering_priority
+    digest = hashlib.sha256(socket.gethostname().encode()).digest()
+    return 1 + int.from_bytes(digest[:4], "big") % 1_000_000
+
+
+def peering_gate(
+    settings: kopf.OperatorSettings,
+    *,
+    kube: KubeApi,
+    reconciler: TokenRequestReconciler,
+    environ: dict[str, str] | os._Environ[str],
+    namespace: str = "",
+) -> ActivityGate | None:
+    """The gate that pauses our scheduler whenever Kopf pauses, or None when Kopf never does.
+
+    With M2M_SHARD (a shard's replicas, `--namespace` mode): the shard's own Lease in
+    the operator's `namespace` decides instead; Kopf runs `--standalone` there.
+    """
+    shard = environ.get(SHARD_SETTING)
+    if shard is not None:
+        return _shard_gate(
+            shard, kube=kube, reconciler=reconciler, environ=environ, namespace=namespace
+        )
+    if settings.peering.standalone:
+        return None
+    identity = environ.get("POD_ID")  # Kopf's own identity in the peering, when set
+    if not settings.peering.clusterwide or not identity:
+        logger.warning(
+            "Refreshes do not follow Kopf's peering: it needs --all-namespaces and POD_ID"
+            " (m2m-token-operator sets POD_ID itself); run one replica or --standalone, or"
+            " several with --standalone and M2M_SHARD (a Lease elects the active one)"
+        )
+        return None
+    config = PeeringConfig(
+        name=settings.peering.name,
+        identity=identity,
+        priority=settings.peering.priority,
+        mandatory=settings.peering.mandatory,
+    )
+    return PeeringGate(
+        config=config,
+        read_peering=kube.read_cluster_peering,
+        clock=utc_now,
+        on_resume=reconciler.resume_after_pause,
+        on_pause=reconciler.paused,
+    )
+
+
+def _shard_gate(
+    shard: str,
+    *,
+    kube: KubeApi,
+    reconciler: TokenRequestReconciler,
+    environ: dict[str, str] | os._Environ[str],
+    namespace: str,
+) -> LeaseGate:
+    if not _SHARD_NAME.fullmatch(shard):
+        # Set but empty: the pod has no m2m.dev/shard label (the component reads it).
+        raise kopf.PermanentError(
+            f"{SHARD_SETTING}={shard!r} is not a shard name (lowercase letters, digits and"
+            " '-', at most 40): set the pod label m2m.dev/shard (manifests/components/shard)"
+        )
+    return LeaseGate(
+        config=LeaseConfig(
+            namespace=namespace,
+            name=lease_name(shard),
+            identity=environ.get("POD_ID") or socket.gethostname(),
+        ),
+        kube=kube,
+        clock=utc_now,
+        on_resume=reconciler.resume_after_pause,
+        on_pause=reconciler.paused,
+    )
+
+
+def _while_active(fetch: Fetch, memo: kopf.Memo) -> Fetch:
+    """The token fetch, withheld once the peering gate has closed.
+
+    Checked on the fetch thread right before the request: a fetch queued for a free
+    thread before the pause (its look since cancelled) must not go out after it.
+    """
+
+    def fetch_while_active(credentials: ClientCredentials, scope: str) -> AccessToken:
+        gate: ActivityGate | None = memo.get("peering_gate")
+        if gate is not None and gate.active is not True:
+            raise FetchWithheld
+        return fetch(credentials, scope)
+
+    return fetch_while_active
+
+
+def _close(api: Any) -> None:
+    api.close()
+
+
+def _namespace_of(ref: tuple[str, str]) -> str:
+    return ref[0]
+
+
+def _secret_changed(
+    reconciler: TokenRequestReconciler, secret: Mapping[str, Any], deleted: bool
+) -> None:
+    reconciler.secret_changed(secret, deleted=deleted)
+
+
+def _reconciler(memo: kopf.Memo) -> TokenRequestReconciler:
+    reconciler: TokenRequestReconciler = memo["reconciler"]
+    return reconciler
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    await startup(settings, memo)
+
+
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
+    """Build the operator's objects into `memo`; safe to retry (Kopf retries on failure)."""
+    previous: Runtime | None = memo.get("runtime")
+    if previous is not None:
+        await previous.close()  # a failed earlier attempt leaves nothing running
+    runtime = memo["runtime"] = Runtime()
+    try:
+        await _start(settings, memo, runtime)
+    except BaseException:
+        await runtime.close()
+        raise
+
+
+async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -> None:
+    redaction.install()
+    config = Settings.from_env()
+    # Only watch-event handlers are registered, so Kopf stores no state on the objects;
+    # should one ever be added, its state goes under our domain, not Kopf's.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STATE_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=STATE_PREFIX, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # our events are posted by the reconciler, one per change
+    # A burst of new TokenRequests (thousands created at once) would otherwise start one
+    # worker per object at once, each holding its event's processing state while its
+    # look waits for the API: memory followed the burst, not the TokenRequests. Workers
+    # beyond the limit wait as queued events; an idle worker gives its slot back soon.
+    if settings.queueing.worker_limit is None:  # Kopf's default; a limit set already stays
+        settings.queueing.worker_limit = KOPF_WORKER_LIMIT
+        settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
+    settings.peering.priority = peering_priority(config)
+
+    api_client = load_api_client()
+    kube = runtime.closing(KubeApi(api_client), lambda: kube.close(), name="kube")
+    await ensure_cluster_peering(settings.peering, kube)
+    seal_key = await _seal_key(kube, config)
+    token_client = runtime.closing(
+        TokenClient(
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            deadline=config.request_deadline,
+        ),
+        lambda: token_client.close(),
+        name="token client",
+    )
+    cache = runtime.closing(
+        TokenCache(
+            fetch=_while_active(metrics.instrument_fetch(token_client.fetch), memo),
+            refresh_policy=config.refresh_policy(),
+            retry_policy=config.retry_policy(),
+            clock=utc_now,
+            max_workers=config.fetch_workers,
+        ),
+        lambda: cache.close(),
+        name="token cache",
+    )
+    identity_namespaces = OperatorIdentityNamespaces(config.operator_identity_namespace_selector)
+    owned_secrets = secret_watches.OwnedSecrets()
+    reconciler = TokenRequestReconciler(
+        settings=config,
+        kube=kube,
+        cache=cache,
+        clock=utc_now,
+        seal_key=seal_key,
+        identity_namespaces=identity_namespaces,
+        owned_secrets=owned_secrets,
+    )
+    # No namespace may hold more than its share of the looks in flight (and the fetches).
+    reconciler.scheduler.fair_by(_namespace_of, limit=config.namespace_concurrency)
+    memo["kube"] = kube
+    memo["reconciler"] = reconciler
+    if identity_namespaces.selector is not None:
+        identity_namespaces.set_on_change(reconciler.namespace_allowed_changed)
+        watch = LabelSelectedWatch(
+            name="operator identity namespaces",
+            lister=kubernetes.client.CoreV1Api(api_client).list_namespace,
+            label_selector=identity_namespaces.selector,
+            on_event=identity_namespaces.on_event,
+            on_forbidden=functools.partial(_namespaces_forbidden, identity_namespaces, reconciler),
+        )
+        identity_namespaces.set_synced_check(watch.synced.is_set)
+        memo["namespaces_task"] = runtime.start(
+            _watch_namespaces(watch, reconciler), name="m2m-namespaces-watch"
+        )
+    else:
+        logger.info(
+            "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR is not set: no namespace may use the"
+            " operator's own identity"
+        )
+    # The peering read has its own client and thread, with a short time-out: looks that
+    # queue on a slow API server must not keep the gate (and the scheduler loop behind
+    # it, which liveness watches) waiting.
+    peering_kube = runtime.closing(
+        KubeApi(load_api_client(), max_workers=1, request_timeout=PEERING_READ_TIMEOUT),
+        lambda: peering_kube.close(),
+        name="peering kube",
+    )
+    gate = peering_gate(
+        settings,
+        kube=peering_kube,
+        reconciler=reconciler,
+        environ=os.environ,
+        namespace=config.seal_key_secret[0],  # the operator's namespace
+    )
+    if gate is not None:
+        reconciler.scheduler.gate = gate
+        memo["peering_gate"] = gate
+        memo["peering_task"] = runtime.start(gate.run(), name="m2m-peering-gate")
+    memo["scheduler_task"] = runtime.start(reconciler.scheduler.run(), name="m2m-scheduler")
+    # Owned (and opted-in credentials) Secrets, selected by the API server; a client of
+    # their own, so that watches never wait for the pool of reads and writes.
+    watch_api = runtime.closing(load_api_client(), lambda: _close(watch_api), name="watch api")
+    feed, secret_reflectors = secret_watches.build(
+        watch_api,
+        functools.partial(_secret_changed, reconciler),
+        environ=os.environ,
+        store=owned_secrets,
+    )
+    runtime.closing(feed, feed.close, name="secret feed")
+    for watch in secret_reflectors:
+        runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
+    # Deletions that Kopf's re-list after `410 Gone` does not report (kube/presence.py).
+    _, token_request_watches = presence.build(watch_api, reconciler.forget, environ=os.environ)
+    for watch in token_request_watches:
+        runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
+    # Last, and it can fail (the port is taken): everything above is closed again then.
+    server = metrics.serve(config.metrics_port)
+    if server is not None:
+        runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
+
+
+def _namespaces_forbidden(
+    identity_namespaces: OperatorIdentityNamespaces,
+    reconciler: TokenRequestReconciler,
+    forbidden: bool,
+) -> None:
+    """403 on the Namespace watch: the TokenRequests it blocks say so now (and once it
+    works again, its first list wakes them through `_watch_namespaces`)."""
+    identity_namespaces.set_forbidden(forbidden)
+    if forbidden:
+        reconciler.namespace_allowed_changed(None)
+
+
+async def _watch_namespaces(watch: LabelSelectedWatch, reconciler: TokenRequestReconciler) -> None:
+    """Run the Namespace watch; once its first list is in, TokenRequests waiting for it go on."""
+
+    async def wake_when_synced() -> None:
+        await watch.synced.wait()
+        reconciler.namespace_allowed_changed(None)
+
+    waker = asyncio.create_task(wake_when_synced(), name="m2m-namespaces-synced")
+    try:
+        await watch.run()
+    finally:
+        waker.cancel()
+
+
+async def _seal_key(kube: KubeApi, config: Settings) -> seal.SealKey:
+    """The restart seal's key, read or created once; an API failure is retried by Kopf."""
+    namespace, name = config.seal_key_secret
+    try:
+        return await seal.load_or_create(kube, namespace=namespace, name=name)
+    except KubeError as error:
+        hint = ""
+        if error.status == 403:
+            hint = (
+                f"; grant get (resourceNames: [{name}]) and create on secrets in {namespace}"
+                " (the Role m2m-token-operator-seal-key in manifests/rbac.yaml)"
+            )
+        raise kopf.TemporaryError(
+            f"Cannot read or create the seal key Secret {namespace}/{name}: {error}{hint}",
+            delay=10,
+        ) from None
+    except seal.SealKeyError as error:
+        raise kopf.PermanentError(str(error)) from None
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    await shutdown(memo)
+
+
+async def shutdown(memo: kopf.Memo) -> None:
+    """Stop the tasks, then close the token cache's pool, the token client and the API pools."""
+    runtime: Runtime | None = memo.get("runtime")
+    if runtime is not None:
+        await runtime.close()
+
+
+# PERMANENT: a raising probe answers /healthz at once with the failure. Kopf's default
+# (TEMPORARY) retries it every 60 s while the kubelet's request waits and times out.
+@kopf.on.probe(id="scheduler", errors=kopf.ErrorsMode.PERMANENT)
+def scheduler_alive(memo: kopf.Memo, **_: Any) -> str:
+    """Liveness: fails when refreshes can no longer happen, not merely when the process lives."""
+    task: asyncio.Task[None] | None = memo.get("scheduler_task")
+    if task is None or task.done():
+        raise RuntimeError("the refresh scheduler is not running")
+    last = _reconciler(memo).scheduler.last_loop_at
+    if last is None or utc_now() - last > SCHEDULER_STALL:
+        raise RuntimeError("the refresh scheduler is stalled")
+    gate: ActivityGate | None = memo.get("peering_gate")
+    if gate is not None and gate.active is None and utc_now() - gate.started_at > PEERING_UNREAD:
+        # Never read (e.g. RBAC without `get` on it): refreshes would wait for ever.
+        raise RuntimeError("the peering object has never been readable; refreshes wait on it")
+    return last.isoformat()
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """A detached copy: the reconciler keeps it across events, Kopf reuses its views."""
+    return {
+        "metadata": {
+            "namespace": body.metadata.namespace,
+            "name": body.metadata.name,
+            "uid": body.metadata.uid,
+            "generation": body.metadata.get("generation"),
+            # m2m.dev/refresh: a value set while the operator was down is seen at resume.
+            "annotations": copy.deepcopy(dict(body.metadata.annotations)),
+            "deletionTimestamp": body.metadata.get("deletionTimestamp"),
+        },
+        "spec": copy.deepcopy(dict(body.spec)),
+        "status": copy.deepcopy(dict(body.status)),
+    }
+
+
+# One watch-event handler for TokenRequests, and no create/update/resume handlers: those
+# make Kopf write its handling state (a progress and a last-handled-configuration
+# annotation) onto every object it handles, one more PATCH per TokenRequest and a watch
+# event back for each. Level-triggered instead: the initial listing (type None) is the
+# resume, and any event whose uid or metadata.generation is new to the reconciler is a
+# create or a spec change. Status writes, labels and annotations move neither.
+# The handlers are coroutines on purpose: Kopf runs plain functions in a thread pool,
+# and the reconciler and its scheduler are event-loop-only (from another thread, a wake-up
+# of the scheduler can be lost, and their dicts and heap would be shared without a lock).
+@kopf.on.event(GROUP, VERSION, PLURAL, id="tokenrequest")
+async def token_request_event(
+    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    metadata = body.metadata
+    reconciler = _reconciler(memo)
+    if type == "DELETED":
+        reconciler.forget(metadata.namespace or "", metadata.name or "", metadata.uid)
+    elif metadata.get("deletionTimestamp"):
+        reconciler.being_deleted(metadata.namespace or "", metadata.name or "", metadata.uid)
+    else:
+        reconciler.observed(_plain(body))  # learns and schedules: the look is the scheduler's
+
+
+def _refresh_asked(body: kopf.Body, **_: Any) -> bool:
+    """A new m2m.dev/refresh value not yet recorded in status.lastRefreshRequest."""
+    return pending_request(body.metadata.annotations, body.status) is not None
+
+
+# The annotation is metadata, not spec: `@kopf.on.update(field="spec")` never sees it and
+# metadata.generation does not move. A watch-event handler compares the annotation with
+# status.lastRefreshRequest on every event instead (level-triggered): a value set while
+# the operator was down is seen in the initial listing, and once the status records it,
+# later events of the same object say nothing new.
+@kopf.on.event(
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="refresh",
+    annotations={REFRESH_ANNOTATION: kopf.PRESENT},
+    when=_refresh_asked,
+)
+async def refresh_annotation(
+    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    if type == "DELETED":
+        return
+    value = pending_request(body.metadata.annotations, body.status)
+    if value is None:
+        return
+    _reconciler(memo).refresh_requested(
+        body.metadata.namespace or "", body.metadata.name or "", value
+    )

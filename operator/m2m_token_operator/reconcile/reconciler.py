@@ -1,0 +1,868 @@
+"""From a TokenRequest to a Secret holding a valid token, and back to its status.
+
+One `TokenRequestReconciler` serves the whole operator. Each look at a
+TokenRequest has three steps, as cert-manager's controllers do:
+
+- `_gather`: the I/O that finds the facts (the Secret as read, the credentials
+  or why they failed, the shared token cache's answer, the write of the Secret);
+- `decision.decide`: a pure function from those facts to an outcome (which
+  token the Secret holds, the status, the events, when to look again);
+- `_apply`: status, events, metrics and the next wake-up, deciding nothing; the
+  only caller of `Scheduler.reschedule`.
+
+The TokenRequests it knows live in a `Registry`. When a token is fetched, every
+other subscription of the same key is woken at once, so one call to the token
+endpoint serves them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hmac
+import logging
+import random as _random
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from m2m_token_operator.api.constants import EXPIRES_AT_ANNOTATION, SEAL_ANNOTATION
+from m2m_token_operator.api.secret_layout import token_request_owner
+from m2m_token_operator.api.spec import TokenRequestSpec
+from m2m_token_operator.api.timefmt import parse_time
+from m2m_token_operator.config.settings import Settings
+from m2m_token_operator.kube.call_priority import look_started
+from m2m_token_operator.kube.federation import federated_identity
+from m2m_token_operator.kube.kube_api import KubeApi, KubeError
+from m2m_token_operator.kube.namespaces import OperatorIdentityNamespaces
+from m2m_token_operator.kube.secret_watches import OwnedSecrets
+from m2m_token_operator.reconcile import metrics
+from m2m_token_operator.reconcile.decision import Facts, Outcome, decide
+from m2m_token_operator.reconcile.registry import ObjectRef, Registry, Subscription
+from m2m_token_operator.reconcile.scheduler import Scheduler
+from m2m_token_operator.reconcile.seal import SealKey
+from m2m_token_operator.reconcile.secret_output import (
+    WriteOutcome,
+    delete_other_owned_secrets,
+    is_owned_by,
+    render_secret,
+    secret_data,
+    secret_labels,
+    template_drifted_from,
+    token_from_secret,
+    write_secret,
+)
+from m2m_token_operator.reconcile.status import event_body
+from m2m_token_operator.tokens.cache import CacheKey, TokenCache
+from m2m_token_operator.tokens.client import client_id_shown
+from m2m_token_operator.tokens.credentials import (
+    ClientCredentials,
+    CredentialsError,
+    credentials_from_secret,
+    operator_identity,
+    operator_token_endpoint,
+)
+from m2m_token_operator.tokens.model import AccessToken
+from m2m_token_operator.tokens.redaction import REDACTOR
+from m2m_token_operator.tokens.timing import RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ObjectRef", "Subscription", "TokenRequestReconciler"]
+
+# How long the first looks after a start wait for the owned-Secrets watch's first list, so
+# that a key is seeded from whichever Secret holds its token before anyone fetches it.
+OWNED_SECRETS_WAIT_SECONDS = 20.0
+# Secrets read (at most) to seed one key: the latest-expiring first; one normally does.
+SEED_READS = 3
+
+
+class _Superseded(Exception):
+    """The object was deleted or replaced during the look: its facts speak for nobody."""
+
+
+def _uses_operator_identity(spec: TokenRequestSpec) -> bool:
+    return spec.credentials_secret is None and spec.credentials_service_account is None
+
+
+class TokenRequestReconciler:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        kube: KubeApi,
+        cache: TokenCache,
+        clock: Callable[[], datetime],
+        seal_key: SealKey,
+        identity_namespaces: OperatorIdentityNamespaces,
+        environ: Mapping[str, str] | None = None,
+        random: Callable[[], float] = _random.random,
+        owned_secrets: OwnedSecrets | None = None,
+    ) -> None:
+        self._settings = settings
+        self._kube = kube
+        self._cache = cache
+        self._clock = clock
+        self._seal_key = seal_key
+        self._identity_namespaces = identity_namespaces
+        self._environ = environ
+        self._random = random
+        self._owned_secrets = owned_secrets
+        self._retry: RetryPolicy = settings.retry_policy()
+        self._endpoint_policy = settings.endpoint_policy()
+        self._unserved_namespaces = {settings.operator_namespace, settings.seal_key_secret[0]}
+        self.registry = Registry(
+            default_cluster=settings.cluster_name,
+            on_key_unused=cache.forget,
+            on_key_left=cache.unsubscribe,
+        )
+        self.scheduler: Scheduler[ObjectRef] = Scheduler(clock=clock, handle=self._scheduled)
+        # One seeding per key at a time: the other looks of that key wait for its answer.
+        self._seeding: dict[CacheKey, asyncio.Future[None]] = {}
+        self._owned_secrets_waited = False  # the watch's first list was waited for once
+
+    # Entry points (called from Kopf handlers)
+
+    def reconcile(self, body: Mapping[str, Any]) -> None:
+        """Create, update or resume: (re)learn the TokenRequest; the scheduler looks at once.
+
+        Never a look here: every look, whoever asks for it, is the scheduler's, so that
+        the peering gate and the per-namespace budget apply to all of them.
+        """
+        subscription = self._learn(body)
+        self.scheduler.schedule(subscription.ref, self._clock())
+
+    def observed(self, body: Mapping[str, Any]) -> None:
+        """A watch event or the initial listing: look again only if the spec is new to us.
+
+        A new object (or one re-created under the same name) and a new
+        metadata.generation (a spec change) bring a look at once; events that change
+        neither (our own status writes, labels, annotations) cost nothing.
+        """
+        metadata = body.get("metadata", {})
+        known = self.registry.get((metadata.get("namespace", ""), metadata.get("name", "")))
+        if (
+            known is not None
+            and not known.stale
+            and known.uid == metadata.get("uid")
+            and known.generation == int(metadata.get("generation") or 0)
+        ):
+            return
+        self.reconcile(body)
+
+    def forget(
+        self, namespace: str, name: str, uid: str | None = None, *, why: str | None = None
+    ) -> None:
+        """The TokenRequest is gone; its Secret goes with it through garbage collection.
+
+        With `uid`, only that object: the DELETED event of an object deleted and created
+        again under the same name may arrive after the new one was learnt. Also called by
+        `presence.TokenRequestPresence` for deletions Kopf's re-list does not report.
+        """
+        subscription = self.registry.forget(namespace, name, uid)
+        if subscription is None:
+            return
+        self.scheduler.schedule(subscription.ref, None)
+        metrics.forget_token_request(namespace, name)
+        if why is None:
+            why = "being deleted" if subscription.deleting else "deleted"
+        logger.info("%s forgotten (%s)", subscription.log_context, why)
+
+    def being_deleted(self, namespace: str, name: str, uid: str | None) -> None:
+        """metadata.deletionTimestamp was set: stop serving it (its next look forgets it).
+
+        Foreground deletion, or another controller's finalizer, keeps the object for a
+        while; re-creating its Secret then would only fight the garbage collector.
+        """
+        subscription = self.registry.get((namespace, name))
+        if subscription is None or subscription.uid != uid or subscription.deleting:
+            return
+        subscription.deleting = True
+        self.scheduler.schedule(subscription.ref, self._clock())
+
+    def secret_changed(self, secret: Mapping[str, Any], *, deleted: bool) -> None:
+        """Any Secret event: drift of an owned Secret, or a credentials Secret (re)appearing."""
+        metadata = secret.get("metadata", {})
+        ref = (metadata.get("namespace", ""), metadata.get("name", ""))
+        for subscriber in self.registry.reading_credentials(ref):
+            self.scheduler.schedule(subscriber, self._clock())
+        for named_by in self.registry.naming_secret(ref):
+            subscription = self.registry.get(named_by)
+            if subscription is None:
+                continue
+            if deleted or self._secret_drifted(subscription, secret):
+                self.scheduler.schedule(named_by, self._clock())
+
+    def namespace_allowed_changed(self, namespace: str | None) -> None:
+        """The namespace gained or lost the operator's identity: look at its users now.
+
+        None: every namespace (the first list of granted namespaces has arrived).
+        """
+        now = self._clock()
+        for subscription in self.registry:
+            spec = subscription.spec
+            if namespace not in (None, subscription.namespace):
+                continue
+            if spec is not None and _uses_operator_identity(spec):
+                self.scheduler.schedule(subscription.ref, now)
+
+    def refresh_requested(self, namespace: str, name: str, value: str) -> None:
+        """A new m2m.dev/refresh value: fetch a new token at the next look, which is now."""
+        subscription = self.registry.get((namespace, name))
+        if subscription is None or subscription.refresh_request == value:
+            return  # not learnt yet: learning finds the annotation in the object itself
+        subscription.refresh_request = value
+        self.scheduler.schedule(subscription.ref, self._clock())
+
+    def paused(self) -> None:
+        """Another replica serves now: nothing more from here, not even what is under way.
+
+        The looks under way are cancelled (they are due again for the resume), the
+        events not posted yet are dropped, and only the active replica speaks for the
+        TokenRequests in metrics.
+        """
+        self.scheduler.pause()
+        self._kube.drop_pending_events()
+        for subscription in self.registry:
+            metrics.forget_token_request(subscription.namespace, subscription.name)
+
+    def resume_after_pause(self) -> None:
+        """This replica takes over again: what it learnt before its pause may be stale.
+
+        Meanwhile the active replica refreshed tokens (into the Secrets), changed
+        statuses, and saw deletions that no watch will replay here. Every known
+        TokenRequest is re-read before it is served again, and its token comes
+        from its Secret where that is still good, as after a restart.
+        """
+        now = self._clock()
+        for subscription in self.registry:
+            subscription.stale = True
+            self.registry.drop_key(subscription)
+            self.scheduler.schedule(subscription.ref, now)
+        logger.info("Resuming after a pause: %d TokenRequests to re-read", len(self.registry))
+
+    def is_interesting_secret(self, namespace: str, name: str) -> bool:
+        return self.registry.is_interesting_secret(namespace, name)
+
+    # Subscriptions
+
+    def _learn(self, body: Mapping[str, Any]) -> Subscription:
+        subscription, replaced = self.registry.learn(body)
+        if replaced:
+            self.scheduler.schedule(subscription.ref, None)  # the old object's wake-up
+        return subscription
+
+    def _secret_drifted(self, subscription: Subscription, secret: Mapping[str, Any]) -> bool:
+        if subscription.key is None or subscription.spec is None:
+            return False
+        cached = self._cache.peek(subscription.key)
+        if cached.token is None:
+            return False
+        data = secret.get("data")
+        if data is None:
+            # A metadata-only event: the data is known if a look wrote or read this version.
+            metadata = secret.get("metadata", {})
+            where = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+            version = str(metadata.get("resourceVersion") or "")
+            store = self._owned_secrets
+            data = store and store.data_at(*where, version)
+            if data is None:
+                if store is not None:
+                    store.changed(*where, version)
+                return True  # changed since the operator saw it, perhaps edited: read it
+        if data != secret_data(scope=subscription.spec.scope, token=cached.token):
+            return True
+        labels = secret.get("metadata", {}).get("labels") or {}
+        if any(labels.get(k) != v for k, v in secret_labels(subscription.owner).items()):
+            return True
+        if template_drifted_from(secret, subscription.spec.secret_template):
+            return True  # the template's labels and annotations are kept like the data
+        return not is_owned_by(secret, subscription.uid)
+
+    # One look: gather → decide → apply
+
+    async def _scheduled(self, ref: ObjectRef) -> None:
+        subscription = self.registry.get(ref)
+        if subscription is not None:
+            await self._look(subscription)
+
+    async def _look(self, subscription: Subscription) -> None:
+        with look_started():
+            await self._look_now(subscription)
+
+    async def _look_now(self, subscription: Subscription) -> None:
+        async with subscription.lock:
+            if not self.registry.current(subscription):
+                return  # replaced by a newer version of the object, or deleted meanwhile
+            try:
+                if subscription.stale:
+                    try:
+                        await self._relearn(subscription)
+                    except KubeError as error:
+                        failed = dataclasses.replace(self._facts(subscription), api_error=error)
+                        await self._apply(subscription, decide(failed, self._clock()))
+                    return
+                facts = await self._gather(subscription)
+                try:
+                    await self._apply(subscription, decide(facts, self._clock()))
+                except KubeError as error:
+                    # The status (or an old Secret's deletion) failed after the facts were
+                    # in: the same facts with that error. What was fetched stays cached.
+                    cache = facts.cache and dataclasses.replace(facts.cache, fetched=False)
+                    retry = dataclasses.replace(facts, api_error=error, cache=cache)
+                    await self._apply(subscription, decide(retry, self._clock()))
+            except _Superseded:
+                return
+            except KubeError as error:
+                logger.warning("%s status not written: %s", subscription.log_context, error)
+            except Exception as error:
+                await self._internal_error(subscription, error)
+
+    async def _internal_error(self, subscription: Subscription, error: Exception) -> None:
+        """A bug must not silently end this TokenRequest's refreshes, nor hide in the log.
+
+        Status says InternalError (where to look, never the exception's text: it could
+        hold a secret), `m2m_look_errors_total` counts it, and it is retried on the
+        backoff schedule. Should deciding or writing that fail too, it is still retried.
+        """
+        kind = type(error).__name__
+        logger.error(
+            "%s look failed unexpectedly: error=%s",
+            subscription.log_context,
+            kind,
+            exc_info=error,
+        )
+        metrics.record_look_error()
+        message = (
+            f"An unexpected error ({kind}) ended the operator's look at this TokenRequest;"
+            " the operator's log has its traceback: search for"
+            f" 'tokenrequest={subscription.namespace}/{subscription.name}' and"
+            " 'look failed unexpectedly'. Retrying with backoff"
+        )
+        try:
+            facts = dataclasses.replace(self._facts(subscription), internal_error=message)
+            facts = await self._with_secret(subscription, facts)
+            await self._apply(subscription, decide(facts, self._clock()))
+        except Exception:
+            logger.exception("%s could not report the error in status", subscription.log_context)
+            failures = subscription.api_failures + 1
+            delay = self._retry.backoff(failures=failures, jitter_fraction=self._random())
+            subscription.api_failures = failures
+            self.scheduler.reschedule(subscription.ref, self._clock() + delay)
+
+    def _facts(self, subscription: Subscription) -> Facts:
+        """What is known before any call: the object as learnt and this replica's memory."""
+        spec = subscription.spec
+        return Facts(
+            name=subscription.name,
+            generation=subscription.generation,
+            previous_status=subscription.status,
+            retry=self._retry,
+            jitter=self._random(),
+            spec=spec,
+            spec_error=subscription.spec_error,
+            deleting=subscription.deleting,
+            credentials_failures=subscription.credentials_failures,
+            api_failures=subscription.api_failures,
+            conflicts=subscription.conflicts,
+            remembered_token=self._cache.peek(subscription.key).token if subscription.key else None,
+        )
+
+    async def _gather(self, subscription: Subscription) -> Facts:
+        """The facts of one look. Writes the Secret: how that went is a fact too."""
+        spec = subscription.spec
+        facts = self._facts(subscription)
+        if subscription.deleting:
+            return facts
+        if subscription.namespace in self._unserved_namespaces:
+            # Before any read: a secretRef here would name the operator's own identity
+            # Secret, a secretName its seal key.
+            return dataclasses.replace(facts, in_operator_namespace=True)
+        if spec is None:
+            return facts
+        allowed = True
+        if _uses_operator_identity(spec):
+            allowed_here = self._identity_namespaces.allowed(subscription.namespace)
+            if allowed_here is None:
+                denied = self._identity_namespaces.permission_denied
+                if denied is not None:
+                    return await self._permission_denied(subscription, facts, denied)
+                return dataclasses.replace(facts, operator_identity_pending=True)
+            allowed = allowed_here
+        try:
+            # Looked up once per look (the watch's copy, or a read after a conflict): for the
+            # conflict check, the token it holds, the seeding and the write. The watch's copy
+            # is metadata; its data is read, or inferred from its seal, where a step needs it.
+            existing, guessed = await self._read_own_secret(subscription)
+            facts = dataclasses.replace(
+                facts,
+                secret_read=True,
+                secret_foreign=existing is not None and not is_owned_by(existing, subscription.uid),
+            )
+            if facts.secret_foreign:
+                return facts  # nothing could be delivered: no token is fetched for it
+            if not allowed:
+                # No token request as the operator's identity here; the token in the Secret
+                # serves until it expires. Out of the shared entry: its refreshes are not
+                # for this namespace any more.
+                self.registry.drop_key(subscription)
+                denial = self._identity_namespaces.denial_message(subscription.namespace)
+                facts, _ = await self._secret_facts(subscription, facts, existing)
+                return dataclasses.replace(facts, operator_identity_denied=denial)
+            try:
+                credentials = await self._credentials(subscription)
+            except CredentialsError as error:
+                facts, _ = await self._secret_facts(subscription, facts, existing)
+                return dataclasses.replace(facts, credentials_error=error)
+            # The secret, key or assertion is registered with REDACTOR where it is read or made.
+            if not client_id_shown(credentials.client_id):
+                # Perhaps a secret in the wrong key.
+                REDACTOR.register(credentials.client_id, holder=credentials)
+            if not self.registry.current(subscription):
+                raise _Superseded
+            key = CacheKey.for_credentials(credentials, spec.scope)
+            if key != subscription.key:
+                self.registry.use_key(subscription, key)
+            # Before any fetch: the token of this key may be in some owned Secret already
+            # (after a start, also one written for another TokenRequest). The seal decides:
+            # a token of another identity or scope, or an edited one, never verifies.
+            await self._seed(subscription, key, credentials, existing)
+            # The shared token is refreshed at the latest point its subscribers allow.
+            self._cache.subscribe(key, subscription.ref, spec.refresh_before)
+            forced = subscription.refresh_request
+            if forced is not None:
+                # m2m.dev/refresh: a new token now, bypassing the cache (rate-limited per key).
+                facts = dataclasses.replace(facts, refresh_request=forced)
+                result = await self._cache.force(
+                    credentials, spec.scope, refresh_before=spec.refresh_before
+                )
+            else:
+                result = await self._cache.get(
+                    credentials, spec.scope, refresh_before=spec.refresh_before
+                )
+            metrics.record_cache_lookup(fetched=result.fetched)
+            if result.token is not None:
+                REDACTOR.register(result.token.value, holder=result.token)
+                if result.fetched:
+                    self._fan_out(key, subscription.ref)  # the others want it too
+            if not self.registry.current(subscription):
+                raise _Superseded
+            facts = dataclasses.replace(facts, cache=result)
+            if _uses_operator_identity(spec) and not self._identity_namespaces.allowed(
+                subscription.namespace
+            ):
+                # The grant was revoked while the token was fetched: nothing is written.
+                # The token stays cached for the namespaces still granted it.
+                self.registry.drop_key(subscription)
+                denial = self._identity_namespaces.denial_message(subscription.namespace)
+                return dataclasses.replace(facts, operator_identity_denied=denial)
+            token = result.token
+            facts, existing = await self._secret_facts(
+                subscription,
+                facts,
+                existing,
+                writing=None if token is None else (token, self._seal(key, credentials, token)),
+            )
+            if token is None or facts.secret_foreign:
+                return facts
+            desired = render_secret(
+                owner=subscription.owner,
+                secret_name=spec.secret_name,
+                scope=spec.scope,
+                token=token,
+                seal=self._seal(key, credentials, token),
+                template=spec.secret_template,
+                key_id=self._seal_key.key_id(key, credentials),
+            )
+            written = await write_secret(
+                self._kube,
+                desired=desired,
+                owner_uid=subscription.uid,
+                existing=existing,
+                written=self._remember,
+            )
+            if guessed and written in (WriteOutcome.CONFLICT, WriteOutcome.RACED):
+                # The watch was behind the API server, or the name is held by a Secret it
+                # never shows (someone else's, or ours without its label): the server's
+                # copy decides, as if it had been read first.
+                existing = await self._kube.read_secret(subscription.namespace, spec.secret_name)
+                self._remember(existing)
+                if existing is not None and not is_owned_by(existing, subscription.uid):
+                    return dataclasses.replace(facts, secret_foreign=True, secret_token=None)
+                facts = dataclasses.replace(
+                    facts, secret_token=self._token_in(subscription, existing)
+                )
+                if not self.registry.current(subscription):
+                    raise _Superseded
+                written = await write_secret(
+                    self._kube,
+                    desired=desired,
+                    owner_uid=subscription.uid,
+                    existing=existing,
+                    written=self._remember,
+                )
+            facts = dataclasses.replace(facts, write=written)
+            delivered = written not in (WriteOutcome.CONFLICT, WriteOutcome.RACED)
+            if delivered and subscription.cleanup_pending:
+                # Only now: the workload keeps its old Secret until the new one holds a token.
+                await self._remove_previous_secrets(subscription)
+                subscription.cleanup_pending = False
+            return facts
+        except KubeError as error:
+            # Not Kopf's to retry: it would call the token endpoint again on its own
+            # schedule. The token already fetched stays cached for the next look.
+            return dataclasses.replace(facts, api_error=error)
+
+    async def _permission_denied(
+        self, subscription: Subscription, facts: Facts, denied: str
+    ) -> Facts:
+        """A missing permission blocks this look: said in status, with the Secret's token."""
+        return await self._with_secret(
+            subscription, dataclasses.replace(facts, permission_denied=denied)
+        )
+
+    async def _with_secret(self, subscription: Subscription, facts: Facts) -> Facts:
+        """The facts of a look that ended early, with the token its Secret holds (Ready)."""
+        if subscription.spec is None:
+            return facts
+        try:
+            existing, _ = await self._read_own_secret(subscription)
+        except KubeError:
+            return facts  # what was last served stands in for the Secret
+        return dataclasses.replace(
+            facts,
+            secret_read=True,
+            secret_foreign=existing is not None and not is_owned_by(existing, subscription.uid),
+            secret_token=self._token_in(subscription, existing),
+        )
+
+    async def _apply(self, subscription: Subscription, outcome: Outcome) -> None:
+        """Carry the outcome out: logs, metrics, the next wake-up, the status, the events."""
+        for level, message in outcome.log:
+            logger.log(level, "%s %s", subscription.log_context, message)
+        if not outcome.serve:
+            self.forget(subscription.namespace, subscription.name, subscription.uid)
+            return
+        if not self.registry.current(subscription):
+            # Deleted or replaced during the look (the uid check, in memory): nothing of it
+            # may reach the name's status or wake-up, which may be another object's now.
+            return
+        subscription.credentials_failures = outcome.credentials_failures
+        subscription.conflicts = outcome.conflicts
+        subscription.api_failures = outcome.api_failures
+        for reason in outcome.count_failures:
+            metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=reason)
+        # First: a status write that fails below must not leave the object without one.
+        self.scheduler.reschedule(subscription.ref, outcome.wake_at)
+        if outcome.status is None:
+            return
+        if outcome.write_status:
+            found = await self._kube.patch_token_request_status(
+                subscription.namespace, subscription.name, outcome.status, uid=subscription.uid
+            )
+            if not found:
+                # No object with its uid (deleted or replaced before any watch told us):
+                # stop serving it; the new object under the name is learnt on its own.
+                self.forget(
+                    subscription.namespace,
+                    subscription.name,
+                    subscription.uid,
+                    why="its status patch found no object with its uid",
+                )
+                return
+            subscription.status = outcome.status
+        handled = outcome.observation.last_refresh_request if outcome.observation else None
+        if handled is not None and subscription.refresh_request == handled:
+            subscription.refresh_request = None  # recorded in status: done
+        now = self._clock()
+        # In the background: the status is what the workload's owners wait for.
+        self._kube.post_events(
+            subscription.namespace,
+            [
+                event_body(
+                    namespace=subscription.namespace,
+                    name=subscription.name,
+                    uid=subscription.uid,
+                    event=event,
+                    now=now,
+                )
+                for event in outcome.events
+            ],
+        )
+        if not self.registry.current(subscription):
+            return  # deleted meanwhile: its metrics are gone and must stay gone
+        metrics.observe_token_request(
+            subscription.namespace,
+            subscription.name,
+            ready=outcome.token is not None,
+            expires_at=outcome.token.expires_at if outcome.token else None,
+        )
+
+    # The pieces of a look
+
+    async def _read_own_secret(
+        self, subscription: Subscription
+    ) -> tuple[Mapping[str, Any] | None, bool]:
+        """The TokenRequest's Secret, and whether that is the watch's guess, not a read.
+
+        The owned-Secrets watch answers without an API call; a write based on its answer
+        that the server refuses (409) is corrected with a read. After a conflict the
+        name is held by a Secret the watch cannot show, so each look reads it.
+        """
+        assert subscription.spec is not None
+        store = self._owned_secrets
+        if store is not None and store.ready() and subscription.conflicts == 0:
+            return store.get(subscription.namespace, subscription.spec.secret_name), True
+        secret = await self._kube.read_secret(subscription.namespace, subscription.spec.secret_name)
+        self._remember(secret)
+        return secret, False
+
+    def _remember(self, secret: Mapping[str, Any] | None) -> None:
+        """A Secret read or written in full: its data is known at that resourceVersion."""
+        if secret is not None and self._owned_secrets is not None:
+            self._owned_secrets.remember(secret)
+
+    async def _secret_facts(
+        self,
+        subscription: Subscription,
+        facts: Facts,
+        secret: Mapping[str, Any] | None,
+        *,
+        writing: tuple[AccessToken, str] | None = None,
+    ) -> tuple[Facts, Mapping[str, Any] | None]:
+        """The facts about the look's Secret that need its data, and the Secret with it.
+
+        The watch's copy carries no data. It is known without a call when a look wrote or
+        read that very version; or, for a Secret no look has read or written since the
+        start, when its seal is that of the token about to be written (`writing`: the
+        token and its seal) and its managedFields give no part of its data to anyone but
+        the operator: the operator wrote that token there, and nobody changed it since.
+        Otherwise the Secret changed since the operator last saw it: it is read.
+        """
+        if secret is not None and "data" not in secret:
+            metadata = secret.get("metadata", {})
+            namespace = str(metadata.get("namespace") or subscription.namespace)
+            name = str(metadata.get("name") or "")
+            seal = str((metadata.get("annotations") or {}).get(SEAL_ANNOTATION) or "")
+            store = self._owned_secrets
+            if (
+                writing is not None
+                and facts.spec is not None
+                and store is not None
+                and not store.data_seen(namespace, name)
+                and not store.data_edited(namespace, name)
+                and hmac.compare_digest(seal.encode(), writing[1].encode())
+            ):
+                data = secret_data(scope=facts.spec.scope, token=writing[0])
+                secret = {**secret, "data": data}
+            else:
+                secret = await self._kube.read_secret(namespace, name)
+            self._remember(secret)
+        foreign = secret is not None and not is_owned_by(secret, subscription.uid)
+        return (
+            dataclasses.replace(
+                facts,
+                secret_foreign=foreign,
+                secret_token=None if foreign else self._token_in(subscription, secret),
+            ),
+            secret,
+        )
+
+    async def _credentials(self, subscription: Subscription) -> ClientCredentials:
+        assert subscription.spec is not None
+        account_name = subscription.spec.credentials_service_account
+        if account_name is not None:
+            # Workload identity federation: looked at afresh each time (no watch), so an
+            # annotation or a ServiceAccount that appears is found by the next retry.
+            account = await self._kube.read_service_account(subscription.namespace, account_name)
+            default_endpoint = await asyncio.to_thread(
+                operator_token_endpoint, self._settings.credentials_dir, self._environ
+            )
+            return federated_identity(
+                account,
+                namespace=subscription.namespace,
+                name=account_name,
+                policy=self._endpoint_policy,
+                default_endpoint=default_endpoint,
+                allow_insecure_http=self._settings.allow_insecure_http,
+                audience=self._settings.federation_audience,
+                mint=self._kube.mint_service_account_token,  # blocking: on the fetch thread
+            )
+        if subscription.spec.credentials_secret is None:
+            # Read afresh each time: a mounted Secret may have been rotated in place. Files
+            # are read on a thread; the environment alone is read here, since the hop to a
+            # thread cost more than the read (an eighth of a burst's CPU, profiled).
+            read_identity = functools.partial(
+                operator_identity,
+                self._settings.credentials_dir,
+                self._environ,
+                allow_insecure_http=self._settings.allow_insecure_http,
+            )
+            if self._settings.credentials_dir is None:
+                return read_identity()
+            return await asyncio.to_thread(read_identity)
+        secret = await self._kube.read_secret(
+            subscription.namespace, subscription.spec.credentials_secret
+        )
+        # Read afresh at each look: a rotated secret or key is used at the next request.
+        return credentials_from_secret(
+            None if secret is None else (secret.get("data") or {}),
+            namespace=subscription.namespace,
+            name=subscription.spec.credentials_secret,
+            policy=self._endpoint_policy,
+        )
+
+    def _seal(self, key: CacheKey, credentials: ClientCredentials, token: AccessToken) -> str:
+        """The restart seal written beside a token, and the one it is checked against."""
+        return self._seal_key.seal(key, credentials, token)
+
+    def _token_in(
+        self, subscription: Subscription, secret: Mapping[str, Any] | None
+    ) -> AccessToken | None:
+        """What the workload reads now: the unexpired token in the owned Secret, if any."""
+        if secret is None or subscription.spec is None:
+            return None
+        return token_from_secret(
+            secret,
+            owner_uid=subscription.uid,
+            scope=subscription.spec.scope,
+            now=self._clock(),
+            seal_for=None,  # whoever wrote it; a token is served from the cache only if sealed
+        )
+
+    async def _seed(
+        self,
+        subscription: Subscription,
+        key: CacheKey,
+        credentials: ClientCredentials,
+        own: Mapping[str, Any] | None,
+    ) -> None:
+        """After a start an owned Secret may hold a good token of this key: reuse it, call
+        nobody. One seeding per key at a time; the key's other looks wait for it."""
+        if self._cache.peek(key).token is not None:
+            return
+        seeding = self._seeding.get(key)
+        if seeding is None:
+            seeding = asyncio.ensure_future(self._seed_key(subscription, key, credentials, own))
+            self._seeding[key] = seeding
+            seeding.add_done_callback(lambda _: self._seeding.pop(key, None))
+        await asyncio.shield(seeding)
+
+    async def _seed_key(
+        self,
+        subscription: Subscription,
+        key: CacheKey,
+        credentials: ClientCredentials,
+        own: Mapping[str, Any] | None,
+    ) -> None:
+        """Find the key's Secrets by their key-id annotation (metadata, no call), read the
+        latest-expiring one, and seed the cache with its token if its seal verifies."""
+        store = self._owned_secrets
+        candidates: dict[tuple[str, str], Mapping[str, Any]] = {}
+        if store is not None:
+            if not store.ready() and not self._owned_secrets_waited:
+                # The first looks after a start: before anyone fetches, every owned Secret
+                # must be known, or a key whose token is in a Secret is fetched again.
+                try:
+                    async with asyncio.timeout(OWNED_SECRETS_WAIT_SECONDS):
+                        await store.wait_ready()
+                except TimeoutError:
+                    logger.warning(
+                        "The owned-Secrets watch has not listed within %.0f s (check its"
+                        " list/watch rights on Secrets); tokens are seeded from each"
+                        " TokenRequest's own Secret only",
+                        OWNED_SECRETS_WAIT_SECONDS,
+                    )
+                self._owned_secrets_waited = True
+            if store.ready():
+                for found in store.with_key_id(self._seal_key.key_id(key, credentials)):
+                    candidates[_secret_ref(found)] = found
+        if own is not None and is_owned_by(own, subscription.uid):
+            # Perhaps written before key ids existed.
+            candidates.setdefault(_secret_ref(own), own)
+        now = self._clock()
+        usable = sorted(
+            (
+                (expires_at, candidate)
+                for candidate in candidates.values()
+                if (expires_at := _annotated_expiry(candidate)) is not None and expires_at > now
+            ),
+            key=lambda pair: pair[0],
+            reverse=True,
+        )
+        for _, candidate in usable[:SEED_READS]:
+            secret: Mapping[str, Any] | None = candidate
+            if "data" not in candidate:
+                namespace, name = _secret_ref(candidate)
+                try:
+                    secret = await self._kube.read_secret(namespace, name)
+                except KubeError as error:
+                    logger.warning("Secret %s/%s not read for seeding: %s", namespace, name, error)
+                    return  # the API is in trouble: fetch rather than wait for it
+                self._remember(secret)
+            owner = None if secret is None else token_request_owner(secret.get("metadata", {}))
+            if secret is None or owner is None:
+                continue
+            token = token_from_secret(
+                secret,
+                owner_uid=owner,
+                scope=key.scope,
+                now=self._clock(),
+                seal_for=lambda token: self._seal(key, credentials, token),
+            )
+            if token is not None:
+                REDACTOR.register(token.value, holder=token)
+                self._cache.seed(key, token)
+                where = _secret_ref(secret)
+                own_name = subscription.spec.secret_name if subscription.spec else None
+                if where == (subscription.namespace, own_name):
+                    found_in = "its Secret"
+                else:
+                    found_in = f"Secret {where[0]}/{where[1]} (same identity and scope)"
+                logger.info(
+                    "%s reusing the unexpired token found in %s", subscription.log_context, found_in
+                )
+                return
+
+    async def _relearn(self, subscription: Subscription) -> None:
+        """After a pause: learn the object as it is now (the active replica handled its
+        changes, so Kopf will not replay them here), or forget it if it went away."""
+        current = await self._kube.read_token_request(subscription.namespace, subscription.name)
+        if not self.registry.current(subscription):
+            return  # Kopf's re-listing taught us the object meanwhile (maybe a new one)
+        if current is None or current.get("metadata", {}).get("uid") != subscription.uid:
+            self.forget(subscription.namespace, subscription.name, subscription.uid)
+            return
+        fresh = self._learn(current)
+        fresh.stale = False  # learnt from the object as it is now
+        self.scheduler.schedule(fresh.ref, self._clock())
+
+    async def _remove_previous_secrets(self, subscription: Subscription) -> None:
+        """After a spec.secretName change: the old Secret goes, once the new one is written."""
+        assert subscription.spec is not None
+        deleted = await delete_other_owned_secrets(
+            self._kube, owner=subscription.owner, keep=subscription.spec.secret_name
+        )
+        for name in deleted:
+            logger.info("%s deleted its previous Secret %s", subscription.log_context, name)
+
+    def _fan_out(self, key: CacheKey, origin: ObjectRef) -> None:
+        now = self._clock()
+        for ref in self.registry.sharing_key(key):
+            if ref != origin:
+                self.scheduler.schedule(ref, now)
+
+
+def _secret_ref(secret: Mapping[str, Any]) -> tuple[str, str]:
+    metadata = secret.get("metadata", {})
+    return str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
+
+
+def _annotated_expiry(secret: Mapping[str, Any]) -> datetime | None:
+    """The expiry an owned Secret's annotation states (not proof: the seal is checked)."""
+    text = (secret.get("metadata", {}).get("annotations") or {}).get(EXPIRES_AT_ANNOTATION)
+    try:
+        return parse_time(str(text)) if text else None
+    except ValueError:
+        return None

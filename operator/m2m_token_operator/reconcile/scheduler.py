@@ -1,0 +1,285 @@
+"""Wake each TokenRequest at the moment its token is due, and not before.
+
+Kopf's timers and daemons would add a finalizer to every TokenRequest, so a
+TokenRequest could not be deleted while the operator is down. This scheduler
+is one asyncio task with a heap of due times: refresh is driven by each
+token's own refresh point, with no polling and nothing written to the objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import heapq
+import itertools
+import logging
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Hashable
+from datetime import datetime
+from typing import Generic, Protocol, TypeVar
+
+from m2m_token_operator.reconcile import metrics
+
+logger = logging.getLogger(__name__)
+
+Target = TypeVar("Target", bound=Hashable)
+
+
+class Gate(Protocol):
+    """Whether this replica may act (HA peering): due work waits while it may not."""
+
+    @property
+    def active(self) -> bool | None:
+        """The last decision, without reading anything (None: not decided yet)."""
+        ...
+
+    async def confirm_active(self) -> bool: ...
+
+    async def wait_active(self) -> None: ...
+
+
+def _one_group(_: object) -> Hashable:
+    return None
+
+
+class Scheduler(Generic[Target]):
+    """A due-time heap with lazy cancellation; `run` calls `handle(target)` when one is due.
+
+    With a `gate` (HA peering), the gate is asked before EACH handling starts, whoever
+    asked for it and however it is started (the loop, or a slot freed by another
+    handling): a paused replica starts nothing. `pause()` also cancels the handlings
+    under way, so that none of them writes after this replica learnt it is paused.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], datetime],
+        handle: Callable[[Target], Awaitable[None]],
+        concurrency: int = 16,
+        gate: Gate | None = None,
+    ) -> None:
+        self._clock = clock
+        self._handle = handle
+        self.gate = gate
+        self._heap: list[tuple[datetime, int, Target]] = []
+        self._due: dict[Target, datetime] = {}
+        self._sequence = itertools.count()
+        self._changed = asyncio.Event()
+        self._concurrency = concurrency
+        self._running: dict[asyncio.Task[None], Target] = {}
+        # Fair dispatch (see `fair_by`): due targets queue per group, groups take turns.
+        self._group_of: Callable[[Target], Hashable] = _one_group
+        self._group_limit = concurrency
+        self._queues: dict[Hashable, deque[Target]] = {}
+        self._queued: set[Target] = set()  # the targets in `_queues`, each at most once
+        self._running_targets: set[Target] = set()
+        self._rerun: set[Target] = set()  # woken while running: queued when that ends
+        self._turns: deque[Hashable] = deque()  # groups with queued targets, next first
+        self._active: Counter[Hashable] = Counter()
+        self._stopping = False
+        self.last_loop_at: datetime | None = None  # liveness: the loop is turning
+
+    def fair_by(self, group_of: Callable[[Target], Hashable], *, limit: int) -> None:
+        """Share the `concurrency` slots fairly between groups (e.g. namespaces).
+
+        Without it due targets run first come, first served: a namespace with 1,000 due
+        TokenRequests would hold every slot (and so every fetch worker behind them) while
+        another namespace's single refresh waits for all of them. With it, due targets
+        queue per group, a free slot goes to the next group in turn (round robin), and no
+        group holds more than `limit` slots at once, so one group's burst delays another's
+        refresh by at most one look, never by the burst.
+        """
+        self._group_of = group_of
+        self._group_limit = max(1, min(limit, self._concurrency))
+
+    def schedule(self, target: Target, at: datetime | None) -> None:
+        """Set (or with None, cancel) the one due time of a target; an earlier one wins."""
+        if at is None:
+            self._due.pop(target, None)
+            return
+        current = self._due.get(target)
+        if current is not None and current <= at:
+            return
+        self._due[target] = at
+        heapq.heappush(self._heap, (at, next(self._sequence), target))
+        self._changed.set()
+
+    def reschedule(self, target: Target, at: datetime | None) -> None:
+        """Replace the due time, later or earlier (after a target was handled).
+
+        A due time that has already come stays: it is a wake asked for while the target
+        was being handled (a watch event), and that handling may not have seen its cause.
+        """
+        current = self._due.get(target)
+        if current is not None and current <= self._clock():
+            return
+        self._due.pop(target, None)
+        self.schedule(target, at)
+
+    def due_at(self, target: Target) -> datetime | None:
+        return self._due.get(target)
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def _pop_due(self, now: datetime) -> list[Target]:
+        ready: list[Target] = []
+        while self._heap and self._heap[0][0] <= now:
+            at, _, target = heapq.heappop(self._heap)
+            if self._due.get(target) == at:  # otherwise cancelled or moved: a stale entry
+                del self._due[target]
+                ready.append(target)
+                metrics.REFRESH_LAG.observe(max(0.0, (now - at).total_seconds()))
+        return ready
+
+    def _seconds_to_next(self, now: datetime) -> float | None:
+        while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        if not self._heap:
+            return None
+        return max(0.0, (self._heap[0][0] - now).total_seconds())
+
+    def _may_start(self) -> bool:
+        """The gate's last decision: a closed (or undecided) gate starts nothing new."""
+        return self.gate is None or self.gate.active is True
+
+    async def _run_one(self, target: Target) -> None:
+        try:
+            # Asked right before the handling starts (a reading at most about a second
+            # old): the decision `_dispatch` saw may be older than the pause.
+            if self.gate is not None and not await self.gate.confirm_active():
+                self.schedule(target, self._clock())  # still due: it runs after the resume
+                return
+            await self._handle(target)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # One broken TokenRequest must not stop the refreshes of all others.
+            logger.exception("Scheduled work for %s failed", target)
+
+    def _enqueue(self, target: Target) -> None:
+        if target in self._queued:
+            return  # it has not started yet: that handling will see this wake's cause too
+        if target in self._running_targets:
+            # Again once the running handling ends (it may not have seen this wake's cause),
+            # without holding a slot meanwhile only to wait for the target's lock.
+            self._rerun.add(target)
+            return
+        self._queued.add(target)
+        group = self._group_of(target)
+        queue = self._queues.get(group)
+        if queue is None:
+            queue = self._queues[group] = deque()
+            self._turns.append(group)
+        queue.append(target)
+
+    def _dispatch(self) -> None:
+        """Start queued targets while slots are free, one group after the other."""
+        if not self._may_start():
+            if self._queues:
+                self._changed.set()  # the loop waits on the gate for them, and goes on
+            return
+        skipped = 0  # groups passed over in a row because they are at their limit
+        while self._turns and len(self._running) < self._concurrency:
+            if skipped >= len(self._turns):
+                return  # every waiting group is at its limit
+            group = self._turns[0]
+            if self._active[group] >= self._group_limit:
+                self._turns.rotate(-1)
+                skipped += 1
+                continue
+            skipped = 0
+            queue = self._queues[group]
+            target = queue.popleft()
+            self._queued.discard(target)
+            if queue:
+                self._turns.rotate(-1)  # its next target waits for the others' turns
+            else:
+                self._turns.popleft()
+                del self._queues[group]
+            self._active[group] += 1
+            task = asyncio.create_task(self._run_one(target))
+            self._running[task] = target
+            self._running_targets.add(target)
+            task.add_done_callback(functools.partial(self._finished, group=group))
+
+    def _finished(self, task: asyncio.Task[None], *, group: Hashable) -> None:
+        target = self._running.pop(task, None)
+        self._active[group] -= 1
+        if self._active[group] <= 0:
+            del self._active[group]
+        if target is not None:
+            self._running_targets.discard(target)
+            if target in self._rerun and not self._stopping:
+                self._rerun.discard(target)
+                self._enqueue(target)  # woken while it ran
+        if task.cancelled() and target is not None and not self._stopping:
+            self.schedule(target, self._clock())  # cut short by a pause: due again
+        self._dispatch()  # asks the gate first: a paused replica starts nothing here
+
+    def pause(self) -> None:
+        """The gate closed: cancel the handlings under way; what they were doing is due again.
+
+        A handling cancelled while it waits (for an API call's turn, a token request's
+        result, the lock of its object) sends nothing more; an API call or token request
+        already running in a thread finishes, its result unused. Queued targets go back
+        to the heap, so that the loop waits on the gate for them and the resume starts
+        them (and a target queued twice runs once).
+        """
+        now = self._clock()
+        for queue in self._queues.values():
+            for target in queue:
+                self.schedule(target, now)
+        self._queues.clear()
+        self._queued.clear()
+        self._turns.clear()
+        for task in list(self._running):
+            task.cancel()
+
+    @property
+    def queued(self) -> int:
+        """Due targets waiting for a slot."""
+        return sum(len(queue) for queue in self._queues.values())
+
+    def _has_due(self, now: datetime) -> bool:
+        delay = self._seconds_to_next(now)
+        return delay is not None and delay <= 0.0
+
+    async def _wait_for_gate(self) -> None:
+        """Due work stays due (nothing is dropped) until this replica may act again."""
+        assert self.gate is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.gate.wait_active(), timeout=30.0)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                now = self._clock()
+                self.last_loop_at = now
+                if (
+                    self.gate is not None
+                    and (self._has_due(now) or self._queues)
+                    and not await self.gate.confirm_active()
+                ):
+                    await self._wait_for_gate()
+                    continue
+                for target in self._pop_due(now):
+                    self._enqueue(target)
+                self._dispatch()
+                delay = self._seconds_to_next(self._clock())
+                self._changed.clear()
+                # Wake at least every 30 s so that liveness sees a turning loop and a
+                # jump of the wall clock (suspend, NTP step) is noticed soon.
+                timeout = 30.0 if delay is None else min(delay, 30.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=timeout)
+        finally:
+            self._stopping = True
+            self._queues.clear()  # nothing new starts while the running ones stop
+            self._queued.clear()
+            self._turns.clear()
+            for task in list(self._running):
+                task.cancel()
+            await asyncio.gather(*self._running, return_exceptions=True)

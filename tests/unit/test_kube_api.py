@@ -1,0 +1,122 @@
+"""The Kubernetes API facade: every failure the callers must handle is a KubeError."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import kubernetes
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from m2m_token_operator.kube.kube_api import JSON_PATCH, KubeApi, KubeError
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_an_unreachable_api_server_is_a_kube_error_not_a_transport_exception() -> None:
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{closed_port()}"
+    configuration.retries = 0
+    kube = KubeApi(kubernetes.client.ApiClient(configuration))
+    try:
+        with pytest.raises(KubeError) as caught:
+            await kube.read_secret("shop", "orders-api")
+    finally:
+        kube.close()
+    assert caught.value.status is None
+    assert caught.value.action == "read Secret shop/orders-api"
+    assert "HTTP None" in str(caught.value)
+
+
+STATUS_PATH = "/apis/m2m.dev/v1alpha1/namespaces/shop/tokenrequests/orders-api/status"
+OBJECT_PATH = "/apis/m2m.dev/v1alpha1/namespaces/shop/tokenrequests/orders-api"
+# The API server's answer to a JSON Patch whose `test` fails (checked on v1.37): no detail.
+TEST_FAILED = {
+    "kind": "Status",
+    "apiVersion": "v1",
+    "metadata": {},
+    "status": "Failure",
+    "message": "the server rejected our request due to an error in our request",
+    "reason": "Invalid",
+    "details": {},
+    "code": 422,
+}
+
+
+def _api(httpserver: HTTPServer) -> KubeApi:
+    configuration = kubernetes.client.Configuration()
+    configuration.host = httpserver.url_for("").rstrip("/")
+    configuration.retries = 0
+    return KubeApi(kubernetes.client.ApiClient(configuration))
+
+
+def _object(uid: str) -> dict[str, Any]:
+    return {"metadata": {"name": "orders-api", "namespace": "shop", "uid": uid}}
+
+
+async def test_the_status_patch_tests_the_uid_and_sends_the_status_without_nulls(
+    httpserver: HTTPServer,
+) -> None:
+    sent: list[tuple[str, Any]] = []
+
+    def record(request: Request) -> Response:
+        sent.append((request.headers["Content-Type"], json.loads(request.data)))
+        return Response(json.dumps(_object("u1")), content_type="application/json")
+
+    httpserver.expect_request(STATUS_PATH, method="PATCH").respond_with_handler(record)
+    kube = _api(httpserver)
+    try:
+        written = await kube.patch_token_request_status(
+            "shop", "orders-api", {"scope": "s", "expiresAt": None}, uid="u1"
+        )
+    finally:
+        kube.close()
+    assert written
+    assert sent == [
+        (
+            JSON_PATCH,
+            [
+                {"op": "test", "path": "/metadata/uid", "value": "u1"},
+                {"op": "add", "path": "/status", "value": {"scope": "s"}},
+            ],
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("current", "written"),
+    [
+        (None, False),  # deleted: gone
+        (_object("u2"), False),  # another object under the name: replaced
+        (_object("u1"), None),  # the same object: the status itself was refused (an error)
+    ],
+)
+async def test_a_refused_status_patch_is_told_apart_by_one_read(
+    httpserver: HTTPServer, current: dict[str, Any] | None, written: bool | None
+) -> None:
+    httpserver.expect_request(STATUS_PATH, method="PATCH").respond_with_json(
+        TEST_FAILED, status=422
+    )
+    if current is None:
+        httpserver.expect_request(OBJECT_PATH, method="GET").respond_with_json(
+            {"kind": "Status", "code": 404, "reason": "NotFound"}, status=404
+        )
+    else:
+        httpserver.expect_request(OBJECT_PATH, method="GET").respond_with_json(current)
+    kube = _api(httpserver)
+    try:
+        if written is None:
+            with pytest.raises(KubeError) as caught:
+                await kube.patch_token_request_status("shop", "orders-api", {}, uid="u1")
+            assert caught.value.status == 422
+        else:
+            assert not await kube.patch_token_request_status("shop", "orders-api", {}, uid="u1")
+    finally:
+        kube.close()
