@@ -458,7 +458,7 @@ class Gatherer:
         self._clock = clock
         self._seal_key = seal_key
         self._identity_namespaces = identity_namespaces
-        self.registry = registry
+        self._registry = registry
         self._credentials = credentials
         self._seeder = seeder
         self._fetched = fetched  # a token was fetched: the key's other subscribers want it
@@ -522,7 +522,7 @@ class Gatherer:
                 # No token request as the operator's identity here; the token in the Secret
                 # serves until it expires. Out of the shared entry: its refreshes are not
                 # for this namespace any more.
-                self.registry.drop_key(subscription)
+                self._registry.drop_key(subscription)
                 denial = self._identity_namespaces.denial_message(subscription.namespace)
                 facts, _ = await self._secret_facts(subscription, facts, existing)
                 return dataclasses.replace(facts, operator_identity_denied=denial), None
@@ -535,11 +535,11 @@ class Gatherer:
             if not client_id_shown(credentials.client_id):
                 # Perhaps a secret in the wrong key.
                 REDACTOR.register(credentials.client_id, holder=credentials)
-            if not self.registry.current(subscription):
+            if not self._registry.current(subscription):
                 raise _Superseded
             key = CacheKey.for_credentials(credentials, spec.scope)
             if key != subscription.key:
-                self.registry.use_key(subscription, key)
+                self._registry.use_key(subscription, key)
             # Before any fetch: the token of this key may be in some owned Secret already
             # (after a start, also one written for another TokenRequest). The seal decides:
             # a token of another identity or scope, or an edited one, never verifies.
@@ -562,7 +562,7 @@ class Gatherer:
                 REDACTOR.register(result.token.value, holder=result.token)
                 if result.fetched:
                     self._fetched(key, subscription.ref)  # the others want it too
-            if not self.registry.current(subscription):
+            if not self._registry.current(subscription):
                 raise _Superseded
             facts = dataclasses.replace(facts, cache=result)
             if _uses_operator_identity(spec) and not self._identity_namespaces.allowed(
@@ -570,7 +570,7 @@ class Gatherer:
             ):
                 # The grant was revoked while the token was fetched: nothing is written.
                 # The token stays cached for the namespaces still granted it.
-                self.registry.drop_key(subscription)
+                self._registry.drop_key(subscription)
                 denial = self._identity_namespaces.denial_message(subscription.namespace)
                 return dataclasses.replace(facts, operator_identity_denied=denial), None
             token = result.token
@@ -876,8 +876,8 @@ class Writer:
     ) -> None:
         self._kube = kube
         self._clock = clock
-        self.registry = registry
-        self.scheduler = scheduler
+        self._registry = registry
+        self._scheduler = scheduler
         self._forget = forget
         self._owned_secrets = owned_secrets
 
@@ -907,7 +907,7 @@ class Writer:
                 facts = dataclasses.replace(
                     facts, secret_token=_token_in(subscription, existing, now=self._clock())
                 )
-                if not self.registry.current(subscription):
+                if not self._registry.current(subscription):
                     raise _Superseded
                 written = await write_secret(
                     self._kube,
@@ -935,7 +935,7 @@ class Writer:
         if not outcome.serve:
             self._forget(subscription.namespace, subscription.name, subscription.uid)
             return
-        if not self.registry.current(subscription):
+        if not self._registry.current(subscription):
             # Deleted or replaced during the look (the uid check, in memory): nothing of it
             # may reach the name's status or wake-up, which may be another object's now.
             return
@@ -945,7 +945,7 @@ class Writer:
         for reason in outcome.count_failures:
             metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=reason)
         # First: a status write that fails below must not leave the object without one.
-        self.scheduler.reschedule(subscription.ref, outcome.wake_at)
+        self._scheduler.reschedule(subscription.ref, outcome.wake_at)
         if outcome.status is None:
             return
         if outcome.write_status:
@@ -981,7 +981,7 @@ class Writer:
                 for event in outcome.events
             ],
         )
-        if not self.registry.current(subscription):
+        if not self._registry.current(subscription):
             return  # deleted meanwhile: its metrics are gone and must stay gone
         metrics.observe_token_request(
             subscription.namespace,
