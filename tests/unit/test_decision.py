@@ -4,7 +4,9 @@ of issue 10. Pure: made-up facts, a fixed `now`, no I/O, no clock, no sleeps."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +14,15 @@ from m2m_token_operator.api.constants import DEGRADED, READY
 from m2m_token_operator.api.spec import TokenRequestSpec
 from m2m_token_operator.api.timefmt import format_time
 from m2m_token_operator.kube.kube_api import Conflict, KubeError
-from m2m_token_operator.reconcile.decision import Facts, Outcome, decide
+from m2m_token_operator.reconcile.decision import (
+    RULES,
+    Facts,
+    Outcome,
+    Partial,
+    Verdict,
+    decide,
+    first_verdict,
+)
 from m2m_token_operator.reconcile.secret_output import WriteOutcome
 from m2m_token_operator.reconcile.status import build_status, condition_reason
 from m2m_token_operator.tokens.cache import CacheKey, CacheResult, Freshness
@@ -477,3 +487,66 @@ def test_operator_namespace_not_served() -> None:
     assert not again.write_status
     assert again.events == ()
     assert again.count_failures == ()
+
+
+# --- the rules: an ordered list, the first that answers wins -------------------------
+
+PRECEDENCE = (
+    "operator_namespace",
+    "invalid_spec",
+    "internal_error",
+    "api_error",
+    "permission_denied",
+    "secret_conflict",
+    "operator_identity_denied",
+    "credentials_unusable",
+    "cache_answer",
+)
+
+
+def test_the_rules_run_in_the_documented_precedence() -> None:
+    assert tuple(rule.__name__ for rule in RULES) == PRECEDENCE
+    # The same order as docs/architecture.md states it ("Precedence, highest first").
+    doc = (Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    listed = doc.split("Precedence,\n  highest first:", 1)[1].split(".\n", 1)[0]
+    assert tuple(re.findall(r"`(\w+)`", listed)) == PRECEDENCE
+
+
+def test_each_rule_wins_over_every_rule_after_it() -> None:
+    # One fact per rule, all at once; dropping them from the top, the reason reported is
+    # always that of the first rule whose fact remains.
+    triggers: list[tuple[dict[str, object], str]] = [
+        ({"in_operator_namespace": True}, "OperatorNamespaceNotServed"),
+        ({"spec": None, "spec_error": "bad"}, "InvalidSpec"),
+        ({"internal_error": "boom"}, "InternalError"),
+        (
+            {
+                "api_error": KubeError(
+                    action="get Secret", status=500, reason="Internal Server Error"
+                )
+            },
+            "KubernetesAPIError",
+        ),
+        ({"permission_denied": "list secrets"}, "PermissionDenied"),
+        ({"secret_foreign": True}, "SecretConflict"),
+        ({"operator_identity_denied": "not allowed"}, "OperatorIdentityNotAllowed"),
+        (
+            {"credentials_error": CredentialsError("gone", reason="CredentialsMissing")},
+            "CredentialsMissing",
+        ),
+    ]
+    for first in range(len(triggers)):
+        changes: dict[str, object] = {}
+        for fact, _ in triggers[first:]:
+            changes.update(fact)
+        outcome = decide(facts_of(**changes), NOW)
+        assert outcome.failure is not None
+        assert outcome.failure.reason == triggers[first][1], triggers[first]
+
+
+def test_no_rule_answers_without_a_cache_answer() -> None:
+    partial = Partial(secret_name="orders-api-token", token=None)
+    assert first_verdict(facts_of(), NOW, partial) == Verdict()
+    outcome = decide(facts_of(credentials_failures=2, api_failures=3), NOW)
+    assert outcome.failure is None
+    assert (outcome.credentials_failures, outcome.api_failures) == (2, 0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -237,6 +237,268 @@ def _held_failure(
     return Failure(reason, message), failed_at, first
 
 
+@dataclass(frozen=True)
+class Partial:
+    """What every rule may read besides the facts, worked out once before the rules run."""
+
+    secret_name: str
+    token: AccessToken | None  # the unexpired token in the Secret now (`_token_in_secret`)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A rule's answer: the failure to report (None: none) and what follows from it.
+
+    Counters move only with what the look learnt about them: `credentials_failures`
+    None keeps the count as it was before the look; the others start again at 0."""
+
+    failure: Failure | None = None
+    failed_attempts: int = 0
+    failed_at: datetime | None = None
+    count_failures: tuple[str, ...] = ()  # failure reasons to count in the metrics
+    log: tuple[tuple[int, str], ...] = ()
+    credentials_failures: int | None = None
+    api_failures: int = 0
+    conflicts: int = 0
+    wake: tuple[datetime, ...] = ()
+    refresh_at: datetime | None = None
+
+
+Rule = Callable[[Facts, datetime, Partial], Verdict | None]
+
+
+def operator_namespace(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """In the operator's own namespace: refused, and nothing to wait for (no edit of the
+    object can change its namespace)."""
+    if not facts.in_operator_namespace:
+        return None
+    failure = operator_namespace_failure()
+    failed_at, first = _first_failure_time(facts, failure.reason, now)
+    return Verdict(
+        failure=failure,
+        failed_attempts=1,
+        failed_at=failed_at,
+        count_failures=(failure.reason,) if first else (),
+        log=((logging.WARNING, f"not served: reason={failure.reason}"),) if first else (),
+    )
+
+
+def invalid_spec(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """Nothing to wait for: the next spec edit brings the object back."""
+    if facts.spec is not None:
+        return None
+    return Verdict(failure=Failure(INVALID_SPEC, facts.spec_error or "invalid spec"))
+
+
+def internal_error(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """A bug: said in status (Degraded, and Ready False unless a still-valid token is
+    served), counted, and retried on the backoff schedule of API failures."""
+    if facts.internal_error is None:
+        return None
+    api_failures = facts.api_failures + 1
+    return Verdict(
+        failure=Failure(INTERNAL_ERROR, facts.internal_error),
+        api_failures=api_failures,
+        failed_attempts=api_failures,
+        failed_at=now,
+        count_failures=(INTERNAL_ERROR,),
+        wake=(_retry_soon(facts, now, partial.token),),
+    )
+
+
+def api_error(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """A Kubernetes API call ended the look: retried with backoff. The token fetched (if
+    any) stays cached: the next look writes it without a request."""
+    if facts.api_error is None:
+        return None
+    failure = _api_failure(facts.api_error)
+    api_failures = facts.api_failures + 1
+    message = (
+        f"Kubernetes API call failed: reason={failure.reason} attempts={api_failures}"
+        f" {facts.api_error}"
+    )
+    return Verdict(
+        failure=failure,
+        api_failures=api_failures,
+        failed_attempts=api_failures,
+        failed_at=now,
+        count_failures=(failure.reason,),
+        log=((logging.WARNING, message),),
+        wake=(_retry_soon(facts, now, partial.token),),
+    )
+
+
+def permission_denied(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """The operator's own RBAC, not this TokenRequest: counted once, no token request; the
+    permission's return wakes it (the watch's first list), the token's expiry too."""
+    if facts.permission_denied is None:
+        return None
+    failure, failed_at, first = _held_failure(
+        facts, PERMISSION_DENIED, facts.permission_denied, now
+    )
+    return Verdict(
+        failure=failure,
+        failed_attempts=1,
+        failed_at=failed_at,
+        count_failures=(failure.reason,) if first else (),
+        log=((logging.WARNING, f"not served: reason={failure.reason}"),) if first else (),
+    )
+
+
+def secret_conflict(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """Nothing could be delivered. A foreign Secret is not watched (only owned ones are):
+    the first look learns of it from a refused create (its token stays cached, written
+    nowhere), and each later look for it to be gone is one GET, on the backoff schedule
+    (5 s doubling to 5 min), with no token request."""
+    if not (facts.secret_foreign or facts.write is WriteOutcome.CONFLICT):
+        return None
+    conflicts = facts.conflicts + 1
+    return Verdict(
+        failure=conflict_failure(partial.secret_name),
+        conflicts=conflicts,
+        wake=(now + facts.retry.backoff(failures=conflicts, jitter_fraction=0.5),),
+    )
+
+
+def operator_identity_denied(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """The namespace may not use the operator's identity. A label change wakes it (the
+    namespace watch); the token's expiry too."""
+    if facts.operator_identity_denied is None:
+        return None
+    failure, failed_at, first = _operator_identity_denied(
+        facts, partial.token, partial.secret_name, now
+    )
+    log = (
+        (
+            logging.WARNING,
+            f"not served: reason={failure.reason} (the namespace does not match the"
+            " operator identity namespace selector)",
+        )
+        if first
+        else (logging.DEBUG, f"still not served: reason={failure.reason}")
+    )
+    return Verdict(
+        failure=failure,
+        failed_attempts=1,
+        failed_at=failed_at,
+        count_failures=(failure.reason,) if first else (),
+        log=(log,),
+    )
+
+
+def credentials_unusable(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """The client credentials could not be read or used: no token request, retried."""
+    error = facts.credentials_error
+    if error is None:
+        return None
+    credentials_failures = facts.credentials_failures + 1
+    if error.reason == CREDENTIALS_MISSING:
+        # A look only reads the Secret: cheap, so it is looked for on the backoff
+        # schedule (unlabelled credentials Secrets are not watched), not the hold.
+        wake = now + facts.retry.backoff(failures=credentials_failures, jitter_fraction=0.5)
+    else:
+        # The watch on an opted-in credentials Secret brings a fix sooner.
+        wake = facts.retry.next_attempt_at(
+            now=now, failures=credentials_failures, error=error, jitter_fraction=0.5
+        )
+    return Verdict(
+        failure=failure_from(error),
+        credentials_failures=credentials_failures,
+        failed_attempts=credentials_failures,
+        failed_at=now,
+        count_failures=(error.reason,),
+        log=(
+            (
+                logging.WARNING,
+                f"credentials unusable: reason={error.reason} attempts={credentials_failures}",
+            ),
+        ),
+        wake=(wake,),
+    )
+
+
+def cache_answer(facts: Facts, now: datetime, partial: Partial) -> Verdict | None:
+    """The credentials were usable and the cache answered: its token (delivered or not)
+    or its failure, and when to refresh."""
+    cache = facts.cache
+    if cache is None:
+        return None
+    failure: Failure | None = None
+    failed_attempts = 0
+    failed_at: datetime | None = None
+    wake: list[datetime] = []
+    log: tuple[tuple[int, str], ...] = ()
+    if cache.error is not None:
+        failure = failure_from(cache.error)
+        failed_attempts, failed_at = cache.failures, cache.last_failure_at
+        # While refreshes fail, the next refresh is the next attempt, not the missed point.
+        refresh_at = cache.next_attempt_at
+    else:
+        refresh_at = cache.refresh_at
+    if cache.error is None and cache.refresh_at is not None:
+        wake.append(cache.refresh_at)
+    if cache.next_attempt_at is not None:
+        wake.append(cache.next_attempt_at)
+    if facts.write is WriteOutcome.RACED:
+        # The Secret changed between the read and the replace: it still holds what was
+        # read, and the new token is written on the next look, soon.
+        wake.append(_retry_soon(facts, now, partial.token))
+        refresh_at = None if partial.token is None else wake[-1]
+        log = ((logging.INFO, "Secret changed while it was written; writing again soon"),)
+    return Verdict(
+        failure=failure,
+        failed_attempts=failed_attempts,
+        failed_at=failed_at,
+        credentials_failures=0,  # the credentials were usable
+        log=log,
+        wake=tuple(wake),
+        refresh_at=refresh_at,
+    )
+
+
+# The precedence of what a look reports, highest first: the first rule that answers wins
+# (docs/architecture.md, "decide"). When none answers (no cache answer: nothing fetched),
+# nothing is reported and the counters stay as they were.
+RULES: tuple[Rule, ...] = (
+    operator_namespace,
+    invalid_spec,
+    internal_error,
+    api_error,
+    permission_denied,
+    secret_conflict,
+    operator_identity_denied,
+    credentials_unusable,
+    cache_answer,
+)
+
+
+def first_verdict(facts: Facts, now: datetime, partial: Partial) -> Verdict:
+    """The answer of the first rule in `RULES` that answers, or the empty verdict."""
+    for rule in RULES:
+        verdict = rule(facts, now, partial)
+        if verdict is not None:
+            return verdict
+    return Verdict()
+
+
+def _fetch_log(cache: CacheResult | None) -> tuple[list[str], list[tuple[int, str]]]:
+    """The failures to count and the log lines of this look's call to the token endpoint:
+    whatever happened after it, the call is told once."""
+    if cache is None or not cache.fetched:
+        return [], []
+    if cache.token is not None and cache.error is None:
+        expires = cache.token.expires_at.isoformat()
+        return [], [(logging.INFO, f"token obtained, expires {expires}")]
+    if cache.error is not None:
+        reason = failure_from(cache.error).reason
+        message = (
+            f"token request failed: reason={reason} attempts={cache.failures}"
+            f"{failure_fields(cache.error)}"
+        )
+        return [reason], [(logging.WARNING, message)]
+    return [], []
+
+
 def decide(facts: Facts, now: datetime) -> Outcome:
     """The outcome of one look: pure, total, and the only place that picks the token."""
     if facts.deleting:
@@ -254,145 +516,23 @@ def decide(facts: Facts, now: datetime) -> Outcome:
     token, delivered = (
         (None, False) if facts.in_operator_namespace else _token_in_secret(facts, now)
     )
-    log: list[tuple[int, str]] = []
-    count_failures: list[str] = []
-    # Counters move only with what this look learnt about them.
-    credentials_failures = facts.credentials_failures
-    api_failures = 0
-    conflicts = 0
-    refresh_at: datetime | None = None
-    failed_attempts = 0
-    failed_at: datetime | None = None
-    failure: Failure | None = None
-    wake: list[datetime] = []
-    cache = facts.cache
+    count_failures, log = _fetch_log(facts.cache)
+    verdict = first_verdict(facts, now, Partial(secret_name=secret_name, token=token))
+    count_failures.extend(verdict.count_failures)
+    log.extend(verdict.log)
+    credentials_failures = (
+        facts.credentials_failures
+        if verdict.credentials_failures is None
+        else verdict.credentials_failures
+    )
+    api_failures = verdict.api_failures
+    conflicts = verdict.conflicts
+    refresh_at = verdict.refresh_at
+    failed_attempts = verdict.failed_attempts
+    failed_at = verdict.failed_at
+    failure = verdict.failure
+    wake = list(verdict.wake)
 
-    if cache is not None and cache.fetched:
-        # Whatever happened after it, this look's call to the token endpoint is told once.
-        if cache.token is not None and cache.error is None:
-            expires = cache.token.expires_at.isoformat()
-            log.append((logging.INFO, f"token obtained, expires {expires}"))
-        elif cache.error is not None:
-            reason = failure_from(cache.error).reason
-            count_failures.append(reason)
-            log.append(
-                (
-                    logging.WARNING,
-                    f"token request failed: reason={reason} attempts={cache.failures}"
-                    f"{failure_fields(cache.error)}",
-                )
-            )
-
-    if facts.in_operator_namespace:
-        failure = operator_namespace_failure()
-        failed_at, first = _first_failure_time(facts, failure.reason, now)
-        failed_attempts = 1
-        if first:
-            count_failures.append(failure.reason)
-            log.append((logging.WARNING, f"not served: reason={failure.reason}"))
-        # Nothing to wait for: no edit of the object can change its namespace.
-    elif spec is None:
-        failure = Failure(INVALID_SPEC, facts.spec_error or "invalid spec")
-        # Nothing to wait for: the next spec edit brings the object back.
-    elif facts.internal_error is not None:
-        # A bug: said in status (Degraded, and Ready False unless a still-valid token
-        # is served), counted, and retried on the backoff schedule of API failures.
-        failure = Failure(INTERNAL_ERROR, facts.internal_error)
-        api_failures = facts.api_failures + 1
-        failed_attempts, failed_at = api_failures, now
-        count_failures.append(INTERNAL_ERROR)
-        wake.append(_retry_soon(facts, now, token))
-    elif facts.api_error is not None:
-        failure = _api_failure(facts.api_error)
-        api_failures = facts.api_failures + 1
-        failed_attempts, failed_at = api_failures, now
-        count_failures.append(failure.reason)
-        log.append(
-            (
-                logging.WARNING,
-                f"Kubernetes API call failed: reason={failure.reason} attempts={api_failures}"
-                f" {facts.api_error}",
-            )
-        )
-        # The token fetched (if any) stays cached: the next look writes it without a request.
-        wake.append(_retry_soon(facts, now, token))
-    elif facts.permission_denied is not None:
-        # The operator's own RBAC, not this TokenRequest: counted once, no token request;
-        # the permission's return wakes it (the watch's first list), the expiry below too.
-        failure, failed_at, first = _held_failure(
-            facts, PERMISSION_DENIED, facts.permission_denied, now
-        )
-        failed_attempts = 1
-        if first:
-            count_failures.append(failure.reason)
-            log.append((logging.WARNING, f"not served: reason={failure.reason}"))
-    elif facts.secret_foreign or facts.write is WriteOutcome.CONFLICT:
-        # Nothing could be delivered. A foreign Secret is not watched (only owned ones
-        # are): the first look learns of it from a refused create (its token stays cached,
-        # written nowhere), and each later look for it to be gone is one GET, on the
-        # backoff schedule (5 s doubling to 5 min), with no token request.
-        failure = conflict_failure(secret_name)
-        conflicts = facts.conflicts + 1
-        wake.append(now + facts.retry.backoff(failures=conflicts, jitter_fraction=0.5))
-    elif facts.operator_identity_denied is not None:
-        failure, failed_at, first = _operator_identity_denied(facts, token, secret_name, now)
-        failed_attempts = 1
-        if first:
-            count_failures.append(failure.reason)
-            log.append(
-                (
-                    logging.WARNING,
-                    f"not served: reason={failure.reason} (the namespace does not match the"
-                    " operator identity namespace selector)",
-                )
-            )
-        else:
-            log.append((logging.DEBUG, f"still not served: reason={failure.reason}"))
-        # A label change wakes it (the namespace watch); the token's expiry is added below.
-    elif facts.credentials_error is not None:
-        error = facts.credentials_error
-        failure = failure_from(error)
-        credentials_failures = facts.credentials_failures + 1
-        failed_attempts, failed_at = credentials_failures, now
-        count_failures.append(error.reason)
-        log.append(
-            (
-                logging.WARNING,
-                f"credentials unusable: reason={error.reason} attempts={credentials_failures}",
-            )
-        )
-        if error.reason == CREDENTIALS_MISSING:
-            # A look only reads the Secret: cheap, so it is looked for on the backoff
-            # schedule (unlabelled credentials Secrets are not watched), not the hold.
-            wake.append(
-                now + facts.retry.backoff(failures=credentials_failures, jitter_fraction=0.5)
-            )
-        else:
-            # The watch on an opted-in credentials Secret brings a fix sooner.
-            wake.append(
-                facts.retry.next_attempt_at(
-                    now=now, failures=credentials_failures, error=error, jitter_fraction=0.5
-                )
-            )
-    elif cache is not None:
-        credentials_failures = 0  # the credentials were usable
-        if cache.error is not None:
-            failure = failure_from(cache.error)
-            failed_attempts, failed_at = cache.failures, cache.last_failure_at
-            # While refreshes fail, the next refresh is the next attempt, not the missed point.
-            refresh_at = cache.next_attempt_at
-        else:
-            refresh_at = cache.refresh_at
-        if cache.error is None and cache.refresh_at is not None:
-            wake.append(cache.refresh_at)
-        if cache.next_attempt_at is not None:
-            wake.append(cache.next_attempt_at)
-        if facts.write is WriteOutcome.RACED:
-            # The Secret changed between the read and the replace: it still holds what was
-            # read, and the new token is written on the next look, soon.
-            wake.append(_retry_soon(facts, now, token))
-            refresh_at = None if token is None else wake[-1]
-            log.append((logging.INFO, "Secret changed while it was written; writing again soon"))
     if token is not None:
         wake.append(token.expires_at)  # Ready must turn False on time
     if spec is not None and not wake and not facts.in_operator_namespace:

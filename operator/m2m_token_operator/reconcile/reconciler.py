@@ -1,18 +1,22 @@
 """From a TokenRequest to a Secret holding a valid token, and back to its status.
 
-One `TokenRequestReconciler` serves the whole operator. Each look at a
-TokenRequest has three steps, as cert-manager's controllers do:
+One `TokenRequestReconciler` serves the whole operator: the handlers' entry
+points, and the order of the steps of each look at a TokenRequest, as
+cert-manager's controllers do:
 
-- `_gather`: the I/O that finds the facts (the Secret as read, the credentials
-  or why they failed, the shared token cache's answer, the write of the Secret);
+- `Gatherer.gather`: the reads that find the facts (the Secret as read, the
+  credentials or why they failed, the shared token cache's answer), and the
+  Secret to write;
+- `Writer.write_secret`: writes it; how that went (409: RACED) is a fact too;
 - `decision.decide`: a pure function from those facts to an outcome (which
   token the Secret holds, the status, the events, when to look again);
-- `_apply`: status, events, metrics and the next wake-up, deciding nothing; the
-  only caller of `Scheduler.reschedule`.
+- `Writer.apply`: status, events, metrics and the next wake-up, deciding
+  nothing; the only caller of `Scheduler.reschedule`.
 
-The TokenRequests it knows live in a `Registry`. When a token is fetched, every
-other subscription of the same key is woken at once, so one call to the token
-endpoint serves them all.
+`Seeder` fills the token cache from owned Secrets after a start, and
+`CredentialsReader` reads the client credentials. The TokenRequests it knows
+live in a `Registry`. When a token is fetched, every other subscription of the
+same key is woken at once, so one call to the token endpoint serves them all.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import hmac
 import logging
 import random as _random
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from m2m_token_operator.api.constants import EXPIRES_AT_ANNOTATION, SEAL_ANNOTATION
+from m2m_token_operator.api.constants import EXPIRES_AT_ANNOTATION, SEAL_ANNOTATION, JsonObject
 from m2m_token_operator.api.secret_layout import token_request_owner
 from m2m_token_operator.api.spec import TokenRequestSpec
 from m2m_token_operator.api.timefmt import parse_time
@@ -86,7 +91,30 @@ def _uses_operator_identity(spec: TokenRequestSpec) -> bool:
     return spec.credentials_secret is None and spec.credentials_service_account is None
 
 
+@dataclass(frozen=True)
+class SecretWrite:
+    """The Secret a look is to write: rendered by `Gatherer`, written by `Writer`."""
+
+    desired: JsonObject
+    existing: Mapping[str, Any] | None  # what the look found under the name
+    guessed: bool  # `existing` is the owned-Secrets watch's copy, not a read
+
+
+class _Forget(Protocol):
+    def __call__(
+        self, namespace: str, name: str, uid: str | None = None, *, why: str | None = None
+    ) -> None: ...
+
+
 class TokenRequestReconciler:
+    """The coordinator: the handlers' entry points, and each look's order of steps.
+
+    Its collaborators each have one job: `Gatherer` reads the facts (and renders the
+    Secret to write), `Writer` writes (the Secret, then the status and the events, and
+    the next wake-up), `Seeder` fills the token cache from owned Secrets after a start,
+    `CredentialsReader` reads the client credentials.
+    """
+
     def __init__(
         self,
         *,
@@ -100,27 +128,42 @@ class TokenRequestReconciler:
         random: Callable[[], float] = _random.random,
         owned_secrets: OwnedSecrets | None = None,
     ) -> None:
-        self._settings = settings
         self._kube = kube
         self._cache = cache
         self._clock = clock
-        self._seal_key = seal_key
-        self._identity_namespaces = identity_namespaces
-        self._environ = environ
         self._random = random
         self._owned_secrets = owned_secrets
         self._retry: RetryPolicy = settings.retry_policy()
-        self._endpoint_policy = settings.endpoint_policy()
-        self._unserved_namespaces = {settings.operator_namespace, settings.seal_key_secret[0]}
         self.registry = Registry(
             default_cluster=settings.cluster_name,
             on_key_unused=cache.forget,
             on_key_left=cache.unsubscribe,
         )
         self.scheduler: Scheduler[ObjectRef] = Scheduler(clock=clock, handle=self._scheduled)
-        # One seeding per key at a time: the other looks of that key wait for its answer.
-        self._seeding: dict[CacheKey, asyncio.Future[None]] = {}
-        self._owned_secrets_waited = False  # the watch's first list was waited for once
+        self._gatherer = Gatherer(
+            settings=settings,
+            kube=kube,
+            cache=cache,
+            clock=clock,
+            seal_key=seal_key,
+            identity_namespaces=identity_namespaces,
+            registry=self.registry,
+            credentials=CredentialsReader(settings=settings, kube=kube, environ=environ),
+            seeder=Seeder(
+                kube=kube, cache=cache, clock=clock, seal_key=seal_key, owned_secrets=owned_secrets
+            ),
+            fetched=self._fan_out,
+            random=random,
+            owned_secrets=owned_secrets,
+        )
+        self._writer = Writer(
+            kube=kube,
+            clock=clock,
+            registry=self.registry,
+            scheduler=self.scheduler,
+            forget=self.forget,
+            owned_secrets=owned_secrets,
+        )
 
     # Entry points (called from Kopf handlers)
 
@@ -191,7 +234,9 @@ class TokenRequestReconciler:
             subscription = self.registry.get(named_by)
             if subscription is None:
                 continue
-            if deleted or self._secret_drifted(subscription, secret):
+            if deleted or _secret_drifted(
+                subscription, secret, cache=self._cache, store=self._owned_secrets
+            ):
                 self.scheduler.schedule(named_by, self._clock())
 
     def namespace_allowed_changed(self, namespace: str | None) -> None:
@@ -253,34 +298,7 @@ class TokenRequestReconciler:
             self.scheduler.schedule(subscription.ref, None)  # the old object's wake-up
         return subscription
 
-    def _secret_drifted(self, subscription: Subscription, secret: Mapping[str, Any]) -> bool:
-        if subscription.key is None or subscription.spec is None:
-            return False
-        cached = self._cache.peek(subscription.key)
-        if cached.token is None:
-            return False
-        data = secret.get("data")
-        if data is None:
-            # A metadata-only event: the data is known if a look wrote or read this version.
-            metadata = secret.get("metadata", {})
-            where = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
-            version = str(metadata.get("resourceVersion") or "")
-            store = self._owned_secrets
-            data = store and store.data_at(*where, version)
-            if data is None:
-                if store is not None:
-                    store.changed(*where, version)
-                return True  # changed since the operator saw it, perhaps edited: read it
-        if data != secret_data(scope=subscription.spec.scope, token=cached.token):
-            return True
-        labels = secret.get("metadata", {}).get("labels") or {}
-        if any(labels.get(k) != v for k, v in secret_labels(subscription.owner).items()):
-            return True
-        if template_drifted_from(secret, subscription.spec.secret_template):
-            return True  # the template's labels and annotations are kept like the data
-        return not is_owned_by(secret, subscription.uid)
-
-    # One look: gather → decide → apply
+    # One look: gather → write the Secret → decide → apply
 
     async def _scheduled(self, ref: ObjectRef) -> None:
         subscription = self.registry.get(ref)
@@ -300,18 +318,22 @@ class TokenRequestReconciler:
                     try:
                         await self._relearn(subscription)
                     except KubeError as error:
-                        failed = dataclasses.replace(self._facts(subscription), api_error=error)
-                        await self._apply(subscription, decide(failed, self._clock()))
+                        facts = self._gatherer.known_facts(subscription)
+                        failed = dataclasses.replace(facts, api_error=error)
+                        await self._writer.apply(subscription, decide(failed, self._clock()))
                     return
-                facts = await self._gather(subscription)
+                facts, secret_write = await self._gatherer.gather(subscription)
+                if secret_write is not None:
+                    # Before the status: how the write went is a fact `decide` needs.
+                    facts = await self._writer.write_secret(subscription, facts, secret_write)
                 try:
-                    await self._apply(subscription, decide(facts, self._clock()))
+                    await self._writer.apply(subscription, decide(facts, self._clock()))
                 except KubeError as error:
                     # The status (or an old Secret's deletion) failed after the facts were
                     # in: the same facts with that error. What was fetched stays cached.
                     cache = facts.cache and dataclasses.replace(facts.cache, fetched=False)
                     retry = dataclasses.replace(facts, api_error=error, cache=cache)
-                    await self._apply(subscription, decide(retry, self._clock()))
+                    await self._writer.apply(subscription, decide(retry, self._clock()))
             except _Superseded:
                 return
             except KubeError as error:
@@ -341,9 +363,11 @@ class TokenRequestReconciler:
             " 'look failed unexpectedly'. Retrying with backoff"
         )
         try:
-            facts = dataclasses.replace(self._facts(subscription), internal_error=message)
-            facts = await self._with_secret(subscription, facts)
-            await self._apply(subscription, decide(facts, self._clock()))
+            facts = dataclasses.replace(
+                self._gatherer.known_facts(subscription), internal_error=message
+            )
+            facts = await self._gatherer.with_secret(subscription, facts)
+            await self._writer.apply(subscription, decide(facts, self._clock()))
         except Exception:
             logger.exception("%s could not report the error in status", subscription.log_context)
             failures = subscription.api_failures + 1
@@ -351,7 +375,99 @@ class TokenRequestReconciler:
             subscription.api_failures = failures
             self.scheduler.reschedule(subscription.ref, self._clock() + delay)
 
-    def _facts(self, subscription: Subscription) -> Facts:
+    async def _relearn(self, subscription: Subscription) -> None:
+        """After a pause: learn the object as it is now (the active replica handled its
+        changes, so Kopf will not replay them here), or forget it if it went away."""
+        current = await self._kube.read_token_request(subscription.namespace, subscription.name)
+        if not self.registry.current(subscription):
+            return  # Kopf's re-listing taught us the object meanwhile (maybe a new one)
+        if current is None or current.get("metadata", {}).get("uid") != subscription.uid:
+            self.forget(subscription.namespace, subscription.name, subscription.uid)
+            return
+        fresh = self._learn(current)
+        fresh.stale = False  # learnt from the object as it is now
+        self.scheduler.schedule(fresh.ref, self._clock())
+
+    def _fan_out(self, key: CacheKey, origin: ObjectRef) -> None:
+        now = self._clock()
+        for ref in self.registry.sharing_key(key):
+            if ref != origin:
+                self.scheduler.schedule(ref, now)
+
+
+def _secret_drifted(
+    subscription: Subscription,
+    secret: Mapping[str, Any],
+    *,
+    cache: TokenCache,
+    store: OwnedSecrets | None,
+) -> bool:
+    """Whether a Secret event shows the Secret differs from what the look would write."""
+    if subscription.key is None or subscription.spec is None:
+        return False
+    cached = cache.peek(subscription.key)
+    if cached.token is None:
+        return False
+    data = secret.get("data")
+    if data is None:
+        # A metadata-only event: the data is known if a look wrote or read this version.
+        metadata = secret.get("metadata", {})
+        where = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+        version = str(metadata.get("resourceVersion") or "")
+        data = store and store.data_at(*where, version)
+        if data is None:
+            if store is not None:
+                store.changed(*where, version)
+            return True  # changed since the operator saw it, perhaps edited: read it
+    if data != secret_data(scope=subscription.spec.scope, token=cached.token):
+        return True
+    labels = secret.get("metadata", {}).get("labels") or {}
+    if any(labels.get(k) != v for k, v in secret_labels(subscription.owner).items()):
+        return True
+    if template_drifted_from(secret, subscription.spec.secret_template):
+        return True  # the template's labels and annotations are kept like the data
+    return not is_owned_by(secret, subscription.uid)
+
+
+class Gatherer:
+    """The facts of one look: reads only (the API, the watches' stores, the token cache).
+
+    Besides the facts, it keeps the registry's key indexes and the cache's subscriptions
+    in step with the credentials it reads, and renders the Secret the look is to write;
+    `Writer` writes it.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        kube: KubeApi,
+        cache: TokenCache,
+        clock: Callable[[], datetime],
+        seal_key: SealKey,
+        identity_namespaces: OperatorIdentityNamespaces,
+        registry: Registry,
+        credentials: CredentialsReader,
+        seeder: Seeder,
+        fetched: Callable[[CacheKey, ObjectRef], None],
+        random: Callable[[], float],
+        owned_secrets: OwnedSecrets | None,
+    ) -> None:
+        self._kube = kube
+        self._cache = cache
+        self._clock = clock
+        self._seal_key = seal_key
+        self._identity_namespaces = identity_namespaces
+        self._registry = registry
+        self._credentials = credentials
+        self._seeder = seeder
+        self._fetched = fetched  # a token was fetched: the key's other subscribers want it
+        self._random = random
+        self._owned_secrets = owned_secrets
+        self._retry: RetryPolicy = settings.retry_policy()
+        self._unserved_namespaces = {settings.operator_namespace, settings.seal_key_secret[0]}
+
+    def known_facts(self, subscription: Subscription) -> Facts:
         """What is known before any call: the object as learnt and this replica's memory."""
         spec = subscription.spec
         return Facts(
@@ -369,26 +485,26 @@ class TokenRequestReconciler:
             remembered_token=self._cache.peek(subscription.key).token if subscription.key else None,
         )
 
-    async def _gather(self, subscription: Subscription) -> Facts:
-        """The facts of one look. Writes the Secret: how that went is a fact too."""
+    async def gather(self, subscription: Subscription) -> tuple[Facts, SecretWrite | None]:
+        """The facts of one look, and the Secret to write (None: nothing to write)."""
         spec = subscription.spec
-        facts = self._facts(subscription)
+        facts = self.known_facts(subscription)
         if subscription.deleting:
-            return facts
+            return facts, None
         if subscription.namespace in self._unserved_namespaces:
             # Before any read: a secretRef here would name the operator's own identity
             # Secret, a secretName its seal key.
-            return dataclasses.replace(facts, in_operator_namespace=True)
+            return dataclasses.replace(facts, in_operator_namespace=True), None
         if spec is None:
-            return facts
+            return facts, None
         allowed = True
         if _uses_operator_identity(spec):
             allowed_here = self._identity_namespaces.allowed(subscription.namespace)
             if allowed_here is None:
                 denied = self._identity_namespaces.permission_denied
                 if denied is not None:
-                    return await self._permission_denied(subscription, facts, denied)
-                return dataclasses.replace(facts, operator_identity_pending=True)
+                    return await self._permission_denied(subscription, facts, denied), None
+                return dataclasses.replace(facts, operator_identity_pending=True), None
             allowed = allowed_here
         try:
             # Looked up once per look (the watch's copy, or a read after a conflict): for the
@@ -401,33 +517,33 @@ class TokenRequestReconciler:
                 secret_foreign=existing is not None and not is_owned_by(existing, subscription.uid),
             )
             if facts.secret_foreign:
-                return facts  # nothing could be delivered: no token is fetched for it
+                return facts, None  # nothing could be delivered: no token is fetched for it
             if not allowed:
                 # No token request as the operator's identity here; the token in the Secret
                 # serves until it expires. Out of the shared entry: its refreshes are not
                 # for this namespace any more.
-                self.registry.drop_key(subscription)
+                self._registry.drop_key(subscription)
                 denial = self._identity_namespaces.denial_message(subscription.namespace)
                 facts, _ = await self._secret_facts(subscription, facts, existing)
-                return dataclasses.replace(facts, operator_identity_denied=denial)
+                return dataclasses.replace(facts, operator_identity_denied=denial), None
             try:
-                credentials = await self._credentials(subscription)
+                credentials = await self._credentials.read(subscription)
             except CredentialsError as error:
                 facts, _ = await self._secret_facts(subscription, facts, existing)
-                return dataclasses.replace(facts, credentials_error=error)
+                return dataclasses.replace(facts, credentials_error=error), None
             # The secret, key or assertion is registered with REDACTOR where it is read or made.
             if not client_id_shown(credentials.client_id):
                 # Perhaps a secret in the wrong key.
                 REDACTOR.register(credentials.client_id, holder=credentials)
-            if not self.registry.current(subscription):
+            if not self._registry.current(subscription):
                 raise _Superseded
             key = CacheKey.for_credentials(credentials, spec.scope)
             if key != subscription.key:
-                self.registry.use_key(subscription, key)
+                self._registry.use_key(subscription, key)
             # Before any fetch: the token of this key may be in some owned Secret already
             # (after a start, also one written for another TokenRequest). The seal decides:
             # a token of another identity or scope, or an edited one, never verifies.
-            await self._seed(subscription, key, credentials, existing)
+            await self._seeder.seed(subscription, key, credentials, existing)
             # The shared token is refreshed at the latest point its subscribers allow.
             self._cache.subscribe(key, subscription.ref, spec.refresh_before)
             forced = subscription.refresh_request
@@ -445,8 +561,8 @@ class TokenRequestReconciler:
             if result.token is not None:
                 REDACTOR.register(result.token.value, holder=result.token)
                 if result.fetched:
-                    self._fan_out(key, subscription.ref)  # the others want it too
-            if not self.registry.current(subscription):
+                    self._fetched(key, subscription.ref)  # the others want it too
+            if not self._registry.current(subscription):
                 raise _Superseded
             facts = dataclasses.replace(facts, cache=result)
             if _uses_operator_identity(spec) and not self._identity_namespaces.allowed(
@@ -454,75 +570,43 @@ class TokenRequestReconciler:
             ):
                 # The grant was revoked while the token was fetched: nothing is written.
                 # The token stays cached for the namespaces still granted it.
-                self.registry.drop_key(subscription)
+                self._registry.drop_key(subscription)
                 denial = self._identity_namespaces.denial_message(subscription.namespace)
-                return dataclasses.replace(facts, operator_identity_denied=denial)
+                return dataclasses.replace(facts, operator_identity_denied=denial), None
             token = result.token
+            seal = None if token is None else self._seal_key.seal(key, credentials, token)
             facts, existing = await self._secret_facts(
                 subscription,
                 facts,
                 existing,
-                writing=None if token is None else (token, self._seal(key, credentials, token)),
+                writing=None if token is None or seal is None else (token, seal),
             )
-            if token is None or facts.secret_foreign:
-                return facts
+            if token is None or seal is None or facts.secret_foreign:
+                return facts, None
             desired = render_secret(
                 owner=subscription.owner,
                 secret_name=spec.secret_name,
                 scope=spec.scope,
                 token=token,
-                seal=self._seal(key, credentials, token),
+                seal=seal,
                 template=spec.secret_template,
                 key_id=self._seal_key.key_id(key, credentials),
             )
-            written = await write_secret(
-                self._kube,
-                desired=desired,
-                owner_uid=subscription.uid,
-                existing=existing,
-                written=self._remember,
-            )
-            if guessed and written in (WriteOutcome.CONFLICT, WriteOutcome.RACED):
-                # The watch was behind the API server, or the name is held by a Secret it
-                # never shows (someone else's, or ours without its label): the server's
-                # copy decides, as if it had been read first.
-                existing = await self._kube.read_secret(subscription.namespace, spec.secret_name)
-                self._remember(existing)
-                if existing is not None and not is_owned_by(existing, subscription.uid):
-                    return dataclasses.replace(facts, secret_foreign=True, secret_token=None)
-                facts = dataclasses.replace(
-                    facts, secret_token=self._token_in(subscription, existing)
-                )
-                if not self.registry.current(subscription):
-                    raise _Superseded
-                written = await write_secret(
-                    self._kube,
-                    desired=desired,
-                    owner_uid=subscription.uid,
-                    existing=existing,
-                    written=self._remember,
-                )
-            facts = dataclasses.replace(facts, write=written)
-            delivered = written not in (WriteOutcome.CONFLICT, WriteOutcome.RACED)
-            if delivered and subscription.cleanup_pending:
-                # Only now: the workload keeps its old Secret until the new one holds a token.
-                await self._remove_previous_secrets(subscription)
-                subscription.cleanup_pending = False
-            return facts
+            return facts, SecretWrite(desired=desired, existing=existing, guessed=guessed)
         except KubeError as error:
             # Not Kopf's to retry: it would call the token endpoint again on its own
             # schedule. The token already fetched stays cached for the next look.
-            return dataclasses.replace(facts, api_error=error)
+            return dataclasses.replace(facts, api_error=error), None
 
     async def _permission_denied(
         self, subscription: Subscription, facts: Facts, denied: str
     ) -> Facts:
         """A missing permission blocks this look: said in status, with the Secret's token."""
-        return await self._with_secret(
+        return await self.with_secret(
             subscription, dataclasses.replace(facts, permission_denied=denied)
         )
 
-    async def _with_secret(self, subscription: Subscription, facts: Facts) -> Facts:
+    async def with_secret(self, subscription: Subscription, facts: Facts) -> Facts:
         """The facts of a look that ended early, with the token its Secret holds (Ready)."""
         if subscription.spec is None:
             return facts
@@ -534,72 +618,8 @@ class TokenRequestReconciler:
             facts,
             secret_read=True,
             secret_foreign=existing is not None and not is_owned_by(existing, subscription.uid),
-            secret_token=self._token_in(subscription, existing),
+            secret_token=_token_in(subscription, existing, now=self._clock()),
         )
-
-    async def _apply(self, subscription: Subscription, outcome: Outcome) -> None:
-        """Carry the outcome out: logs, metrics, the next wake-up, the status, the events."""
-        for level, message in outcome.log:
-            logger.log(level, "%s %s", subscription.log_context, message)
-        if not outcome.serve:
-            self.forget(subscription.namespace, subscription.name, subscription.uid)
-            return
-        if not self.registry.current(subscription):
-            # Deleted or replaced during the look (the uid check, in memory): nothing of it
-            # may reach the name's status or wake-up, which may be another object's now.
-            return
-        subscription.credentials_failures = outcome.credentials_failures
-        subscription.conflicts = outcome.conflicts
-        subscription.api_failures = outcome.api_failures
-        for reason in outcome.count_failures:
-            metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=reason)
-        # First: a status write that fails below must not leave the object without one.
-        self.scheduler.reschedule(subscription.ref, outcome.wake_at)
-        if outcome.status is None:
-            return
-        if outcome.write_status:
-            found = await self._kube.patch_token_request_status(
-                subscription.namespace, subscription.name, outcome.status, uid=subscription.uid
-            )
-            if not found:
-                # No object with its uid (deleted or replaced before any watch told us):
-                # stop serving it; the new object under the name is learnt on its own.
-                self.forget(
-                    subscription.namespace,
-                    subscription.name,
-                    subscription.uid,
-                    why="its status patch found no object with its uid",
-                )
-                return
-            subscription.status = outcome.status
-        handled = outcome.observation.last_refresh_request if outcome.observation else None
-        if handled is not None and subscription.refresh_request == handled:
-            subscription.refresh_request = None  # recorded in status: done
-        now = self._clock()
-        # In the background: the status is what the workload's owners wait for.
-        self._kube.post_events(
-            subscription.namespace,
-            [
-                event_body(
-                    namespace=subscription.namespace,
-                    name=subscription.name,
-                    uid=subscription.uid,
-                    event=event,
-                    now=now,
-                )
-                for event in outcome.events
-            ],
-        )
-        if not self.registry.current(subscription):
-            return  # deleted meanwhile: its metrics are gone and must stay gone
-        metrics.observe_token_request(
-            subscription.namespace,
-            subscription.name,
-            ready=outcome.token is not None,
-            expires_at=outcome.token.expires_at if outcome.token else None,
-        )
-
-    # The pieces of a look
 
     async def _read_own_secret(
         self, subscription: Subscription
@@ -615,13 +635,8 @@ class TokenRequestReconciler:
         if store is not None and store.ready() and subscription.conflicts == 0:
             return store.get(subscription.namespace, subscription.spec.secret_name), True
         secret = await self._kube.read_secret(subscription.namespace, subscription.spec.secret_name)
-        self._remember(secret)
+        _remember(self._owned_secrets, secret)
         return secret, False
-
-    def _remember(self, secret: Mapping[str, Any] | None) -> None:
-        """A Secret read or written in full: its data is known at that resourceVersion."""
-        if secret is not None and self._owned_secrets is not None:
-            self._owned_secrets.remember(secret)
 
     async def _secret_facts(
         self,
@@ -658,18 +673,32 @@ class TokenRequestReconciler:
                 secret = {**secret, "data": data}
             else:
                 secret = await self._kube.read_secret(namespace, name)
-            self._remember(secret)
+            _remember(self._owned_secrets, secret)
         foreign = secret is not None and not is_owned_by(secret, subscription.uid)
         return (
             dataclasses.replace(
                 facts,
                 secret_foreign=foreign,
-                secret_token=None if foreign else self._token_in(subscription, secret),
+                secret_token=None
+                if foreign
+                else _token_in(subscription, secret, now=self._clock()),
             ),
             secret,
         )
 
-    async def _credentials(self, subscription: Subscription) -> ClientCredentials:
+
+class CredentialsReader:
+    """The client credentials a TokenRequest names, read afresh at each look."""
+
+    def __init__(
+        self, *, settings: Settings, kube: KubeApi, environ: Mapping[str, str] | None
+    ) -> None:
+        self._settings = settings
+        self._kube = kube
+        self._environ = environ
+        self._endpoint_policy = settings.endpoint_policy()
+
+    async def read(self, subscription: Subscription) -> ClientCredentials:
         assert subscription.spec is not None
         account_name = subscription.spec.credentials_service_account
         if account_name is not None:
@@ -713,25 +742,29 @@ class TokenRequestReconciler:
             policy=self._endpoint_policy,
         )
 
-    def _seal(self, key: CacheKey, credentials: ClientCredentials, token: AccessToken) -> str:
-        """The restart seal written beside a token, and the one it is checked against."""
-        return self._seal_key.seal(key, credentials, token)
 
-    def _token_in(
-        self, subscription: Subscription, secret: Mapping[str, Any] | None
-    ) -> AccessToken | None:
-        """What the workload reads now: the unexpired token in the owned Secret, if any."""
-        if secret is None or subscription.spec is None:
-            return None
-        return token_from_secret(
-            secret,
-            owner_uid=subscription.uid,
-            scope=subscription.spec.scope,
-            now=self._clock(),
-            seal_for=None,  # whoever wrote it; a token is served from the cache only if sealed
-        )
+class Seeder:
+    """After a start, the token cache filled from owned Secrets whose seal verifies."""
 
-    async def _seed(
+    def __init__(
+        self,
+        *,
+        kube: KubeApi,
+        cache: TokenCache,
+        clock: Callable[[], datetime],
+        seal_key: SealKey,
+        owned_secrets: OwnedSecrets | None,
+    ) -> None:
+        self._kube = kube
+        self._cache = cache
+        self._clock = clock
+        self._seal_key = seal_key
+        self._owned_secrets = owned_secrets
+        # One seeding per key at a time: the other looks of that key wait for its answer.
+        self._seeding: dict[CacheKey, asyncio.Future[None]] = {}
+        self._owned_secrets_waited = False  # the watch's first list was waited for once
+
+    async def seed(
         self,
         subscription: Subscription,
         key: CacheKey,
@@ -800,7 +833,7 @@ class TokenRequestReconciler:
                 except KubeError as error:
                     logger.warning("Secret %s/%s not read for seeding: %s", namespace, name, error)
                     return  # the API is in trouble: fetch rather than wait for it
-                self._remember(secret)
+                _remember(self._owned_secrets, secret)
             owner = None if secret is None else token_request_owner(secret.get("metadata", {}))
             if secret is None or owner is None:
                 continue
@@ -809,7 +842,7 @@ class TokenRequestReconciler:
                 owner_uid=owner,
                 scope=key.scope,
                 now=self._clock(),
-                seal_for=lambda token: self._seal(key, credentials, token),
+                seal_for=lambda token: self._seal_key.seal(key, credentials, token),
             )
             if token is not None:
                 REDACTOR.register(token.value, holder=token)
@@ -825,18 +858,137 @@ class TokenRequestReconciler:
                 )
                 return
 
-    async def _relearn(self, subscription: Subscription) -> None:
-        """After a pause: learn the object as it is now (the active replica handled its
-        changes, so Kopf will not replay them here), or forget it if it went away."""
-        current = await self._kube.read_token_request(subscription.namespace, subscription.name)
-        if not self.registry.current(subscription):
-            return  # Kopf's re-listing taught us the object meanwhile (maybe a new one)
-        if current is None or current.get("metadata", {}).get("uid") != subscription.uid:
-            self.forget(subscription.namespace, subscription.name, subscription.uid)
+
+class Writer:
+    """Every write of a look, in its order: the Secret, then (after `decide`) the wake-up,
+    the status and the events. Decides nothing; the only caller of
+    `Scheduler.reschedule` for looks."""
+
+    def __init__(
+        self,
+        *,
+        kube: KubeApi,
+        clock: Callable[[], datetime],
+        registry: Registry,
+        scheduler: Scheduler[ObjectRef],
+        forget: _Forget,
+        owned_secrets: OwnedSecrets | None,
+    ) -> None:
+        self._kube = kube
+        self._clock = clock
+        self._registry = registry
+        self._scheduler = scheduler
+        self._forget = forget
+        self._owned_secrets = owned_secrets
+
+    async def write_secret(
+        self, subscription: Subscription, facts: Facts, secret_write: SecretWrite
+    ) -> Facts:
+        """Write the look's Secret: how that went (or the API error) is a fact too."""
+        assert subscription.spec is not None
+        spec = subscription.spec
+        desired, existing = secret_write.desired, secret_write.existing
+        try:
+            written = await write_secret(
+                self._kube,
+                desired=desired,
+                owner_uid=subscription.uid,
+                existing=existing,
+                written=self._remember,
+            )
+            if secret_write.guessed and written in (WriteOutcome.CONFLICT, WriteOutcome.RACED):
+                # The watch was behind the API server, or the name is held by a Secret it
+                # never shows (someone else's, or ours without its label): the server's
+                # copy decides, as if it had been read first.
+                existing = await self._kube.read_secret(subscription.namespace, spec.secret_name)
+                self._remember(existing)
+                if existing is not None and not is_owned_by(existing, subscription.uid):
+                    return dataclasses.replace(facts, secret_foreign=True, secret_token=None)
+                facts = dataclasses.replace(
+                    facts, secret_token=_token_in(subscription, existing, now=self._clock())
+                )
+                if not self._registry.current(subscription):
+                    raise _Superseded
+                written = await write_secret(
+                    self._kube,
+                    desired=desired,
+                    owner_uid=subscription.uid,
+                    existing=existing,
+                    written=self._remember,
+                )
+            facts = dataclasses.replace(facts, write=written)
+            delivered = written not in (WriteOutcome.CONFLICT, WriteOutcome.RACED)
+            if delivered and subscription.cleanup_pending:
+                # Only now: the workload keeps its old Secret until the new one holds a token.
+                await self._remove_previous_secrets(subscription)
+                subscription.cleanup_pending = False
+            return facts
+        except KubeError as error:
+            # Not Kopf's to retry: it would call the token endpoint again on its own
+            # schedule. The token already fetched stays cached for the next look.
+            return dataclasses.replace(facts, api_error=error)
+
+    async def apply(self, subscription: Subscription, outcome: Outcome) -> None:
+        """Carry the outcome out: logs, metrics, the next wake-up, the status, the events."""
+        for level, message in outcome.log:
+            logger.log(level, "%s %s", subscription.log_context, message)
+        if not outcome.serve:
+            self._forget(subscription.namespace, subscription.name, subscription.uid)
             return
-        fresh = self._learn(current)
-        fresh.stale = False  # learnt from the object as it is now
-        self.scheduler.schedule(fresh.ref, self._clock())
+        if not self._registry.current(subscription):
+            # Deleted or replaced during the look (the uid check, in memory): nothing of it
+            # may reach the name's status or wake-up, which may be another object's now.
+            return
+        subscription.credentials_failures = outcome.credentials_failures
+        subscription.conflicts = outcome.conflicts
+        subscription.api_failures = outcome.api_failures
+        for reason in outcome.count_failures:
+            metrics.record_refresh_failure(subscription.namespace, subscription.name, reason=reason)
+        # First: a status write that fails below must not leave the object without one.
+        self._scheduler.reschedule(subscription.ref, outcome.wake_at)
+        if outcome.status is None:
+            return
+        if outcome.write_status:
+            found = await self._kube.patch_token_request_status(
+                subscription.namespace, subscription.name, outcome.status, uid=subscription.uid
+            )
+            if not found:
+                # No object with its uid (deleted or replaced before any watch told us):
+                # stop serving it; the new object under the name is learnt on its own.
+                self._forget(
+                    subscription.namespace,
+                    subscription.name,
+                    subscription.uid,
+                    why="its status patch found no object with its uid",
+                )
+                return
+            subscription.status = outcome.status
+        handled = outcome.observation.last_refresh_request if outcome.observation else None
+        if handled is not None and subscription.refresh_request == handled:
+            subscription.refresh_request = None  # recorded in status: done
+        now = self._clock()
+        # In the background: the status is what the workload's owners wait for.
+        self._kube.post_events(
+            subscription.namespace,
+            [
+                event_body(
+                    namespace=subscription.namespace,
+                    name=subscription.name,
+                    uid=subscription.uid,
+                    event=event,
+                    now=now,
+                )
+                for event in outcome.events
+            ],
+        )
+        if not self._registry.current(subscription):
+            return  # deleted meanwhile: its metrics are gone and must stay gone
+        metrics.observe_token_request(
+            subscription.namespace,
+            subscription.name,
+            ready=outcome.token is not None,
+            expires_at=outcome.token.expires_at if outcome.token else None,
+        )
 
     async def _remove_previous_secrets(self, subscription: Subscription) -> None:
         """After a spec.secretName change: the old Secret goes, once the new one is written."""
@@ -847,11 +999,29 @@ class TokenRequestReconciler:
         for name in deleted:
             logger.info("%s deleted its previous Secret %s", subscription.log_context, name)
 
-    def _fan_out(self, key: CacheKey, origin: ObjectRef) -> None:
-        now = self._clock()
-        for ref in self.registry.sharing_key(key):
-            if ref != origin:
-                self.scheduler.schedule(ref, now)
+    def _remember(self, secret: Mapping[str, Any] | None) -> None:
+        _remember(self._owned_secrets, secret)
+
+
+def _remember(store: OwnedSecrets | None, secret: Mapping[str, Any] | None) -> None:
+    """A Secret read or written in full: its data is known at that resourceVersion."""
+    if secret is not None and store is not None:
+        store.remember(secret)
+
+
+def _token_in(
+    subscription: Subscription, secret: Mapping[str, Any] | None, *, now: datetime
+) -> AccessToken | None:
+    """What the workload reads now: the unexpired token in the owned Secret, if any."""
+    if secret is None or subscription.spec is None:
+        return None
+    return token_from_secret(
+        secret,
+        owner_uid=subscription.uid,
+        scope=subscription.spec.scope,
+        now=now,
+        seal_for=None,  # whoever wrote it; a token is served from the cache only if sealed
+    )
 
 
 def _secret_ref(secret: Mapping[str, Any]) -> tuple[str, str]:
