@@ -165,7 +165,211 @@ class _Entry:
         self.fresh_results.clear()
 
 
+class KeySubscribers:
+    """Who uses each key with which refresh_before, and the refresh point that follows.
+
+    While a key has subscribers, its refresh point follows their refresh_before
+    values, whatever refresh_before `get` is passed: with two or more, the earliest
+    of their points, each refresh_before capped at half the token's lifetime
+    (`RefreshPolicy.shared_refresh_at`).
+    """
+
+    def __init__(self, refresh_policy: RefreshPolicy) -> None:
+        self._refresh = refresh_policy
+        self._by_key: dict[CacheKey, dict[Hashable, timedelta | None]] = {}
+
+    def add(self, key: CacheKey, subscriber: Hashable, refresh_before: timedelta | None) -> bool:
+        """Record `subscriber` on `key` with this refresh_before; whether anything changed."""
+        subscribers = self._by_key.setdefault(key, {})
+        if subscriber in subscribers and subscribers[subscriber] == refresh_before:
+            return False
+        subscribers[subscriber] = refresh_before
+        return True
+
+    def remove(self, key: CacheKey, subscriber: Hashable) -> bool:
+        """Take `subscriber` off `key`; whether it was there."""
+        subscribers = self._by_key.get(key)
+        if subscribers is None or subscriber not in subscribers:
+            return False
+        del subscribers[subscriber]
+        if not subscribers:
+            del self._by_key[key]
+        return True
+
+    def drop(self, key: CacheKey) -> None:
+        self._by_key.pop(key, None)
+
+    @staticmethod
+    def changed(entry: _Entry | None) -> None:
+        """Forget `entry`'s memos that depended on who subscribes to its key."""
+        if entry is not None:
+            entry.fresh_results.clear()
+            entry.refresh_points.pop(_SHARED_POINT, None)
+
+    def memo_key(self, key: CacheKey, refresh_before: timedelta | None) -> object:
+        return _SHARED if self._by_key.get(key) else refresh_before
+
+    def refresh_point(
+        self, key: CacheKey, entry: _Entry, token: AccessToken, refresh_before: timedelta | None
+    ) -> datetime:
+        subscribers = self._by_key.get(key)
+        if subscribers is None or len(subscribers) < 2:
+            # Alone (or no subscriber): exactly what it asks for.
+            before = next(iter(subscribers.values())) if subscribers else refresh_before
+            point = entry.refresh_points.get(before)
+            if point is None:
+                point = self._refresh.refresh_at(
+                    token, refresh_before=before, jitter_fraction=entry.jitter
+                )
+                entry.refresh_points[before] = point
+            return point
+        shared = entry.refresh_points.get(_SHARED_POINT)
+        if shared is None:
+            shared = self._refresh.shared_refresh_at(
+                token, refresh_befores=set(subscribers.values()), jitter_fraction=entry.jitter
+            )
+            entry.refresh_points[_SHARED_POINT] = shared
+        return shared
+
+
+class AttemptGate:
+    """Whether a key's entry may call the endpoint now: its failures, holds and forced fetches.
+
+    Records each failure with the retry policy's next attempt (backoff, or a hold
+    after a permanent failure), clears the record on success, and answers whether
+    a `get` is held back, or a `force` is refused by FORCE_INTERVAL, a Retry-After
+    or a permanent failure of the same credential.
+    """
+
+    def __init__(
+        self,
+        retry_policy: RetryPolicy,
+        clock: Callable[[], datetime],
+        random: Callable[[], float],
+    ) -> None:
+        self._retry = retry_policy
+        self._clock = clock
+        self._random = random
+
+    @staticmethod
+    def forced_until(entry: _Entry) -> datetime | None:
+        return None if entry.forced_at is None else entry.forced_at + FORCE_INTERVAL
+
+    @staticmethod
+    def retry_after_until(entry: _Entry) -> datetime | None:
+        retry_after = getattr(entry.error, "retry_after", None)
+        if isinstance(retry_after, int | float) and retry_after > 0:
+            return entry.retry_at
+        return None
+
+    def force_allowed_at(self, entry: _Entry) -> datetime | None:
+        """The earliest a forced fetch may start for `entry`; None: at once."""
+        times = [t for t in (self.forced_until(entry), self.retry_after_until(entry)) if t]
+        return max(times) if times else None
+
+    def may_force(self, entry: _Entry, now: datetime) -> bool:
+        for until in (self.forced_until(entry), self.retry_after_until(entry)):
+            if until is not None and now < until:
+                return False
+        return True
+
+    def held(self, entry: _Entry, credentials: ClientCredentials, now: datetime) -> bool:
+        if entry.retry_at is None or now >= entry.retry_at:
+            return False
+        if entry.error is not None and is_permanent(entry.error):
+            # A rotated secret may be exactly the fix for a rejected one: try it at once.
+            return credentials.fingerprint() == entry.failed_fingerprint
+        return True
+
+    def held_permanently(
+        self, entry: _Entry, credentials: ClientCredentials, now: datetime
+    ) -> bool:
+        """Held by a permanent failure of this very credential (not by a backoff)."""
+        if entry.error is None or not is_permanent(entry.error):
+            return False
+        return self.held(entry, credentials, now)
+
+    @staticmethod
+    def succeeded(entry: _Entry) -> None:
+        entry.error = None
+        entry.failures = 0
+        entry.last_failure_at = None
+        entry.retry_at = None
+        entry.failed_fingerprint = None
+
+    def failed(self, entry: _Entry, error: Exception, *, fingerprint: str | None) -> None:
+        now = self._clock()
+        entry.failures += 1
+        entry.error = error
+        entry.last_failure_at = now
+        entry.failed_fingerprint = fingerprint
+        held = entry.token
+        entry.retry_at = self._retry.next_attempt_at(
+            now=now,
+            failures=entry.failures,
+            error=error,
+            jitter_fraction=self._random(),
+            # The token still served: the next attempt comes before it expires.
+            valid_until=None if held is None or held.expired(now) else held.expires_at,
+        )
+        entry.fresh_results.clear()
+
+
+class RetainedFailures:
+    """Forgotten keys whose failure record is kept until its hold or backoff ends.
+
+    A TokenRequest that switches its scope or identity away and back must meet the
+    same hold, not a fresh request per switch; the record goes once it has passed.
+    """
+
+    def __init__(self) -> None:
+        self._until: dict[CacheKey, datetime] = {}
+        self._heap: list[tuple[datetime, int, CacheKey]] = []
+        self._sequence = itertools.count()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._until
+
+    def keep(self, key: CacheKey, entry: _Entry, now: datetime) -> _Entry | None:
+        """The failure record to keep of forgotten `entry` while it holds; None: nothing."""
+        if entry.retry_at is None or entry.retry_at <= now:
+            return None
+        if entry.error is None:
+            return None
+        self._until[key] = entry.retry_at
+        heapq.heappush(self._heap, (entry.retry_at, next(self._sequence), key))
+        return _Entry(
+            error=entry.error,
+            failures=entry.failures,
+            last_failure_at=entry.last_failure_at,
+            retry_at=entry.retry_at,
+            failed_fingerprint=entry.failed_fingerprint,
+        )
+
+    def release(self, key: CacheKey) -> None:
+        """`key` is used again: no longer retained."""
+        self._until.pop(key, None)  # the heap's item for it is skipped when popped
+
+    def expired(self, now: datetime) -> list[CacheKey]:
+        """Stop retaining the keys whose hold or backoff has ended by `now`; those keys."""
+        heap = self._heap
+        expired = []
+        while heap and heap[0][0] <= now:
+            until, _, key = heapq.heappop(heap)
+            if self._until.get(key) == until:
+                del self._until[key]
+                expired.append(key)
+        return expired
+
+
 class TokenCache:
+    """Each key's token: fetched by single flight, served while valid, seeded, forgotten.
+
+    Who subscribes to a key and its refresh point are `KeySubscribers`' job; whether
+    a request may start, `AttemptGate`'s; a forgotten key's kept failure record,
+    `RetainedFailures`'.
+    """
+
     def __init__(
         self,
         *,
@@ -178,21 +382,17 @@ class TokenCache:
         max_workers: int = 8,
     ) -> None:
         self._fetch = fetch
-        self._refresh = refresh_policy
-        self._retry = retry_policy
         self._clock = clock
-        self._random = random
         self._token_jitter = jitter_of
         self._executor = ThreadPoolExecutor(
             max_workers=max_workers, thread_name_prefix="m2m-token-fetch"
         )
         self._entries: dict[CacheKey, _Entry] = {}
         # Who uses a key, with the refresh_before each asked for (see `subscribe`).
-        self._subscribers: dict[CacheKey, dict[Hashable, timedelta | None]] = {}
+        self._subscribers = KeySubscribers(refresh_policy)
+        self._gate = AttemptGate(retry_policy, clock, random)
         # Forgotten keys whose failure record is kept until its hold/backoff ends.
-        self._retained: dict[CacheKey, datetime] = {}
-        self._retained_heap: list[tuple[datetime, int, CacheKey]] = []
-        self._sequence = itertools.count()
+        self._retained = RetainedFailures()
         self.stats = CacheStats()
 
     def close(self) -> None:
@@ -210,7 +410,7 @@ class TokenCache:
         key = CacheKey.for_credentials(credentials, scope)
         entry = self._entries.get(key)
         if entry is not None and key not in self._retained and not entry.forgotten:
-            memo = entry.fresh_results.get(self._memo_key(key, refresh_before))
+            memo = entry.fresh_results.get(self._subscribers.memo_key(key, refresh_before))
             if memo is not None and self._clock() < memo[0]:
                 self.stats.hits += 1
                 return memo[1]
@@ -222,7 +422,7 @@ class TokenCache:
             self.stats.hits += 1
             return current
         self.stats.misses += 1
-        if entry.flight is None and self._held(entry, credentials, now):
+        if entry.flight is None and self._gate.held(entry, credentials, now):
             self.stats.held += 1
             return current
         return await self._join_or_fly(
@@ -254,7 +454,8 @@ class TokenCache:
         entry = self._live_entry(key)
         now = self._clock()
         if entry.flight is None:
-            if not self._may_force(entry, now) or self._held_permanently(entry, credentials, now):
+            gate = self._gate
+            if not gate.may_force(entry, now) or gate.held_permanently(entry, credentials, now):
                 self.stats.held += 1
                 return self._result(
                     key, entry, now=now, refresh_before=refresh_before, fetched=False
@@ -294,10 +495,7 @@ class TokenCache:
     def force_allowed_at(self, key: CacheKey) -> datetime | None:
         """The earliest a forced fetch may start for `key`; None: at once."""
         entry = self._entries.get(key)
-        if entry is None:
-            return None
-        times = [t for t in (self._forced_until(entry), self._retry_after_until(entry)) if t]
-        return max(times) if times else None
+        return None if entry is None else self._gate.force_allowed_at(entry)
 
     def seed(self, key: CacheKey, token: AccessToken) -> None:
         """Adopt a token read back from an owned Secret, unless a later-expiring one is held."""
@@ -334,7 +532,7 @@ class TokenCache:
         set has passed (then it is dropped): a TokenRequest that switches its scope or
         identity away and back must meet the same hold, not a fresh request per switch.
         """
-        self._subscribers.pop(key, None)
+        self._subscribers.drop(key)
         now = self._clock()
         self._prune_retained(now)
         entry = self._entries.get(key)
@@ -348,28 +546,13 @@ class TokenCache:
     def _drop(self, key: CacheKey, now: datetime) -> None:
         """Drop `key`'s entry, retaining its failure record until its hold/backoff ends."""
         entry = self._entries.pop(key, None)
-        if entry is None or entry.retry_at is None or entry.retry_at <= now:
-            return
-        if entry.error is None:
-            return
-        kept = _Entry(
-            error=entry.error,
-            failures=entry.failures,
-            last_failure_at=entry.last_failure_at,
-            retry_at=entry.retry_at,
-            failed_fingerprint=entry.failed_fingerprint,
-        )
-        self._entries[key] = kept
-        self._retained[key] = entry.retry_at
-        heapq.heappush(self._retained_heap, (entry.retry_at, next(self._sequence), key))
+        kept = None if entry is None else self._retained.keep(key, entry, now)
+        if kept is not None:
+            self._entries[key] = kept
 
     def _prune_retained(self, now: datetime) -> None:
-        heap = self._retained_heap
-        while heap and heap[0][0] <= now:
-            until, _, key = heapq.heappop(heap)
-            if self._retained.get(key) == until:
-                del self._retained[key]
-                self._entries.pop(key, None)
+        for key in self._retained.expired(now):
+            self._entries.pop(key, None)
 
     def _live_entry(self, key: CacheKey) -> _Entry:
         """`key`'s entry for a caller that uses it: no longer retained nor forgotten.
@@ -377,7 +560,7 @@ class TokenCache:
         Every path that puts something live in an entry (a request, a token, a forced
         fetch's time) goes through here, so a later prune never evicts it.
         """
-        self._retained.pop(key, None)  # the heap's item for it is skipped when popped
+        self._retained.release(key)
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry()
@@ -399,86 +582,14 @@ class TokenCache:
         entry = self._entries.get(key)
         if entry is not None and (entry.forgotten or key in self._retained):
             self._live_entry(key)  # used again: its token and records are live
-        subscribers = self._subscribers.setdefault(key, {})
-        if subscriber in subscribers and subscribers[subscriber] == refresh_before:
-            return
-        subscribers[subscriber] = refresh_before
-        self._changed_subscribers(key)
+        if self._subscribers.add(key, subscriber, refresh_before):
+            KeySubscribers.changed(self._entries.get(key))
 
     def unsubscribe(self, key: CacheKey, subscriber: Hashable) -> None:
-        subscribers = self._subscribers.get(key)
-        if subscribers is None or subscriber not in subscribers:
-            return
-        del subscribers[subscriber]
-        if not subscribers:
-            del self._subscribers[key]
-        self._changed_subscribers(key)
-
-    def _changed_subscribers(self, key: CacheKey) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            entry.fresh_results.clear()
-            entry.refresh_points.pop(_SHARED_POINT, None)
-
-    def _memo_key(self, key: CacheKey, refresh_before: timedelta | None) -> object:
-        return _SHARED if self._subscribers.get(key) else refresh_before
-
-    def _refresh_point(
-        self, key: CacheKey, entry: _Entry, token: AccessToken, refresh_before: timedelta | None
-    ) -> datetime:
-        subscribers = self._subscribers.get(key)
-        if subscribers is None or len(subscribers) < 2:
-            # Alone (or no subscriber): exactly what it asks for.
-            before = next(iter(subscribers.values())) if subscribers else refresh_before
-            point = entry.refresh_points.get(before)
-            if point is None:
-                point = self._refresh.refresh_at(
-                    token, refresh_before=before, jitter_fraction=entry.jitter
-                )
-                entry.refresh_points[before] = point
-            return point
-        shared = entry.refresh_points.get(_SHARED_POINT)
-        if shared is None:
-            shared = self._refresh.shared_refresh_at(
-                token, refresh_befores=set(subscribers.values()), jitter_fraction=entry.jitter
-            )
-            entry.refresh_points[_SHARED_POINT] = shared
-        return shared
+        if self._subscribers.remove(key, subscriber):
+            KeySubscribers.changed(self._entries.get(key))
 
     # Internals: all run on the event loop.
-
-    @staticmethod
-    def _forced_until(entry: _Entry) -> datetime | None:
-        return None if entry.forced_at is None else entry.forced_at + FORCE_INTERVAL
-
-    @staticmethod
-    def _retry_after_until(entry: _Entry) -> datetime | None:
-        retry_after = getattr(entry.error, "retry_after", None)
-        if isinstance(retry_after, int | float) and retry_after > 0:
-            return entry.retry_at
-        return None
-
-    def _may_force(self, entry: _Entry, now: datetime) -> bool:
-        for until in (self._forced_until(entry), self._retry_after_until(entry)):
-            if until is not None and now < until:
-                return False
-        return True
-
-    def _held(self, entry: _Entry, credentials: ClientCredentials, now: datetime) -> bool:
-        if entry.retry_at is None or now >= entry.retry_at:
-            return False
-        if entry.error is not None and is_permanent(entry.error):
-            # A rotated secret may be exactly the fix for a rejected one: try it at once.
-            return credentials.fingerprint() == entry.failed_fingerprint
-        return True
-
-    def _held_permanently(
-        self, entry: _Entry, credentials: ClientCredentials, now: datetime
-    ) -> bool:
-        """Held by a permanent failure of this very credential (not by a backoff)."""
-        if entry.error is None or not is_permanent(entry.error):
-            return False
-        return self._held(entry, credentials, now)
 
     async def _fly(
         self, key: CacheKey, entry: _Entry, credentials: ClientCredentials, scope: str
@@ -493,37 +604,16 @@ class TokenCache:
             if not isinstance(error, TokenEndpointError):
                 # A bug, not an endpoint's answer: keep the traceback (it holds no secret).
                 logger.exception("unexpected failure fetching the token for %s", key)
-            self._failed(entry, error, fingerprint=credentials.fingerprint())
+            self.stats.failures += 1
+            self._gate.failed(entry, error, fingerprint=credentials.fingerprint())
         else:
             entry.store(token, self._token_jitter(token))
-            entry.error = None
-            entry.failures = 0
-            entry.last_failure_at = None
-            entry.retry_at = None
-            entry.failed_fingerprint = None
+            self._gate.succeeded(entry)
         finally:
             entry.flight = None
             if entry.forgotten and self._entries.get(key) is entry:
                 # Nobody wanted the key again while the request ran: forget it now.
                 self._drop(key, self._clock())
-
-    def _failed(self, entry: _Entry, error: Exception, *, fingerprint: str | None) -> None:
-        now = self._clock()
-        self.stats.failures += 1
-        entry.failures += 1
-        entry.error = error
-        entry.last_failure_at = now
-        entry.failed_fingerprint = fingerprint
-        held = entry.token
-        entry.retry_at = self._retry.next_attempt_at(
-            now=now,
-            failures=entry.failures,
-            error=error,
-            jitter_fraction=self._random(),
-            # The token still served: the next attempt comes before it expires.
-            valid_until=None if held is None or held.expired(now) else held.expires_at,
-        )
-        entry.fresh_results.clear()
 
     def _result(
         self,
@@ -551,7 +641,7 @@ class TokenCache:
                 next_attempt_at=entry.retry_at,
                 fetched=fetched,
             )
-        refresh_at = self._refresh_point(key, entry, token, refresh_before)
+        refresh_at = self._subscribers.refresh_point(key, entry, token, refresh_before)
         next_attempt = refresh_at if entry.retry_at is None else max(refresh_at, entry.retry_at)
         fresh = now < refresh_at
         result = CacheResult(
@@ -566,5 +656,8 @@ class TokenCache:
             fetched=fetched,
         )
         if fresh and not fetched:
-            entry.fresh_results[self._memo_key(key, refresh_before)] = (refresh_at, result)
+            entry.fresh_results[self._subscribers.memo_key(key, refresh_before)] = (
+                refresh_at,
+                result,
+            )
         return result
