@@ -90,8 +90,13 @@ def load_api_client() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient(configuration)
 
 
-class KubeApi:
-    """Async facade over the blocking client; one thread pool for all API calls."""
+class KubeCalls:
+    """The plumbing every typed call goes through: one thread pool for all API calls.
+
+    A call waits for a free thread in the order of its priority (`call_priority`),
+    is timed, reads its answer to the end, and fails only as a `KubeError`. The
+    typed calls live in the subclasses, one group of objects each.
+    """
 
     # Bodies are typed Any on purpose: the client sends plain dicts as they are,
     # while its type hints only name its generated models.
@@ -112,13 +117,10 @@ class KubeApi:
         # One slot per thread: a call is handed to a thread only when one is free, so the
         # order of the waiting calls is ours (oldest look first), not the executor's FIFO.
         self._admission = PriorityGate(max_workers)
-        # Events go out in the background, as threads come free (see events.py).
-        self._events = EventQueue(self.create_event, workers=max_workers)
         self.writes = 0  # every mutating call sent; tests and metrics read it
 
     def close(self) -> None:
         """Stop the worker threads and the connection pool (at operator stop)."""
-        self._events.close()  # courtesies not yet posted are dropped, as client-go drops them
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._api_client.close()  # type: ignore[no-untyped-call]
 
@@ -175,6 +177,136 @@ class KubeApi:
     def _json(body: bytes) -> JsonObject:
         data: JsonObject = json.loads(body)
         return data
+
+
+class CoordinationCalls(KubeCalls):
+    """The calls that coordinate replicas: Kopf's ClusterKopfPeering and the shards' Leases."""
+
+    # Kopf's peering (Kopf itself writes the keep-alives; we only read it, or create it once)
+
+    async def read_cluster_peering(self, name: str) -> JsonObject | None:
+        return await self._read_or_none(
+            f"read ClusterKopfPeering {name}",
+            lambda: self._custom.get_cluster_custom_object(
+                PEERING_GROUP,
+                PEERING_VERSION,
+                CLUSTER_PEERING_PLURAL,
+                name,
+                _preload_content=False,
+                _request_timeout=self._timeout,
+            ),
+        )
+
+    async def create_cluster_peering(self, name: str) -> bool:
+        """Create an empty ClusterKopfPeering; False when it exists already (HTTP 409)."""
+        body = {
+            "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": name},
+        }
+        self.writes += 1
+        try:
+            await self._call(
+                f"create ClusterKopfPeering {name}",
+                lambda: self._custom.create_cluster_custom_object(
+                    PEERING_GROUP,
+                    PEERING_VERSION,
+                    CLUSTER_PEERING_PLURAL,
+                    body,
+                    _preload_content=False,
+                    _request_timeout=self._timeout,
+                ),
+            )
+        except Conflict:
+            return False
+        return True
+
+    # A shard's Lease (coordination.k8s.io): which of its replicas is active
+
+    async def read_lease(self, namespace: str, name: str) -> JsonObject | None:
+        return await self._read_or_none(
+            f"read Lease {namespace}/{name}",
+            lambda: self._coordination.read_namespaced_lease(
+                name, namespace, _preload_content=False, _request_timeout=self._timeout
+            ),
+        )
+
+    async def create_lease(self, namespace: str, body: Any) -> JsonObject:
+        self.writes += 1
+        return self._json(
+            await self._call(
+                f"create Lease {namespace}/{body['metadata']['name']}",
+                lambda: self._coordination.create_namespaced_lease(
+                    namespace, body, _preload_content=False, _request_timeout=self._timeout
+                ),
+            )
+        )
+
+    async def replace_lease(self, namespace: str, body: Any) -> JsonObject:
+        """Replace with the body's resourceVersion: a Conflict when another got there first."""
+        name = body["metadata"]["name"]
+        self.writes += 1
+        return self._json(
+            await self._call(
+                f"replace Lease {namespace}/{name}",
+                lambda: self._coordination.replace_namespaced_lease(
+                    name, namespace, body, _preload_content=False, _request_timeout=self._timeout
+                ),
+            )
+        )
+
+
+class EventCalls(KubeCalls):
+    """Kubernetes Events: posted in the background, in order, never failing their caller."""
+
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        *,
+        max_workers: int = 4,
+        request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
+    ) -> None:
+        super().__init__(api_client, max_workers=max_workers, request_timeout=request_timeout)
+        # Events go out in the background, as threads come free (see events.py).
+        self._events = EventQueue(self.create_event, workers=max_workers)
+
+    def close(self) -> None:
+        """Drop the events not posted yet, then stop the threads and the connection pool."""
+        self._events.close()  # courtesies not yet posted are dropped, as client-go drops them
+        super().close()
+
+    def post_events(self, namespace: str, bodies: Sequence[Any]) -> None:
+        """Post one look's events in the background, in order: the look does not wait.
+
+        They keep the priority of the look they came from (`admission.event_priority`),
+        so under load they go out after the calls of the looks that follow it.
+        """
+        self._events.put(namespace, bodies, priority=event_priority())
+
+    def drop_pending_events(self) -> None:
+        """This replica paused: the events not posted yet are not its to post any more."""
+        self._events.drop_pending()
+
+    async def create_event(self, namespace: str, body: Any, priority: float | None = None) -> None:
+        self.writes += 1
+        try:
+            await self._call(
+                f"create Event in {namespace}",
+                lambda: self._core.create_namespaced_event(
+                    namespace, body, _preload_content=False, _request_timeout=self._timeout
+                ),
+                priority=event_priority() if priority is None else priority,
+            )
+        except KubeError as error:
+            # An event is a courtesy: losing one must never stop a token from being delivered.
+            logger.warning("Could not post an event in %s: %s", namespace, error)
+
+
+class KubeApi(CoordinationCalls, EventCalls):
+    """Async facade over the blocking client: Secrets, ServiceAccounts and TokenRequests.
+
+    Inherits the coordination calls (Lease, ClusterKopfPeering) and the Event calls.
+    """
 
     # Secrets
 
@@ -360,104 +492,3 @@ class KubeApi:
             )
             return False
         return True
-
-    # Kopf's peering (Kopf itself writes the keep-alives; we only read it, or create it once)
-
-    async def read_cluster_peering(self, name: str) -> JsonObject | None:
-        return await self._read_or_none(
-            f"read ClusterKopfPeering {name}",
-            lambda: self._custom.get_cluster_custom_object(
-                PEERING_GROUP,
-                PEERING_VERSION,
-                CLUSTER_PEERING_PLURAL,
-                name,
-                _preload_content=False,
-                _request_timeout=self._timeout,
-            ),
-        )
-
-    async def create_cluster_peering(self, name: str) -> bool:
-        """Create an empty ClusterKopfPeering; False when it exists already (HTTP 409)."""
-        body = {
-            "apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}",
-            "kind": "ClusterKopfPeering",
-            "metadata": {"name": name},
-        }
-        self.writes += 1
-        try:
-            await self._call(
-                f"create ClusterKopfPeering {name}",
-                lambda: self._custom.create_cluster_custom_object(
-                    PEERING_GROUP,
-                    PEERING_VERSION,
-                    CLUSTER_PEERING_PLURAL,
-                    body,
-                    _preload_content=False,
-                    _request_timeout=self._timeout,
-                ),
-            )
-        except Conflict:
-            return False
-        return True
-
-    # A shard's Lease (coordination.k8s.io): which of its replicas is active
-
-    async def read_lease(self, namespace: str, name: str) -> JsonObject | None:
-        return await self._read_or_none(
-            f"read Lease {namespace}/{name}",
-            lambda: self._coordination.read_namespaced_lease(
-                name, namespace, _preload_content=False, _request_timeout=self._timeout
-            ),
-        )
-
-    async def create_lease(self, namespace: str, body: Any) -> JsonObject:
-        self.writes += 1
-        return self._json(
-            await self._call(
-                f"create Lease {namespace}/{body['metadata']['name']}",
-                lambda: self._coordination.create_namespaced_lease(
-                    namespace, body, _preload_content=False, _request_timeout=self._timeout
-                ),
-            )
-        )
-
-    async def replace_lease(self, namespace: str, body: Any) -> JsonObject:
-        """Replace with the body's resourceVersion: a Conflict when another got there first."""
-        name = body["metadata"]["name"]
-        self.writes += 1
-        return self._json(
-            await self._call(
-                f"replace Lease {namespace}/{name}",
-                lambda: self._coordination.replace_namespaced_lease(
-                    name, namespace, body, _preload_content=False, _request_timeout=self._timeout
-                ),
-            )
-        )
-
-    # Events
-
-    def post_events(self, namespace: str, bodies: Sequence[Any]) -> None:
-        """Post one look's events in the background, in order: the look does not wait.
-
-        They keep the priority of the look they came from (`admission.event_priority`),
-        so under load they go out after the calls of the looks that follow it.
-        """
-        self._events.put(namespace, bodies, priority=event_priority())
-
-    def drop_pending_events(self) -> None:
-        """This replica paused: the events not posted yet are not its to post any more."""
-        self._events.drop_pending()
-
-    async def create_event(self, namespace: str, body: Any, priority: float | None = None) -> None:
-        self.writes += 1
-        try:
-            await self._call(
-                f"create Event in {namespace}",
-                lambda: self._core.create_namespaced_event(
-                    namespace, body, _preload_content=False, _request_timeout=self._timeout
-                ),
-                priority=event_priority() if priority is None else priority,
-            )
-        except KubeError as error:
-            # An event is a courtesy: losing one must never stop a token from being delivered.
-            logger.warning("Could not post an event in %s: %s", namespace, error)
