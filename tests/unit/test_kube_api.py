@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import json
-import pathlib
 import socket
 from typing import Any
 
@@ -123,18 +121,6 @@ async def test_a_refused_status_patch_is_told_apart_by_one_read(
             assert not await kube.patch_token_request_status("shop", "orders-api", {}, uid="u1")
     finally:
         kube.close()
-
-
-def test_no_class_of_the_kube_api_module_is_over_300_lines() -> None:
-    """Issue #20: the facade is split by job (plumbing, coordination, events, the rest)."""
-    source = pathlib.Path(kube_api.__file__).read_text()
-    sizes = {
-        node.name: node.end_lineno - node.lineno + 1
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.ClassDef) and node.end_lineno is not None
-    }
-    assert {name for name, lines in sizes.items() if lines > 300} == set()
-    assert {"KubeCalls", "CoordinationCalls", "EventCalls", "KubeApi"} <= sizes.keys()
 
 
 def test_the_facade_keeps_every_call_of_its_pieces() -> None:

@@ -6,18 +6,6 @@ import inspect
 
 from m2m_token_operator.reconcile import reconciler
 
-MAX_CLASS_LINES = 300
-
-
-def test_no_class_of_the_reconciler_is_over_300_lines() -> None:
-    sizes = {
-        name: len(inspect.getsourcelines(value)[0])
-        for name, value in vars(reconciler).items()
-        if inspect.isclass(value) and value.__module__ == reconciler.__name__
-    }
-    assert {"TokenRequestReconciler", "Gatherer", "Writer", "Seeder"} <= set(sizes)
-    assert {name: size for name, size in sizes.items() if size > MAX_CLASS_LINES} == {}
-
 
 def test_gathering_does_not_write() -> None:
     # The Secret is written by the Writer only: the gatherer renders it and hands it over.

@@ -267,7 +267,7 @@ class EventCalls(KubeCalls):
         request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
     ) -> None:
         super().__init__(api_client, max_workers=max_workers, request_timeout=request_timeout)
-        # Events go out in the background, as threads come free (see events.py).
+        # Events go out in the background, as threads come free (see event_queue.py).
         self._events = EventQueue(self.create_event, workers=max_workers)
 
     def close(self) -> None:
