@@ -93,10 +93,11 @@ from devenv.process import _die_with_parent
 GROUP, VERSION, PLURAL = "m2m.dev", "v1alpha1", "tokenrequests"
 MANAGED_BY = "app.kubernetes.io/managed-by=m2m-token-operator"
 FLOOR_SCRIPT = Path(__file__).resolve().parent / "floor_operator.py"
-# Kopf's line once an object's handlers ran after a start: "looked at it" (resume handlers
-# in older versions, the one event handler since Kopf keeps no state on TokenRequests).
+# The operator's line once it has looked at an object after a start; Kopf's, from older
+# versions (whose Kopf handlers looked), so that an old commit can be measured the same way.
 LOOKED = re.compile(
-    r"\[([^\]/]+/[^\]]+)\] (?:Resuming is processed|Handler 'tokenrequest' succeeded)"
+    r"tokenrequest=([^\s/]+/\S+) \S+ looked at:"
+    r"|\[([^\]/]+/[^\]]+)\] (?:Resuming is processed|Handler 'tokenrequest' succeeded)"
 )
 
 

@@ -133,8 +133,8 @@ def test_replica_paused_by_a_higher_priority_one_stops_refreshing_and_catches_up
     third = kube.wait_secret(namespace, "orders-api", unlike=second.token, operator=high)
     before_delete = low.log_size()
     kube.delete_token_request(namespace, "gone-while-paused")
-    # Kopf's watch is paused, the operator's own TokenRequest watch (presence.py) is not:
-    # the paused replica forgets the deleted TokenRequest at once.
+    # Kopf pauses, the operator's TokenRequest watch (kube/token_request_watch.py) does
+    # not: the paused replica forgets the deleted TokenRequest at once.
     low.wait_for_log(
         rf"tokenrequest={namespace}/gone-while-paused \S+ forgotten",
         timeout=30,

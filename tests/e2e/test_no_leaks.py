@@ -87,7 +87,7 @@ def test_no_secret_or_token_in_log_status_or_events(
     operator.start()
     for name in ("own", "app", "missing", "forbidden"):
         operator.wait_for_log(
-            rf"\[{namespace}/{name}\] Handler 'tokenrequest' succeeded",
+            rf"tokenrequest={namespace}/{name} .*looked at: Ready=",
             timeout=30,
             since=restart_at,
         )

@@ -429,7 +429,7 @@ def test_restart_reuses_the_token_in_the_secret(
         since=restart_at,
     )
     operator.wait_for_log(
-        rf"\[{namespace}/orders-api\] Handler 'tokenrequest' succeeded",
+        rf"tokenrequest={namespace}/orders-api .*looked at: Ready=",
         timeout=30,
         since=restart_at,
     )

@@ -79,13 +79,11 @@ def test_two_shards_serve_disjoint_namespaces_and_never_each_others(
             # Written by this shard's process: its identity, at its issuer.
             issuer = jwt_claims(secret.token)["iss"]
             assert issuer == token_server.issuer_url(f"shard-{shard}"), (namespace, issuer)
-            # Kopf's line for the object: "[<namespace>/api] Handler 'tokenrequest' succeeded".
-            operator.wait_for_log(
-                rf"\[{namespace}/api\] Handler 'tokenrequest' succeeded", timeout=30
-            )
+            # The operator's line once it has looked at the object.
+            operator.wait_for_log(rf"tokenrequest={namespace}/api .*looked at: Ready=", timeout=30)
 
     # Every TokenRequest was handled by exactly one process: each log names only its own
-    # (its own lines name every one of its objects, by Kopf's prefix and ours).
+    # (its own lines name every one of its objects: tokenrequest=<namespace>/<name>).
     for shard, operator in operators.items():
         log = operator.log_text()
         other = next(s for s in SHARDS if s != shard)

@@ -48,9 +48,9 @@ DEFAULT_PURGE_PREFIXES = ("m2m_token_operator",)
 # The cluster-wide watches of `--all-namespaces` (paths as the proxy sees them).
 TOKEN_REQUESTS = r"^/apis/m2m\.dev/v1alpha1/tokenrequests$"
 SECRETS = r"^/api/v1/secrets$"
-# Kopf's TokenRequest watch (path, query): the operator's own metadata-only watch of them
-# (presence.py) is the one that sends a labelSelector.
-KOPF_TOKEN_REQUESTS = (TOKEN_REQUESTS, r"^(?!.*labelSelector=)")
+# The operator's TokenRequest watch (kube/token_request_watch.py): once it watches, its
+# first list is in and every TokenRequest then existing has been handed to the reconciler.
+TOKEN_REQUEST_WATCH = (TOKEN_REQUESTS, r"")
 # The owned-Secrets watch (path, query): once it watches, its first list is in, so the
 # operator's looks read their Secrets from it (deterministically, for the tests that count).
 OWNED_SECRETS = (SECRETS, r"managed-by")
@@ -171,7 +171,7 @@ class OperatorRun:
         proxy: FaultProxy,
         module: str | None = DEFAULT_MODULE,
         path: str | None = None,
-        ready_watches: Sequence[str | tuple[str, str]] = (KOPF_TOKEN_REQUESTS,),
+        ready_watches: Sequence[str | tuple[str, str]] = (TOKEN_REQUEST_WATCH,),
         purge_prefixes: Sequence[str] = DEFAULT_PURGE_PREFIXES,
         extra_args: Sequence[str] = (),
         settings: kopf.OperatorSettings | None = None,
@@ -192,7 +192,7 @@ class OperatorRun:
     # ---- lifecycle -----------------------------------------------------------------------
 
     def start(self, timeout: float = 15.0) -> OperatorRun:
-        """Start Kopf and wait until it watches the ``ready_watches`` resources."""
+        """Start the operator and wait until it watches the ``ready_watches`` resources."""
         started = time.monotonic()
         self._state.save_and_clean()
         logging.getLogger().addHandler(self._capture)

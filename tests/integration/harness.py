@@ -27,8 +27,8 @@ import yaml
 
 from devenv.faultproxy import Exchange, FaultProxy
 
-from ._operator import KOPF_TOKEN_REQUESTS as WATCH_TOKEN_REQUESTS
 from ._operator import OWNED_SECRETS as WATCH_OWNED_SECRETS
+from ._operator import TOKEN_REQUEST_WATCH as WATCH_TOKEN_REQUESTS
 from ._operator import OperatorRun
 from ._token_endpoint import Reply, TokenCall, TokenEndpoint
 

@@ -42,11 +42,8 @@ FAST_REFRESH_LIFETIME = 60
 SLOW = 20.0
 PROBE_TIMEOUT = 5.0
 # The operator's cluster-wide watches, as the proxy sees their paths: TokenRequests are
-# watched twice, by Kopf and by the operator's own metadata-only watch (presence.py), which
-# alone sends a labelSelector (empty).
+# watched once, by the operator's own watch (kube/token_request_watch.py).
 TOKEN_REQUEST_WATCH = r"^/apis/m2m\.dev/v1alpha1/tokenrequests$"
-KOPF_QUERY = r"^(?!.*labelSelector=)"
-PRESENCE_QUERY = r"labelSelector="
 SECRET_WATCH = r"^/api/v1/secrets$"
 
 
@@ -136,12 +133,10 @@ async def test_gone_on_the_token_request_watch_relists_and_loses_nothing(
     await wait_ready(kube, "before")
     versions_before = len(kube.versions(SECRETS, NS, "before"))
 
-    # Kopf's next watch of TokenRequests is answered "410 Gone"; the open ones break now.
-    gone = kube.proxy.add(
-        Rule(Gone(), method="GET", path=TOKEN_REQUEST_WATCH, watch=True, query=KOPF_QUERY)
-    )
+    # The next watch of TokenRequests is answered "410 Gone"; the open one breaks now.
+    gone = kube.proxy.add(Rule(Gone(), method="GET", path=TOKEN_REQUEST_WATCH, watch=True))
     broken = time.monotonic()
-    assert kube.proxy.drop_watches(TOKEN_REQUEST_WATCH) == 2  # Kopf's and presence.py's
+    assert kube.proxy.drop_watches(TOKEN_REQUEST_WATCH) == 1
     # A TokenRequest created while the operator has no watch: only the re-list can show it.
     kube.create_token_request(NS, "during", TARGET)
 
@@ -149,9 +144,9 @@ async def test_gone_on_the_token_request_watch_relists_and_loses_nothing(
         watches = kube.proxy.requests("GET", TOKEN_REQUEST_WATCH, watch=True, since=broken)
         return [e for e in watches if e.injected]
 
-    answered = (await wait_for(injected, message="Kopf's watch answered 410"))[0]
+    answered = (await wait_for(injected, message="the watch answered 410"))[0]
     assert gone.applied == 1
-    # Kopf's answer to 410: a fresh list, then a new watch from the list's resourceVersion.
+    # The answer to 410: a fresh list, then a new watch from the list's resourceVersion.
     [relist, *_] = await kube.proxy.wait_for(
         "GET", TOKEN_REQUEST_WATCH, watch=False, since=answered.at
     )
@@ -175,9 +170,9 @@ async def test_dropped_watches_are_resumed_and_changes_still_arrive(
     original = token_in_secret(kube)
 
     dropped = time.monotonic()
-    # TokenRequests (Kopf, kube/presence.py), owned and opted-in credentials Secrets
+    # TokenRequests (kube/token_request_watch.py), owned and opted-in credentials Secrets
     # (kube/secret_watches.py).
-    assert kube.proxy.drop_watches(f"{TOKEN_REQUEST_WATCH}|{SECRET_WATCH}") == 4
+    assert kube.proxy.drop_watches(f"{TOKEN_REQUEST_WATCH}|{SECRET_WATCH}") == 3
     await kube.proxy.wait_for("GET", TOKEN_REQUEST_WATCH, watch=True, since=dropped)
     await kube.proxy.wait_for("GET", SECRET_WATCH, watch=True, since=dropped)
 
@@ -197,35 +192,24 @@ GAP_FORGOTTEN = "forgotten (gone from the TokenRequest list after a watch gap)"
 
 
 @pytest.mark.usefixtures("garbage_collector")
-@pytest.mark.parametrize(
-    ("gapped", "forgotten"),
-    [
-        # Kopf's watch only (the usual case): the operator's own watch sees the DELETED.
-        (KOPF_QUERY, "forgotten (deleted)"),
-        # Both: only the operator's own re-list can tell.
-        ("", GAP_FORGOTTEN),
-    ],
-    ids=["kopf-watch-gap", "both-watches-gap"],
-)
 async def test_a_token_request_deleted_during_a_watch_gap_is_forgotten_not_restored(
-    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun, gapped: str, forgotten: str
+    kube: Kube, token_endpoint: TokenEndpoint, operator: OperatorRun
 ) -> None:
-    """Issue 17, item 2: Kopf's re-list after 410 emits no DELETED for what vanished in the
-    gap; the registry kept the object, and when the garbage collector deleted its Secret
-    the operator created it again (SecretRestored), at every look.
+    """Issue 17, item 2: Kopf's re-list after 410 emitted no DELETED for what vanished in
+    the gap; the registry kept the object, and when the garbage collector deleted its
+    Secret the operator created it again (SecretRestored), at every look.
 
-    The TokenRequest watches (Kopf's, and in the second case presence.py's too) are
-    broken, answered 410, and their re-lists held by the proxy until the deletion is
-    done, so they see no DELETED event. A finalizer of the test's keeps the Secret until
-    the operator has said it forgot the TokenRequest; then the Secret goes."""
-    gaps = 1 if gapped else 2
+    The TokenRequest watch is broken, answered 410, and its re-list held by the proxy
+    until the deletion is done, so it sees no DELETED event. A finalizer of the test's
+    keeps the Secret until the operator has said it forgot the TokenRequest; then the
+    Secret goes."""
     kube.create_token_request(NS, "stays", TARGET)
     kube.create_token_request(NS, NAME, TARGET)
     await wait_ready(kube, "stays")
     await wait_ready(kube, NAME)
     await wait_for(
-        lambda: len(kube.proxy.open_watches(TOKEN_REQUEST_WATCH)) == 2,
-        message="both TokenRequest watches open",
+        lambda: len(kube.proxy.open_watches(TOKEN_REQUEST_WATCH)) == 1,
+        message="the TokenRequest watch open",
     )
     kube.patch_secret(NS, NAME, {"metadata": {"finalizers": [HOLD_FINALIZER]}})
     try:
@@ -235,20 +219,15 @@ async def test_a_token_request_deleted_during_a_watch_gap_is_forgotten_not_resto
                 method="GET",
                 path=TOKEN_REQUEST_WATCH,
                 watch=False,
-                query=gapped,
                 times=None,
             )
         )
         gone = kube.proxy.add(
-            Rule(
-                Gone(), method="GET", path=TOKEN_REQUEST_WATCH, watch=True, query=gapped, times=gaps
-            )
+            Rule(Gone(), method="GET", path=TOKEN_REQUEST_WATCH, watch=True, times=1)
         )
-        assert kube.proxy.drop_watches(TOKEN_REQUEST_WATCH) == 2
+        assert kube.proxy.drop_watches(TOKEN_REQUEST_WATCH) == 1
         # Answered 410 and listing again; the lists wait in the proxy.
-        await wait_for(
-            lambda: gone.applied == gaps and held.applied == gaps, message="re-lists held"
-        )
+        await wait_for(lambda: gone.applied == 1 and held.applied == 1, message="the re-list held")
         deleted = time.monotonic()
         kube.delete_token_request(NS, NAME)
         await wait_for(lambda: kube.read_token_request(NS, NAME) is None, message="deleted")
@@ -257,7 +236,7 @@ async def test_a_token_request_deleted_during_a_watch_gap_is_forgotten_not_resto
         namespace = kube.ns(NS)
         await wait_for(
             lambda: any(
-                f"tokenrequest={namespace}/{NAME} " in line and forgotten in line
+                f"tokenrequest={namespace}/{NAME} " in line and GAP_FORGOTTEN in line
                 for line in operator.logs
             ),
             message="the operator saying it forgot the deleted TokenRequest",

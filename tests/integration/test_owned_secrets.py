@@ -76,7 +76,7 @@ async def test_an_edit_after_a_restart_that_read_no_secret_is_repaired(
     run = operator_factory.start()
     await wait_for(lambda: "reusing the unexpired token" in run.all_text, message="the key seeded")
     await wait_for(
-        lambda: "Handler 'tokenrequest' succeeded" in run.all_text,
+        lambda: "looked at: Ready=" in run.all_text,
         message="the look after the restart done",
     )
     kube.patch_secret(NS, "orders-api", {"stringData": {"token": "tampered"}})

@@ -230,20 +230,19 @@ async def test_a_failed_startup_leaks_nothing_and_a_retry_starts_cleanly(
     assert memo["reconciler"]._cache._executor._shutdown
 
 
-async def test_kopf_starts_a_bounded_number_of_object_workers(
+async def test_kopf_posts_no_events_and_keeps_no_state_under_its_own_domain(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     _use_kubeconfig(monkeypatch, tmp_path)
     monkeypatch.setenv("M2M_METRICS_PORT", "0")
-    # Kopf's default: one worker per object, all at once.
-    assert kopf.OperatorSettings().queueing.worker_limit is None
     settings = kopf.OperatorSettings()
     memo = kopf.Memo()
     await handlers.startup(settings, memo)
     try:
-        assert settings.queueing.worker_limit == handlers.KOPF_WORKER_LIMIT
-        assert settings.queueing.idle_timeout == handlers.KOPF_WORKER_IDLE_SECONDS
         assert settings.posting.enabled is False
+        progress = settings.persistence.progress_storage
+        assert isinstance(progress, kopf.AnnotationsProgressStorage)
+        assert progress.prefix == handlers.STATE_PREFIX
     finally:
         await handlers.shutdown(memo)
 

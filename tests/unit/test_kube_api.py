@@ -149,3 +149,17 @@ async def test_close_stops_the_event_queue_and_the_threads() -> None:
     kube.post_events("shop", [{"reason": "Dropped"}])  # after close: dropped, not queued
     assert not kube._events.busy
     assert kube._executor._shutdown
+
+
+def test_the_status_sent_leaves_out_null_members_as_a_merge_patch_would() -> None:
+    status = {
+        "expiresAt": None,
+        "failedAttempts": 0,
+        "token": {"roles": None, "aud": "api://x"},
+        "conditions": [{"type": "Ready", "message": None, "status": "False"}],
+    }
+    assert kube_api._without_nulls(status) == {
+        "failedAttempts": 0,
+        "token": {"aud": "api://x"},
+        "conditions": [{"type": "Ready", "status": "False"}],
+    }

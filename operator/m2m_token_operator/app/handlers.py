@@ -1,16 +1,17 @@
-"""Kopf wiring, and nothing else: each handler hands the object to the reconciler.
+"""Kopf wiring, and nothing else: startup, cleanup and the liveness probe.
 
-No handler here raises for a business failure. Failures are the reconciler's to
-report in status and to retry on the token's own schedule; a Kopf retry on top
-would double the calls to the token endpoint. No timer, no daemon and no
-mandatory deletion handler is registered, so Kopf adds no finalizer and a
-TokenRequest can always be deleted, even while the operator is down.
+Kopf runs the process (its CLI, signals, logging, the liveness endpoint and the
+peering), but no TokenRequest handler: the operator's own watch
+(kube/token_request_watch.py) hands each TokenRequest to the reconciler, without
+Kopf's per-object machinery. So Kopf stores no state on TokenRequests and adds
+no finalizer: a TokenRequest can always be deleted, even while the operator is
+down. Failures are the reconciler's to report in status and to retry on the
+token's own schedule.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import hashlib
 import logging
@@ -24,11 +25,9 @@ from typing import Any
 import kopf
 import kubernetes
 
-from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION
-from m2m_token_operator.api.refresh_annotation import REFRESH_ANNOTATION, pending_request
 from m2m_token_operator.app.runtime import Runtime
 from m2m_token_operator.config.settings import Settings
-from m2m_token_operator.kube import presence, secret_watches
+from m2m_token_operator.kube import secret_watches, token_request_watch
 from m2m_token_operator.kube.kube_api import KubeApi, KubeError, load_api_client
 from m2m_token_operator.kube.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.kube.peering import (
@@ -56,12 +55,8 @@ ActivityGate = PeeringGate | LeaseGate
 SHARD_SETTING = "M2M_SHARD"
 _SHARD_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,38}[a-z0-9])?")
 
-# Where Kopf would keep handling state on a TokenRequest: under our domain, not Kopf's.
+# Where Kopf would keep handling state on an object: under our domain, not Kopf's.
 STATE_PREFIX = "operator.m2m.dev"
-# Kopf's per-object workers at once (its default: unlimited), and how soon an idle one
-# exits (its default: 5 s, which with a limit would hold slots long after the work).
-KOPF_WORKER_LIMIT = 500
-KOPF_WORKER_IDLE_SECONDS = 0.5
 # The scheduler turns at least every 30 s; three missed turns mean it is stuck.
 SCHEDULER_STALL = timedelta(seconds=90)
 # Kopf itself needs a few seconds to join the peering; five minutes unread is a fault.
@@ -208,20 +203,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
 async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runtime) -> None:
     redaction.install()
     config = Settings.from_env()
-    # Only watch-event handlers are registered, so Kopf stores no state on the objects;
-    # should one ever be added, its state goes under our domain, not Kopf's.
+    # No resource handler is registered, so Kopf stores no state on any object; should
+    # one ever be added, its state goes under our domain, not Kopf's.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STATE_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=STATE_PREFIX, key="last-handled-configuration"
     )
     settings.posting.enabled = False  # our events are posted by the reconciler, one per change
-    # A burst of new TokenRequests (thousands created at once) would otherwise start one
-    # worker per object at once, each holding its event's processing state while its
-    # look waits for the API: memory followed the burst, not the TokenRequests. Workers
-    # beyond the limit wait as queued events; an idle worker gives its slot back soon.
-    if settings.queueing.worker_limit is None:  # Kopf's default; a limit set already stays
-        settings.queueing.worker_limit = KOPF_WORKER_LIMIT
-        settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
     settings.peering.priority = peering_priority(config)
 
     api_client = load_api_client()
@@ -313,8 +301,8 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     runtime.closing(feed, feed.close, name="secret feed")
     for watch in secret_reflectors:
         runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
-    # Deletions that Kopf's re-list after `410 Gone` does not report (kube/presence.py).
-    _, token_request_watches = presence.build(watch_api, reconciler.forget, environ=os.environ)
+    # The TokenRequests themselves: each event to the reconciler (kube/token_request_watch.py).
+    _, token_request_watches = token_request_watch.build(watch_api, reconciler, environ=os.environ)
     for watch in token_request_watches:
         runtime.start(watch.run(), name=f"m2m-watch-{watch.name}")
     # Last, and it can fail (the port is taken): everything above is closed again then.
@@ -397,80 +385,3 @@ def scheduler_alive(memo: kopf.Memo, **_: Any) -> str:
         # Never read (e.g. RBAC without `get` on it): refreshes would wait for ever.
         raise RuntimeError("the peering object has never been readable; refreshes wait on it")
     return last.isoformat()
-
-
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    """A detached copy: the reconciler keeps it across events, Kopf reuses its views."""
-    return {
-        "metadata": {
-            "namespace": body.metadata.namespace,
-            "name": body.metadata.name,
-            "uid": body.metadata.uid,
-            "generation": body.metadata.get("generation"),
-            # m2m.dev/refresh: a value set while the operator was down is seen at resume.
-            "annotations": copy.deepcopy(dict(body.metadata.annotations)),
-            "deletionTimestamp": body.metadata.get("deletionTimestamp"),
-        },
-        "spec": copy.deepcopy(dict(body.spec)),
-        "status": copy.deepcopy(dict(body.status)),
-    }
-
-
-# One watch-event handler for TokenRequests, and no create/update/resume handlers: those
-# make Kopf write its handling state (a progress and a last-handled-configuration
-# annotation) onto every object it handles, one more PATCH per TokenRequest and a watch
-# event back for each. Level-triggered instead: the initial listing (type None) is the
-# resume, and any event whose uid or metadata.generation is new to the reconciler is a
-# create or a spec change. Status writes, labels and annotations move neither.
-# The handlers are coroutines on purpose: Kopf runs plain functions in a thread pool,
-# and the reconciler and its scheduler are event-loop-only (from another thread, a wake-up
-# of the scheduler can be lost, and their dicts and heap would be shared without a lock).
-@kopf.on.event(GROUP, VERSION, PLURAL, id="tokenrequest")
-async def token_request_event(
-    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
-    body: kopf.Body,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    metadata = body.metadata
-    reconciler = _reconciler(memo)
-    if type == "DELETED":
-        reconciler.forget(metadata.namespace or "", metadata.name or "", metadata.uid)
-    elif metadata.get("deletionTimestamp"):
-        reconciler.being_deleted(metadata.namespace or "", metadata.name or "", metadata.uid)
-    else:
-        reconciler.observed(_plain(body))  # learns and schedules: the look is the scheduler's
-
-
-def _refresh_asked(body: kopf.Body, **_: Any) -> bool:
-    """A new m2m.dev/refresh value not yet recorded in status.lastRefreshRequest."""
-    return pending_request(body.metadata.annotations, body.status) is not None
-
-
-# The annotation is metadata, not spec: `@kopf.on.update(field="spec")` never sees it and
-# metadata.generation does not move. A watch-event handler compares the annotation with
-# status.lastRefreshRequest on every event instead (level-triggered): a value set while
-# the operator was down is seen in the initial listing, and once the status records it,
-# later events of the same object say nothing new.
-@kopf.on.event(
-    GROUP,
-    VERSION,
-    PLURAL,
-    id="refresh",
-    annotations={REFRESH_ANNOTATION: kopf.PRESENT},
-    when=_refresh_asked,
-)
-async def refresh_annotation(
-    type: str | None,  # noqa: A002 (Kopf passes the event type by this name)
-    body: kopf.Body,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    if type == "DELETED":
-        return
-    value = pending_request(body.metadata.annotations, body.status)
-    if value is None:
-        return
-    _reconciler(memo).refresh_requested(
-        body.metadata.namespace or "", body.metadata.name or "", value
-    )

@@ -1,7 +1,7 @@
 """The operator's writes and point reads against the Kubernetes API.
 
-Kopf watches; this module writes. It wraps the blocking `kubernetes` client so
-that every call runs in a worker thread (never on Kopf's event loop) and speaks
+The watches are elsewhere; this module writes. It wraps the blocking `kubernetes`
+client so that every call runs in a worker thread (never on the event loop) and speaks
 plain JSON dicts, exactly as the API server sends them: no client-side model
 validation stands between the operator and what the server really holds.
 """

@@ -1,7 +1,7 @@
 """The `--namespace` patterns the operator serves, matched as Kopf matches them.
 
 Kopf decides which TokenRequests reach the handlers from its `--namespace`
-options; our Secret watches and the TokenRequest presence must serve exactly
+options; our Secret watches and the TokenRequest watch must serve exactly
 the same namespaces, so this is Kopf's documented pattern syntax, kept here
 rather than imported from Kopf's private modules (any Kopf release may move them):
 

@@ -165,7 +165,7 @@ class TokenRequestReconciler:
             owned_secrets=owned_secrets,
         )
 
-    # Entry points (called from Kopf handlers)
+    # Entry points (called from the TokenRequest and Secret watches)
 
     def reconcile(self, body: Mapping[str, Any]) -> None:
         """Create, update or resume: (re)learn the TokenRequest; the scheduler looks at once.
@@ -200,8 +200,8 @@ class TokenRequestReconciler:
         """The TokenRequest is gone; its Secret goes with it through garbage collection.
 
         With `uid`, only that object: the DELETED event of an object deleted and created
-        again under the same name may arrive after the new one was learnt. Also called by
-        `presence.TokenRequestPresence` for deletions Kopf's re-list does not report.
+        again under the same name may arrive after the new one was learnt. `why` says how
+        the TokenRequest watch knew (kube/token_request_watch.py), when not from a deletion.
         """
         subscription = self.registry.forget(namespace, name, uid)
         if subscription is None:
@@ -334,6 +334,13 @@ class TokenRequestReconciler:
                     cache = facts.cache and dataclasses.replace(facts.cache, fetched=False)
                     retry = dataclasses.replace(facts, api_error=error, cache=cache)
                     await self._writer.apply(subscription, decide(retry, self._clock()))
+                if not subscription.looked:
+                    # One line per object learnt (not per refresh): the sign that a start,
+                    # or a spec change, has been looked at, whatever the look found.
+                    subscription.looked = True
+                    logger.info(
+                        "%s looked at: %s", subscription.log_context, _ready_reason(subscription)
+                    )
             except _Superseded:
                 return
             except KubeError as error:
@@ -376,11 +383,12 @@ class TokenRequestReconciler:
             self.scheduler.reschedule(subscription.ref, self._clock() + delay)
 
     async def _relearn(self, subscription: Subscription) -> None:
-        """After a pause: learn the object as it is now (the active replica handled its
-        changes, so Kopf will not replay them here), or forget it if it went away."""
+        """After a pause: learn the object as it is now (the active replica wrote its
+        status, which the watch's events do not teach a known object), or forget it if
+        it went away."""
         current = await self._kube.read_token_request(subscription.namespace, subscription.name)
         if not self.registry.current(subscription):
-            return  # Kopf's re-listing taught us the object meanwhile (maybe a new one)
+            return  # the watch taught us the object meanwhile (maybe a new one)
         if current is None or current.get("metadata", {}).get("uid") != subscription.uid:
             self.forget(subscription.namespace, subscription.name, subscription.uid)
             return
@@ -393,6 +401,13 @@ class TokenRequestReconciler:
         for ref in self.registry.sharing_key(key):
             if ref != origin:
                 self.scheduler.schedule(ref, now)
+
+
+def _ready_reason(subscription: Subscription) -> str:
+    for condition in subscription.status.get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return f"Ready={condition.get('status')} reason={condition.get('reason')}"
+    return "no Ready condition"
 
 
 def _secret_drifted(

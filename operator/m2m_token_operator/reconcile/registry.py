@@ -57,6 +57,8 @@ class Subscription:
     deleting: bool = False
     # An m2m.dev/refresh value not handled yet (refresh.recorded_value form): force a fetch.
     refresh_request: str | None = None
+    # This version of the object has had a look that ended (logged once, as a sign of it).
+    looked: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
