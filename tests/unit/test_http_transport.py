@@ -310,14 +310,41 @@ async def test_a_refreshed_token_is_sent_from_the_next_request_on(httpserver: HT
     rotations = iter(["t1", "t2", "t3"])
 
     def refresh(config: kubernetes.client.Configuration) -> None:
-        config.api_key["authorization"] = next(rotations)
-        config.api_key_prefix["authorization"] = "Bearer"
+        # Where the in-cluster config's hook puts the token it read from its file.
+        config.api_key["BearerToken"] = f"Bearer {next(rotations)}"
 
+    configuration.api_key["BearerToken"] = "Bearer t0"  # as loaded, before any refresh
     configuration.refresh_api_key_hook = refresh  # type: ignore[assignment]
     async with _opened(_api(configuration)) as kube:
         for _ in range(3):
             await kube.read_secret("shop", "orders-api")
     assert seen == ["Bearer t1", "Bearer t2", "Bearer t3"]
+
+
+async def test_the_token_of_a_kubeconfig_is_sent(httpserver: HTTPServer, tmp_path: Path) -> None:
+    """Configured as the operator's is outside a cluster: by `load_kube_config`."""
+    httpserver.expect_request(
+        SECRET_PATH, headers={"Authorization": "Bearer kubeconfig-token"}
+    ).respond_with_json({"metadata": {"name": "orders-api"}})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": httpserver.url_for("")}}],
+                "users": [{"name": "u", "user": {"token": "kubeconfig-token"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=str(kubeconfig), client_configuration=configuration
+    )
+    async with _opened(_api(configuration)) as kube:
+        assert await kube.read_secret("shop", "orders-api") == {"metadata": {"name": "orders-api"}}
 
 
 # TLS: the server's certificate checked against a CA file, and a client certificate

@@ -119,9 +119,12 @@ class HttpTransport:
         """Send one request; its answer whatever the status, or a `TRANSPORT_ERRORS` one."""
         session = self._session_now()
         headers = {"Accept": JSON}
-        authorization = self._configuration.get_api_key_with_prefix("authorization")
-        if authorization:
-            headers["Authorization"] = authorization
+        # As the kubernetes client authenticates each request: the bearer token (under
+        # `BearerToken`, or its alias `authorization`), through the refresh hook that the
+        # in-cluster config installs for rotated ServiceAccount tokens.
+        for setting in self._configuration.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[setting["key"]] = setting["value"]
         if body is not None:
             headers["Content-Type"] = content_type
         url = self._base_url + path
