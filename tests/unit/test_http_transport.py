@@ -215,6 +215,18 @@ async def test_calls_share_one_keep_alive_connection() -> None:
     assert server.connections == 1
 
 
+async def test_calls_go_through_the_configured_proxy() -> None:
+    async def found(method: str, target: str) -> tuple[int, bytes]:
+        return 200, b"{}"
+
+    async with _raw_server(found) as proxy:
+        configuration = _configuration("http://kube-api.invalid:6443")  # never resolved here
+        configuration.proxy = f"http://127.0.0.1:{proxy.port}"
+        async with _opened(_api(configuration)) as kube:
+            assert await kube.read_secret("shop", "orders-api") == {}
+    assert proxy.requests == [("GET", f"http://kube-api.invalid:6443{SECRET_PATH}")]
+
+
 async def test_waiting_calls_are_sent_oldest_look_first() -> None:
     """One slot: while the first request is held, the others wait in look order."""
     held = asyncio.Event()
