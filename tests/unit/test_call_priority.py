@@ -1,4 +1,4 @@
-"""The order in which waiting API calls get a worker thread (`kube/call_priority.py`)."""
+"""The order in which waiting API calls are sent (`kube/call_priority.py`)."""
 
 from __future__ import annotations
 

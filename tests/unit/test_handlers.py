@@ -213,7 +213,7 @@ async def test_a_failed_startup_leaks_nothing_and_a_retry_starts_cleanly(
     assert first_task.done()
     reconciler: TokenRequestReconciler = memo["reconciler"]
     assert reconciler._cache._executor._shutdown
-    assert memo["kube"]._executor._shutdown
+    assert memo["kube"].closed
 
     monkeypatch.undo()
     _use_kubeconfig(monkeypatch, tmp_path)
@@ -222,7 +222,7 @@ async def test_a_failed_startup_leaks_nothing_and_a_retry_starts_cleanly(
     retried: Runtime = memo["runtime"]
     assert retried is not failed
     assert not memo["scheduler_task"].done()
-    assert not memo["kube"]._executor._shutdown
+    assert not memo["kube"].closed
 
     await handlers.shutdown(memo)
     assert retried.closed
@@ -247,7 +247,7 @@ async def test_kopf_posts_no_events_and_keeps_no_state_under_its_own_domain(
         await handlers.shutdown(memo)
 
 
-async def test_the_peering_read_has_its_own_client_and_thread(
+async def test_the_peering_read_has_its_own_client_and_connection(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Looks queued on a slow API server must not hold up the gate, nor the scheduler
@@ -265,11 +265,11 @@ async def test_the_peering_read_has_its_own_client_and_thread(
         peering_kube = gate._read.__self__  # type: ignore[attr-defined]
         assert isinstance(peering_kube, KubeApi)
         assert peering_kube is not memo["kube"]
-        assert peering_kube._executor._max_workers == 1
+        assert peering_kube.max_workers == 1
         assert peering_kube._timeout == handlers.PEERING_READ_TIMEOUT
     finally:
         await handlers.shutdown(memo)
-    assert peering_kube._executor._shutdown
+    assert peering_kube.closed
 
 
 async def test_a_failing_probe_answers_healthz_over_http_at_once() -> None:

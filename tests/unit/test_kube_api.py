@@ -143,12 +143,12 @@ def test_the_facade_keeps_every_call_of_its_pieces() -> None:
         assert callable(getattr(KubeApi, call))
 
 
-async def test_close_stops_the_event_queue_and_the_threads() -> None:
+async def test_close_stops_the_event_queue_and_the_calls() -> None:
     kube = KubeApi(kubernetes.client.ApiClient(kubernetes.client.Configuration()), max_workers=2)
     kube.close()
     kube.post_events("shop", [{"reason": "Dropped"}])  # after close: dropped, not queued
     assert not kube._events.busy
-    assert kube._executor._shutdown
+    assert kube.closed
 
 
 def test_the_status_sent_leaves_out_null_members_as_a_merge_patch_would() -> None:

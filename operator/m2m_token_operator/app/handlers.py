@@ -213,7 +213,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     settings.peering.priority = peering_priority(config)
 
     api_client = load_api_client()
-    kube = runtime.closing(KubeApi(api_client), lambda: kube.close(), name="kube")
+    kube = runtime.closing(KubeApi(api_client), lambda: kube.aclose(), name="kube")
     await ensure_cluster_peering(settings.peering, kube)
     seal_key = await _seal_key(kube, config)
     token_client = runtime.closing(
@@ -269,12 +269,12 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
             "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR is not set: no namespace may use the"
             " operator's own identity"
         )
-    # The peering read has its own client and thread, with a short time-out: looks that
+    # The peering read has its own client and connection, with a short time-out: looks that
     # queue on a slow API server must not keep the gate (and the scheduler loop behind
     # it, which liveness watches) waiting.
     peering_kube = runtime.closing(
         KubeApi(load_api_client(), max_workers=1, request_timeout=PEERING_READ_TIMEOUT),
-        lambda: peering_kube.close(),
+        lambda: peering_kube.aclose(),
         name="peering kube",
     )
     gate = peering_gate(

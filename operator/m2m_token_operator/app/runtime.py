@@ -12,24 +12,28 @@ half-built one when it fails; the cleanup handler closes the last one.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
+# Closes a resource: at once, or by returning what to await (a client on the event loop).
+Closer = Callable[[], Awaitable[None] | None]
+
 
 class Runtime:
     """The tasks and closable resources of one operator start, closed exactly once."""
 
     def __init__(self) -> None:
-        self._closers: list[tuple[str, Callable[[], None]]] = []
+        self._closers: list[tuple[str, Closer]] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = False
 
-    def closing(self, resource: _T, close: Callable[[], None], *, name: str) -> _T:
+    def closing(self, resource: _T, close: Closer, *, name: str) -> _T:
         """Remember how to close `resource`; returns it."""
         self._closers.append((name, close))
         return resource
@@ -48,6 +52,8 @@ class Runtime:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for name, close in reversed(self._closers):
             try:
-                close()
+                closed = close()
+                if inspect.isawaitable(closed):
+                    await closed
             except Exception as error:  # closing the rest matters more than this one
                 logger.warning("Closing %s failed: %s", name, type(error).__name__)

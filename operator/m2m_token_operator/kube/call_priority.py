@@ -1,12 +1,12 @@
-"""Which waiting API call gets the next worker thread: the oldest look's first.
+"""Which waiting API call is sent next (a free request slot): the oldest look's first.
 
 Under a burst (a thousand TokenRequests created at once) every look is in
 flight together, and each needs several calls one after the other (the Secret,
-the status, the event). With a first-come queue in front of the threads, a
+the status, the event). With a first-come queue in front of the slots, a
 look's second call waits behind the first calls of every look that started
 after it, so nearly every TokenRequest becomes Ready only near the end of the
 burst. Admitting calls by the age of the look they belong to finishes looks in
-the order they started, with the same threads just as busy: the work and the
+the order they started, with the same slots just as busy: the work and the
 total time stay the same, the wait of each TokenRequest shrinks.
 
 Events are courtesies, posted in the background (the look does not wait for

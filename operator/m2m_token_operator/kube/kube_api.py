@@ -1,21 +1,23 @@
 """The operator's writes and point reads against the Kubernetes API.
 
-The watches are elsewhere; this module writes. It wraps the blocking `kubernetes`
-client so that every call runs in a worker thread (never on the event loop) and speaks
-plain JSON dicts, exactly as the API server sends them: no client-side model
-validation stands between the operator and what the server really holds.
+The watches are elsewhere; this module writes. Every call is one HTTP request on the
+event loop (`http_transport`: aiohttp, keep-alive connections, built from the kubernetes
+client's configuration), a few at a time in the order of `call_priority`, and
+speaks plain JSON dicts, exactly as the API server sends them: no client-side
+model validation stands between the operator and what the server really holds.
+The one exception is `mint_service_account_token`, blocking on purpose: it runs
+on the token-fetch thread through the synchronous `kubernetes` client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 import kubernetes
 import urllib3.exceptions
@@ -24,6 +26,7 @@ from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION, JsonObject
 from m2m_token_operator.kube.api_latency import observe_api_call
 from m2m_token_operator.kube.call_priority import CALL_PRIORITY, PriorityGate, event_priority
 from m2m_token_operator.kube.event_queue import EventQueue
+from m2m_token_operator.kube.http_transport import JSON, TRANSPORT_ERRORS, HttpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ REQUEST_TIMEOUT = (10.0, 30.0)
 
 # See load_api_client: never urllib3's default of 3 retries with backoff.
 API_RETRIES = 1
+# Compact JSON: the bodies are read by the API server, not by people.
+_COMPACT = (",", ":")
 
 
 class KubeError(Exception):
@@ -62,6 +67,36 @@ class Conflict(KubeError):
 JSON_PATCH = "application/json-patch+json"
 
 
+def _failure(action: str, status: int, reason: str) -> KubeError:
+    """The error of an answer that is not a success: only its status and reason phrase.
+
+    The body of an API error can echo the object sent (a Secret's data): it never
+    travels on.
+    """
+    if status == 404:
+        return NotFound(action=action, status=status, reason=reason)
+    if status == 409:
+        return Conflict(action=action, status=status, reason=reason)
+    return KubeError(action=action, status=status, reason=reason)
+
+
+def _path(*segments: str) -> str:
+    """An API path from its segments (names quoted: they come from objects and specs)."""
+    return "/" + "/".join(quote(segment, safe="") for segment in segments)
+
+
+def _core(namespace: str, plural: str, name: str | None = None) -> str:
+    return _path("api", "v1", "namespaces", namespace, plural, *([name] if name else []))
+
+
+def _named(group: str, version: str, namespace: str, plural: str, name: str | None = None) -> str:
+    tail = [name] if name else []
+    return _path("apis", group, version, "namespaces", namespace, plural, *tail)
+
+
+_SECRET_WRITE = {"fieldManager": SECRET_FIELD_MANAGER}
+
+
 def _without_nulls(value: Any) -> Any:
     """A JSON value without its null members: what a merge patch of it would leave."""
     if isinstance(value, Mapping):
@@ -82,6 +117,8 @@ def load_api_client() -> kubernetes.client.ApiClient:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration
         )
+    # The blocking client serves only `mint_service_account_token` (and the watches); the
+    # other calls go over `http_transport`, which keeps the same retry policy.
     # Explicit: the client's default (None) means urllib3's 3 retries with backoff, so one
     # call could take minutes on a slow API server while a look or the peering read waits.
     # One retry, without backoff, of a connection that failed before the request was sent
@@ -91,15 +128,15 @@ def load_api_client() -> kubernetes.client.ApiClient:
 
 
 class KubeCalls:
-    """The plumbing every typed call goes through: one thread pool for all API calls.
+    """The plumbing every typed call goes through: one HTTP client on the event loop.
 
-    A call waits for a free thread in the order of its priority (`call_priority`),
-    is timed, reads its answer to the end, and fails only as a `KubeError`. The
-    typed calls live in the subclasses, one group of objects each.
+    A call waits for a free slot (at most `max_workers` requests at once) in the
+    order of its priority (`call_priority`), is timed, reads its answer to the end,
+    and fails only as a `KubeError`. The typed calls live in the subclasses, one
+    group of objects each.
     """
 
-    # Bodies are typed Any on purpose: the client sends plain dicts as they are,
-    # while its type hints only name its generated models.
+    # Bodies are typed Any on purpose: they are plain JSON values, sent as they are.
 
     def __init__(
         self,
@@ -108,41 +145,67 @@ class KubeCalls:
         max_workers: int = 4,
         request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
     ) -> None:
+        # The blocking client serves only `mint_service_account_token`, on the fetch thread.
         self._api_client = api_client
-        self._timeout = request_timeout
         self._core = kubernetes.client.CoreV1Api(api_client)
-        self._custom = kubernetes.client.CustomObjectsApi(api_client)
-        self._coordination = kubernetes.client.CoordinationV1Api(api_client)
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube-api")
-        # One slot per thread: a call is handed to a thread only when one is free, so the
-        # order of the waiting calls is ours (oldest look first), not the executor's FIFO.
+        self._timeout = request_timeout
+        self._http = HttpTransport(
+            api_client.configuration, connections=max_workers, timeout=request_timeout
+        )
+        # A request is sent only when a slot is free, so the order of the waiting calls
+        # is ours (oldest look first), not the order in which they were made.
         self._admission = PriorityGate(max_workers)
+        self.max_workers = max_workers
         self.writes = 0  # every mutating call sent; tests and metrics read it
 
+    @property
+    def closed(self) -> bool:
+        return self._http.closed
+
     def close(self) -> None:
-        """Stop the worker threads and the connection pool (at operator stop)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the calls and close the connections (at operator stop), from sync code."""
+        self._http.close()
+        self._api_client.close()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        """`close`, waiting until the connections are closed."""
+        await self._http.aclose()
         self._api_client.close()  # type: ignore[no-untyped-call]
 
     async def _call(
-        self, action: str, function: Callable[[], Any], *, priority: float | None = None
+        self,
+        action: str,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = JSON,
+        priority: float | None = None,
     ) -> bytes:
-        loop = asyncio.get_running_loop()
+        """One request: the answer's whole body, or its failure as a `KubeError`."""
+        data = None if body is None else json.dumps(body, separators=_COMPACT).encode()
         async with self._admission.slot(CALL_PRIORITY.get() if priority is None else priority):
             started = time.perf_counter()
             try:
-                return await loop.run_in_executor(self._executor, self._blocking, action, function)
+                answer = await self._http.request(
+                    method, path, query=query, body=data, content_type=content_type
+                )
+            except TRANSPORT_ERRORS as error:
+                # Refused, reset or timed out before any answer: to the caller, like a 5xx.
+                raise KubeError(action=action, status=None, reason=type(error).__name__) from None
             finally:
                 observe_api_call(action, time.perf_counter() - started)
+        if 200 <= answer.status < 300:
+            return answer.body
+        raise _failure(action, answer.status, answer.reason)
 
     @staticmethod
     def _blocking(action: str, function: Callable[[], Any]) -> bytes:
-        """Run one client call here and now: its whole body, or its failure as a `KubeError`.
+        """Run one blocking client call here and now: its body, or its failure as a `KubeError`.
 
-        Every call is made with `_preload_content=False`, so the answer is read to its end
-        here: urllib3 gives a connection back to its pool only then. An answer left unread
-        (a status patch, an event) would cost a new TCP and TLS connection per call, which
-        under a burst is most of the operator's CPU and much of the API server's.
+        Made with `_preload_content=False`: the answer is read to its end here, so that
+        urllib3 gives the connection back to its pool.
         """
         try:
             response = function()
@@ -152,23 +215,14 @@ class KubeCalls:
                 response.release_conn()
             return body
         except kubernetes.client.ApiException as error:
-            # The body of an API error can echo the object sent (a Secret's data):
-            # only the status and the short reason phrase travel on.
-            status = error.status
-            reason = str(error.reason or "")
-            if status == 404:
-                raise NotFound(action=action, status=status, reason=reason) from None
-            if status == 409:
-                raise Conflict(action=action, status=status, reason=reason) from None
-            raise KubeError(action=action, status=status, reason=reason) from None
+            raise _failure(action, error.status, str(error.reason or "")) from None
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            # Refused, reset or timed out before any answer: the same to the caller as a 5xx.
             raise KubeError(action=action, status=None, reason=type(error).__name__) from None
 
-    async def _read_or_none(self, action: str, function: Callable[[], Any]) -> JsonObject | None:
+    async def _read_or_none(self, action: str, path: str) -> JsonObject | None:
         """A point read: the object as JSON, or None when it does not exist."""
         try:
-            response = await self._call(action, function)
+            response = await self._call(action, "GET", path)
         except NotFound:
             return None
         return self._json(response)
@@ -179,23 +233,22 @@ class KubeCalls:
         return data
 
 
+def _peering_path(name: str | None = None) -> str:
+    tail = [name] if name else []
+    return _path("apis", PEERING_GROUP, PEERING_VERSION, CLUSTER_PEERING_PLURAL, *tail)
+
+
+def _lease_path(namespace: str, name: str | None = None) -> str:
+    return _named("coordination.k8s.io", "v1", namespace, "leases", name)
+
+
 class CoordinationCalls(KubeCalls):
     """The calls that coordinate replicas: Kopf's ClusterKopfPeering and the shards' Leases."""
 
     # Kopf's peering (Kopf itself writes the keep-alives; we only read it, or create it once)
 
     async def read_cluster_peering(self, name: str) -> JsonObject | None:
-        return await self._read_or_none(
-            f"read ClusterKopfPeering {name}",
-            lambda: self._custom.get_cluster_custom_object(
-                PEERING_GROUP,
-                PEERING_VERSION,
-                CLUSTER_PEERING_PLURAL,
-                name,
-                _preload_content=False,
-                _request_timeout=self._timeout,
-            ),
-        )
+        return await self._read_or_none(f"read ClusterKopfPeering {name}", _peering_path(name))
 
     async def create_cluster_peering(self, name: str) -> bool:
         """Create an empty ClusterKopfPeering; False when it exists already (HTTP 409)."""
@@ -207,15 +260,7 @@ class CoordinationCalls(KubeCalls):
         self.writes += 1
         try:
             await self._call(
-                f"create ClusterKopfPeering {name}",
-                lambda: self._custom.create_cluster_custom_object(
-                    PEERING_GROUP,
-                    PEERING_VERSION,
-                    CLUSTER_PEERING_PLURAL,
-                    body,
-                    _preload_content=False,
-                    _request_timeout=self._timeout,
-                ),
+                f"create ClusterKopfPeering {name}", "POST", _peering_path(), body=body
             )
         except Conflict:
             return False
@@ -225,10 +270,7 @@ class CoordinationCalls(KubeCalls):
 
     async def read_lease(self, namespace: str, name: str) -> JsonObject | None:
         return await self._read_or_none(
-            f"read Lease {namespace}/{name}",
-            lambda: self._coordination.read_namespaced_lease(
-                name, namespace, _preload_content=False, _request_timeout=self._timeout
-            ),
+            f"read Lease {namespace}/{name}", _lease_path(namespace, name)
         )
 
     async def create_lease(self, namespace: str, body: Any) -> JsonObject:
@@ -236,9 +278,9 @@ class CoordinationCalls(KubeCalls):
         return self._json(
             await self._call(
                 f"create Lease {namespace}/{body['metadata']['name']}",
-                lambda: self._coordination.create_namespaced_lease(
-                    namespace, body, _preload_content=False, _request_timeout=self._timeout
-                ),
+                "POST",
+                _lease_path(namespace),
+                body=body,
             )
         )
 
@@ -249,9 +291,9 @@ class CoordinationCalls(KubeCalls):
         return self._json(
             await self._call(
                 f"replace Lease {namespace}/{name}",
-                lambda: self._coordination.replace_namespaced_lease(
-                    name, namespace, body, _preload_content=False, _request_timeout=self._timeout
-                ),
+                "PUT",
+                _lease_path(namespace, name),
+                body=body,
             )
         )
 
@@ -267,13 +309,17 @@ class EventCalls(KubeCalls):
         request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
     ) -> None:
         super().__init__(api_client, max_workers=max_workers, request_timeout=request_timeout)
-        # Events go out in the background, as threads come free (see event_queue.py).
+        # Events go out in the background, as slots come free (see event_queue.py).
         self._events = EventQueue(self.create_event, workers=max_workers)
 
     def close(self) -> None:
-        """Drop the events not posted yet, then stop the threads and the connection pool."""
+        """Drop the events not posted yet, then stop the calls and close the connections."""
         self._events.close()  # courtesies not yet posted are dropped, as client-go drops them
         super().close()
+
+    async def aclose(self) -> None:
+        self._events.close()
+        await super().aclose()
 
     def post_events(self, namespace: str, bodies: Sequence[Any]) -> None:
         """Post one look's events in the background, in order: the look does not wait.
@@ -292,9 +338,9 @@ class EventCalls(KubeCalls):
         try:
             await self._call(
                 f"create Event in {namespace}",
-                lambda: self._core.create_namespaced_event(
-                    namespace, body, _preload_content=False, _request_timeout=self._timeout
-                ),
+                "POST",
+                _core(namespace, "events"),
+                body=body,
                 priority=event_priority() if priority is None else priority,
             )
         except KubeError as error:
@@ -303,7 +349,7 @@ class EventCalls(KubeCalls):
 
 
 class KubeApi(CoordinationCalls, EventCalls):
-    """Async facade over the blocking client: Secrets, ServiceAccounts and TokenRequests.
+    """The operator's calls: Secrets, ServiceAccounts and TokenRequests.
 
     Inherits the coordination calls (Lease, ClusterKopfPeering) and the Event calls.
     """
@@ -312,21 +358,15 @@ class KubeApi(CoordinationCalls, EventCalls):
 
     async def read_secret(self, namespace: str, name: str) -> JsonObject | None:
         return await self._read_or_none(
-            f"read Secret {namespace}/{name}",
-            lambda: self._core.read_namespaced_secret(
-                name, namespace, _preload_content=False, _request_timeout=self._timeout
-            ),
+            f"read Secret {namespace}/{name}", _core(namespace, "secrets", name)
         )
 
     async def list_secrets(self, namespace: str, *, label_selector: str) -> list[JsonObject]:
         response = await self._call(
             f"list Secrets in {namespace}",
-            lambda: self._core.list_namespaced_secret(
-                namespace,
-                label_selector=label_selector,
-                _preload_content=False,
-                _request_timeout=self._timeout,
-            ),
+            "GET",
+            _core(namespace, "secrets"),
+            query={"labelSelector": label_selector},
         )
         items: list[JsonObject] = self._json(response).get("items") or []
         return items
@@ -335,13 +375,10 @@ class KubeApi(CoordinationCalls, EventCalls):
         self.writes += 1
         response = await self._call(
             f"create Secret {namespace}/{body['metadata']['name']}",
-            lambda: self._core.create_namespaced_secret(
-                namespace,
-                body,
-                field_manager=SECRET_FIELD_MANAGER,
-                _preload_content=False,
-                _request_timeout=self._timeout,
-            ),
+            "POST",
+            _core(namespace, "secrets"),
+            query=_SECRET_WRITE,
+            body=body,
         )
         return self._json(response)
 
@@ -351,14 +388,10 @@ class KubeApi(CoordinationCalls, EventCalls):
         self.writes += 1
         response = await self._call(
             f"replace Secret {namespace}/{name}",
-            lambda: self._core.replace_namespaced_secret(
-                name,
-                namespace,
-                body,
-                field_manager=SECRET_FIELD_MANAGER,
-                _preload_content=False,
-                _request_timeout=self._timeout,
-            ),
+            "PUT",
+            _core(namespace, "secrets", name),
+            query=_SECRET_WRITE,
+            body=body,
         )
         return self._json(response)
 
@@ -369,23 +402,16 @@ class KubeApi(CoordinationCalls, EventCalls):
         with contextlib.suppress(NotFound):
             await self._call(
                 f"delete Secret {namespace}/{name}",
-                lambda: self._core.delete_namespaced_secret(
-                    name,
-                    namespace,
-                    body=body,
-                    _preload_content=False,
-                    _request_timeout=self._timeout,
-                ),
+                "DELETE",
+                _core(namespace, "secrets", name),
+                body=body,
             )
 
     # ServiceAccounts (workload identity federation)
 
     async def read_service_account(self, namespace: str, name: str) -> JsonObject | None:
         return await self._read_or_none(
-            f"read ServiceAccount {namespace}/{name}",
-            lambda: self._core.read_namespaced_service_account(
-                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
-            ),
+            f"read ServiceAccount {namespace}/{name}", _core(namespace, "serviceaccounts", name)
         )
 
     def mint_service_account_token(
@@ -427,16 +453,7 @@ class KubeApi(CoordinationCalls, EventCalls):
 
     async def read_token_request(self, namespace: str, name: str) -> JsonObject | None:
         return await self._read_or_none(
-            f"read TokenRequest {namespace}/{name}",
-            lambda: self._custom.get_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                namespace,
-                PLURAL,
-                name,
-                _preload_content=False,
-                _request_timeout=self._timeout,
-            ),
+            f"read TokenRequest {namespace}/{name}", _named(GROUP, VERSION, namespace, PLURAL, name)
         )
 
     async def patch_token_request_status(
@@ -463,17 +480,10 @@ class KubeApi(CoordinationCalls, EventCalls):
         try:
             await self._call(
                 f"patch TokenRequest {namespace}/{name} status",
-                lambda: self._custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    PLURAL,
-                    name,
-                    body,
-                    _content_type=JSON_PATCH,
-                    _preload_content=False,
-                    _request_timeout=self._timeout,
-                ),
+                "PATCH",
+                _named(GROUP, VERSION, namespace, PLURAL, name) + "/status",
+                body=body,
+                content_type=JSON_PATCH,
             )
         except NotFound:
             logger.debug("TokenRequest %s/%s is gone; status not written", namespace, name)
