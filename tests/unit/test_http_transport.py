@@ -29,6 +29,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from m2m_token_operator.kube.call_priority import look_started
+from m2m_token_operator.kube.http_transport import HttpTransport
 from m2m_token_operator.kube.kube_api import (
     SECRET_FIELD_MANAGER,
     Conflict,
@@ -311,8 +312,25 @@ async def test_a_list_sends_its_label_selector(httpserver: HTTPServer) -> None:
     assert items == [{"metadata": {"name": "orders-api"}}]
 
 
-async def test_a_refreshed_token_is_sent_from_the_next_request_on(httpserver: HTTPServer) -> None:
-    """The in-cluster config refreshes the ServiceAccount token through this hook."""
+def _rotating(configuration: kubernetes.client.Configuration) -> list[str]:
+    """A refresh hook that hands out t1, t2, ... and records each call."""
+    calls: list[str] = []
+
+    def refresh(config: kubernetes.client.Configuration) -> None:
+        # Where the in-cluster config's hook puts the token it read from its file.
+        calls.append(f"t{len(calls) + 1}")
+        config.api_key["BearerToken"] = f"Bearer {calls[-1]}"
+
+    configuration.api_key["BearerToken"] = "Bearer t0"  # as loaded, before any refresh
+    configuration.refresh_api_key_hook = refresh  # type: ignore[assignment]
+    return calls
+
+
+async def test_a_refreshed_token_is_sent_once_the_headers_are_older_than_allowed(
+    httpserver: HTTPServer,
+) -> None:
+    """The in-cluster config refreshes the ServiceAccount token through this hook; the
+    transport asks it again every `auth_seconds` (here: a clock the test moves)."""
     seen: list[str] = []
 
     def record(request: Request) -> Response:
@@ -321,18 +339,42 @@ async def test_a_refreshed_token_is_sent_from_the_next_request_on(httpserver: HT
 
     httpserver.expect_request(SECRET_PATH).respond_with_handler(record)
     configuration = _configuration(httpserver.url_for(""))
-    rotations = iter(["t1", "t2", "t3"])
+    calls = _rotating(configuration)
+    now = [0.0]
+    transport = HttpTransport(
+        configuration, connections=1, timeout=(5.0, 5.0), auth_seconds=5.0, monotonic=lambda: now[0]
+    )
+    try:
+        for moment in (0.0, 4.9, 5.0, 12.0):
+            now[0] = moment
+            await transport.request("GET", SECRET_PATH)
+    finally:
+        await transport.aclose()
+    assert seen == ["Bearer t1", "Bearer t1", "Bearer t2", "Bearer t3"]
+    assert calls == ["t1", "t2", "t3"]
 
-    def refresh(config: kubernetes.client.Configuration) -> None:
-        # Where the in-cluster config's hook puts the token it read from its file.
-        config.api_key["BearerToken"] = f"Bearer {next(rotations)}"
 
-    configuration.api_key["BearerToken"] = "Bearer t0"  # as loaded, before any refresh
-    configuration.refresh_api_key_hook = refresh  # type: ignore[assignment]
-    async with _opened(_api(configuration)) as kube:
-        for _ in range(3):
-            await kube.read_secret("shop", "orders-api")
-    assert seen == ["Bearer t1", "Bearer t2", "Bearer t3"]
+async def test_a_401_makes_the_next_request_ask_for_the_token_again(
+    httpserver: HTTPServer,
+) -> None:
+    seen: list[str] = []
+
+    def record(request: Request) -> Response:
+        seen.append(request.headers["Authorization"])
+        status = 401 if len(seen) == 1 else 200
+        return Response("{}", status=status, content_type="application/json")
+
+    httpserver.expect_request(SECRET_PATH).respond_with_handler(record)
+    configuration = _configuration(httpserver.url_for(""))
+    _rotating(configuration)
+    transport = HttpTransport(configuration, connections=1, timeout=(5.0, 5.0), auth_seconds=3600.0)
+    try:
+        refused = await transport.request("GET", SECRET_PATH)
+        accepted = await transport.request("GET", SECRET_PATH)
+    finally:
+        await transport.aclose()
+    assert (refused.status, accepted.status) == (401, 200)
+    assert seen == ["Bearer t1", "Bearer t2"]
 
 
 async def test_the_token_of_a_kubeconfig_is_sent(httpserver: HTTPServer, tmp_path: Path) -> None:

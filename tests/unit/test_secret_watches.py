@@ -210,6 +210,11 @@ def test_the_store_is_ready_once_every_owned_watch_has_listed() -> None:
     assert not store.ready()  # team-b's Secrets are not all in yet
     owned[1].synced.set()
     assert store.ready()  # the credentials watches do not count: they feed no store
+    late = asyncio.Event()
+    store.track(late)  # remembered "ready" is asked again once another watch feeds it
+    assert not store.ready()
+    late.set()
+    assert store.ready()
     api.close()  # type: ignore[no-untyped-call]
 
 

@@ -11,7 +11,13 @@ from datetime import UTC, datetime
 
 def format_time(moment: datetime) -> str:
     """RFC 3339 in UTC with a Z, to the second, as Kubernetes prints times."""
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)  # a naive time is the process's local time, as ever
+    # Formatted by hand: strftime was a measurable share of a look (several times each).
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+        f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}Z"
+    )
 
 
 def parse_time(text: str) -> datetime:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,12 @@ import aiohttp
 
 JSON = "application/json"
 USER_AGENT = "m2m-token-operator"
+# How long the authentication headers are reused before the configuration is asked
+# again. Asking runs the kubeconfig loader's refresh hook, which re-applies the whole
+# configuration: a tenth of a look's CPU when done per request. A rotated
+# ServiceAccount token stays valid long after its successor is written (the in-cluster
+# loader itself re-reads the file at most once a minute), so seconds are safe.
+AUTH_SECONDS = 5.0
 
 
 class TransportClosed(ConnectionError):
@@ -78,8 +85,14 @@ class HttpTransport:
         *,
         connections: int,
         timeout: tuple[float, float],
+        auth_seconds: float = AUTH_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._configuration = configuration  # read per request: its token may be refreshed
+        self._configuration = configuration  # read again: its token may be refreshed
+        self._auth_seconds = auth_seconds
+        self._monotonic = monotonic
+        self._auth_headers: dict[str, str] = {}
+        self._auth_read_at: float | None = None
         self._base_url = str(configuration.host).rstrip("/")
         # Built now, so that a missing CA or client certificate fails at start, not later.
         self._ssl: ssl.SSLContext | bool = (
@@ -114,13 +127,7 @@ class HttpTransport:
     ) -> Answer:
         """Send one request; its answer whatever the status, or a `TRANSPORT_ERRORS` one."""
         session = self._session_now()
-        headers = {"Accept": JSON}
-        # As the kubernetes client authenticates each request: the bearer token (under
-        # `BearerToken`, or its alias `authorization`), through the refresh hook that the
-        # in-cluster config installs for rotated ServiceAccount tokens.
-        for setting in self._configuration.auth_settings().values():
-            if setting.get("in") == "header" and setting.get("value"):
-                headers[setting["key"]] = setting["value"]
+        headers = {"Accept": JSON, **self._authentication()}
         if body is not None:
             headers["Content-Type"] = content_type
         url = self._base_url + path
@@ -137,13 +144,35 @@ class HttpTransport:
                     proxy_headers=self._proxy_headers,
                     server_hostname=self._server_hostname,
                 ) as response:
-                    return Answer(response.status, response.reason or "", await response.read())
+                    answer = Answer(response.status, response.reason or "", await response.read())
+                if answer.status == 401:
+                    self.forget_authentication()  # the next request asks for a fresh token
+                return answer
             except aiohttp.ClientSSLError:
                 raise  # a certificate refused now is refused again
             except aiohttp.ClientConnectorError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _authentication(self) -> dict[str, str]:
+        """The headers that authenticate a request, asked of the configuration at most
+        every `auth_seconds`: as the kubernetes client authenticates, the bearer token
+        (under `BearerToken`, or its alias `authorization`) through the refresh hook that
+        the in-cluster config installs for rotated ServiceAccount tokens."""
+        now = self._monotonic()
+        if self._auth_read_at is None or now - self._auth_read_at >= self._auth_seconds:
+            headers: dict[str, str] = {}
+            for setting in self._configuration.auth_settings().values():
+                if setting.get("in") == "header" and setting.get("value"):
+                    headers[setting["key"]] = setting["value"]
+            self._auth_headers = headers
+            self._auth_read_at = now
+        return self._auth_headers
+
+    def forget_authentication(self) -> None:
+        """The API server refused our credentials (401): ask the configuration again."""
+        self._auth_read_at = None
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._closed:

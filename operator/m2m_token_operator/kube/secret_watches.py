@@ -161,14 +161,19 @@ class OwnedSecrets:
         # Secrets whose managedFields give a part of `data` to another manager than ours.
         self._data_edited: set[tuple[str, str]] = set()
         self._synced: list[asyncio.Event] = []
+        self._all_synced = False  # once every watch has listed; asked by every look
 
     def track(self, synced: asyncio.Event) -> None:
         """One more watch feeds this store (`synced`: set after its first list); `ready()`
         waits for that list too."""
         self._synced.append(synced)
+        self._all_synced = False
 
     def ready(self) -> bool:
-        return bool(self._synced) and all(synced.is_set() for synced in self._synced)
+        if not self._all_synced:
+            # A watch's `synced` stays set once its first list is in: ready stays true.
+            self._all_synced = bool(self._synced) and all(s.is_set() for s in self._synced)
+        return self._all_synced
 
     async def wait_ready(self) -> None:
         """Until every watch has finished its first list (the caller bounds the wait)."""

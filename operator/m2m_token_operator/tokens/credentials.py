@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -195,6 +196,9 @@ def _host_allowed(host: str, port: int, entry: str) -> bool:
     return host == allowed_host
 
 
+# Every look checks its endpoint; a cluster has a handful of them. Failures raise and
+# are not cached.
+@functools.lru_cache(maxsize=256)
 def _split_endpoint(url: str) -> tuple[SplitResult, str, int | None]:
     """Parse a token endpoint URL or raise ValueError saying what is wrong with it."""
     if not url or any(character.isspace() or not character.isprintable() for character in url):
