@@ -25,8 +25,9 @@ RESUMED = "Resuming operations after the pause"
 _TIMESTAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
 
 
-# A paused replica still sees the owned Secrets through its own watch (Kopf pauses only
-# its own watch-streams) and logs each event at debug level: seeing is not serving.
+# A paused replica still sees the owned Secrets and the TokenRequests through its own
+# watches (a pause holds the looks, not the watches) and logs each Secret event at debug
+# level: seeing is not serving.
 _SEEING = "Owned Secret "
 
 
@@ -56,11 +57,11 @@ def test_standby_takes_over_when_the_active_replica_dies(
         issuer=SHORT_ISSUER, args=peered, settings={"M2M_PEERING_PRIORITY": "100"}, name="standby"
     )
     # Kopf starts every replica paused until it has seen the peering: the active
-    # one then resumes, the standby stays paused (and says nothing: it logs only
-    # changes), with its watch-streams started "(paused)".
+    # one then resumes, the standby stays paused (Kopf says nothing: it logs only
+    # changes), and the standby's refresh gate, reading the same peering, says so.
     active.wait_for_log(RESUMED, timeout=30)
     standby.wait_for_log(r"Keep-alive in '[^']+' cluster-wide: ok", timeout=30)
-    standby.wait_for_log(r"watch-stream for tokenrequests\S* cluster-wide \(paused\)", timeout=30)
+    standby.wait_for_log(r"Refreshes paused: peers with the same or a higher priority", timeout=30)
     assert RESUMED not in standby.log_text()
 
     # The active replica serves a TokenRequest with 20 s tokens and refreshes it.
