@@ -38,7 +38,7 @@ PEERING_VERSION = "v1"
 CLUSTER_PEERING_PLURAL = "clusterkopfpeerings"
 
 # (connect, read) seconds for every API call: a hung connection must not hold a
-# TokenRequest's lock (and with it its Kopf handlers) for ever.
+# TokenRequest's lock (and with it its looks) for ever.
 REQUEST_TIMEOUT = (10.0, 30.0)
 
 # API requests in flight at once (also the keep-alive connections). Four, as many as
