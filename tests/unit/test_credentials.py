@@ -203,6 +203,30 @@ def test_operator_identity_from_environment() -> None:
     assert (credentials.source, credentials.method) == ("operator identity", CLIENT_SECRET)
 
 
+def test_operator_identity_is_reused_while_its_values_stay_the_same() -> None:
+    """Read afresh at every look, but rebuilt (fingerprint, redactor) only when it changed."""
+    environ = {
+        "AZURE_APP_CLIENT_ID": "operator-client",
+        "AZURE_APP_CLIENT_SECRET": SECRET,
+        "AZURE_OPENID_CONFIG_TOKEN_ENDPOINT": "https://idp.internal.example/token",
+    }
+    first = operator_identity(None, environ, allow_insecure_http=False)
+    assert operator_identity(None, environ, allow_insecure_http=False, reuse=first) is first
+    for key, value in (
+        ("AZURE_APP_CLIENT_SECRET", SECRET + "-rotated"),
+        ("AZURE_APP_CLIENT_ID", "another-client"),
+        ("AZURE_OPENID_CONFIG_TOKEN_ENDPOINT", "https://idp.internal.example/other"),
+    ):
+        now = {**environ, key: value}
+        changed = operator_identity(None, now, allow_insecure_http=False, reuse=first)
+        assert changed is not first
+        assert (changed.token_endpoint, changed.client_id, changed.client_secret) == (
+            now["AZURE_OPENID_CONFIG_TOKEN_ENDPOINT"],
+            now["AZURE_APP_CLIENT_ID"],
+            now["AZURE_APP_CLIENT_SECRET"],
+        )
+
+
 def test_operator_identity_missing_names_the_variables() -> None:
     with pytest.raises(CredentialsError) as caught:
         _operator_identity(Settings.from_env({}), {"AZURE_APP_CLIENT_ID": "x"})

@@ -720,6 +720,7 @@ class CredentialsReader:
         self._kube = kube
         self._environ = environ
         self._endpoint_policy = settings.endpoint_policy()
+        self._operator_identity: ClientCredentials | None = None  # as last read
 
     async def read(self, subscription: Subscription) -> ClientCredentials:
         assert subscription.spec is not None
@@ -750,10 +751,14 @@ class CredentialsReader:
                 self._settings.credentials_dir,
                 self._environ,
                 allow_insecure_http=self._settings.allow_insecure_http,
+                reuse=self._operator_identity,
             )
             if self._settings.credentials_dir is None:
-                return read_identity()
-            return await asyncio.to_thread(read_identity)
+                identity = read_identity()
+            else:
+                identity = await asyncio.to_thread(read_identity)
+            self._operator_identity = identity
+            return identity
         secret = await self._kube.read_secret(
             subscription.namespace, subscription.spec.credentials_secret
         )

@@ -303,13 +303,16 @@ def operator_identity(
     environ: Mapping[str, str] | None = None,
     *,
     allow_insecure_http: bool,
+    reuse: ClientCredentials | None = None,
 ) -> ClientCredentials:
     """The operator's own identity, read afresh on every call.
 
     Each key comes from a file in `credentials_dir` (M2M_CREDENTIALS_DIR) when there
     is one (a mounted Secret, updated in place when the identity is rotated), else
     from the environment variable of the same name. `allow_insecure_http`:
-    M2M_ALLOW_INSECURE_HTTP_ENDPOINTS.
+    M2M_ALLOW_INSECURE_HTTP_ENDPOINTS. `reuse`: the identity an earlier call returned,
+    returned again while every value read is the same (a new one costs its
+    fingerprint and its registration with the log redactor, at every look).
     """
     env = os.environ if environ is None else environ
     values: dict[str, str] = {}
@@ -339,6 +342,15 @@ def operator_identity(
         raise CredentialsError(
             f"The operator's own identity: {_inner(error)}", reason=error.reason
         ) from None
+    if (
+        reuse is not None
+        and reuse.source == OPERATOR_IDENTITY
+        and reuse.method == CLIENT_SECRET
+        and reuse.token_endpoint == values[TOKEN_ENDPOINT_KEY]
+        and reuse.client_id == values[CLIENT_ID_KEY]
+        and reuse.client_secret == values[CLIENT_SECRET_KEY]
+    ):
+        return reuse
     return secret_credentials(
         token_endpoint=values[TOKEN_ENDPOINT_KEY],
         client_id=values[CLIENT_ID_KEY],
