@@ -602,6 +602,21 @@ def create_token_requests(
         return dict(pool.map(create, range(count)))
 
 
+def latency_by_tenth(created: dict[str, float], ready: dict[str, float]) -> list[list[float]]:
+    """create -> Ready p50 and p99 of each tenth of the burst, in the order of the creates.
+
+    Where the slow ones are tells why: a tail at the start is a warm-up, one growing
+    over the burst a backlog, one spread evenly a per-object cost.
+    """
+    order = sorted(created, key=created.__getitem__)
+    tenth = max(1, len(order) // 10)
+    figures = []
+    for start in range(0, len(order), tenth):
+        part = [ready[uid] - created[uid] for uid in order[start : start + tenth]]
+        figures.append([round(statistics.median(part), 2), round(percentile(part, 0.99), 2)])
+    return figures
+
+
 def create_unrelated_secrets(kubeconfig: Path, namespace: str, options: Options) -> None:
     """Helm-release-like Secrets nobody asked the operator about."""
     local = threading.local()
@@ -818,6 +833,7 @@ class Bench:
             latencies = [ready[uid] - at for uid, at in created.items()]
             result["latency_p50_s"] = round(statistics.median(latencies), 3)
             result["latency_p99_s"] = round(percentile(latencies, 0.99), 3)
+            result["latency_by_tenth"] = latency_by_tenth(created, ready)
             calls = Counter(endpoint.calls_since(started))
             result["token_calls"] = sum(calls.values())
             result["token_calls_per_scope"] = round(sum(calls.values()) / options.scopes, 3)
@@ -977,6 +993,9 @@ def report(result: dict[str, Any]) -> list[str]:
             floor_values = spread([run[metric].get(key, 0.0) for run in floors])
             our_values = spread([run[metric].get(key, 0.0) for run in ours])
             lines.append(f"  {key:<44} {floor_values:>16} {our_values:>16}")
+    for run in runs:
+        tenths = " ".join(f"{p50}/{p99}" for p50, p99 in run["latency_by_tenth"])
+        lines.append(f"{run['kind']} run {run['run']} p50/p99 (s) by tenth of the burst: {tenths}")
     for run in ours:
         lines.append(
             f"ours run {run['run']}: idle writes {run['idle_secret_writes']}, "
