@@ -319,6 +319,63 @@ def control_plane_cpu_seconds(cluster: ControlPlane) -> float:
     return sum(cpu_seconds(pid) for pid in cluster.process_ids())
 
 
+class CpuSampler:
+    """Every `interval` s: the operator's, the control plane's and this process's CPU seconds.
+
+    Whether the operator was busy all the time (CPU-bound: a single Python thread near
+    100 % of a core) or waiting (for the API server, for a slot) during a part of the
+    burst is what tells a backlog's cause.
+    """
+
+    def __init__(self, pid: int, cluster: ControlPlane, interval: float = 0.5) -> None:
+        self._pid, self._cluster, self._interval = pid, cluster, interval
+        self.samples: list[tuple[float, float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        own = os.times()
+        self.samples.append(
+            (
+                time.monotonic(),
+                cpu_seconds(self._pid),
+                control_plane_cpu_seconds(self._cluster),
+                own.user + own.system,
+            )
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def by_tenth(self) -> list[list[int]]:
+        """% of one core per tenth of the sampled time: operator, control plane, bench."""
+        if len(self.samples) < 2:
+            return []
+        start, end = self.samples[0][0], self.samples[-1][0]
+        figures = []
+        for tenth in range(10):
+            low = start + (end - start) * tenth / 10
+            high = start + (end - start) * (tenth + 1) / 10
+            inside = [s for s in self.samples if low <= s[0] <= high]
+            if len(inside) < 2:
+                continue
+            first, last = inside[0], inside[-1]
+            wall = last[0] - first[0]
+            figures.append([round(100 * (last[i] - first[i]) / wall) for i in (1, 2, 3)])
+        return figures
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -809,14 +866,16 @@ class Bench:
             operator_cpu_from = cpu_seconds(pid)
             cluster_cpu_from = control_plane_cpu_seconds(self.cluster)
             started = time.monotonic()
-            created = create_token_requests(self.cluster.kubeconfig, namespaces, options, n)
-            uids = set(created)
-            result["create_seconds"] = round(time.monotonic() - started, 2)
-            wait_until(
-                lambda: recorder.count_ready(uids) >= n,
-                timeout=options.timeout,
-                what=f"{n} Ready TokenRequests ({kind})",
-            )
+            with CpuSampler(pid, self.cluster) as sampler:
+                created = create_token_requests(self.cluster.kubeconfig, namespaces, options, n)
+                uids = set(created)
+                result["create_seconds"] = round(time.monotonic() - started, 2)
+                wait_until(
+                    lambda: recorder.count_ready(uids) >= n,
+                    timeout=options.timeout,
+                    what=f"{n} Ready TokenRequests ({kind})",
+                )
+            result["cpu_percent_by_tenth"] = sampler.by_tenth()
             operator_cpu = cpu_seconds(pid) - operator_cpu_from
             cluster_cpu = control_plane_cpu_seconds(self.cluster) - cluster_cpu_from
             with recorder.lock:
@@ -996,6 +1055,8 @@ def report(result: dict[str, Any]) -> list[str]:
     for run in runs:
         tenths = " ".join(f"{p50}/{p99}" for p50, p99 in run["latency_by_tenth"])
         lines.append(f"{run['kind']} run {run['run']} p50/p99 (s) by tenth of the burst: {tenths}")
+        shares = " ".join("/".join(map(str, tenth)) for tenth in run["cpu_percent_by_tenth"])
+        lines.append(f"  CPU % of a core (operator/control plane/bench) by tenth: {shares}")
     for run in ours:
         lines.append(
             f"ours run {run['run']}: idle writes {run['idle_secret_writes']}, "
