@@ -247,6 +247,22 @@ async def test_kopf_posts_no_events_and_keeps_no_state_under_its_own_domain(
         await handlers.shutdown(memo)
 
 
+async def test_the_token_client_keeps_a_connection_per_fetch_worker(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _use_kubeconfig(monkeypatch, tmp_path)
+    monkeypatch.setenv("M2M_METRICS_PORT", "0")
+    monkeypatch.setenv("M2M_FETCH_WORKERS", "48")
+    settings = kopf.OperatorSettings()
+    settings.peering.standalone = True
+    memo = kopf.Memo()
+    await handlers.startup(settings, memo)
+    try:
+        assert memo["token_client"].pool_size == 48
+    finally:
+        await handlers.shutdown(memo)
+
+
 async def test_the_peering_read_has_its_own_client_and_connection(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -221,6 +221,9 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             deadline=config.request_deadline,
+            # One kept-alive connection per fetch worker: with fewer, every fetch beyond
+            # them opened a connection (a TLS handshake with Entra ID) and dropped it after.
+            pool_size=config.fetch_workers,
         ),
         lambda: token_client.close(),
         name="token client",
@@ -250,6 +253,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     # No namespace may hold more than its share of the looks in flight (and the fetches).
     reconciler.scheduler.fair_by(_namespace_of, limit=config.namespace_concurrency)
     memo["kube"] = kube
+    memo["token_client"] = token_client
     memo["reconciler"] = reconciler
     if identity_namespaces.selector is not None:
         identity_namespaces.set_on_change(reconciler.namespace_allowed_changed)

@@ -275,6 +275,7 @@ class TokenClient:
         deadline: float | None = None,
     ) -> None:
         self._timeout = (connect_timeout, read_timeout)
+        self.pool_size = pool_size  # connections kept alive per endpoint host
         # A total for the whole answer: a drip-feeding endpoint never trips a read timeout.
         self._deadline = deadline
         self._clock = clock
