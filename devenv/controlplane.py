@@ -317,12 +317,14 @@ class ControlPlane(StartStop):
         log_dir: Path | None = None,
         controllers: Sequence[str] = ("*",),
         extra_apiserver_args: Sequence[str] = (),
+        extra_controller_manager_args: Sequence[str] = (),
     ) -> None:
         self._binaries = binaries
         self.startup_timeout = startup_timeout
         self.log_dir = log_dir
         self.controllers = tuple(controllers)
         self.extra_apiserver_args = tuple(extra_apiserver_args)
+        self.extra_controller_manager_args = tuple(extra_controller_manager_args)
         self.startup_seconds: float | None = None
         self._dir: Path | None = None
         self._processes: list[ManagedProcess] = []
@@ -568,6 +570,7 @@ class ControlPlane(StartStop):
                 f"--root-ca-file={pki / 'ca.crt'}",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--profiling=false",
+                *self.extra_controller_manager_args,
             ],
         )
         self._wait_until(
