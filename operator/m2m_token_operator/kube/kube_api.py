@@ -41,11 +41,13 @@ CLUSTER_PEERING_PLURAL = "clusterkopfpeerings"
 # TokenRequest's lock (and with it its looks) for ever.
 REQUEST_TIMEOUT = (10.0, 30.0)
 
-# API requests in flight at once (also the keep-alive connections). Four, as many as
-# there were threads, left looks waiting for a slot while the API server had CPU to
-# spare: 16 took p99 create -> Ready in a 1,000-TokenRequest burst from 3.5 s to 2.2 s
-# (bench/scale_bench.py), while the API server's own limit is 400 mutating requests.
-API_CONCURRENCY = 16
+# API requests in flight at once (also the keep-alive connections). A burst needs three
+# calls per TokenRequest (Secret, status, event) at the rate TokenRequests are created:
+# with 16, at 10,000 created at once (about 215 a second, bench/scale_bench.py) the
+# looks fell behind the creates and create -> Ready grew to p50 6.4 s, p99 8.8 s; with
+# 64 they keep up (p50 0.15-0.2 s). The API server's own limits are far above this
+# (400 requests, 200 mutating, shared out by API Priority and Fairness).
+API_CONCURRENCY = 64
 
 # See load_api_client: never urllib3's default of 3 retries with backoff.
 API_RETRIES = 1
