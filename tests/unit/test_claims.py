@@ -16,6 +16,7 @@ from m2m_token_operator.tokens.claims import (
     TokenClaims,
     decode_claims,
 )
+from m2m_token_operator.tokens.model import AccessToken
 
 IAT = 1_795_942_800  # 2026-11-29T09:00:00Z
 EXP = IAT + 3600
@@ -216,3 +217,21 @@ def test_unsigned_token_is_still_described() -> None:
     claims = decode_claims(token)
     assert claims is not None
     assert claims.tenant_id == "tenant-1"
+
+
+def test_a_token_is_decoded_once_however_many_looks_show_it() -> None:
+    token = AccessToken(
+        value=jwt(ENTRA_V2),
+        token_type="Bearer",
+        issued_at=datetime.fromtimestamp(IAT, UTC),
+        expires_at=datetime.fromtimestamp(EXP, UTC),
+    )
+    first = token.claims
+    assert first == decode_claims(token.value)
+    assert token.claims is first
+    assert token == AccessToken(  # still equal by value: the claims are no field
+        value=token.value,
+        token_type="Bearer",
+        issued_at=token.issued_at,
+        expires_at=token.expires_at,
+    )

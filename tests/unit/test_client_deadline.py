@@ -16,7 +16,7 @@ import pytest
 
 from m2m_token_operator.tokens.client import TokenClient
 from m2m_token_operator.tokens.credentials import ClientCredentials, secret_credentials
-from m2m_token_operator.tokens.model import EndpointUnavailable
+from m2m_token_operator.tokens.model import AccessToken, EndpointUnavailable
 
 SECRET = "drip-client-secret-Q~x"
 BODY = b'{"access_token": "eyJ0eXAiOiJKV1QifQ.e30.c2ln", "expires_in": 3600}'
@@ -142,3 +142,39 @@ def test_a_prompt_answer_is_untouched_by_the_deadline() -> None:
         client.close()
     finally:
         server.close()
+
+
+def test_deadlines_share_one_thread_and_each_cuts_its_own_answer() -> None:
+    """Many requests under deadlines: no thread per request, and a late deadline set
+    before an early one still cuts its own connection, and only that one, on time."""
+    prompt = DripServer(ANSWER, 0.0)
+    slow = DripServer(ANSWER, 0.01)  # the whole answer takes about 1.5 s
+    try:
+        client = TokenClient(connect_timeout=5, read_timeout=5, deadline=0.6)
+        late = TokenClient(connect_timeout=5, read_timeout=5, deadline=30.0)
+        threads_before = threading.active_count()
+        for _ in range(20):
+            assert client.fetch(_credentials(prompt.port), "api://x/.default").value
+        # At most the one deadline thread was added, not one per request.
+        assert threading.active_count() <= threads_before + 1
+        outcome: dict[str, object] = {}
+
+        def fetch_late() -> None:
+            try:  # well within its 30 s deadline
+                outcome["late"] = late.fetch(_credentials(slow.port), "api://y/.default")
+            except EndpointUnavailable as error:
+                outcome["late"] = error
+
+        waiting = threading.Thread(target=fetch_late)
+        waiting.start()
+        with pytest.raises(EndpointUnavailable) as caught:
+            client.fetch(_credentials(slow.port), "api://x/.default")
+        assert "0.6s deadline" in str(caught.value)
+        waiting.join(timeout=30)
+        late_token = outcome.get("late")
+        assert isinstance(late_token, AccessToken), late_token
+        client.close()
+        late.close()
+    finally:
+        prompt.close()
+        slow.close()

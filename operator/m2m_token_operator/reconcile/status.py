@@ -33,7 +33,7 @@ from m2m_token_operator.api.constants import (
     JsonObject,
 )
 from m2m_token_operator.api.timefmt import format_time
-from m2m_token_operator.tokens.claims import TokenClaims, decode_claims
+from m2m_token_operator.tokens.claims import TokenClaims
 from m2m_token_operator.tokens.model import AccessToken
 
 COMPONENT = "m2m-token-operator"
@@ -69,7 +69,7 @@ class Observation:
 
     def __post_init__(self) -> None:
         if self.claims is None and self.token is not None:
-            object.__setattr__(self, "claims", decode_claims(self.token.value))
+            object.__setattr__(self, "claims", self.token.claims)
 
 
 def _condition(

@@ -17,6 +17,8 @@ A connection whose socket was shut down is never reused: urllib3 drops it.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import socket
 import threading
 import time
@@ -30,6 +32,53 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 _local = threading.local()
 
 
+class _Reaper:
+    """One daemon thread that cuts the sockets whose deadline has passed.
+
+    A `threading.Timer` per request started (and left) an OS thread for every token
+    request: at a burst's start, when every new scope is fetched once, a thread each.
+    Here one thread sleeps until the earliest deadline; arming and disarming only
+    touch a heap under a lock.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, Watchdog, socket.socket]] = []
+        self._sequence = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: float, dog: Watchdog, sock: socket.socket) -> None:
+        with self._condition:
+            heapq.heappush(self._heap, (deadline, next(self._sequence), dog, sock))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="m2m-request-deadline", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][2] is dog:
+                self._condition.notify()  # an earlier deadline than the one slept for
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while True:
+                    # Disarmed ones are dropped as they come up: nothing else reads them.
+                    while self._heap and self._heap[0][2].done:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._condition.wait()
+                        continue
+                    delay = self._heap[0][0] - time.monotonic()
+                    if delay <= 0:
+                        _, _, dog, sock = heapq.heappop(self._heap)
+                        break
+                    self._condition.wait(delay)
+            dog.cut(sock)  # outside the lock: a shutdown may take a moment
+
+
+_REAPER = _Reaper()
+
+
 class Watchdog:
     """One exchange's deadline; `expired` once it has cut the connection."""
 
@@ -37,26 +86,19 @@ class Watchdog:
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.expired = False
-        self._timers: list[threading.Timer] = []
         self._lock = threading.Lock()
-        self._done = False
+        self.done = False  # disarmed: the exchange is over, nothing is cut any more
 
     def arm(self, sock: socket.socket) -> None:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            self._cut(sock)
+        if self.deadline - time.monotonic() <= 0:
+            self.cut(sock)
             return
-        timer = threading.Timer(remaining, self._cut, args=(sock,))
-        timer.daemon = True
-        with self._lock:
-            if self._done:
-                return
-            self._timers.append(timer)
-        timer.start()
+        if not self.done:
+            _REAPER.add(self.deadline, self, sock)
 
-    def _cut(self, sock: socket.socket) -> None:
+    def cut(self, sock: socket.socket) -> None:
         with self._lock:
-            if self._done:
+            if self.done:
                 return
             self.expired = True
         with contextlib.suppress(OSError):
@@ -64,10 +106,7 @@ class Watchdog:
 
     def disarm(self) -> None:
         with self._lock:
-            self._done = True
-            timers, self._timers = self._timers, []
-        for timer in timers:
-            timer.cancel()
+            self.done = True
 
 
 @contextlib.contextmanager

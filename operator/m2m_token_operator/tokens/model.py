@@ -8,6 +8,7 @@ the decision) need not import `requests`, and so that `settings`,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
@@ -18,6 +19,7 @@ from m2m_token_operator.api.constants import (
     SCOPE_REJECTED,
     THROTTLED,
 )
+from m2m_token_operator.tokens.claims import TokenClaims, decode_claims
 from m2m_token_operator.tokens.credentials import CredentialsError
 
 
@@ -41,6 +43,12 @@ class AccessToken:
 
     def expired(self, now: datetime) -> bool:
         return now >= self.expires_at
+
+    @functools.cached_property
+    def claims(self) -> TokenClaims | None:
+        """What the token says (unverified), decoded once: every look at each of the
+        TokenRequests sharing it shows it in status."""
+        return decode_claims(self.value)
 
 
 class TokenEndpointError(Exception):
