@@ -43,13 +43,15 @@ class _Reaper:
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
-        self._heap: list[tuple[float, int, Watchdog, socket.socket]] = []
+        # The heap holds the watchdogs, not their sockets: a disarmed one waiting here
+        # for its turn keeps no connection open.
+        self._heap: list[tuple[float, int, Watchdog]] = []
         self._sequence = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def add(self, deadline: float, dog: Watchdog, sock: socket.socket) -> None:
+    def add(self, deadline: float, dog: Watchdog) -> None:
         with self._condition:
-            heapq.heappush(self._heap, (deadline, next(self._sequence), dog, sock))
+            heapq.heappush(self._heap, (deadline, next(self._sequence), dog))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="m2m-request-deadline", daemon=True
@@ -70,10 +72,10 @@ class _Reaper:
                         continue
                     delay = self._heap[0][0] - time.monotonic()
                     if delay <= 0:
-                        _, _, dog, sock = heapq.heappop(self._heap)
+                        _, _, dog = heapq.heappop(self._heap)
                         break
                     self._condition.wait(delay)
-            dog.cut(sock)  # outside the lock: a shutdown may take a moment
+            dog.expire()  # outside the lock: a shutdown may take a moment
 
 
 _REAPER = _Reaper()
@@ -87,26 +89,35 @@ class Watchdog:
         self.deadline = time.monotonic() + seconds
         self.expired = False
         self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []  # armed, until disarmed or cut
         self.done = False  # disarmed: the exchange is over, nothing is cut any more
 
     def arm(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self._sockets.append(sock)
+            first = len(self._sockets) == 1
         if self.deadline - time.monotonic() <= 0:
-            self.cut(sock)
-            return
-        if not self.done:
-            _REAPER.add(self.deadline, self, sock)
+            self.expire()
+        elif first:
+            _REAPER.add(self.deadline, self)
 
-    def cut(self, sock: socket.socket) -> None:
+    def expire(self) -> None:
+        """The deadline has passed: cut every connection armed, once."""
         with self._lock:
             if self.done:
                 return
             self.expired = True
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def disarm(self) -> None:
         with self._lock:
             self.done = True
+            self._sockets = []
 
 
 @contextlib.contextmanager
