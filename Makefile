@@ -53,6 +53,7 @@ e2e: binaries
 
 bench: $(STAMP)
 	$(BIN)/python bench/cache_bench.py
+	$(BIN)/python bench/fetch_cost_bench.py --repeats 3
 
 ## bench-scale: ours against the floor (bench/floor_operator.py) on a real control plane, alternating;
 ##   a table, then one JSON line (BENCH_ARGS="--quick", "--pairs N --count N")
