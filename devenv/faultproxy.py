@@ -238,6 +238,9 @@ class RuleBook:
 # ---- the record ----------------------------------------------------------------------------
 
 
+_RECEIVED_AT = "m2m_received_at"  # the arrival time, kept on the aiohttp request
+
+
 @dataclasses.dataclass(frozen=True)
 class Exchange:
     """One request the proxy answered (or began answering, for a stream)."""
@@ -250,6 +253,9 @@ class Exchange:
     injected: bool  # answered by a rule (Fail, Gone), not by the API server
     watch: bool
     at: float  # time.monotonic() when the answer started
+    # time.monotonic() when the request arrived: what a client sent before a moment
+    # may be answered after it (a slow upstream, a Delay rule).
+    received_at: float = 0.0
 
     def __str__(self) -> str:
         query = f"?{self.query}" if self.query else ""
@@ -430,6 +436,7 @@ class FaultProxy:
                 injected=injected,
                 watch=watch,
                 at=time.monotonic(),
+                received_at=request.get(_RECEIVED_AT, 0.0),
             )
             self._exchanges.append(exchange)
         return exchange
@@ -477,6 +484,7 @@ class FaultProxy:
                 await runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        request[_RECEIVED_AT] = time.monotonic()
         watch = is_watch(request.path, request.query_string)
         action = self.rules.select(request.method, request.path, request.query_string)
         if isinstance(action, Delay):

@@ -68,10 +68,14 @@ class Replica:
         )
 
     def writes_since(self, mark: float) -> list[Exchange]:
+        """Writes that reached the proxy after `mark`: one sent before it may be answered
+        after it (the API server is busy with the other replica's burst)."""
         return [
             exchange
             for exchange in self.proxy.requests(since=mark)
-            if exchange.method in WRITES and "kopfpeerings" not in exchange.path
+            if exchange.method in WRITES
+            and "kopfpeerings" not in exchange.path
+            and exchange.received_at >= mark
         ]
 
     def token_requests_since(self, mark: float) -> int:

@@ -144,3 +144,16 @@ def test_clear_lets_delayed_requests_go_on_at_once(
     proxy.clear()
     assert pending.result(timeout=5).json() == {"kind": "Secret"}
     pool.shutdown()
+
+
+def test_an_exchange_knows_when_its_request_arrived_not_only_when_it_was_answered(
+    httpserver: HTTPServer, proxy: FaultProxy
+) -> None:
+    """A request sent before a moment and answered after it is told apart by `received_at`."""
+    httpserver.expect_request(SECRET).respond_with_json({"kind": "Secret"})
+    proxy.add(Rule(Delay(0.3)))
+    before = time.monotonic()
+    assert requests.get(f"{proxy.url}{SECRET}", timeout=5).ok
+    [exchange] = proxy.requests("GET", "/secrets/")
+    assert before <= exchange.received_at
+    assert exchange.at - exchange.received_at >= 0.3  # held by the rule in between
