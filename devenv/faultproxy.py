@@ -238,7 +238,7 @@ class RuleBook:
 # ---- the record ----------------------------------------------------------------------------
 
 
-_RECEIVED_AT = "m2m_received_at"  # the arrival time, kept on the aiohttp request
+_RECEIVED_AT = web.RequestKey("m2m_received_at", float)  # the arrival time, on the request
 
 
 @dataclasses.dataclass(frozen=True)
