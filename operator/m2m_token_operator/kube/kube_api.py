@@ -12,7 +12,6 @@ on the token-fetch thread through the synchronous `kubernetes` client.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +22,7 @@ import kubernetes
 import urllib3.exceptions
 
 from m2m_token_operator.api.constants import GROUP, PLURAL, VERSION, JsonObject
+from m2m_token_operator.kube import wire_json
 from m2m_token_operator.kube.api_latency import observe_api_call
 from m2m_token_operator.kube.call_priority import CALL_PRIORITY, PriorityGate, event_priority
 from m2m_token_operator.kube.event_queue import EventQueue
@@ -52,7 +52,6 @@ API_CONCURRENCY = 64
 # See load_api_client: never urllib3's default of 3 retries with backoff.
 API_RETRIES = 1
 # Compact JSON: the bodies are read by the API server, not by people.
-_COMPACT = (",", ":")
 
 
 class KubeError(Exception):
@@ -192,7 +191,7 @@ class KubeCalls:
         priority: float | None = None,
     ) -> bytes:
         """One request: the answer's whole body, or its failure as a `KubeError`."""
-        data = None if body is None else json.dumps(body, separators=_COMPACT).encode()
+        data = None if body is None else wire_json.dumps(body)
         async with self._admission.slot(CALL_PRIORITY.get() if priority is None else priority):
             started = time.perf_counter()
             try:
@@ -237,7 +236,7 @@ class KubeCalls:
 
     @staticmethod
     def _json(body: bytes) -> JsonObject:
-        data: JsonObject = json.loads(body)
+        data: JsonObject = wire_json.loads(body)
         return data
 
 

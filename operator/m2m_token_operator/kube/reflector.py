@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import threading
@@ -41,6 +40,7 @@ import kubernetes
 import urllib3.exceptions
 
 from m2m_token_operator.api.constants import JsonObject
+from m2m_token_operator.kube import wire_json
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +80,16 @@ def _key(obj: JsonObject) -> ObjectKey:
     return (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
 
 
-def _lines(response: Any) -> Iterator[str]:
+def _lines(response: Any) -> Iterator[bytes]:
     """Newline-delimited JSON from a streamed response, however the chunks fall."""
     pending = b""
     for chunk in response.stream(amt=None, decode_content=True):
-        pending += chunk
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
             if line.strip():
-                yield line.decode("utf-8")
+                yield line
     if pending.strip():
-        yield pending.decode("utf-8")
+        yield pending
 
 
 class LabelSelectedWatch:
@@ -257,7 +256,7 @@ class LabelSelectedWatch:
                     token = None
                     continue
                 raise
-            page: JsonObject = json.loads(response.data)
+            page: JsonObject = wire_json.loads(response.data)
             events: list[tuple[str, JsonObject]] = []
             for item in page.get("items") or []:
                 key = _key(item)
@@ -311,7 +310,7 @@ class LabelSelectedWatch:
             for line in _lines(response):
                 if self._stop.is_set():
                     break
-                event: JsonObject = json.loads(line)
+                event: JsonObject = wire_json.loads(line)
                 kind = str(event.get("type") or "")
                 obj: JsonObject = event.get("object") or {}
                 if kind == "ERROR":
