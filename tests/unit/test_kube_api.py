@@ -163,3 +163,17 @@ def test_the_status_sent_leaves_out_null_members_as_a_merge_patch_would() -> Non
         "token": {"aud": "api://x"},
         "conditions": [{"type": "Ready", "status": "False"}],
     }
+
+
+@pytest.mark.parametrize(
+    ("segment", "sent"),
+    [
+        ("orders-api.v2", "orders-api.v2"),  # a Kubernetes name: as it is
+        ("a/b", "a%2Fb"),  # never a second path segment
+        ("..", ".."),  # unreserved characters, as RFC 3986 has them
+        ("x?watch=1", "x%3Fwatch%3D1"),  # never a query
+        ("é ü", "%C3%A9%20%C3%BC"),
+    ],
+)
+def test_a_path_segment_is_quoted_unless_it_is_plain(segment: str, sent: str) -> None:
+    assert kube_api._path("api", "v1", "namespaces", segment) == f"/api/v1/namespaces/{sent}"

@@ -16,6 +16,15 @@ API_LATENCY = Histogram(
 )
 
 
+# The histogram of each call label ("create Secret"): found by dict, not by `labels()`
+# each time (which validates and locks), as every API call observes one.
+_BY_CALL: dict[str, Histogram] = {}
+
+
 def observe_api_call(action: str, seconds: float) -> None:
     """`action` is the call's description ("read Secret ns/name"): its verb and kind label it."""
-    API_LATENCY.labels(call=" ".join(action.split()[:2])).observe(seconds)
+    call = " ".join(action.split(maxsplit=2)[:2])
+    histogram = _BY_CALL.get(call)
+    if histogram is None:
+        histogram = _BY_CALL.setdefault(call, API_LATENCY.labels(call=call))
+    histogram.observe(seconds)

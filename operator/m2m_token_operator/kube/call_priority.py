@@ -23,7 +23,7 @@ import contextvars
 import heapq
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 # The priority of the API calls made from here on in this task (lower goes first);
 # a look sets it to the time it started. Calls outside any look go before every look.
@@ -41,6 +41,23 @@ def look_started(at: float | None = None) -> Iterator[None]:
         yield
     finally:
         CALL_PRIORITY.reset(token)
+
+
+class _Slot:
+    """One use of a gate's slot: a class, not an async generator, as every API call
+    enters one (a generator-based context manager cost more than the gate itself)."""
+
+    __slots__ = ("_gate", "_priority")
+
+    def __init__(self, gate: PriorityGate, priority: float) -> None:
+        self._gate = gate
+        self._priority = priority
+
+    async def __aenter__(self) -> None:
+        await self._gate._acquire(self._priority)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._gate._release()
 
 
 def event_priority() -> float:
@@ -67,13 +84,9 @@ class PriorityGate:
         """How many wait now (a count for tests and diagnostics: linear in the queue)."""
         return sum(1 for _, _, future in self._waiters if not future.done())
 
-    @contextlib.asynccontextmanager
-    async def slot(self, priority: float) -> AsyncIterator[None]:
-        await self._acquire(priority)
-        try:
-            yield
-        finally:
-            self._release()
+    def slot(self, priority: float) -> _Slot:
+        """`async with gate.slot(priority):` holds a slot for the block."""
+        return _Slot(self, priority)
 
     async def _acquire(self, priority: float) -> None:
         # A free slot means nobody is waiting: `_release` hands a slot to a waiter before

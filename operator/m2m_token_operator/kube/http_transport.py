@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import aiohttp
 
@@ -102,6 +103,18 @@ class HttpTransport:
         self._proxy: str | None = getattr(configuration, "proxy", None) or None
         proxy_headers = getattr(configuration, "proxy_headers", None)
         self._proxy_headers = dict(proxy_headers) if proxy_headers else None
+        # Only the options that are set: each one given costs aiohttp work per request.
+        self._options: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("proxy", self._proxy),
+                ("proxy_headers", self._proxy_headers),
+                ("server_hostname", self._server_hostname),
+            )
+            if value is not None
+        }
+        self._headers_for: dict[str, str] | None = None
+        self._headers_by_type: dict[str | None, dict[str, str]] = {}
         self._connections = connections
         # (connect, read) as urllib3 had them: no overall limit, a limit per socket wait.
         self._timeout = aiohttp.ClientTimeout(
@@ -127,22 +140,14 @@ class HttpTransport:
     ) -> Answer:
         """Send one request; its answer whatever the status, or a `TRANSPORT_ERRORS` one."""
         session = self._session_now()
-        headers = {"Accept": JSON, **self._authentication()}
-        if body is not None:
-            headers["Content-Type"] = content_type
+        headers = self._headers(None if body is None else content_type)
         url = self._base_url + path
+        if query:
+            url += "?" + urlencode(query, quote_via=quote)
         for attempt in (1, 2):
             try:
                 async with session.request(
-                    method,
-                    url,
-                    params=query,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    proxy=self._proxy,
-                    proxy_headers=self._proxy_headers,
-                    server_hostname=self._server_hostname,
+                    method, url, data=body, headers=headers, allow_redirects=False, **self._options
                 ) as response:
                     answer = Answer(response.status, response.reason or "", await response.read())
                 if answer.status == 401:
@@ -154,6 +159,20 @@ class HttpTransport:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _headers(self, content_type: str | None) -> dict[str, str]:
+        """The request's headers: built once per content type and authentication."""
+        authentication = self._authentication()
+        if authentication is not self._headers_for:
+            self._headers_for = authentication
+            self._headers_by_type.clear()
+        headers = self._headers_by_type.get(content_type)
+        if headers is None:
+            headers = {"Accept": JSON, **authentication}
+            if content_type is not None:
+                headers["Content-Type"] = content_type
+            self._headers_by_type[content_type] = headers
+        return headers  # aiohttp copies it into the request's own CIMultiDict
 
     def _authentication(self) -> dict[str, str]:
         """The headers that authenticate a request, asked of the configuration at most

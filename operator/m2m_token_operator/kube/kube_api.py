@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import string
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -87,9 +88,17 @@ def _failure(action: str, status: int, reason: str) -> KubeError:
     return KubeError(action=action, status=status, reason=reason)
 
 
+# What a path segment may hold unquoted (RFC 3986 unreserved): every valid Kubernetes
+# name does, so the quoting itself is only for what is not one.
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+
+
 def _path(*segments: str) -> str:
     """An API path from its segments (names quoted: they come from objects and specs)."""
-    return "/" + "/".join(quote(segment, safe="") for segment in segments)
+    return "/" + "/".join(
+        segment if _UNRESERVED.issuperset(segment) else quote(segment, safe="")
+        for segment in segments
+    )
 
 
 def _core(namespace: str, plural: str, name: str | None = None) -> str:
