@@ -216,3 +216,46 @@ async def test_a_full_watch_sends_no_accept_header_of_its_own() -> None:
     events: list[tuple[str, str]] = []
     await _run_until(_watch(lister, events), events, 1)
     assert all("_headers" not in call for call in lister.calls)
+
+
+class _SentSignallingResponse(_Response):
+    """Sets `all_sent` once the watch's thread has taken (and queued) every line."""
+
+    def __init__(self, *, lines: list[JsonObject]) -> None:
+        super().__init__(lines=lines)
+        self.all_sent = threading.Event()
+
+    def stream(self, amt: Any = None, decode_content: bool = True) -> Iterator[bytes]:
+        # The thread asks for the next chunk only after it queued the events of the last.
+        yield b"".join((json.dumps(line) + "\n").encode() for line in self._lines)
+        self.all_sent.set()
+        self.closed.wait(5)
+
+
+async def test_events_queued_while_the_loop_is_busy_are_drained_in_order_by_one_wake_up() -> None:
+    count = 50
+    response = _SentSignallingResponse(
+        lines=[{"type": "ADDED", "object": _obj(f"tr-{i:02d}", str(10 + i))} for i in range(count)]
+    )
+    lister = _Lister(
+        [_Response(data={"metadata": {"resourceVersion": "1"}, "items": []}), response]
+    )
+    events: list[tuple[str, str]] = []
+
+    def busy_on_the_first(kind: str, obj: JsonObject) -> None:
+        if not events:
+            # The loop is busy (a burst) until the thread has queued every event.
+            assert response.all_sent.wait(5)
+        events.append((kind, obj["metadata"]["name"]))
+
+    watch = LabelSelectedWatch(
+        name="test",
+        lister=lister,
+        label_selector="app=ours",
+        on_event=busy_on_the_first,
+        random_fraction=lambda: 0.0,
+    )
+    await _run_until(watch, events, count)
+    assert events == [(ADDED, f"tr-{i:02d}") for i in range(count)]
+    # The first wake-up, and at most one more for everything queued while it ran.
+    assert watch.wakeups <= 2

@@ -29,6 +29,7 @@ handed to `on_event` on the event loop, one at a time, in order.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -126,6 +127,12 @@ class LabelSelectedWatch:
         self._stop = threading.Event()
         self._response: Any = None
         self.lists = 0  # complete lists done (1 + re-lists after 410 or errors)
+        # Events from the watch's thread, waiting for the loop (see `_deliver`). A drain
+        # queued before `synced.set` takes every event of the list with it.
+        self._inbox: collections.deque[tuple[str, JsonObject]] = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._drain_pending = False
+        self.wakeups = 0  # drains run on the loop (fewer than events under a burst)
 
     async def run(self) -> None:
         """List, then watch, until cancelled."""
@@ -218,8 +225,29 @@ class LabelSelectedWatch:
     def _deliver(
         self, loop: asyncio.AbstractEventLoop, events: list[tuple[str, JsonObject]]
     ) -> None:
-        if events:
-            _post(loop, lambda: self._dispatch(events))
+        """Queue events for the loop; wake it only if no wake-up is pending already.
+
+        Under a burst the loop is busy and events arrive faster than it drains them:
+        one wake-up (a write to the loop's self-pipe, a callback, the GIL handed
+        over) then serves every event queued meanwhile, in order, instead of one each.
+        """
+        if not events:
+            return
+        with self._inbox_lock:
+            self._inbox.extend(events)
+            if self._drain_pending:
+                return
+            self._drain_pending = True
+        _post(loop, self._drain)
+
+    def _drain(self) -> None:
+        """On the loop: dispatch everything queued so far, oldest first."""
+        with self._inbox_lock:
+            events = list(self._inbox)
+            self._inbox.clear()
+            self._drain_pending = False
+        self.wakeups += 1
+        self._dispatch(events)
 
     def _dispatch(self, events: list[tuple[str, JsonObject]]) -> None:
         if self._stop.is_set():
