@@ -115,6 +115,8 @@ _SECRET_WRITE = {"fieldManager": SECRET_FIELD_MANAGER}
 
 def _without_nulls(value: Any) -> Any:
     """A JSON value without its null members: what a merge patch of it would leave."""
+    if isinstance(value, str | int | float):
+        return value  # before the Mapping check: an ABC's isinstance is the slow one
     if isinstance(value, Mapping):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):

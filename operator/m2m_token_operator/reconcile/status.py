@@ -159,17 +159,24 @@ _STATUS_FIELDS = (
 
 def _without_nulls(value: Any) -> Any:
     """An object as the API server stores it after a merge patch: null members deleted."""
+    if value is None or isinstance(value, _LEAVES):
+        return value  # before the Mapping check: an ABC's isinstance is the slow one
     if isinstance(value, Mapping):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
     return value
 
 
+_LEAVES = (str, int, float, list)
+
+
 def status_changed(previous: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     """Compare only what we own; absent and null mean the same (a merge patch deletes nulls)."""
-    return any(
-        _without_nulls(previous.get(field)) != _without_nulls(desired.get(field))
-        for field in _STATUS_FIELDS
-    )
+    for field in _STATUS_FIELDS:
+        before, after = previous.get(field), desired.get(field)
+        # Equal as they are is equal without nulls too; only a difference needs a second look.
+        if before != after and _without_nulls(before) != _without_nulls(after):
+            return True
+    return False
 
 
 def condition_reason(status: Mapping[str, Any], kind: str) -> tuple[str | None, str | None]:

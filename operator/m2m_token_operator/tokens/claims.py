@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from m2m_token_operator.api.timefmt import format_time
+
 # Entra ID tokens are a few kilobytes; a token with thousands of roles or groups is
 # still far below this. Anything larger is not decoded at all.
 MAX_TOKEN_LENGTH = 64 * 1024
@@ -67,7 +69,7 @@ class TokenClaims:
 
 
 def _format(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if moment is None else format_time(moment)
 
 
 def _text(value: object, *, limit: int) -> str | None:
