@@ -52,7 +52,6 @@ API_CONCURRENCY = 64
 
 # See load_api_client: never urllib3's default of 3 retries with backoff.
 API_RETRIES = 1
-# Compact JSON: the bodies are read by the API server, not by people.
 
 
 class KubeError(Exception):
