@@ -46,3 +46,25 @@ async def test_reschedule_still_replaces_a_due_time_still_to_come() -> None:
     assert scheduler.due_at("orders") == now + timedelta(hours=1)
     scheduler.reschedule("orders", None)
     assert scheduler.due_at("orders") is None
+
+
+def test_only_a_due_time_earlier_than_all_others_wakes_the_loop() -> None:
+    # The loop sleeps until the earliest due time; each look's next refresh (an hour
+    # away) must not turn it once per look under a burst.
+    async def handle(target: str) -> None:
+        pass
+
+    now = _now()
+    scheduler: Scheduler[str] = Scheduler(clock=lambda: now, handle=handle)
+    wake = scheduler._changed
+    scheduler.schedule("orders", now + timedelta(minutes=40))
+    assert wake.is_set()  # the first due time
+    wake.clear()
+    scheduler.schedule("payments", now + timedelta(minutes=50))
+    scheduler.reschedule("orders", now + timedelta(hours=1))
+    assert not wake.is_set()
+    scheduler.schedule("invoices", now + timedelta(minutes=10))
+    assert wake.is_set()  # earlier than every other: the loop's sleep is too long now
+    wake.clear()
+    scheduler.schedule("shipping", now)
+    assert wake.is_set()

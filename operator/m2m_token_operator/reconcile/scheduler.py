@@ -102,9 +102,14 @@ class Scheduler(Generic[Target]):
         current = self._due.get(target)
         if current is not None and current <= at:
             return
+        earliest = self._heap[0][0] if self._heap else None
         self._due[target] = at
         heapq.heappush(self._heap, (at, next(self._sequence), target))
-        self._changed.set()
+        if earliest is None or at < earliest:
+            # The loop sleeps until the earliest due time it saw (or a stale entry's, which
+            # only wakes it early): a later one, such as each look's next refresh, needs
+            # no turn of the loop.
+            self._changed.set()
 
     def reschedule(self, target: Target, at: datetime | None) -> None:
         """Replace the due time, later or earlier (after a target was handled).
