@@ -157,6 +157,9 @@ _STATUS_FIELDS = (
 )
 
 
+_LEAVES = (str, int, float, list)  # returned as they are (lists included, as ever)
+
+
 def _without_nulls(value: Any) -> Any:
     """An object as the API server stores it after a merge patch: null members deleted."""
     if value is None or isinstance(value, _LEAVES):
@@ -164,9 +167,6 @@ def _without_nulls(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _without_nulls(v) for k, v in value.items() if v is not None}
     return value
-
-
-_LEAVES = (str, int, float, list)
 
 
 def status_changed(previous: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
