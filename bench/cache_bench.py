@@ -74,7 +74,7 @@ async def measure(endpoint: str) -> int:
         refresh_policy=RefreshPolicy(),
         retry_policy=RetryPolicy(),
         clock=utc_now,
-        max_workers=8,
+        max_requests=8,
     )
     try:
         # 1,000 callers at once, 100 per key, on a cold cache.
@@ -101,7 +101,7 @@ async def measure(endpoint: str) -> int:
         hit_seconds_refresh_before = time.perf_counter() - started
     finally:
         cache.close()
-        client.close()
+        await client.aclose()
 
     print(f"token endpoint latency          : {LATENCY * 1000:.0f} ms (loopback HTTP server)")
     print(f"cache hit                       : {hit_seconds / HIT_GETS * 1e6:.2f} µs per get")

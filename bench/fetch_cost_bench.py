@@ -4,7 +4,7 @@ A burst of new TokenRequests over many scopes is mostly token requests at its
 start (each new scope is fetched once), and on a busy node the operator's
 throughput is its CPU share over its CPU per TokenRequest. This measures that
 path alone: N distinct scopes asked for at once through the real `TokenCache`
-(its fetch workers) and `TokenClient`, against a token endpoint in another
+(its bound on requests in flight) and `TokenClient`, against a token endpoint in another
 process on loopback, so that only the operator's side is counted
 (`time.process_time()`: every thread of this process).
 
@@ -29,7 +29,7 @@ from m2m_token_operator.tokens.client import TokenClient
 from m2m_token_operator.tokens.credentials import secret_credentials
 from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
-WORKERS = 32  # M2M_FETCH_WORKERS' default
+IN_FLIGHT = 32  # M2M_FETCH_WORKERS' default: requests in flight at once
 
 # A token endpoint on loopback in its own process: 20 ms per answer, a JWT-shaped token.
 ENDPOINT = r"""
@@ -80,13 +80,13 @@ def utc_now() -> datetime:
 
 async def one_burst(endpoint: str, scopes: int, run: int) -> float:
     """CPU ms of this process per token request, for `scopes` fetched at once."""
-    client = TokenClient(connect_timeout=2, read_timeout=10, pool_size=WORKERS, deadline=30.0)
+    client = TokenClient(connect_timeout=2, read_timeout=10, pool_size=IN_FLIGHT, deadline=30.0)
     cache = TokenCache(
         fetch=client.fetch,
         refresh_policy=RefreshPolicy(),
         retry_policy=RetryPolicy(),
         clock=utc_now,
-        max_workers=WORKERS,
+        max_requests=IN_FLIGHT,
     )
     credentials = secret_credentials(
         token_endpoint=endpoint,
@@ -105,7 +105,7 @@ async def one_burst(endpoint: str, scopes: int, run: int) -> float:
         cpu = time.process_time() - started
     finally:
         cache.close()
-        client.close()
+        await client.aclose()
     missing = sum(result.token is None for result in results)
     if missing:
         raise SystemExit(f"{missing} of {scopes} token requests failed")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait()
     shown = ", ".join(f"{figure:.3f}" for figure in figures)
-    print(f"CPU per token request, {args.scopes} scopes at once, {WORKERS} workers: {shown} ms")
+    print(f"CPU per token request, {args.scopes} scopes at once, {IN_FLIGHT} in flight: {shown} ms")
     print(f"median: {statistics.median(figures):.3f} ms")
     return 0
 

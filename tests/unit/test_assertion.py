@@ -237,7 +237,7 @@ def test_the_jwk_never_shows_in_repr() -> None:
 # On the wire (a real HTTP server on loopback)
 
 
-def test_private_key_jwt_form_on_the_wire(
+async def test_private_key_jwt_form_on_the_wire(
     httpserver: HTTPServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
@@ -254,9 +254,10 @@ def test_private_key_jwt_form_on_the_wire(
     )
     client = TokenClient(connect_timeout=2, read_timeout=2)
     try:
-        assert client.fetch(credentials, "api://x/.default").value == "issued-token-value"
+        token = await client.fetch(credentials, "api://x/.default")
     finally:
-        client.close()
+        await client.aclose()
+    assert token.value == "issued-token-value"
     [(request, _)] = httpserver.log
     form = parse_qs(request.get_data(as_text=True), strict_parsing=True)
     assert set(form) == {

@@ -64,30 +64,35 @@ class FakeClock:
 class CountingFetch:
     """Issues `lifetime`-second tokens, or raises the queued outcomes first.
 
-    With a `gate`, each request waits (on its worker thread) until the test opens it.
+    With a `gate`, each request waits until the test opens it. `in_flight_peak` is
+    the most requests that were ever open at once.
     """
 
     def __init__(
-        self, clock: FakeClock, *, lifetime: float = 3600, gate: threading.Event | None = None
+        self, clock: FakeClock, *, lifetime: float = 3600, gate: asyncio.Event | None = None
     ) -> None:
         self.clock = clock
         self.lifetime = lifetime
         self.gate = gate
         self.calls: list[tuple[str, str, str]] = []  # (client id, secret, scope)
-        self.threads: set[str] = set()
         self.outcomes: list[BaseException] = []
-        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.in_flight_peak = 0
 
-    def __call__(self, credentials: ClientCredentials, scope: str) -> AccessToken:
-        with self._lock:
-            proof = credentials.client_secret or credentials.method
-            self.calls.append((credentials.client_id, proof, scope))
-            number = len(self.calls)
-            outcome = self.outcomes.pop(0) if self.outcomes else None
-        self.threads.add(threading.current_thread().name)
+    async def __call__(self, credentials: ClientCredentials, scope: str) -> AccessToken:
+        proof = credentials.client_secret or credentials.method
+        self.calls.append((credentials.client_id, proof, scope))
+        number = len(self.calls)
+        outcome = self.outcomes.pop(0) if self.outcomes else None
         issued = self.clock()
-        if self.gate is not None:
-            assert self.gate.wait(timeout=30), "the test never opened the gate"
+        self.in_flight += 1
+        self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
+        try:
+            if self.gate is not None:
+                async with asyncio.timeout(30):
+                    await self.gate.wait()
+        finally:
+            self.in_flight -= 1
         if outcome is not None:
             raise outcome
         return AccessToken(
@@ -120,10 +125,10 @@ def fetch(clock: FakeClock) -> CountingFetch:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    """Let the event loop (and the worker threads) run until `condition` holds.
+    """Let the event loop (and the HTTP server's threads) run until `condition` holds.
 
-    The conditions are the cache's counters and a worker thread's progress, which
-    signal no asyncio.Event: polling them is the way to wait for them.
+    The conditions are the cache's counters and the fetch's progress, which signal
+    no asyncio.Event: polling them is the way to wait for them.
     """
     try:
         async with asyncio.timeout(10):
@@ -138,7 +143,7 @@ def make_cache(
     fetch: CountingFetch,
     *,
     retry_policy: RetryPolicy | None = None,
-    max_workers: int = 4,
+    max_requests: int = 4,
 ) -> TokenCache:
     # random() = 0: no jitter, and the lowest backoff (5, 7.5, 15, ... seconds).
     return TokenCache(
@@ -148,7 +153,7 @@ def make_cache(
         clock=clock,
         random=lambda: 0.0,
         jitter_of=lambda token: 0.0,
-        max_workers=max_workers,
+        max_requests=max_requests,
     )
 
 
@@ -163,7 +168,7 @@ def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
 
 
 async def test_200_concurrent_gets_make_one_request(clock: FakeClock) -> None:
-    gate = threading.Event()
+    gate = asyncio.Event()
     slow = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, slow)
     gets = asyncio.gather(*(cache.get(identity(), SCOPE) for _ in range(200)))
@@ -214,7 +219,7 @@ async def test_200_concurrent_gets_make_one_http_request(httpserver: HTTPServer)
     finally:
         gate.set()
         cache.close()
-        client.close()
+        await client.aclose()
     assert len(httpserver.log) == 1
     assert {result.token.value for result in results if result.token} == {"real-token"}
     assert again.freshness is Freshness.FRESH
@@ -234,10 +239,20 @@ async def test_hit_makes_no_request(cache: TokenCache, fetch: CountingFetch) -> 
     assert (cache.stats.hits, cache.stats.misses) == (1, 1)
 
 
-async def test_fetch_runs_on_worker_threads(cache: TokenCache, fetch: CountingFetch) -> None:
-    await cache.get(identity(), SCOPE)
-    assert fetch.threads
-    assert all(name.startswith("m2m-token-fetch") for name in fetch.threads)
+async def test_requests_in_flight_are_bounded(clock: FakeClock) -> None:
+    """Ten new scopes at once, four slots: four requests go out, the rest wait for a slot."""
+    gate = asyncio.Event()
+    slow = CountingFetch(clock, gate=gate)
+    cache = make_cache(clock, slow, max_requests=4)
+    scopes = [f"api://prod-gcp.orders.app-{index}/.default" for index in range(10)]
+    gets = asyncio.gather(*(cache.get(identity(), scope) for scope in scopes))
+    await until(lambda: len(slow.calls) == 4, "four requests to go out")
+    gate.set()
+    results = await gets
+    assert all(result.token is not None for result in results)
+    assert len(slow.calls) == 10
+    assert slow.in_flight_peak == 4
+    cache.close()
 
 
 async def test_different_client_ids_and_scopes_get_their_own_tokens(
@@ -481,7 +496,7 @@ async def test_unexpected_fetch_exception_is_a_failure_not_a_crash(
 
 
 async def test_a_cancelled_caller_does_not_cancel_the_request(clock: FakeClock) -> None:
-    gate = threading.Event()
+    gate = asyncio.Event()
     slow = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, slow)
     first = asyncio.create_task(cache.get(identity(), SCOPE))

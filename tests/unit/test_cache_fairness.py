@@ -42,7 +42,7 @@ def fetch(clock: FakeClock) -> CountingFetch:
 @pytest.fixture
 def cache(clock: FakeClock, fetch: CountingFetch) -> Iterator[TokenCache]:
     hold = RetryPolicy(permanent_hold=timedelta(minutes=5))
-    token_cache = make_cache(clock, fetch, retry_policy=hold, max_workers=2)
+    token_cache = make_cache(clock, fetch, retry_policy=hold, max_requests=2)
     yield token_cache
     token_cache.close()
 

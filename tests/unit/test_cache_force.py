@@ -6,7 +6,6 @@ Same fake clock and counting fetch as test_cache.py.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -71,7 +70,7 @@ async def test_force_on_an_unknown_key_fetches(cache: TokenCache, fetch: Countin
 
 
 async def test_a_burst_of_forces_makes_one_call(clock: FakeClock) -> None:
-    gate = threading.Event()
+    gate = asyncio.Event()
     slow = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, slow)
     try:
@@ -114,7 +113,7 @@ async def test_at_most_one_forced_call_per_key_every_ten_seconds(
 
 
 async def test_force_joins_a_request_already_running(clock: FakeClock) -> None:
-    gate = threading.Event()
+    gate = asyncio.Event()
     slow = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, slow)
     try:

@@ -7,7 +7,6 @@ Same fake clock and counting fetch as test_cache.py.
 from __future__ import annotations
 
 import asyncio
-import threading
 from datetime import timedelta
 
 import pytest
@@ -90,7 +89,7 @@ async def test_a_forced_token_survives_the_prune_of_its_retained_record(
 async def test_a_key_forgotten_in_flight_and_wanted_again_joins_the_request(
     clock: FakeClock,
 ) -> None:
-    gate = threading.Event()
+    gate = asyncio.Event()
     fetch = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, fetch)
     try:
@@ -113,7 +112,7 @@ async def test_a_key_forgotten_in_flight_and_wanted_again_joins_the_request(
 async def test_a_key_forgotten_in_flight_is_dropped_when_its_request_lands(
     clock: FakeClock,
 ) -> None:
-    gate = threading.Event()
+    gate = asyncio.Event()
     fetch = CountingFetch(clock, gate=gate)
     cache = make_cache(clock, fetch)
     try:

@@ -1,12 +1,13 @@
-"""A drip-feeding token endpoint cannot hold a fetch worker past the request deadline.
+"""A drip-feeding token endpoint cannot hold a token request past its deadline.
 
 The endpoint is a real socket server on loopback that sends its answer one byte
 at a time, each byte well within the read timeout, so only a total deadline can
-end the request. `requests` is not patched.
+end the request. The HTTP client is not patched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -114,13 +115,13 @@ def _credentials(port: int) -> ClientCredentials:
     )
 
 
-def test_a_dripping_answer_ends_at_the_deadline(drip: DripServer) -> None:
+async def test_a_dripping_answer_ends_at_the_deadline(drip: DripServer) -> None:
     # Each byte comes within 0.05 s, far inside the 5 s read timeout; the whole answer
     # would take about len(answer) * 0.05 s (several seconds). The deadline is 0.5 s.
     client = TokenClient(connect_timeout=5, read_timeout=5, deadline=0.5)
     started = time.monotonic()
     with pytest.raises(EndpointUnavailable) as caught:
-        client.fetch(_credentials(drip.port), "api://x/.default")
+        await client.fetch(_credentials(drip.port), "api://x/.default")
     elapsed = time.monotonic() - started
     assert elapsed < 2.0, f"held for {elapsed:.2f}s past a 0.5s deadline"
     assert len(BODY) * drip.interval > 2.5  # the drip alone would take longer than that
@@ -129,57 +130,42 @@ def test_a_dripping_answer_ends_at_the_deadline(drip: DripServer) -> None:
     assert "M2M_REQUEST_DEADLINE_SECONDS" in message
     assert SECRET not in message
     assert caught.value.reason == "EndpointUnavailable"
-    client.close()
+    # The connection is cut, not left to drip on: the server sees it closed.
+    # Waited for on a thread: the loop must run to close the socket.
+    assert await asyncio.to_thread(drip.closed_early.wait, 10)
+    await client.aclose()
 
 
-def test_a_prompt_answer_is_untouched_by_the_deadline() -> None:
+async def test_a_prompt_answer_is_untouched_by_the_deadline() -> None:
     server = DripServer(ANSWER, 0.0)
     try:
         client = TokenClient(connect_timeout=5, read_timeout=5, deadline=2.0)
-        token = client.fetch(_credentials(server.port), "api://x/.default")
+        token = await client.fetch(_credentials(server.port), "api://x/.default")
         assert token.value.startswith("eyJ")
         assert not server.closed_early.is_set()
-        client.close()
+        await client.aclose()
     finally:
         server.close()
 
 
-def test_deadlines_share_one_thread_and_each_cuts_its_own_answer() -> None:
-    """Many requests under deadlines: no thread per request, and a late deadline set
-    before an early one still cuts its own connection, and only that one, on time."""
-    # The drip server closes each connection after its answer: said in the answer, so that
-    # the client never reuses one the server already closed.
-    prompt = DripServer(ANSWER.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1), 0.0)
+async def test_each_deadline_cuts_only_its_own_answer() -> None:
+    """Two requests to the same dripping endpoint at once: the one with the short
+    deadline fails at it, the one with the long deadline gets its token."""
     slow = DripServer(ANSWER, 0.01)  # the whole answer takes about 1.5 s
     try:
-        client = TokenClient(connect_timeout=5, read_timeout=5, deadline=0.6)
+        short = TokenClient(connect_timeout=5, read_timeout=5, deadline=0.6)
         late = TokenClient(connect_timeout=5, read_timeout=5, deadline=30.0)
-        for _ in range(20):
-            assert client.fetch(_credentials(prompt.port), "api://x/.default").value
-        # One deadline thread serves them all; no Timer thread per request is left.
-        threads = threading.enumerate()
-        assert [t.name for t in threads if t.name == "m2m-request-deadline"] == [
-            "m2m-request-deadline"
-        ]
-        assert not [t for t in threads if isinstance(t, threading.Timer)]
-        outcome: dict[str, object] = {}
-
-        def fetch_late() -> None:
-            try:  # well within its 30 s deadline
-                outcome["late"] = late.fetch(_credentials(slow.port), "api://y/.default")
-            except EndpointUnavailable as error:
-                outcome["late"] = error
-
-        waiting = threading.Thread(target=fetch_late)
-        waiting.start()
-        with pytest.raises(EndpointUnavailable) as caught:
-            client.fetch(_credentials(slow.port), "api://x/.default")
-        assert "0.6s deadline" in str(caught.value)
-        waiting.join(timeout=30)
-        late_token = outcome.get("late")
-        assert isinstance(late_token, AccessToken), late_token
-        client.close()
-        late.close()
+        started = time.monotonic()
+        cut, token = await asyncio.gather(
+            short.fetch(_credentials(slow.port), "api://x/.default"),
+            late.fetch(_credentials(slow.port), "api://y/.default"),
+            return_exceptions=True,
+        )
+        assert isinstance(cut, EndpointUnavailable), cut
+        assert "0.6s deadline" in str(cut)
+        assert isinstance(token, AccessToken), token
+        assert time.monotonic() - started >= len(BODY) * slow.interval * 0.8  # it dripped
+        await short.aclose()
+        await late.aclose()
     finally:
-        prompt.close()
         slow.close()

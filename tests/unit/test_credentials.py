@@ -70,7 +70,7 @@ def test_allowed_endpoints(url: str) -> None:
         ("https:///token", "no host"),
         ("https://login.microsoftonline.com/t /token", "spaces"),
         ("https://login.microsoftonline.com:99999/t", "port"),
-        # urllib3 (what requests sends with) reads these hosts as evil.example.
+        # Some URL parsers (urllib3 among them) read these hosts as evil.example.
         ("https://evil.example\\.login.microsoftonline.com/t", "may only contain"),
         ("https://evil.example%2F.login.microsoftonline.com/t", "may only contain"),
     ],

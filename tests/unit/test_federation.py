@@ -277,7 +277,7 @@ def test_kube_mint_forbidden_is_a_403_kube_error(api_server: HTTPServer, kube: K
     assert caught.value.status == 403
 
 
-def test_the_form_on_the_wire(
+async def test_the_form_on_the_wire(
     api_server: HTTPServer, kube: KubeApi, httpserver: HTTPServer
 ) -> None:
     api_server.expect_request(MINT_PATH, method="POST").respond_with_json(
@@ -289,9 +289,9 @@ def test_the_form_on_the_wire(
     credentials = identity_at(httpserver.url_for("/token"), mint=kube.mint_service_account_token)
     client = TokenClient(connect_timeout=2, read_timeout=2)
     try:
-        token = client.fetch(credentials, SCOPE)
+        token = await client.fetch(credentials, SCOPE)
     finally:
-        client.close()
+        await client.aclose()
     assert token.value == "issued-token-value"
     [(request, _)] = httpserver.log
     form = parse_qs(request.get_data(as_text=True), strict_parsing=True)
@@ -304,7 +304,7 @@ def test_the_form_on_the_wire(
     }
 
 
-def test_a_forbidden_mint_sends_no_token_request(
+async def test_a_forbidden_mint_sends_no_token_request(
     api_server: HTTPServer, kube: KubeApi, httpserver: HTTPServer
 ) -> None:
     api_server.expect_request(MINT_PATH, method="POST").respond_with_json({}, status=403)
@@ -312,13 +312,13 @@ def test_a_forbidden_mint_sends_no_token_request(
     client = TokenClient(connect_timeout=2, read_timeout=2)
     try:
         with pytest.raises(FederationNotPermitted):
-            client.fetch(credentials, SCOPE)
+            await client.fetch(credentials, SCOPE)
     finally:
-        client.close()
+        await client.aclose()
     assert httpserver.log == []
 
 
-def test_the_secret_form_is_unchanged(httpserver: HTTPServer) -> None:
+async def test_the_secret_form_is_unchanged(httpserver: HTTPServer) -> None:
     httpserver.expect_request("/token", method="POST").respond_with_json(
         {"token_type": "Bearer", "expires_in": 3599, "access_token": "issued-token-value"}
     )
@@ -330,16 +330,16 @@ def test_the_secret_form_is_unchanged(httpserver: HTTPServer) -> None:
     )
     client = TokenClient(connect_timeout=2, read_timeout=2)
     try:
-        client.fetch(credentials, SCOPE)
+        await client.fetch(credentials, SCOPE)
     finally:
-        client.close()
+        await client.aclose()
     [(request, _)] = httpserver.log
     form = parse_qs(request.get_data(as_text=True), strict_parsing=True)
     assert "client_assertion" not in form
     assert form["client_secret"] == ["a-client-secret"]
 
 
-def test_a_rejected_assertion_gets_advice_about_the_federated_credential(
+async def test_a_rejected_assertion_gets_advice_about_the_federated_credential(
     api_server: HTTPServer, kube: KubeApi, httpserver: HTTPServer
 ) -> None:
     api_server.expect_request(MINT_PATH, method="POST").respond_with_json(
@@ -357,16 +357,16 @@ def test_a_rejected_assertion_gets_advice_about_the_federated_credential(
     client = TokenClient(connect_timeout=2, read_timeout=2)
     try:
         with pytest.raises(CredentialsRejected) as caught:
-            client.fetch(credentials, SCOPE)
+            await client.fetch(credentials, SCOPE)
     finally:
-        client.close()
+        await client.aclose()
     message = str(caught.value)
     assert "federated credential" in message
     assert "AZURE_APP_CLIENT_SECRET" not in message
     assert SA_TOKEN not in message  # an echoed assertion is scrubbed
 
 
-async def test_the_mint_runs_on_the_fetch_thread_never_on_the_event_loop(
+async def test_the_mint_runs_on_the_assertion_thread_never_on_the_event_loop(
     httpserver: HTTPServer,
 ) -> None:
     threads: list[str] = []
@@ -392,8 +392,8 @@ async def test_the_mint_runs_on_the_fetch_thread_never_on_the_event_loop(
         result = await cache.get(credentials, SCOPE)
     finally:
         cache.close()
-        client.close()
+        await client.aclose()
     assert result.token is not None
     assert len(threads) == 1
-    assert threads[0].startswith("m2m-token-fetch")
+    assert threads[0].startswith("m2m-assertion")
     assert threads[0] != threading.main_thread().name

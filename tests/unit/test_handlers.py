@@ -211,8 +211,7 @@ async def test_a_failed_startup_leaks_nothing_and_a_retry_starts_cleanly(
     # The scheduler had started: it is stopped, and every pool is closed.
     assert failed.closed
     assert first_task.done()
-    reconciler: TokenRequestReconciler = memo["reconciler"]
-    assert reconciler._cache._executor._shutdown
+    assert memo["token_client"].closed
     assert memo["kube"].closed
 
     monkeypatch.undo()
@@ -227,7 +226,7 @@ async def test_a_failed_startup_leaks_nothing_and_a_retry_starts_cleanly(
     await handlers.shutdown(memo)
     assert retried.closed
     assert memo["scheduler_task"].done()
-    assert memo["reconciler"]._cache._executor._shutdown
+    assert memo["token_client"].closed
 
 
 async def test_kopf_posts_no_events_and_keeps_no_state_under_its_own_domain(
@@ -247,7 +246,7 @@ async def test_kopf_posts_no_events_and_keeps_no_state_under_its_own_domain(
         await handlers.shutdown(memo)
 
 
-async def test_the_token_client_keeps_a_connection_per_fetch_worker(
+async def test_the_token_client_keeps_a_connection_per_request_in_flight(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     _use_kubeconfig(monkeypatch, tmp_path)

@@ -22,21 +22,21 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
-def test_fetches_are_counted_by_result_and_timed() -> None:
+async def test_fetches_are_counted_by_result_and_timed() -> None:
     token = AccessToken(value="t" * 10, token_type="Bearer", issued_at=NOW, expires_at=NOW)
 
-    def succeed(credentials: ClientCredentials, scope: str) -> AccessToken:
+    async def succeed(credentials: ClientCredentials, scope: str) -> AccessToken:
         return token
 
-    def throttle(credentials: ClientCredentials, scope: str) -> AccessToken:
+    async def throttle(credentials: ClientCredentials, scope: str) -> AccessToken:
         raise Throttled("slow down")
 
     before_ok = sample("m2m_token_endpoint_requests_total", {"result": "success"})
     before_429 = sample("m2m_token_endpoint_requests_total", {"result": "Throttled"})
     before_count = sample("m2m_token_endpoint_request_duration_seconds_count")
-    assert metrics.instrument_fetch(succeed)(CREDENTIALS, "api://a.b.c/.default") is token
+    assert await metrics.instrument_fetch(succeed)(CREDENTIALS, "api://a.b.c/.default") is token
     with pytest.raises(Throttled):
-        metrics.instrument_fetch(throttle)(CREDENTIALS, "api://a.b.c/.default")
+        await metrics.instrument_fetch(throttle)(CREDENTIALS, "api://a.b.c/.default")
     assert sample("m2m_token_endpoint_requests_total", {"result": "success"}) == before_ok + 1
     assert sample("m2m_token_endpoint_requests_total", {"result": "Throttled"}) == before_429 + 1
     assert sample("m2m_token_endpoint_request_duration_seconds_count") == before_count + 2

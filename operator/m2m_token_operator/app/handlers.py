@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -49,7 +49,7 @@ from m2m_token_operator.tokens.model import AccessToken, utc_now
 
 logger = logging.getLogger(__name__)
 
-Fetch = Callable[[ClientCredentials, str], AccessToken]
+Fetch = Callable[[ClientCredentials, str], Awaitable[AccessToken]]
 ActivityGate = PeeringGate | LeaseGate
 # The shard's name (the pod label m2m.dev/shard): its replicas share one Lease.
 SHARD_SETTING = "M2M_SHARD"
@@ -150,15 +150,15 @@ def _shard_gate(
 def _while_active(fetch: Fetch, memo: kopf.Memo) -> Fetch:
     """The token fetch, withheld once the peering gate has closed.
 
-    Checked on the fetch thread right before the request: a fetch queued for a free
-    thread before the pause (its look since cancelled) must not go out after it.
+    Checked right before the request, once it has its slot: a fetch that waited for a
+    slot since before the pause (its look since cancelled) must not go out after it.
     """
 
-    def fetch_while_active(credentials: ClientCredentials, scope: str) -> AccessToken:
+    async def fetch_while_active(credentials: ClientCredentials, scope: str) -> AccessToken:
         gate: ActivityGate | None = memo.get("peering_gate")
         if gate is not None and gate.active is not True:
             raise FetchWithheld
-        return fetch(credentials, scope)
+        return await fetch(credentials, scope)
 
     return fetch_while_active
 
@@ -221,11 +221,11 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             deadline=config.request_deadline,
-            # One kept-alive connection per fetch worker: with fewer, every fetch beyond
-            # them opened a connection (a TLS handshake with Entra ID) and dropped it after.
+            # As many connections per endpoint as requests may be in flight (the cache's
+            # bound), so a request never waits for a connection inside its deadline.
             pool_size=config.fetch_workers,
         ),
-        lambda: token_client.close(),
+        lambda: token_client.aclose(),
         name="token client",
     )
     cache = runtime.closing(
@@ -234,7 +234,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
             refresh_policy=config.refresh_policy(),
             retry_policy=config.retry_policy(),
             clock=utc_now,
-            max_workers=config.fetch_workers,
+            max_requests=config.fetch_workers,
         ),
         lambda: cache.close(),
         name="token cache",

@@ -15,7 +15,7 @@ answers 403, which becomes `FederationNotPermitted`, held like a rejected
 credential until a person acts.
 
 The minted token is never cached, stored or logged: it is made on the
-token-fetch worker thread right before the request that carries it, and
+token client's assertion thread right before the request that carries it, and
 registered with the log redactor.
 """
 
@@ -151,7 +151,7 @@ def federated_identity(
 
     `mint(namespace, name, audience=..., expiration_seconds=...)` is the blocking
     Kubernetes call (`KubeApi.mint_service_account_token`); it runs when the token
-    client asks for the assertion, on its worker thread.
+    client asks for the assertion, on its assertion thread.
     """
     source = f"ServiceAccount {namespace}/{name}"
     if account is None:

@@ -162,7 +162,7 @@ class KubeCalls:
         max_workers: int = API_CONCURRENCY,
         request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
     ) -> None:
-        # The blocking client serves only `mint_service_account_token`, on the fetch thread.
+        # The blocking client serves only `mint_service_account_token`, on the assertion thread.
         self._api_client = api_client
         self._core = kubernetes.client.CoreV1Api(api_client)
         self._timeout = request_timeout
@@ -436,9 +436,9 @@ class KubeApi(CoordinationCalls, EventCalls):
     ) -> tuple[str, str | None]:
         """A new token of the ServiceAccount (TokenRequest API): (token, expirationTimestamp).
 
-        Blocking, on purpose: it is called on the token-fetch worker thread, right
-        before the token request that presents it, so the token is never cached,
-        stored or handed to the event loop. Not counted in `writes`: it changes no
+        Blocking, on purpose: it is called on the token client's assertion thread,
+        right before the token request that presents it, so the token is never
+        cached or stored. Not counted in `writes`: it changes no
         object. The API server may shorten the lifetime asked for; the caller reads
         the expiration it returns. Raises `KubeError` (403: the namespace has not
         granted the operator `create serviceaccounts/token`; `NotFound`: no such

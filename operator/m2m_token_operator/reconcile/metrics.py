@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from wsgiref.simple_server import WSGIServer
 
@@ -66,7 +66,7 @@ LOOK_ERRORS = Counter(
     "Looks at a TokenRequest ended by an unexpected exception (a bug; see the operator log).",
 )
 
-Fetch = Callable[[ClientCredentials, str], AccessToken]
+Fetch = Callable[[ClientCredentials, str], Awaitable[AccessToken]]
 
 
 def record_look_error() -> None:
@@ -74,12 +74,12 @@ def record_look_error() -> None:
 
 
 def instrument_fetch(fetch: Fetch) -> Fetch:
-    """Wrap the blocking token fetch so every call is counted and timed."""
+    """Wrap the token fetch so every call is counted and timed."""
 
-    def instrumented(credentials: ClientCredentials, scope: str) -> AccessToken:
+    async def instrumented(credentials: ClientCredentials, scope: str) -> AccessToken:
         started = time.perf_counter()
         try:
-            token = fetch(credentials, scope)
+            token = await fetch(credentials, scope)
         except TokenEndpointError as error:
             ENDPOINT_REQUESTS.labels(result=error.reason).inc()
             raise

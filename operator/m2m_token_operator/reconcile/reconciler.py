@@ -740,7 +740,7 @@ class CredentialsReader:
                 default_endpoint=default_endpoint,
                 allow_insecure_http=self._settings.allow_insecure_http,
                 audience=self._settings.federation_audience,
-                mint=self._kube.mint_service_account_token,  # blocking: on the fetch thread
+                mint=self._kube.mint_service_account_token,  # blocking: on the assertion thread
             )
         if subscription.spec.credentials_secret is None:
             # Read afresh each time: a mounted Secret may have been rotated in place. Files

@@ -85,7 +85,7 @@ class Scheduler(Generic[Target]):
         """Share the `concurrency` slots fairly between groups (e.g. namespaces).
 
         Without it due targets run first come, first served: a namespace with 1,000 due
-        TokenRequests would hold every slot (and so every fetch worker behind them) while
+        TokenRequests would hold every slot (and every token request behind them) while
         another namespace's single refresh waits for all of them. With it, due targets
         queue per group, a free slot goes to the next group in turn (round robin), and no
         group holds more than `limit` slots at once, so one group's burst delays another's

@@ -31,8 +31,8 @@ must not notice either. So the cache:
 - keeps an entry whose request is in flight when its key is forgotten, so a
   key wanted again meanwhile joins that request (single flight).
 
-The blocking fetch runs on a bounded thread pool, never on the event loop.
-Everything else runs on the event loop only, so no state here needs a lock.
+Everything runs on the event loop, so no state here needs a lock. At most
+`max_requests` requests are in flight at once; the others wait for a slot.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ import heapq
 import itertools
 import logging
 import random as _random
-from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -373,20 +372,19 @@ class TokenCache:
     def __init__(
         self,
         *,
-        fetch: Callable[[ClientCredentials, str], AccessToken],
+        fetch: Callable[[ClientCredentials, str], Awaitable[AccessToken]],
         refresh_policy: RefreshPolicy,
         retry_policy: RetryPolicy,
         clock: Callable[[], datetime],
         random: Callable[[], float] = _random.random,
         jitter_of: Callable[[AccessToken], float] = token_jitter,
-        max_workers: int = 8,
+        max_requests: int = 8,
     ) -> None:
         self._fetch = fetch
         self._clock = clock
         self._token_jitter = jitter_of
-        self._executor = ThreadPoolExecutor(
-            max_workers=max_workers, thread_name_prefix="m2m-token-fetch"
-        )
+        # Requests in flight at once: a burst of new scopes must not open a connection each.
+        self._slots = asyncio.Semaphore(max_requests)
         self._entries: dict[CacheKey, _Entry] = {}
         # Who uses a key, with the refresh_before each asked for (see `subscribe`).
         self._subscribers = KeySubscribers(refresh_policy)
@@ -396,8 +394,10 @@ class TokenCache:
         self.stats = CacheStats()
 
     def close(self) -> None:
-        """Stop the worker threads (at operator stop); a request already running finishes."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Cancel the requests in flight or waiting for a slot (at operator stop)."""
+        for entry in self._entries.values():
+            if entry.flight is not None:
+                entry.flight.cancel()
 
     async def get(
         self,
@@ -595,9 +595,9 @@ class TokenCache:
         self, key: CacheKey, entry: _Entry, credentials: ClientCredentials, scope: str
     ) -> None:
         self.stats.requests += 1
-        loop = asyncio.get_running_loop()
         try:
-            token = await loop.run_in_executor(self._executor, self._fetch, credentials, scope)
+            async with self._slots:
+                token = await self._fetch(credentials, scope)
         except FetchWithheld:
             logger.debug("token request for %s withheld: this replica is paused", key)
         except Exception as error:

@@ -7,8 +7,13 @@ with a `client_assertion` made afresh for this request (a JWT signed with the
 application's private key, or a minted ServiceAccount token); never both.
 Redirects are never followed: a 307/308 would resend the client secret to
 whatever address the answer names. Proxies and CA bundles come from the
-environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE); certificates are
-always verified. The call blocks: the cache runs it on a worker thread.
+environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, else
+certifi's bundle, as `requests` had it); certificates are always verified.
+
+The request runs on the event loop (aiohttp): on a worker thread with `requests`,
+a token request cost the operator five times the CPU, and a burst of new scopes
+fought the event loop for the GIL. Only making a client assertion, which may
+block (a ServiceAccount token is minted with a blocking call), runs on a thread.
 
 Every failure is a `TokenEndpointError` whose class is the status condition's
 reason and says whether retrying can help. The mapping follows RFC 6749 §5.2
@@ -46,19 +51,26 @@ otherwise it is withheld, and scrubbed from echoed texts like the secret.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import email.utils
 import json
 import logging
 import math
+import os
+import platform
 import re
+import ssl
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.cookiejar import DefaultCookiePolicy
 from typing import Any
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit, urlunsplit
+from urllib.request import getproxies, proxy_bypass
 
-import requests
-import requests.adapters
+import aiohttp
+import certifi
 
 from m2m_token_operator import __version__
 from m2m_token_operator.tokens.assertion import JWT_BEARER
@@ -68,7 +80,6 @@ from m2m_token_operator.tokens.credentials import (
     PRIVATE_KEY_JWT,
     ClientCredentials,
 )
-from m2m_token_operator.tokens.deadline import DeadlineAdapter, watchdog
 from m2m_token_operator.tokens.model import (
     AccessToken,
     CredentialsRejected,
@@ -187,7 +198,15 @@ def _shown_url(url: str) -> str:
 
 
 def _cause(error: BaseException) -> str:
-    """The root cause of a requests/urllib3 error in a few words, without object reprs."""
+    """The root cause of a connection error in a few words, without object reprs."""
+    os_error = getattr(error, "os_error", None)  # aiohttp's ClientConnectorError
+    if isinstance(os_error, OSError) and not isinstance(os_error, ssl.SSLError):
+        if isinstance(os_error.errno, int) and os_error.errno > 0:
+            # asyncio's strerror ("Connect call failed (...)") does not say why; the errno does.
+            return f"[Errno {os_error.errno}] {os.strerror(os_error.errno)}"
+        if os_error.errno is not None:  # a resolver error (negative): its own text
+            return f"[Errno {os_error.errno}] {os_error.strerror or type(os_error).__name__}"
+        return type(os_error).__name__
     text = str(error)
     for pattern in (r"\[SSL: [A-Z_]+\][^'\")]*", r"\[Errno -?\d+\] [^'\")]*"):
         found = re.search(pattern, text)
@@ -261,45 +280,149 @@ def _classify(
     return EndpointUnavailable, failed, _RETRIED
 
 
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """One token request: what is sent, and what its messages say."""
+
+    endpoint: str
+    body: bytes  # the form, encoded
+    issued_at: datetime
+    scope: str
+    shown: str  # the endpoint as messages name it
+    who: str  # the identity as messages name it
+    scrub: Callable[[str], str]
+    method: str
+
+
+def environment_proxy(url: str) -> tuple[str | None, dict[str, str]]:
+    """The proxy for `url` from the environment (HTTP(S)_PROXY and NO_PROXY, as urllib
+    reads them), and its credentials taken out of its URL."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    where = f"{host}:{parts.port}" if parts.port else host
+    proxy = getproxies().get(parts.scheme)
+    if not proxy or proxy_bypass(where):
+        return None, {}
+    if "://" not in proxy:
+        proxy = f"http://{proxy}"  # "proxy:3128", as curl and requests read it
+    proxy_parts = urlsplit(proxy)
+    if proxy_parts.username is None:
+        return proxy, {}
+    pair = f"{unquote(proxy_parts.username)}:{unquote(proxy_parts.password or '')}"
+    try:
+        raw = pair.encode("latin-1")  # as requests and aiohttp encode Basic credentials
+    except UnicodeEncodeError:
+        raw = pair.encode()
+    headers = {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+    address = proxy_parts.netloc.rpartition("@")[2]
+    return urlunsplit(proxy_parts._replace(netloc=address)), headers
+
+
+def ca_bundle() -> str:
+    """The CA bundle that verifies token endpoints, chosen as `requests` chooses it."""
+    environ = os.environ
+    return environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or certifi.where()
+
+
+_USER_AGENT = (
+    f"m2m-token-operator/{__version__} aiohttp/{aiohttp.__version__}"
+    f" {platform.python_implementation()}/{platform.python_version()}"
+)
+_FORM_HEADERS = {
+    "Accept": "application/json",
+    "Content-Type": "application/x-www-form-urlencoded",
+}
+
+
 class TokenClient:
-    """Requests tokens over HTTP(S). Thread-safe: one instance serves every worker thread."""
+    """Requests tokens over HTTP(S) on the event loop.
+
+    The session is created on the first request, on the loop that makes it (a
+    session belongs to one loop); `aclose` releases it. The environment (proxies,
+    CA bundle) is read when the client is built: a pod's environment is fixed.
+    The proxy for an origin is chosen once (`_request_options`); origins are few, the
+    allow-listed token endpoints.
+    """
 
     def __init__(
         self,
         *,
         connect_timeout: float,
         read_timeout: float,
-        session: requests.Session | None = None,
         clock: Callable[[], datetime] = utc_now,
         pool_size: int = 10,
         deadline: float | None = None,
     ) -> None:
-        self._timeout = (connect_timeout, read_timeout)
-        self.pool_size = pool_size  # connections kept alive per endpoint host
-        # A total for the whole answer: a drip-feeding endpoint never trips a read timeout.
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self.pool_size = pool_size  # connections per endpoint host
+        # A total for the whole exchange: a drip-feeding endpoint never trips a read timeout.
         self._deadline = deadline
         self._clock = clock
-        if session is None:
-            session = requests.Session()
-            # Proxies and CA bundles come from the environment, as operators expect.
-            session.trust_env = True
-            # Cookies set for one identity must not ride along with another identity's request.
-            session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-            adapter = DeadlineAdapter(
-                pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0
-            )
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
-            session.headers["User-Agent"] = (
-                f"m2m-token-operator/{__version__} {requests.utils.default_user_agent()}"
-            )
-        self._session = session
+        # Built now, so that an unreadable CA bundle fails at start, not at the first token.
+        bundle = ca_bundle()
+        if os.path.isdir(bundle):  # a directory of hashed certificates, as c_rehash makes
+            self._ssl = ssl.create_default_context(capath=bundle)
+        else:
+            self._ssl = ssl.create_default_context(cafile=bundle)
+        # Read once per origin, not per request (aiohttp's trust_env: per request, on a thread).
+        self._options_by_origin: dict[tuple[str, str], dict[str, Any]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        # Making a client assertion may block (minting a ServiceAccount token).
+        self._assertions = ThreadPoolExecutor(max_workers=4, thread_name_prefix="m2m-assertion")
 
-    def close(self) -> None:
-        self._session.close()
+    def _session_here(self) -> aiohttp.ClientSession:
+        if self.closed:  # no new session (and connections) once the operator stops
+            raise EndpointUnavailable("The token client is closed: the operator is stopping")
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is None or session.closed or self._session_loop is not loop:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.pool_size, ssl=self._ssl)
+            session = aiohttp.ClientSession(
+                connector=connector,
+                # Cookies set for one identity must not ride along with another's request.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # No netrc: no credentials but the form's go to a token endpoint. Proxies
+                # come from `_request_options`.
+                trust_env=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self._connect_timeout, sock_read=self._read_timeout
+                ),
+                headers={"User-Agent": _USER_AGENT},
+            )
+            self._session = session
+            self._session_loop = loop
+        return session
 
-    def fetch(self, credentials: ClientCredentials, scope: str) -> AccessToken:
-        """Request a token now (blocking); raises a `TokenEndpointError` subclass on failure."""
+    def _request_options(self, endpoint: str) -> dict[str, Any]:
+        """The headers, and the proxy with its headers, for `endpoint`; once per origin."""
+        parts = urlsplit(endpoint)
+        origin = (parts.scheme, parts.netloc)
+        options = self._options_by_origin.get(origin)
+        if options is None:
+            proxy, proxy_headers = environment_proxy(endpoint)
+            options = {"headers": _FORM_HEADERS}
+            if proxy is not None:
+                options["proxy"] = proxy
+            if proxy_headers and parts.scheme == "https":
+                options["proxy_headers"] = proxy_headers  # sent with the CONNECT
+            elif proxy_headers:
+                # Plain http goes to the proxy itself (no CONNECT): the request carries them.
+                options["headers"] = {**_FORM_HEADERS, **proxy_headers}
+            self._options_by_origin[origin] = options
+        return options
+
+    async def aclose(self) -> None:
+        self.closed = True
+        session, self._session = self._session, None
+        if session is not None and not session.closed:
+            await session.close()
+        self._assertions.shutdown(wait=False, cancel_futures=True)
+
+    async def fetch(self, credentials: ClientCredentials, scope: str) -> AccessToken:
+        """Request a token now; raises a `TokenEndpointError` subclass on failure."""
         client_id = credentials.client_id
         form = {
             "client_id": credentials.client_id,
@@ -307,8 +430,8 @@ class TokenClient:
             "scope": scope,
         }
         if credentials.client_assertion is not None:
-            # May block (a ServiceAccount token is minted): this is the worker thread.
-            proof = credentials.client_assertion()
+            loop = asyncio.get_running_loop()
+            proof = await loop.run_in_executor(self._assertions, credentials.client_assertion)
             REDACTOR.register(proof)
             form["client_assertion_type"] = JWT_BEARER
             form["client_assertion"] = proof
@@ -328,101 +451,103 @@ class TokenClient:
         # carry RFC 3339 seconds, and a restarted operator must read back the same instants.
         issued_at = self._clock().replace(microsecond=0)
         logger.debug("requesting a token for scope %s from %s as %s", scope, shown, who)
-        with watchdog(self._deadline) as dog:
-            try:
-                return self._exchange(
-                    endpoint, form, issued_at, scope, shown, who, scrub, credentials.method
-                )
-            except (TokenEndpointError, requests.RequestException, ValueError, UnicodeError):
-                if dog is None or not dog.expired:
-                    raise
-            message = (
-                f"The token endpoint {shown} did not complete its answer within the"
-                f" {dog.seconds:g}s deadline (M2M_REQUEST_DEADLINE_SECONDS);"
-                " it is retried with backoff"
-            )
-            logger.debug("token request to %s failed: %s", shown, message)
-            raise EndpointUnavailable(message) from None
-
-    def _exchange(
-        self,
-        endpoint: str,
-        form: Mapping[str, str],
-        issued_at: datetime,
-        scope: str,
-        shown: str,
-        who: str,
-        scrub: Callable[[str], str],
-        method: str,
-    ) -> AccessToken:
+        exchange = _Exchange(
+            endpoint=endpoint,
+            body=urlencode(form).encode(),
+            issued_at=issued_at,
+            scope=scope,
+            shown=shown,
+            who=who,
+            scrub=scrub,
+            method=credentials.method,
+        )
+        if self._deadline is None:
+            return await self._exchange(exchange)
         try:
-            with self._session.post(
-                endpoint,
-                data=form,
-                headers={"Accept": "application/json"},
-                timeout=self._timeout,
+            async with asyncio.timeout(self._deadline) as deadline:
+                return await self._exchange(exchange)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+        message = (
+            f"The token endpoint {shown} did not complete its answer within the"
+            f" {self._deadline:g}s deadline (M2M_REQUEST_DEADLINE_SECONDS);"
+            " it is retried with backoff"
+        )
+        logger.debug("token request to %s failed: %s", shown, message)
+        raise EndpointUnavailable(message) from None
+
+    async def _exchange(self, exchange: _Exchange) -> AccessToken:
+        shown, scrub = exchange.shown, exchange.scrub
+        try:
+            async with self._session_here().post(
+                exchange.endpoint,
+                data=exchange.body,
                 allow_redirects=False,
-                stream=True,
+                **self._request_options(exchange.endpoint),
             ) as response:
-                body = self._read(response, shown=shown)
+                body = await self._read(response, shown=shown)
                 return self._interpret(
-                    response, body, issued_at=issued_at, scope=scope, shown=shown, who=who,
-                    scrub=scrub, method=method,
+                    response.status, response.headers, body, issued_at=exchange.issued_at,
+                    scope=exchange.scope, shown=shown, who=exchange.who, scrub=scrub,
+                    method=exchange.method,
                 )  # fmt: skip
         except TokenEndpointError:
             raise
-        except requests.exceptions.ConnectTimeout:
+        except aiohttp.ConnectionTimeoutError:
             message = (
-                f"No connection to the token endpoint {shown} within {self._timeout[0]:g}s;"
+                f"No connection to the token endpoint {shown} within {self._connect_timeout:g}s;"
                 " it is retried with backoff (check network policies, HTTPS_PROXY and NO_PROXY)"
             )
-        except requests.exceptions.ReadTimeout:
+        except aiohttp.SocketTimeoutError:
             message = (
-                f"The token endpoint {shown} did not answer within {self._timeout[1]:g}s;"
+                f"The token endpoint {shown} did not answer within {self._read_timeout:g}s;"
                 " it is retried with backoff"
             )
-        except requests.exceptions.SSLError as error:
+        except aiohttp.ClientSSLError as error:
             message = (
                 f"TLS with the token endpoint {shown} failed ({scrub(_cause(error))}); check"
                 " REQUESTS_CA_BUNDLE if it uses a private CA; it is retried with backoff"
             )
-        except requests.exceptions.ProxyError as error:
+        except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as error:
             message = (
                 f"The proxy refused or failed the request to {shown} ({scrub(_cause(error))});"
                 " check HTTPS_PROXY and NO_PROXY; it is retried with backoff"
             )
-        except requests.exceptions.ConnectionError as error:
+        except (aiohttp.ClientConnectionError, ConnectionError) as error:
             message = (
                 f"Cannot reach the token endpoint {shown} ({scrub(_cause(error))});"
                 " it is retried with backoff"
             )
-        except (requests.RequestException, ValueError, UnicodeError) as error:
+        except (aiohttp.ClientError, ValueError, UnicodeError) as error:
             message = (
                 f"The request to the token endpoint {shown} failed ({type(error).__name__});"
                 " it is retried with backoff"
             )
         logger.debug("token request to %s failed: %s", shown, message)
-        # `from None`: the requests exception holds the request body, client secret included.
+        # `from None`: the client's exception may hold the request, client secret included.
         raise EndpointUnavailable(message) from None
 
-    def _read(self, response: requests.Response, *, shown: str) -> bytes:
+    @staticmethod
+    async def _read(response: aiohttp.ClientResponse, *, shown: str) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        for chunk in response.iter_content(chunk_size=65536):
+        async for chunk in response.content.iter_chunked(65536):
             size += len(chunk)
             if size > MAX_RESPONSE_BYTES:
                 raise EndpointUnavailable(
-                    f"The token endpoint {shown} answered HTTP {response.status_code} with more"
+                    f"The token endpoint {shown} answered HTTP {response.status} with more"
                     f" than {MAX_RESPONSE_BYTES} bytes, which is not a token endpoint's answer;"
                     " it is retried with backoff",
-                    http_status=response.status_code,
+                    http_status=response.status,
                 )
             chunks.append(chunk)
         return b"".join(chunks)
 
     def _interpret(
         self,
-        response: requests.Response,
+        status: int,
+        headers: Mapping[str, str],
         body: bytes,
         *,
         issued_at: datetime,
@@ -432,14 +557,13 @@ class TokenClient:
         scrub: Callable[[str], str],
         method: str = CLIENT_SECRET,
     ) -> AccessToken:
-        status = response.status_code
         try:
             payload: Any = json.loads(body) if body else None
         except (ValueError, UnicodeDecodeError, RecursionError):
             # RecursionError: nesting deeper than the interpreter allows ("[" * 100000).
             payload = None
         if status == 200:
-            return self._token(response, payload, issued_at=issued_at, shown=shown, scrub=scrub)
+            return _token(headers, payload, issued_at=issued_at, shown=shown, scrub=scrub)
 
         fields: Mapping[str, Any] = payload if isinstance(payload, dict) else {}
         error = fields.get("error") if isinstance(fields.get("error"), str) else None
@@ -450,17 +574,17 @@ class TokenClient:
         else:
             description = None
         codes = _codes(fields.get("error_codes"))
-        trace_id = fields.get("trace_id") or response.headers.get("x-ms-request-id")
-        correlation_id = fields.get("correlation_id") or response.headers.get("client-request-id")
+        trace_id = fields.get("trace_id") or headers.get("x-ms-request-id")
+        correlation_id = fields.get("correlation_id") or headers.get("client-request-id")
         trace_id = scrub(str(trace_id))[:100] if trace_id else None
         correlation_id = scrub(str(correlation_id))[:100] if correlation_id else None
         error = scrub(error)[:100] if error else None
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), now=self._clock())
+        retry_after = parse_retry_after(headers.get("Retry-After"), now=self._clock())
 
         kind, template, advice = _classify(status=status, error=error, codes=codes)
         if kind is CredentialsRejected:
             advice = _METHOD_ADVICE.get(method, advice)
-        location = response.headers.get("Location")
+        location = headers.get("Location")
         what = template.format(
             shown=shown,
             who=who,
@@ -478,7 +602,7 @@ class TokenClient:
         if correlation_id:
             details.append(f"correlation_id={correlation_id}")
         if payload is None and body:
-            content_type = response.headers.get("Content-Type", "unknown").split(";")[0]
+            content_type = headers.get("Content-Type", "unknown").split(";")[0]
             details.append(f"non-JSON body of type {scrub(content_type)[:60]}")
         message = f"{what} ({', '.join(details)})"
         if description:
@@ -496,53 +620,52 @@ class TokenClient:
             retry_after=retry_after,
         )
 
-    def _token(
-        self,
-        response: requests.Response,
-        payload: Any,
-        *,
-        issued_at: datetime,
-        shown: str,
-        scrub: Callable[[str], str],
-    ) -> AccessToken:
-        def malformed(problem: str) -> EndpointUnavailable:
-            return EndpointUnavailable(
-                f"The token endpoint {shown} answered HTTP 200 but {problem}, so no token was"
-                " issued; it is retried with backoff",
-                http_status=response.status_code,
-            )
 
-        if not isinstance(payload, dict):
-            content_type = response.headers.get("Content-Type", "unknown").split(";")[0]
-            raise malformed(f"not with a JSON object (content type {scrub(content_type)[:60]!r})")
-        value = payload.get("access_token")
-        if not isinstance(value, str) or not value:
-            raise malformed("without an access_token")
-        if any(character.isspace() or not character.isprintable() for character in value):
-            raise malformed("with an access_token holding spaces or control characters")
-        try:
-            expires_in = _seconds(payload.get("expires_in"))
-            # Read only to refuse pathological answers: the contract alone decides refreshes.
-            _seconds(payload.get("ext_expires_in"))
-            _seconds(payload.get("refresh_in"))
-        except OverflowError:
-            raise malformed(
-                "with an expires_in, ext_expires_in or refresh_in too large to be a number"
-                " of seconds"
-            ) from None
-        # Below one second the token would be born expired once rounded down to seconds.
-        if expires_in is None or expires_in < 1:
-            raise malformed(
-                "without a usable expires_in (a number of seconds of at least 1 is required)"
-            )
-        token_type = payload.get("token_type")
-        if not isinstance(token_type, str) or not token_type.strip():
-            token_type = "Bearer"
-        token = AccessToken(
-            value=value,
-            token_type=token_type.strip()[:40],
-            issued_at=issued_at,
-            expires_at=issued_at + timedelta(seconds=int(expires_in)),
+def _token(
+    headers: Mapping[str, str],
+    payload: Any,
+    *,
+    issued_at: datetime,
+    shown: str,
+    scrub: Callable[[str], str],
+) -> AccessToken:
+    def malformed(problem: str) -> EndpointUnavailable:
+        return EndpointUnavailable(
+            f"The token endpoint {shown} answered HTTP 200 but {problem}, so no token was"
+            " issued; it is retried with backoff",
+            http_status=200,
         )
-        logger.debug("token issued by %s, valid for %gs", shown, expires_in)
-        return token
+
+    if not isinstance(payload, dict):
+        content_type = headers.get("Content-Type", "unknown").split(";")[0]
+        raise malformed(f"not with a JSON object (content type {scrub(content_type)[:60]!r})")
+    value = payload.get("access_token")
+    if not isinstance(value, str) or not value:
+        raise malformed("without an access_token")
+    if any(character.isspace() or not character.isprintable() for character in value):
+        raise malformed("with an access_token holding spaces or control characters")
+    try:
+        expires_in = _seconds(payload.get("expires_in"))
+        # Read only to refuse pathological answers: the contract alone decides refreshes.
+        _seconds(payload.get("ext_expires_in"))
+        _seconds(payload.get("refresh_in"))
+    except OverflowError:
+        raise malformed(
+            "with an expires_in, ext_expires_in or refresh_in too large to be a number of seconds"
+        ) from None
+    # Below one second the token would be born expired once rounded down to seconds.
+    if expires_in is None or expires_in < 1:
+        raise malformed(
+            "without a usable expires_in (a number of seconds of at least 1 is required)"
+        )
+    token_type = payload.get("token_type")
+    if not isinstance(token_type, str) or not token_type.strip():
+        token_type = "Bearer"
+    token = AccessToken(
+        value=value,
+        token_type=token_type.strip()[:40],
+        issued_at=issued_at,
+        expires_at=issued_at + timedelta(seconds=int(expires_in)),
+    )
+    logger.debug("token issued by %s, valid for %gs", shown, expires_in)
+    return token

@@ -93,7 +93,7 @@ class ClientCredentials:
     Exactly one proof: `client_secret` (sent in the form), or `client_assertion`,
     a callable producing a fresh assertion for each request (a JWT signed with a
     private key, or a minted ServiceAccount token). The callable may block: the
-    token client calls it on its worker thread, right before the request.
+    token client calls it on a thread of its own, right before the request.
     """
 
     token_endpoint: str
