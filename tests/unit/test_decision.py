@@ -22,6 +22,7 @@ from m2m_token_operator.reconcile.decision import (
     Verdict,
     decide,
     first_verdict,
+    revised,
 )
 from m2m_token_operator.reconcile.secret_output import WriteOutcome
 from m2m_token_operator.reconcile.status import build_status, condition_reason
@@ -104,6 +105,20 @@ def facts_of(**changes: object) -> Facts:
         secret_read=True,
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_revised_facts_are_what_replace_makes_and_leave_the_original_alone() -> None:
+    original = facts_of()
+    error = KubeError(action="Writing Secret", status=503, reason="Service Unavailable")
+    changes: dict[str, object] = {"api_error": error, "api_failures": 2, "secret_foreign": True}
+    new = revised(original, **changes)
+    assert new == dataclasses.replace(original, **changes)  # type: ignore[arg-type]
+    assert new is not original
+    assert (original.api_error, original.api_failures, original.secret_foreign) == (None, 0, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        new.api_failures = 3  # type: ignore[misc]
+    with pytest.raises(TypeError, match="no field api_errors"):
+        revised(original, api_errors=error)
 
 
 def conditions(

@@ -297,7 +297,8 @@ async def test_a_secret_write_sends_compact_json_a_bearer_token_and_its_field_ma
     assert {r.headers["Content-Type"] for r in sent} == {"application/json"}
     assert {r.headers["Authorization"] for r in sent} == {"Bearer t0"}
     assert {r.headers["Accept"] for r in sent} == {"application/json"}
-    assert not any("Accept-Encoding" in r.headers for r in sent)  # uncompressed answers
+    # Uncompressed answers: identity is the only encoding offered.
+    assert {r.headers["Accept-Encoding"] for r in sent} == {"identity"}
     assert sent[0].get_data() == json.dumps(body, separators=(",", ":")).encode()
     assert json.loads(sent[2].get_data()) == {"preconditions": {"uid": "u1"}}
 

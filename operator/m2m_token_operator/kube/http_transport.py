@@ -204,12 +204,12 @@ class HttpTransport:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
-                headers={"User-Agent": USER_AGENT},
-                trust_env=False,  # the kubernetes client reads no proxy from the environment
                 # Uncompressed answers, as the kubernetes client gets them: compressing a
                 # large list costs the API server and us more CPU than loopback or a
-                # cluster network saves.
-                skip_auto_headers=("Accept-Encoding",),
+                # cluster network saves. Said as a header, not by skip_auto_headers,
+                # which costs aiohttp a header copy per request.
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+                trust_env=False,  # the kubernetes client reads no proxy from the environment
             )
         return self._session
 

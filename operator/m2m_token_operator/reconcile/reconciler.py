@@ -43,7 +43,7 @@ from m2m_token_operator.kube.kube_api import KubeApi, KubeError
 from m2m_token_operator.kube.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.kube.secret_watches import OwnedSecrets
 from m2m_token_operator.reconcile import metrics
-from m2m_token_operator.reconcile.decision import Facts, Outcome, decide
+from m2m_token_operator.reconcile.decision import Facts, Outcome, decide, revised
 from m2m_token_operator.reconcile.registry import ObjectRef, Registry, Subscription
 from m2m_token_operator.reconcile.scheduler import Scheduler
 from m2m_token_operator.reconcile.seal import SealKey
@@ -327,7 +327,7 @@ class TokenRequestReconciler:
                         await self._relearn(subscription)
                     except KubeError as error:
                         facts = self._gatherer.known_facts(subscription)
-                        failed = dataclasses.replace(facts, api_error=error)
+                        failed = revised(facts, api_error=error)
                         await self._writer.apply(subscription, decide(failed, self._clock()))
                     return
                 facts, secret_write = await self._gatherer.gather(subscription)
@@ -340,7 +340,7 @@ class TokenRequestReconciler:
                     # The status (or an old Secret's deletion) failed after the facts were
                     # in: the same facts with that error. What was fetched stays cached.
                     cache = facts.cache and dataclasses.replace(facts.cache, fetched=False)
-                    retry = dataclasses.replace(facts, api_error=error, cache=cache)
+                    retry = revised(facts, api_error=error, cache=cache)
                     await self._writer.apply(subscription, decide(retry, self._clock()))
                 if not subscription.looked:
                     # One line per object learnt (not per refresh): the sign that a start,
@@ -378,9 +378,7 @@ class TokenRequestReconciler:
             " 'look failed unexpectedly'. Retrying with backoff"
         )
         try:
-            facts = dataclasses.replace(
-                self._gatherer.known_facts(subscription), internal_error=message
-            )
+            facts = revised(self._gatherer.known_facts(subscription), internal_error=message)
             facts = await self._gatherer.with_secret(subscription, facts)
             await self._writer.apply(subscription, decide(facts, self._clock()))
         except Exception:
@@ -517,7 +515,7 @@ class Gatherer:
         if subscription.namespace in self._unserved_namespaces:
             # Before any read: a secretRef here would name the operator's own identity
             # Secret, a secretName its seal key.
-            return dataclasses.replace(facts, in_operator_namespace=True), None
+            return revised(facts, in_operator_namespace=True), None
         if spec is None:
             return facts, None
         allowed = True
@@ -527,14 +525,14 @@ class Gatherer:
                 denied = self._identity_namespaces.permission_denied
                 if denied is not None:
                     return await self._permission_denied(subscription, facts, denied), None
-                return dataclasses.replace(facts, operator_identity_pending=True), None
+                return revised(facts, operator_identity_pending=True), None
             allowed = allowed_here
         try:
             # Looked up once per look (the watch's copy, or a read after a conflict): for the
             # conflict check, the token it holds, the seeding and the write. The watch's copy
             # is metadata; its data is read, or inferred from its seal, where a step needs it.
             existing, guessed = await self._read_own_secret(subscription)
-            facts = dataclasses.replace(
+            facts = revised(
                 facts,
                 secret_read=True,
                 secret_foreign=existing is not None and not is_owned_by(existing, subscription.uid),
@@ -548,12 +546,12 @@ class Gatherer:
                 self._registry.drop_key(subscription)
                 denial = self._identity_namespaces.denial_message(subscription.namespace)
                 facts, _ = await self._secret_facts(subscription, facts, existing)
-                return dataclasses.replace(facts, operator_identity_denied=denial), None
+                return revised(facts, operator_identity_denied=denial), None
             try:
                 credentials = await self._credentials.read(subscription)
             except CredentialsError as error:
                 facts, _ = await self._secret_facts(subscription, facts, existing)
-                return dataclasses.replace(facts, credentials_error=error), None
+                return revised(facts, credentials_error=error), None
             # The secret, key or assertion is registered with REDACTOR where it is read or made.
             if not client_id_shown(credentials.client_id):
                 # Perhaps a secret in the wrong key.
@@ -572,7 +570,7 @@ class Gatherer:
             forced = subscription.refresh_request
             if forced is not None:
                 # m2m.dev/refresh: a new token now, bypassing the cache (rate-limited per key).
-                facts = dataclasses.replace(facts, refresh_request=forced)
+                facts = revised(facts, refresh_request=forced)
                 result = await self._cache.force(
                     credentials, spec.scope, refresh_before=spec.refresh_before
                 )
@@ -587,7 +585,7 @@ class Gatherer:
                     self._fetched(key, subscription.ref)  # the others want it too
             if not self._registry.current(subscription):
                 raise _Superseded
-            facts = dataclasses.replace(facts, cache=result)
+            facts = revised(facts, cache=result)
             if _uses_operator_identity(spec) and not self._identity_namespaces.allowed(
                 subscription.namespace
             ):
@@ -595,7 +593,7 @@ class Gatherer:
                 # The token stays cached for the namespaces still granted it.
                 self._registry.drop_key(subscription)
                 denial = self._identity_namespaces.denial_message(subscription.namespace)
-                return dataclasses.replace(facts, operator_identity_denied=denial), None
+                return revised(facts, operator_identity_denied=denial), None
             token = result.token
             seal = None if token is None else self._seal_key.seal(key, credentials, token)
             facts, existing = await self._secret_facts(
@@ -619,15 +617,13 @@ class Gatherer:
         except KubeError as error:
             # Not Kopf's to retry: it would call the token endpoint again on its own
             # schedule. The token already fetched stays cached for the next look.
-            return dataclasses.replace(facts, api_error=error), None
+            return revised(facts, api_error=error), None
 
     async def _permission_denied(
         self, subscription: Subscription, facts: Facts, denied: str
     ) -> Facts:
         """A missing permission blocks this look: said in status, with the Secret's token."""
-        return await self.with_secret(
-            subscription, dataclasses.replace(facts, permission_denied=denied)
-        )
+        return await self.with_secret(subscription, revised(facts, permission_denied=denied))
 
     async def with_secret(self, subscription: Subscription, facts: Facts) -> Facts:
         """The facts of a look that ended early, with the token its Secret holds (Ready)."""
@@ -637,7 +633,7 @@ class Gatherer:
             existing, _ = await self._read_own_secret(subscription)
         except KubeError:
             return facts  # what was last served stands in for the Secret
-        return dataclasses.replace(
+        return revised(
             facts,
             secret_read=True,
             secret_foreign=existing is not None and not is_owned_by(existing, subscription.uid),
@@ -699,7 +695,7 @@ class Gatherer:
             _remember(self._owned_secrets, secret)
         foreign = secret is not None and not is_owned_by(secret, subscription.uid)
         return (
-            dataclasses.replace(
+            revised(
                 facts,
                 secret_foreign=foreign,
                 secret_token=None
@@ -931,8 +927,8 @@ class Writer:
                 existing = await self._kube.read_secret(subscription.namespace, spec.secret_name)
                 self._remember(existing)
                 if existing is not None and not is_owned_by(existing, subscription.uid):
-                    return dataclasses.replace(facts, secret_foreign=True, secret_token=None)
-                facts = dataclasses.replace(
+                    return revised(facts, secret_foreign=True, secret_token=None)
+                facts = revised(
                     facts, secret_token=_token_in(subscription, existing, now=self._clock())
                 )
                 if not self._registry.current(subscription):
@@ -944,7 +940,7 @@ class Writer:
                     existing=existing,
                     written=self._remember,
                 )
-            facts = dataclasses.replace(facts, write=written)
+            facts = revised(facts, write=written)
             delivered = written not in (WriteOutcome.CONFLICT, WriteOutcome.RACED)
             if delivered and subscription.cleanup_pending:
                 # Only now: the workload keeps its old Secret until the new one holds a token.
@@ -954,7 +950,7 @@ class Writer:
         except KubeError as error:
             # Not Kopf's to retry: it would call the token endpoint again on its own
             # schedule. The token already fetched stays cached for the next look.
-            return dataclasses.replace(facts, api_error=error)
+            return revised(facts, api_error=error)
 
     async def apply(self, subscription: Subscription, outcome: Outcome) -> None:
         """Carry the outcome out: logs, metrics, the next wake-up, the status, the events."""
