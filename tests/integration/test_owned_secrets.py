@@ -87,3 +87,27 @@ async def test_an_edit_after_a_restart_that_read_no_secret_is_repaired(
     assert token_endpoint.count == 1  # the seeded token, written back
     writes = kube.proxy.requests(path=r"/secrets/orders-api$", since=restarted)
     assert [r.method for r in writes if r.method in WRITES] == ["PUT"]
+
+
+async def test_an_edit_during_the_look_that_wrote_the_secret_is_repaired(
+    kube: Kube, token_endpoint: TokenEndpoint, operator_factory: OperatorFactory
+) -> None:
+    """A Secret event that arrives while a look at its TokenRequest is under way is judged
+    when the look ends (the look's own write may be echoed before its answer is back).
+    An edit made meanwhile is a version no look has seen then: it is read and repaired."""
+    run = operator_factory.start()
+    held = kube.proxy.add(
+        Rule(Delay(60), method="PATCH", path=r"/tokenrequests/orders-api/status$")
+    )
+    kube.create_token_request(NS, "orders-api", TARGET)
+    await wait_for(lambda: held.applied == 1, message="the look's status patch held")
+    written = kube.read_secret(NS, "orders-api")  # written before the status, by this look
+    assert written is not None
+    kube.patch_secret(NS, "orders-api", {"stringData": {"token": "tampered"}})
+    seen = f"Owned Secret {kube.ns(NS)}/orders-api: MODIFIED"
+    await wait_for(lambda: seen in run.all_text, message="the edit seen during the look")
+    kube.proxy.clear()  # the held status patch goes on: the look ends
+    await wait_for(
+        lambda: kube.read_secret(NS, "orders-api") == written, message="restored after the edit"
+    )
+    assert token_endpoint.count == 1

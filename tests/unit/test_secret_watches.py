@@ -350,6 +350,20 @@ def test_a_change_no_look_has_seen_is_read_not_inferred() -> None:
     assert store.data_at("team-a", "api-token", "6") is not None
 
 
+def test_a_version_a_look_read_or_wrote_is_seen_and_no_other() -> None:
+    store = OwnedSecrets()
+    store.record(ADDED, ours("team-a", "api-token", version="5"))
+    assert not store.seen_at("team-a", "api-token", "5")  # the watch's news alone
+    store.remember(full(ours("team-a", "api-token", version="6")))  # a look wrote it
+    assert store.seen_at("team-a", "api-token", "6")
+    assert not store.seen_at("team-a", "api-token", "7")
+    edited = full(ours("team-a", "api-token", version="7"))
+    edited["data"]["extra"] = "eA=="
+    store.remember(edited)  # a look read it, of another shape: seen, its data not kept
+    assert store.seen_at("team-a", "api-token", "7")
+    assert store.data_at("team-a", "api-token", "7") is None
+
+
 def test_managed_fields_tell_whether_anyone_else_changed_the_data() -> None:
     def with_managers(*entries: tuple[str, dict[str, Any]]) -> dict[str, Any]:
         secret = ours("team-a", "api-token")

@@ -248,6 +248,12 @@ class OwnedSecrets:
         its seal annotation is no proof of what its data holds (an edit keeps it)."""
         return (namespace, name) in self._data_edited
 
+    def seen_at(self, namespace: str, name: str, version: str) -> bool:
+        """Whether a look read or wrote this Secret at `version` (or a watch event at it
+        already woke the look that reads it)."""
+        known = self._data.get((namespace, name))
+        return known is not None and known[0] == version
+
     def data_at(self, namespace: str, name: str, version: str) -> dict[str, str] | None:
         """The Secret's data if a look read or wrote it at `version`."""
         known = self._data.get((namespace, name))

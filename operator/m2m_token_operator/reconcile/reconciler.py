@@ -115,11 +115,10 @@ class _Forget(Protocol):
 class TokenRequestReconciler:
     """The coordinator: the handlers' entry points, and each look's order of steps.
 
-    Its collaborators each have one job: `Gatherer` reads the facts (and renders the
-    Secret to write), `Writer` writes (the Secret, then the status and the events, and
-    the next wake-up), `Seeder` fills the token cache from owned Secrets after a start,
-    `CredentialsReader` reads the client credentials.
-    """
+    Collaborators: `Gatherer` reads the facts (and renders the Secret), `Writer` writes
+    (the Secret, the status, the events, the next wake-up), `Seeder` seeds the cache
+    from owned Secrets, `CredentialsReader` reads credentials, `SecretEventsDuringLooks`
+    holds the Secret events that come during a look."""
 
     def __init__(
         self,
@@ -172,6 +171,8 @@ class TokenRequestReconciler:
             forget=self.forget,
             owned_secrets=owned_secrets,
         )
+        self._during_looks = SecretEventsDuringLooks()
+        self._drifted = functools.partial(_secret_drifted, cache=cache, store=owned_secrets)
 
     # Entry points (called from the TokenRequest and Secret watches)
 
@@ -242,9 +243,9 @@ class TokenRequestReconciler:
             subscription = self.registry.get(named_by)
             if subscription is None:
                 continue
-            if deleted or _secret_drifted(
-                subscription, secret, cache=self._cache, store=self._owned_secrets
-            ):
+            if not deleted and subscription.lock.locked():
+                self._during_looks.hold(named_by, ref, secret)  # judged when the look ends
+            elif deleted or self._drifted(subscription, secret):
                 self.scheduler.schedule(named_by, self._clock())
 
     def namespace_allowed_changed(self, namespace: str | None) -> None:
@@ -314,8 +315,12 @@ class TokenRequestReconciler:
             await self._look(subscription)
 
     async def _look(self, subscription: Subscription) -> None:
-        with look_started():
-            await self._look_now(subscription)
+        try:
+            with look_started():
+                await self._look_now(subscription)
+        finally:
+            if self._during_looks.drifted(subscription.ref, self.registry, self._drifted):
+                self.scheduler.schedule(subscription.ref, self._clock())
 
     async def _look_now(self, subscription: Subscription) -> None:
         async with subscription.lock:
@@ -416,6 +421,39 @@ def _ready_reason(subscription: Subscription) -> str:
     return "no Ready condition"
 
 
+class SecretEventsDuringLooks:
+    """Owned-Secret events that arrive while a look at their TokenRequest is under way.
+
+    The watch echoes a look's own Secret write, sometimes before the write's answer is
+    back (for a quarter of a burst's writes on a busy machine): judged then, the echo is
+    a version no look has seen, an edit for all the reconciler knows, and it cost the
+    TokenRequest a second look. Held until the look ends, it is judged with the write
+    remembered; an edit made during the look is still a version nobody has seen then.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[ObjectRef, dict[ObjectRef, Mapping[str, Any]]] = {}
+
+    def hold(self, owner: ObjectRef, secret_ref: ObjectRef, secret: Mapping[str, Any]) -> None:
+        self._held.setdefault(owner, {})[secret_ref] = secret  # the latest of each Secret
+
+    def drifted(
+        self,
+        owner: ObjectRef,
+        registry: Registry,
+        drifted: Callable[[Subscription, Mapping[str, Any]], bool],
+    ) -> bool:
+        """After `owner`'s look: whether an event held meanwhile shows drift (and forget them)."""
+        held = self._held.pop(owner, None)
+        subscription = registry.get(owner)
+        if not held or subscription is None:
+            return False
+        found = False
+        for secret in held.values():  # each judged: a version nobody saw is marked unread
+            found = drifted(subscription, secret) or found
+        return found
+
+
 def _secret_drifted(
     subscription: Subscription,
     secret: Mapping[str, Any],
@@ -426,23 +464,27 @@ def _secret_drifted(
     """Whether a Secret event shows the Secret differs from what the look would write."""
     if subscription.key is None or subscription.spec is None:
         return False
+    data = secret.get("data")
+    metadata = secret.get("metadata", {})
+    where = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+    version = str(metadata.get("resourceVersion") or "")
+    if data is None and store is not None and store.seen_at(*where, version):
+        # The echo of a look's own write (or read) of this very version: that look knew
+        # all of it, and what changed since (a token, the spec) wakes the TokenRequest.
+        return False
     cached = cache.peek(subscription.key)
     if cached.token is None:
         return False
-    data = secret.get("data")
     if data is None:
         # A metadata-only event: the data is known if a look wrote or read this version.
-        metadata = secret.get("metadata", {})
-        where = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
-        version = str(metadata.get("resourceVersion") or "")
-        data = store and store.data_at(*where, version)
+        data = None if store is None else store.data_at(*where, version)
         if data is None:
             if store is not None:
                 store.changed(*where, version)
             return True  # changed since the operator saw it, perhaps edited: read it
     if data != secret_data(scope=subscription.spec.scope, token=cached.token):
         return True
-    labels = secret.get("metadata", {}).get("labels") or {}
+    labels = metadata.get("labels") or {}
     if any(labels.get(k) != v for k, v in secret_labels(subscription.owner).items()):
         return True
     if template_drifted_from(secret, subscription.spec.secret_template):
