@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from m2m_token_operator.app import garbage_collection
 from m2m_token_operator.config.settings import Settings, SettingsError
 from m2m_token_operator.kube.secret_watches import SERVED_NAMESPACES_ENV
 
@@ -81,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"m2m-token-operator: invalid settings: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     ensure_peering_identity(os.environ)
+    garbage_collection.tune()
+    garbage_collection.freeze_startup()  # the imported modules: Kopf, kubernetes, aiohttp
     # The Secret watches (kube/secret_watches.py) serve the namespaces Kopf serves.
     os.environ[SERVED_NAMESPACES_ENV] = "\n".join(namespace_patterns(args))
     kopf.cli.main(

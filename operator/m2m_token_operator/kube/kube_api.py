@@ -6,7 +6,7 @@ client's configuration), a few at a time in the order of `call_priority`, and
 speaks plain JSON dicts, exactly as the API server sends them: no client-side
 model validation stands between the operator and what the server really holds.
 The one exception is `mint_service_account_token`, blocking on purpose: it runs
-on the token-fetch thread through the synchronous `kubernetes` client.
+on the token client's assertion thread through the synchronous `kubernetes` client.
 """
 
 from __future__ import annotations
