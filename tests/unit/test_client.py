@@ -607,17 +607,13 @@ async def test_guid_or_plain_client_id_is_shown(
 # The environment's proxy and CA bundle are honoured; certificates are always verified
 
 
-async def test_proxy_from_the_environment_is_used(
-    httpserver: HTTPServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The loopback server plays the proxy: a plain-http request through a proxy arrives
-    # with the absolute URL of the real destination.
-    httpserver.expect_request("/token").respond_with_json({"access_token": TOKEN, "expires_in": 60})
-    monkeypatch.setenv("HTTP_PROXY", httpserver.url_for("/").rstrip("/"))
-    monkeypatch.setenv("http_proxy", httpserver.url_for("/").rstrip("/"))
+async def fetch_through_proxy(monkeypatch: pytest.MonkeyPatch, proxy: str) -> AccessToken:
+    """A token for an endpoint only the proxy from the environment can reach."""
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.setenv("http_proxy", proxy)
     proxied = TokenClient(connect_timeout=2, read_timeout=2)
     try:
-        token = await proxied.fetch(
+        return await proxied.fetch(
             secret_credentials(
                 token_endpoint="http://idp.example.invalid/token",
                 client_id="c",
@@ -628,6 +624,15 @@ async def test_proxy_from_the_environment_is_used(
         )
     finally:
         await proxied.aclose()
+
+
+async def test_proxy_from_the_environment_is_used(
+    httpserver: HTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loopback server plays the proxy: a plain-http request through a proxy arrives
+    # with the absolute URL of the real destination.
+    httpserver.expect_request("/token").respond_with_json({"access_token": TOKEN, "expires_in": 60})
+    token = await fetch_through_proxy(monkeypatch, httpserver.url_for("/").rstrip("/"))
     assert token.value == TOKEN
     [(request, _)] = httpserver.log
     assert request.host == "idp.example.invalid"
@@ -638,21 +643,7 @@ async def test_proxy_credentials_go_to_the_proxy_only(
 ) -> None:
     httpserver.expect_request("/token").respond_with_json({"access_token": TOKEN, "expires_in": 60})
     proxy = httpserver.url_for("/").rstrip("/").replace("http://", "http://proxy%20user:p%40ss@")
-    monkeypatch.setenv("HTTP_PROXY", proxy)
-    monkeypatch.setenv("http_proxy", proxy)
-    proxied = TokenClient(connect_timeout=2, read_timeout=2)
-    try:
-        await proxied.fetch(
-            secret_credentials(
-                token_endpoint="http://idp.example.invalid/token",
-                client_id="c",
-                client_secret=SECRET,
-                source="operator identity",
-            ),
-            SCOPE,
-        )
-    finally:
-        await proxied.aclose()
+    await fetch_through_proxy(monkeypatch, proxy)
     [(request, _)] = httpserver.log
     expected = "Basic " + base64.b64encode(b"proxy user:p@ss").decode()
     assert request.headers["Proxy-Authorization"] == expected
