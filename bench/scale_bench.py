@@ -575,6 +575,7 @@ class Options:
     log_dir: Path | None
     profile_dir: Path | None = None
     verbose: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -607,6 +608,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--verbose", action="store_true", help="the operator logs at debug level (costs CPU)"
     )
     parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an M2M_ setting for our operator (repeatable), e.g. to compare a tuning",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="N=100 over 10 scopes, 200 unrelated Secrets, 10 s idle, one pair (a cheap check)",
@@ -619,6 +627,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
     pairs = 2 if pairs is None else pairs
     if pairs < 1:
         parser.error("--pairs must be at least 1")
+    settings: dict[str, str] = {}
+    for setting in args.setting:
+        name, equals, value = setting.partition("=")
+        if not equals or not name.startswith("M2M_"):
+            parser.error(f"--setting {setting!r}: expected M2M_NAME=VALUE")
+        settings[name] = value
     return Options(
         n=args.n,
         scopes=args.scopes,
@@ -632,6 +646,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         log_dir=args.log_dir,
         profile_dir=args.profile_dir,
         verbose=args.verbose,
+        settings=settings,
     )
 
 
@@ -841,6 +856,7 @@ class Bench:
                 # The operator's identity serves only selected namespaces: here, every one
                 # (a selector every namespace matches; ignored by versions without it).
                 "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": "kubernetes.io/metadata.name",
+                **self.options.settings,
             },
             name="operator",
         )
@@ -1105,6 +1121,7 @@ def run(options: Options) -> dict[str, Any]:
         "unrelated_secret_bytes": options.unrelated_size,
         "idle_window_s": options.idle_seconds,
         "endpoint_latency_s": options.latency,
+        "ours_settings": options.settings,
         "cpus": os.cpu_count(),
         "loadavg_start": loadavg(),
         "profiled": options.profile_dir is not None,
