@@ -113,6 +113,14 @@ def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
+class _EndpointServer(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: with dozens of token requests opening
+    # connections at once, the kernel dropped SYNs and the client resent them after
+    # 1 s (and 3 s), a latency of this stand-in's, not of the endpoint it stands for.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 class TokenEndpoint:
     """An OAuth token endpoint on loopback: fixed latency, unique tokens, calls per scope."""
 
@@ -124,6 +132,9 @@ class TokenEndpoint:
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as Entra ID's endpoint: HTTP/1.0 cost a connection per call.
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 form = parse_qs(self.rfile.read(length).decode())
@@ -156,8 +167,7 @@ class TokenEndpoint:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _EndpointServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
