@@ -82,6 +82,7 @@ from devenv.benchfigures import (
     percentile,
     ratio,
     request_delta,
+    slowest,
     spread,
     work_requests,
 )
@@ -934,6 +935,7 @@ class Bench:
             result["latency_p50_s"] = round(statistics.median(latencies), 3)
             result["latency_p99_s"] = round(percentile(latencies, 0.99), 3)
             result["latency_by_tenth"] = latency_by_tenth(created, ready)
+            result["slowest"] = slowest(created, ready, started=started)
             calls = Counter(endpoint.calls_since(started))
             result["token_calls"] = sum(calls.values())
             result["token_calls_per_scope"] = round(sum(calls.values()) / options.scopes, 3)
@@ -1098,6 +1100,9 @@ def report(result: dict[str, Any]) -> list[str]:
     for run in runs:
         tenths = " ".join(f"{p50}/{p99}" for p50, p99 in run["latency_by_tenth"])
         lines.append(f"{run['kind']} run {run['run']} p50/p99 (s) by tenth of the burst: {tenths}")
+        if "slowest" in run:
+            slow = " ".join(f"{at}+{took}" for at, took in run["slowest"])
+            lines.append(f"  slowest (created at + took, s): {slow}")
         shares = " ".join("/".join(map(str, tenth)) for tenth in run["cpu_percent_by_tenth"])
         lines.append(
             "  % of a core by tenth (operator/control plane/bench/operator's loop thread"

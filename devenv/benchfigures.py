@@ -55,6 +55,17 @@ def spread(values: Sequence[float]) -> str:
     return ", ".join(f"{value:g}" for value in values)
 
 
+def slowest(
+    created: Mapping[str, float], ready: Mapping[str, float], *, started: float, count: int = 10
+) -> list[list[float]]:
+    """The slowest creates -> Ready, slowest first: [created (s after `started`), took (s)].
+
+    They tell whether the tail is the burst's first creates (a warm-up) or spread over it.
+    """
+    took = sorted(created, key=lambda uid: ready[uid] - created[uid], reverse=True)[:count]
+    return [[round(created[uid] - started, 2), round(ready[uid] - created[uid], 2)] for uid in took]
+
+
 def parse_metric(metrics_text: str, name: str) -> dict[RequestKey, float]:
     """One metric of the kube-apiserver, summed per (verb, resource[/subresource]).
 

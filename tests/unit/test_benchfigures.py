@@ -14,6 +14,7 @@ from devenv.benchfigures import (
     ratio,
     request_delta,
     shares,
+    slowest,
     spread,
     work_requests,
 )
@@ -74,6 +75,12 @@ def test_parse_sums_codes_and_names_subresources() -> None:
         ("PATCH", "tokenrequests/status"): 7.0,
         ("LIST", "events"): 15.0,
     }
+
+
+def test_slowest_lists_the_longest_waits_first_with_when_they_were_created() -> None:
+    created = {"a": 10.0, "b": 10.5, "c": 11.0}
+    ready = {"a": 10.2, "b": 12.0, "c": 11.1}
+    assert slowest(created, ready, started=10.0, count=2) == [[0.5, 1.5], [0.0, 0.2]]
 
 
 def test_parse_metric_without_a_verb() -> None:
