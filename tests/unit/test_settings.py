@@ -113,6 +113,8 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "M2M_METRICS_PORT": "0",
             "M2M_LOG_FORMAT": "Text",
             "M2M_PEERING_PRIORITY": " 200 ",
+            "M2M_NAMESPACE_CONCURRENCY": "12",
+            "M2M_NAMESPACE_FETCH_CONCURRENCY": "3",
         }
     )
     assert settings.cluster_name == "prod-gcp"
@@ -133,6 +135,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     )
     assert (settings.fetch_workers, settings.metrics_port, settings.log_format) == (16, 0, "text")
     assert settings.peering_priority == 200
+    assert (settings.namespace_concurrency, settings.namespace_fetch_concurrency) == (12, 3)
     assert settings.endpoint_policy() == EndpointPolicy(
         allowed_hosts=settings.allowed_endpoint_hosts, allow_insecure_http=True
     )
@@ -181,6 +184,7 @@ def test_default_allow_list_prefers_the_mounted_endpoint_file(tmp_path: Path) ->
         ("M2M_PERMANENT_FAILURE_HOLD_SECONDS", "0", "positive number of seconds"),
         ("M2M_FETCH_WORKERS", "0", "whole number from 1 to 256"),
         ("M2M_FETCH_WORKERS", "2.5", "whole number from 1 to 256"),
+        ("M2M_NAMESPACE_FETCH_CONCURRENCY", "0", "whole number from 1 to 256"),
         ("M2M_METRICS_PORT", "70000", "whole number from 0 to 65535"),
         ("M2M_LOG_FORMAT", "yaml", "'json' or 'text'"),
         ("M2M_PEERING_PRIORITY", "high", "whole number from -2147483647 to 2147483647"),

@@ -94,6 +94,9 @@ class Settings:
     request_deadline: float = 20.0
     # Looks in flight at once per namespace, so no namespace can take every worker.
     namespace_concurrency: int = 4
+    # Token requests in flight at once per namespace: a look waiting for one gives back
+    # its slot, so this, not the look budget, bounds what one tenant's endpoint can hold.
+    namespace_fetch_concurrency: int = 4
     # The audience of the ServiceAccount tokens minted for workload identity federation.
     federation_audience: str = DEFAULT_FEDERATION_AUDIENCE
     # None: no namespace may use the operator's own identity (see namespaces.py).
@@ -213,6 +216,9 @@ class Settings:
             ),
             namespace_concurrency=reader.integer(
                 "M2M_NAMESPACE_CONCURRENCY", default=4, low=1, high=256
+            ),
+            namespace_fetch_concurrency=reader.integer(
+                "M2M_NAMESPACE_FETCH_CONCURRENCY", default=4, low=1, high=256
             ),
         )
         if settings.retry_max < settings.retry_initial:

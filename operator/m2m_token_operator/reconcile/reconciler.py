@@ -28,6 +28,7 @@ import hmac
 import logging
 import random as _random
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -44,6 +45,7 @@ from m2m_token_operator.kube.namespaces import OperatorIdentityNamespaces
 from m2m_token_operator.kube.secret_watches import OwnedSecrets
 from m2m_token_operator.reconcile import metrics
 from m2m_token_operator.reconcile.decision import Facts, Outcome, decide, revised
+from m2m_token_operator.reconcile.namespace_budget import NamespaceBudget
 from m2m_token_operator.reconcile.registry import ObjectRef, Registry, Subscription
 from m2m_token_operator.reconcile.scheduler import Scheduler
 from m2m_token_operator.reconcile.seal import SealKey
@@ -59,7 +61,7 @@ from m2m_token_operator.reconcile.secret_output import (
     write_secret,
 )
 from m2m_token_operator.reconcile.status import event_body
-from m2m_token_operator.tokens.cache import CacheKey, TokenCache
+from m2m_token_operator.tokens.cache import CacheKey, Holds, TokenCache
 from m2m_token_operator.tokens.client import client_id_shown
 from m2m_token_operator.tokens.credentials import (
     ClientCredentials,
@@ -160,6 +162,7 @@ class TokenRequestReconciler:
                 kube=kube, cache=cache, clock=clock, seal_key=seal_key, owned_secrets=owned_secrets
             ),
             fetched=self._fan_out,
+            while_waiting=self.scheduler.slot_lent,
             random=random,
             owned_secrets=owned_secrets,
         )
@@ -272,9 +275,8 @@ class TokenRequestReconciler:
     def paused(self) -> None:
         """Another replica serves now: nothing more from here, not even what is under way.
 
-        The looks under way are cancelled (they are due again for the resume), the
-        events not posted yet are dropped, and only the active replica speaks for the
-        TokenRequests in metrics.
+        The looks under way are cancelled (due again for the resume), the events not
+        posted yet are dropped, and only the active replica speaks in metrics.
         """
         self.scheduler.pause()
         self._kube.drop_pending_events()
@@ -513,6 +515,7 @@ class Gatherer:
         credentials: CredentialsReader,
         seeder: Seeder,
         fetched: Callable[[CacheKey, ObjectRef], None],
+        while_waiting: Callable[[], AbstractAsyncContextManager[object]],
         random: Callable[[], float],
         owned_secrets: OwnedSecrets | None,
     ) -> None:
@@ -525,6 +528,10 @@ class Gatherer:
         self._credentials = credentials
         self._seeder = seeder
         self._fetched = fetched  # a token was fetched: the key's other subscribers want it
+        # A look waiting for a token request gives back its slot (`while_waiting`), so
+        # each namespace's token requests are bounded here instead.
+        self._while_waiting = while_waiting
+        self._fetch_budget = NamespaceBudget(settings.namespace_fetch_concurrency)
         self._random = random
         self._owned_secrets = owned_secrets
         self._retry: RetryPolicy = settings.retry_policy()
@@ -610,15 +617,25 @@ class Gatherer:
             # The shared token is refreshed at the latest point its subscribers allow.
             self._cache.subscribe(key, subscription.ref, spec.refresh_before)
             forced = subscription.refresh_request
+            holds = Holds(
+                budget=functools.partial(self._fetch_budget.held, subscription.namespace),
+                while_waiting=self._while_waiting,
+            )
             if forced is not None:
                 # m2m.dev/refresh: a new token now, bypassing the cache (rate-limited per key).
                 facts = revised(facts, refresh_request=forced)
                 result = await self._cache.force(
-                    credentials, spec.scope, refresh_before=spec.refresh_before
+                    credentials,
+                    spec.scope,
+                    refresh_before=spec.refresh_before,
+                    holds=holds,
                 )
             else:
                 result = await self._cache.get(
-                    credentials, spec.scope, refresh_before=spec.refresh_before
+                    credentials,
+                    spec.scope,
+                    refresh_before=spec.refresh_before,
+                    holds=holds,
                 )
             metrics.record_cache_lookup(fetched=result.fetched)
             if result.token is not None:

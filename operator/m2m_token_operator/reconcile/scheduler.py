@@ -15,7 +15,7 @@ import heapq
 import itertools
 import logging
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
@@ -43,6 +43,83 @@ def _one_group(_: object) -> Hashable:
     return None
 
 
+_NOT_LENT = object()
+
+
+class Slots:
+    """Who holds the scheduler's slots, in all and per group; lent slots and their return.
+
+    A handling may lend its slot while it waits for something the slots do not bound
+    (see `Scheduler.slot_lent`); when done waiting it takes a slot back before anything
+    new starts, within its group's limit, in the order the waits ended.
+    """
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.group_limit = concurrency
+        self.held = 0
+        self._by_group: Counter[Hashable] = Counter()
+        self._lent: dict[asyncio.Task[None], Hashable] = {}
+        self._taking_back: deque[tuple[asyncio.Task[None], asyncio.Future[None]]] = deque()
+
+    @property
+    def lent(self) -> int:
+        return len(self._lent)
+
+    def is_lent(self, task: asyncio.Task[None]) -> bool:
+        return task in self._lent
+
+    def room(self) -> bool:
+        return self.held < self.concurrency
+
+    def group_room(self, group: Hashable) -> bool:
+        return self._by_group[group] < self.group_limit
+
+    def take(self, group: Hashable) -> None:
+        self.held += 1
+        self._by_group[group] += 1
+
+    def release(self, group: Hashable) -> None:
+        self.held -= 1
+        self._by_group[group] -= 1
+        if self._by_group[group] <= 0:
+            del self._by_group[group]
+
+    def lend(self, task: asyncio.Task[None], group: Hashable) -> None:
+        self._lent[task] = group
+        self.release(group)
+
+    def ask_back(self, task: asyncio.Task[None]) -> asyncio.Future[None]:
+        """Done when the slot is the task's again (at once if there is room)."""
+        returned: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._taking_back.append((task, returned))
+        self.give_back()
+        return returned
+
+    def give_back(self) -> None:
+        for _ in range(len(self._taking_back)):
+            task, returned = self._taking_back.popleft()
+            if returned.done() or task not in self._lent:
+                continue  # cancelled while waiting
+            group = self._lent[task]
+            if not (self.room() and self.group_room(group)):
+                self._taking_back.append((task, returned))
+                continue
+            del self._lent[task]
+            self.take(group)
+            returned.set_result(None)
+
+    def take_back_now(self, task: asyncio.Task[None]) -> None:
+        """Over the limit for a moment (if it was still lent): only to end the handling."""
+        group = self._lent.pop(task, _NOT_LENT)
+        if group is not _NOT_LENT:
+            self.take(group)
+
+    def finished(self, task: asyncio.Task[None], group: Hashable) -> None:
+        if self._lent.pop(task, _NOT_LENT) is _NOT_LENT:  # else: lent, never taken back
+            self.release(group)
+
+
 class Scheduler(Generic[Target]):
     """A due-time heap with lazy cancellation; `run` calls `handle(target)` when one is due.
 
@@ -67,17 +144,15 @@ class Scheduler(Generic[Target]):
         self._due: dict[Target, datetime] = {}
         self._sequence = itertools.count()
         self._changed = asyncio.Event()
-        self._concurrency = concurrency
+        self._slots = Slots(concurrency)
         self._running: dict[asyncio.Task[None], Target] = {}
         # Fair dispatch (see `fair_by`): due targets queue per group, groups take turns.
         self._group_of: Callable[[Target], Hashable] = _one_group
-        self._group_limit = concurrency
         self._queues: dict[Hashable, deque[Target]] = {}
         self._queued: set[Target] = set()  # the targets in `_queues`, each at most once
         self._running_targets: set[Target] = set()
         self._rerun: set[Target] = set()  # woken while running: queued when that ends
         self._turns: deque[Hashable] = deque()  # groups with queued targets, next first
-        self._active: Counter[Hashable] = Counter()
         self._stopping = False
         self.last_loop_at: datetime | None = None  # liveness: the loop is turning
 
@@ -92,7 +167,7 @@ class Scheduler(Generic[Target]):
         refresh by at most one look, never by the burst.
         """
         self._group_of = group_of
-        self._group_limit = max(1, min(limit, self._concurrency))
+        self._slots.group_limit = max(1, min(limit, self._slots.concurrency))
 
     def schedule(self, target: Target, at: datetime | None) -> None:
         """Set (or with None, cancel) the one due time of a target; an earlier one wins."""
@@ -182,16 +257,17 @@ class Scheduler(Generic[Target]):
 
     def _dispatch(self) -> None:
         """Start queued targets while slots are free, one group after the other."""
+        self._slots.give_back()  # a continuation, not a start: the gate is not asked
         if not self._may_start():
             if self._queues:
                 self._changed.set()  # the loop waits on the gate for them, and goes on
             return
         skipped = 0  # groups passed over in a row because they are at their limit
-        while self._turns and len(self._running) < self._concurrency:
+        while self._turns and self._slots.room():
             if skipped >= len(self._turns):
                 return  # every waiting group is at its limit
             group = self._turns[0]
-            if self._active[group] >= self._group_limit:
+            if not self._slots.group_room(group):
                 self._turns.rotate(-1)
                 skipped += 1
                 continue
@@ -204,7 +280,7 @@ class Scheduler(Generic[Target]):
             else:
                 self._turns.popleft()
                 del self._queues[group]
-            self._active[group] += 1
+            self._slots.take(group)
             task = asyncio.create_task(self._run_one(target))
             self._running[task] = target
             self._running_targets.add(target)
@@ -212,9 +288,7 @@ class Scheduler(Generic[Target]):
 
     def _finished(self, task: asyncio.Task[None], *, group: Hashable) -> None:
         target = self._running.pop(task, None)
-        self._active[group] -= 1
-        if self._active[group] <= 0:
-            del self._active[group]
+        self._slots.finished(task, group)
         if target is not None:
             self._running_targets.discard(target)
             if target in self._rerun and not self._stopping:
@@ -223,6 +297,40 @@ class Scheduler(Generic[Target]):
         if task.cancelled() and target is not None and not self._stopping:
             self.schedule(target, self._clock())  # cut short by a pause: due again
         self._dispatch()  # asks the gate first: a paused replica starts nothing here
+
+    @contextlib.asynccontextmanager
+    async def slot_lent(self) -> AsyncIterator[None]:
+        """While the handling waits inside this block, its slot serves someone else.
+
+        For a wait that is neither this replica's work nor bounded by the slots: a token
+        request's result. An endpoint that hangs for one tenant then holds none of the
+        looks, only its token requests (which have their own bound), and a burst's looks
+        of already fetched keys go on meanwhile. The slot is taken back at the end of
+        the block, before anything new starts, within the group's limit; a handling
+        ended by an error or a cancellation takes it back at once, to finish.
+        Outside a handling of this scheduler (or nested), nothing is lent.
+        """
+        task = asyncio.current_task()
+        if task is None or task not in self._running or self._slots.is_lent(task):
+            yield
+            return
+        self._slots.lend(task, self._group_of(self._running[task]))
+        self._dispatch()
+        try:
+            yield
+        except BaseException:
+            self._slots.take_back_now(task)
+            raise
+        try:
+            await self._slots.ask_back(task)
+        except BaseException:
+            self._slots.take_back_now(task)  # unless given back meanwhile
+            raise
+
+    @property
+    def lent(self) -> int:
+        """Handlings waiting without a slot (for a token request's result)."""
+        return self._slots.lent
 
     def pause(self) -> None:
         """The gate closed: cancel the handlings under way; what they were doing is due again.

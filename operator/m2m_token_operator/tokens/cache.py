@@ -33,11 +33,14 @@ must not notice either. So the cache:
 
 Everything runs on the event loop, so no state here needs a lock. At most
 `max_requests` requests are in flight at once; the others wait for a slot.
+A caller may bound the requests it starts further, and do something while it
+waits for one (`Holds`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import heapq
@@ -45,6 +48,7 @@ import itertools
 import logging
 import random as _random
 from collections.abc import Awaitable, Callable, Hashable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -57,6 +61,26 @@ logger = logging.getLogger(__name__)
 # At most one forced fetch per key this often: a burst of refresh requests (many
 # TokenRequests sharing a key, a script annotating in a loop) coalesces onto one call.
 FORCE_INTERVAL = timedelta(seconds=10)
+
+
+def _nothing_held() -> AbstractAsyncContextManager[object]:
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Holds:
+    """What a caller of `TokenCache.get` or `force` holds, each entered anew every time.
+
+    `budget`: while a token request this call started runs (entered before one of the
+    cache's slots is asked for), e.g. the caller's namespace's share of requests.
+    `while_waiting`: while this call waits for a request, its own or another's.
+    """
+
+    budget: Callable[[], AbstractAsyncContextManager[object]] = _nothing_held
+    while_waiting: Callable[[], AbstractAsyncContextManager[object]] = _nothing_held
+
+
+NOTHING_HELD = Holds()
 
 
 def token_jitter(token: AccessToken) -> float:
@@ -229,6 +253,54 @@ class KeySubscribers:
             )
             entry.refresh_points[_SHARED_POINT] = shared
         return shared
+
+    def served(
+        self,
+        key: CacheKey,
+        entry: _Entry,
+        *,
+        now: datetime,
+        refresh_before: timedelta | None,
+        fetched: bool,
+    ) -> CacheResult:
+        """What a subscriber asking with `refresh_before` is served now (a fresh one memoised)."""
+        token = entry.token
+        if token is not None and token.expired(now):
+            entry.token = token = None
+            entry.refresh_points.clear()
+            entry.fresh_results.clear()
+        if token is None:
+            return CacheResult(
+                key=key,
+                token=None,
+                freshness=Freshness.NONE,
+                error=entry.error,
+                failures=entry.failures,
+                last_failure_at=entry.last_failure_at,
+                refresh_at=None,
+                next_attempt_at=entry.retry_at,
+                fetched=fetched,
+            )
+        refresh_at = self.refresh_point(key, entry, token, refresh_before)
+        next_attempt = refresh_at if entry.retry_at is None else max(refresh_at, entry.retry_at)
+        fresh = now < refresh_at
+        result = CacheResult(
+            key=key,
+            token=token,
+            freshness=Freshness.FRESH if fresh else Freshness.STALE,
+            error=entry.error,
+            failures=entry.failures,
+            last_failure_at=entry.last_failure_at,
+            refresh_at=refresh_at,
+            next_attempt_at=next_attempt,
+            fetched=fetched,
+        )
+        if fresh and not fetched:
+            entry.fresh_results[self.memo_key(key, refresh_before)] = (
+                refresh_at,
+                result,
+            )
+        return result
 
 
 class AttemptGate:
@@ -405,6 +477,7 @@ class TokenCache:
         scope: str,
         *,
         refresh_before: timedelta | None = None,
+        holds: Holds = NOTHING_HELD,
     ) -> CacheResult:
         """The token for this identity and scope, fetched only when due and allowed."""
         key = CacheKey.for_credentials(credentials, scope)
@@ -417,7 +490,9 @@ class TokenCache:
         entry = self._live_entry(key)
 
         now = self._clock()
-        current = self._result(key, entry, now=now, refresh_before=refresh_before, fetched=False)
+        current = self._subscribers.served(
+            key, entry, now=now, refresh_before=refresh_before, fetched=False
+        )
         if current.freshness is Freshness.FRESH:
             self.stats.hits += 1
             return current
@@ -426,7 +501,7 @@ class TokenCache:
             self.stats.held += 1
             return current
         return await self._join_or_fly(
-            key, entry, credentials, scope, refresh_before=refresh_before, name="fetch"
+            key, entry, credentials, scope, holds, refresh_before=refresh_before, name="fetch"
         )
 
     async def force(
@@ -435,6 +510,7 @@ class TokenCache:
         scope: str,
         *,
         refresh_before: timedelta | None = None,
+        holds: Holds = NOTHING_HELD,
     ) -> CacheResult:
         """A new token now, although the one held may be fresh (a forced refresh).
 
@@ -457,13 +533,13 @@ class TokenCache:
             gate = self._gate
             if not gate.may_force(entry, now) or gate.held_permanently(entry, credentials, now):
                 self.stats.held += 1
-                return self._result(
+                return self._subscribers.served(
                     key, entry, now=now, refresh_before=refresh_before, fetched=False
                 )
             entry.forced_at = now
             self.stats.forced += 1
         return await self._join_or_fly(
-            key, entry, credentials, scope, refresh_before=refresh_before, name="force"
+            key, entry, credentials, scope, holds, refresh_before=refresh_before, name="force"
         )
 
     async def _join_or_fly(
@@ -472,6 +548,7 @@ class TokenCache:
         entry: _Entry,
         credentials: ClientCredentials,
         scope: str,
+        holds: Holds,
         *,
         refresh_before: timedelta | None,
         name: str,
@@ -481,14 +558,16 @@ class TokenCache:
         started = flight is None
         if flight is None:
             flight = asyncio.get_running_loop().create_task(
-                self._fly(key, entry, credentials, scope), name=f"m2m-token-{name} {key.scope}"
+                self._fly(key, entry, credentials, scope, holds.budget),
+                name=f"m2m-token-{name} {key.scope}",
             )
             entry.flight = flight
         else:
             self.stats.coalesced += 1
-        # Shielded: a caller that gives up must not cancel the request the others wait for.
-        await asyncio.shield(flight)
-        return self._result(
+        async with holds.while_waiting():
+            # Shielded: a caller that gives up must not cancel the request others wait for.
+            await asyncio.shield(flight)
+        return self._subscribers.served(
             key, entry, now=self._clock(), refresh_before=refresh_before, fetched=started
         )
 
@@ -521,7 +600,7 @@ class TokenCache:
                 next_attempt_at=None,
                 fetched=False,
             )
-        return self._result(
+        return self._subscribers.served(
             key, entry, now=self._clock(), refresh_before=refresh_before, fetched=False
         )
 
@@ -592,11 +671,16 @@ class TokenCache:
     # Internals: all run on the event loop.
 
     async def _fly(
-        self, key: CacheKey, entry: _Entry, credentials: ClientCredentials, scope: str
+        self,
+        key: CacheKey,
+        entry: _Entry,
+        credentials: ClientCredentials,
+        scope: str,
+        budget: Callable[[], AbstractAsyncContextManager[object]],
     ) -> None:
         self.stats.requests += 1
         try:
-            async with self._slots:
+            async with budget(), self._slots:
                 token = await self._fetch(credentials, scope)
         except FetchWithheld:
             logger.debug("token request for %s withheld: this replica is paused", key)
@@ -614,50 +698,3 @@ class TokenCache:
             if entry.forgotten and self._entries.get(key) is entry:
                 # Nobody wanted the key again while the request ran: forget it now.
                 self._drop(key, self._clock())
-
-    def _result(
-        self,
-        key: CacheKey,
-        entry: _Entry,
-        *,
-        now: datetime,
-        refresh_before: timedelta | None,
-        fetched: bool,
-    ) -> CacheResult:
-        token = entry.token
-        if token is not None and token.expired(now):
-            entry.token = token = None
-            entry.refresh_points.clear()
-            entry.fresh_results.clear()
-        if token is None:
-            return CacheResult(
-                key=key,
-                token=None,
-                freshness=Freshness.NONE,
-                error=entry.error,
-                failures=entry.failures,
-                last_failure_at=entry.last_failure_at,
-                refresh_at=None,
-                next_attempt_at=entry.retry_at,
-                fetched=fetched,
-            )
-        refresh_at = self._subscribers.refresh_point(key, entry, token, refresh_before)
-        next_attempt = refresh_at if entry.retry_at is None else max(refresh_at, entry.retry_at)
-        fresh = now < refresh_at
-        result = CacheResult(
-            key=key,
-            token=token,
-            freshness=Freshness.FRESH if fresh else Freshness.STALE,
-            error=entry.error,
-            failures=entry.failures,
-            last_failure_at=entry.last_failure_at,
-            refresh_at=refresh_at,
-            next_attempt_at=next_attempt,
-            fetched=fetched,
-        )
-        if fresh and not fetched:
-            entry.fresh_results[self._subscribers.memo_key(key, refresh_before)] = (
-                refresh_at,
-                result,
-            )
-        return result

@@ -1,0 +1,161 @@
+"""A handling that waits for a token request lends its slot (`Scheduler.slot_lent`).
+
+As in test_scheduler_fairness.py: the clock is fixed and each handler waits until
+the test releases it, so what is asserted is who holds a slot, not timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pytest
+
+from m2m_token_operator.reconcile.scheduler import Scheduler
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+Ref = tuple[str, str]
+
+
+@dataclass
+class Lending:
+    """Each handling lends its slot until `answer(ref)`, then holds it until `free(ref)`."""
+
+    scheduler: Scheduler[Ref] | None = None
+    started: list[Ref] = field(default_factory=list)
+    resumed: list[Ref] = field(default_factory=list)
+    finished: list[Ref] = field(default_factory=list)
+    answers: dict[Ref, asyncio.Event] = field(default_factory=dict)
+    releases: dict[Ref, asyncio.Event] = field(default_factory=dict)
+
+    async def __call__(self, ref: Ref) -> None:
+        assert self.scheduler is not None
+        self.started.append(ref)
+        try:
+            async with self.scheduler.slot_lent():
+                await self.answers.setdefault(ref, asyncio.Event()).wait()
+            self.resumed.append(ref)
+            await self.releases.setdefault(ref, asyncio.Event()).wait()
+        finally:
+            self.finished.append(ref)
+
+    def answer(self, ref: Ref) -> None:
+        self.answers.setdefault(ref, asyncio.Event()).set()
+
+    def free(self, ref: Ref) -> None:
+        self.releases.setdefault(ref, asyncio.Event()).set()
+
+    async def until(self, what: str, condition: Callable[[], bool]) -> None:
+        """Let the loop run until `condition` holds: the scheduler's counters signal nothing."""
+        try:
+            async with asyncio.timeout(5):
+                while not condition():  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+        except TimeoutError:
+            pytest.fail(f"never happened: {what}")
+
+
+@pytest.fixture
+async def lending() -> AsyncIterator[tuple[Scheduler[Ref], Lending]]:
+    handler = Lending()
+    scheduler: Scheduler[Ref] = Scheduler(clock=lambda: NOW, handle=handler, concurrency=4)
+    handler.scheduler = scheduler
+    scheduler.fair_by(lambda ref: ref[0], limit=1)
+    task = asyncio.create_task(scheduler.run())
+    yield scheduler, handler
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_waiting_handling_lets_the_next_of_its_group_start(
+    lending: tuple[Scheduler[Ref], Lending],
+) -> None:
+    scheduler, handler = lending
+    for index in range(3):
+        scheduler.schedule(("shop", f"tr-{index}"), NOW)
+
+    # A group limit of 1, yet all three start: each lends its slot while it waits.
+    await handler.until("three started", lambda: len(handler.started) == 3)
+    assert scheduler.lent == 3
+    assert scheduler.queued == 0
+
+
+async def test_a_slot_is_taken_back_within_the_group_limit_in_the_order_waits_ended(
+    lending: tuple[Scheduler[Ref], Lending],
+) -> None:
+    scheduler, handler = lending
+    refs = [("shop", f"tr-{index}") for index in range(3)]
+    for ref in refs:
+        scheduler.schedule(ref, NOW)
+    await handler.until("three started", lambda: len(handler.started) == 3)
+
+    handler.answer(refs[2])
+    handler.answer(refs[0])
+    await handler.until("one resumed", lambda: handler.resumed == [refs[2]])
+    # The group's one slot is taken: tr-0's answer came, but it waits for the slot.
+    assert scheduler.lent == 2
+
+    handler.free(refs[2])
+    await handler.until("tr-0 resumed", lambda: handler.resumed == [refs[2], refs[0]])
+    assert scheduler.lent == 1
+
+
+async def test_taking_back_comes_before_anything_new_starts(
+    lending: tuple[Scheduler[Ref], Lending],
+) -> None:
+    scheduler, handler = lending
+    first, second, third = (("shop", name) for name in ("first", "second", "third"))
+    scheduler.schedule(first, NOW)
+    scheduler.schedule(second, NOW)
+    await handler.until("both started", lambda: len(handler.started) == 2)
+    handler.answer(first)
+    await handler.until("first resumed", lambda: handler.resumed == [first])
+    scheduler.schedule(third, NOW)
+    await handler.until("third queued", lambda: scheduler.queued == 1)
+    handler.answer(second)  # it wants the slot "first" holds, as "third" does
+
+    handler.free(first)
+    await handler.until("second resumed", lambda: handler.resumed == [first, second])
+    assert third not in handler.started  # the one slot went to "second"
+    handler.free(second)
+    await handler.until("third started", lambda: third in handler.started)
+
+
+async def test_other_groups_are_not_held_by_a_group_waiting_for_answers(
+    lending: tuple[Scheduler[Ref], Lending],
+) -> None:
+    scheduler, handler = lending
+    for index in range(10):
+        scheduler.schedule(("noisy", f"tr-{index}"), NOW)
+    await handler.until("noisy started", lambda: len(handler.started) == 10)
+    scheduler.schedule(("quiet", "only"), NOW)
+    await handler.until("quiet started", lambda: ("quiet", "only") in handler.started)
+
+
+async def test_a_pause_cancels_lent_handlings_and_leaves_every_slot_free(
+    lending: tuple[Scheduler[Ref], Lending],
+) -> None:
+    scheduler, handler = lending
+    refs = [("shop", f"tr-{index}") for index in range(3)]
+    for ref in refs:
+        scheduler.schedule(ref, NOW)
+    await handler.until("three started", lambda: len(handler.started) == 3)
+    handler.answer(refs[0])
+    handler.answer(refs[1])  # waits for the slot tr-0 holds
+    await handler.until("tr-0 resumed", lambda: handler.resumed == [refs[0]])
+
+    scheduler.pause()  # no gate: due again at once, and started again
+    handler.answers.clear()  # before the loop turns: the new handlings wait for answers
+    await handler.until("all ended", lambda: len(handler.finished) == 3)
+    await handler.until("started again", lambda: len(handler.started) == 6)
+    # The slots came back: the three started again, all lending (none took one back).
+    assert sorted(handler.started[3:]) == refs
+    assert scheduler.lent == 3
+
+
+async def test_outside_a_handling_nothing_is_lent() -> None:
+    scheduler: Scheduler[Ref] = Scheduler(clock=lambda: NOW, handle=lambda _: asyncio.sleep(0))
+    async with scheduler.slot_lent():
+        assert scheduler.lent == 0
