@@ -44,6 +44,7 @@ def _one_group(_: object) -> Hashable:
 
 
 _NOT_LENT = object()
+_Waiter = tuple[asyncio.Task[None], asyncio.Future[None]]  # a lent slot's task, and its return
 
 
 class Slots:
@@ -60,7 +61,8 @@ class Slots:
         self.held = 0
         self._by_group: Counter[Hashable] = Counter()
         self._lent: dict[asyncio.Task[None], Hashable] = {}
-        self._taking_back: deque[tuple[asyncio.Task[None], asyncio.Future[None]]] = deque()
+        # Per group, so that taking back costs the number of groups, not of waiters.
+        self._taking_back: dict[Hashable, deque[_Waiter]] = {}
 
     @property
     def lent(self) -> int:
@@ -92,22 +94,25 @@ class Slots:
     def ask_back(self, task: asyncio.Task[None]) -> asyncio.Future[None]:
         """Done when the slot is the task's again (at once if there is room)."""
         returned: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._taking_back.append((task, returned))
+        self._taking_back.setdefault(self._lent[task], deque()).append((task, returned))
         self.give_back()
         return returned
 
     def give_back(self) -> None:
-        for _ in range(len(self._taking_back)):
-            task, returned = self._taking_back.popleft()
-            if returned.done() or task not in self._lent:
-                continue  # cancelled while waiting
-            group = self._lent[task]
-            if not (self.room() and self.group_room(group)):
-                self._taking_back.append((task, returned))
-                continue
-            del self._lent[task]
-            self.take(group)
-            returned.set_result(None)
+        """Slots to the waits that ended, in order within a group; the groups in turn."""
+        for group in list(self._taking_back):
+            if not self.room():
+                return
+            waiting = self._taking_back.pop(group)
+            while waiting and self.room() and self.group_room(group):
+                task, returned = waiting.popleft()
+                if returned.done() or task not in self._lent:
+                    continue  # cancelled while waiting
+                del self._lent[task]
+                self.take(group)
+                returned.set_result(None)
+            if waiting:
+                self._taking_back[group] = waiting  # behind the other groups now
 
     def take_back_now(self, task: asyncio.Task[None]) -> None:
         """Over the limit for a moment (if it was still lent): only to end the handling."""
