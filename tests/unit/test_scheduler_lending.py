@@ -7,13 +7,14 @@ the test releases it, so what is asserted is who holds a slot, not timing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
 
 from m2m_token_operator.reconcile.scheduler import Scheduler
+from tests.unit.test_cache import until
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 Ref = tuple[str, str]
@@ -47,15 +48,6 @@ class Lending:
     def free(self, ref: Ref) -> None:
         self.releases.setdefault(ref, asyncio.Event()).set()
 
-    async def until(self, what: str, condition: Callable[[], bool]) -> None:
-        """Let the loop run until `condition` holds: the scheduler's counters signal nothing."""
-        try:
-            async with asyncio.timeout(5):
-                while not condition():  # noqa: ASYNC110
-                    await asyncio.sleep(0.001)
-        except TimeoutError:
-            pytest.fail(f"never happened: {what}")
-
 
 @pytest.fixture
 async def lending() -> AsyncIterator[tuple[Scheduler[Ref], Lending]]:
@@ -69,15 +61,21 @@ async def lending() -> AsyncIterator[tuple[Scheduler[Ref], Lending]]:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def three_lending(scheduler: Scheduler[Ref], handler: Lending) -> list[Ref]:
+    """Three targets of one group scheduled; once all three have started."""
+    refs = [("shop", f"tr-{index}") for index in range(3)]
+    for ref in refs:
+        scheduler.schedule(ref, NOW)
+    await until(lambda: len(handler.started) == 3, "three started")
+    return refs
+
+
 async def test_a_waiting_handling_lets_the_next_of_its_group_start(
     lending: tuple[Scheduler[Ref], Lending],
 ) -> None:
     scheduler, handler = lending
-    for index in range(3):
-        scheduler.schedule(("shop", f"tr-{index}"), NOW)
-
     # A group limit of 1, yet all three start: each lends its slot while it waits.
-    await handler.until("three started", lambda: len(handler.started) == 3)
+    await three_lending(scheduler, handler)
     assert scheduler.lent == 3
     assert scheduler.queued == 0
 
@@ -86,19 +84,16 @@ async def test_a_slot_is_taken_back_within_the_group_limit_in_the_order_waits_en
     lending: tuple[Scheduler[Ref], Lending],
 ) -> None:
     scheduler, handler = lending
-    refs = [("shop", f"tr-{index}") for index in range(3)]
-    for ref in refs:
-        scheduler.schedule(ref, NOW)
-    await handler.until("three started", lambda: len(handler.started) == 3)
+    refs = await three_lending(scheduler, handler)
 
     handler.answer(refs[2])
     handler.answer(refs[0])
-    await handler.until("one resumed", lambda: handler.resumed == [refs[2]])
+    await until(lambda: handler.resumed == [refs[2]], "one resumed")
     # The group's one slot is taken: tr-0's answer came, but it waits for the slot.
     assert scheduler.lent == 2
 
     handler.free(refs[2])
-    await handler.until("tr-0 resumed", lambda: handler.resumed == [refs[2], refs[0]])
+    await until(lambda: handler.resumed == [refs[2], refs[0]], "tr-0 resumed")
     assert scheduler.lent == 1
 
 
@@ -109,18 +104,18 @@ async def test_taking_back_comes_before_anything_new_starts(
     first, second, third = (("shop", name) for name in ("first", "second", "third"))
     scheduler.schedule(first, NOW)
     scheduler.schedule(second, NOW)
-    await handler.until("both started", lambda: len(handler.started) == 2)
+    await until(lambda: len(handler.started) == 2, "both started")
     handler.answer(first)
-    await handler.until("first resumed", lambda: handler.resumed == [first])
+    await until(lambda: handler.resumed == [first], "first resumed")
     scheduler.schedule(third, NOW)
-    await handler.until("third queued", lambda: scheduler.queued == 1)
+    await until(lambda: scheduler.queued == 1, "third queued")
     handler.answer(second)  # it wants the slot "first" holds, as "third" does
 
     handler.free(first)
-    await handler.until("second resumed", lambda: handler.resumed == [first, second])
+    await until(lambda: handler.resumed == [first, second], "second resumed")
     assert third not in handler.started  # the one slot went to "second"
     handler.free(second)
-    await handler.until("third started", lambda: third in handler.started)
+    await until(lambda: third in handler.started, "third started")
 
 
 async def test_other_groups_are_not_held_by_a_group_waiting_for_answers(
@@ -129,27 +124,24 @@ async def test_other_groups_are_not_held_by_a_group_waiting_for_answers(
     scheduler, handler = lending
     for index in range(10):
         scheduler.schedule(("noisy", f"tr-{index}"), NOW)
-    await handler.until("noisy started", lambda: len(handler.started) == 10)
+    await until(lambda: len(handler.started) == 10, "noisy started")
     scheduler.schedule(("quiet", "only"), NOW)
-    await handler.until("quiet started", lambda: ("quiet", "only") in handler.started)
+    await until(lambda: ("quiet", "only") in handler.started, "quiet started")
 
 
 async def test_a_pause_cancels_lent_handlings_and_leaves_every_slot_free(
     lending: tuple[Scheduler[Ref], Lending],
 ) -> None:
     scheduler, handler = lending
-    refs = [("shop", f"tr-{index}") for index in range(3)]
-    for ref in refs:
-        scheduler.schedule(ref, NOW)
-    await handler.until("three started", lambda: len(handler.started) == 3)
+    refs = await three_lending(scheduler, handler)
     handler.answer(refs[0])
     handler.answer(refs[1])  # waits for the slot tr-0 holds
-    await handler.until("tr-0 resumed", lambda: handler.resumed == [refs[0]])
+    await until(lambda: handler.resumed == [refs[0]], "tr-0 resumed")
 
     scheduler.pause()  # no gate: due again at once, and started again
     handler.answers.clear()  # before the loop turns: the new handlings wait for answers
-    await handler.until("all ended", lambda: len(handler.finished) == 3)
-    await handler.until("started again", lambda: len(handler.started) == 6)
+    await until(lambda: len(handler.finished) == 3, "all ended")
+    await until(lambda: len(handler.started) == 6, "started again")
     # The slots came back: the three started again, all lending (none took one back).
     assert sorted(handler.started[3:]) == refs
     assert scheduler.lent == 3
