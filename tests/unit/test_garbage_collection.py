@@ -17,6 +17,7 @@ def _restored() -> Iterator[None]:
     yield
     gc.set_threshold(*thresholds)
     gc.unfreeze()
+    garbage_collection._freezing = False
 
 
 def test_tune_makes_the_young_generation_pass_rarer() -> None:
@@ -40,3 +41,18 @@ def test_freezing_collects_what_is_garbage_first_and_freezes_what_lives() -> Non
     garbage_collection.freeze_startup()
     assert gone() is None  # collected, not frozen for ever
     assert gc.get_freeze_count() > 0  # what lives now is out of the collector's walks
+
+
+def test_the_operators_start_is_frozen_only_where_the_command_froze_the_process() -> None:
+    gc.unfreeze()
+    garbage_collection._freezing = False  # a test process that runs the operator
+    garbage_collection.freeze_started()
+    assert gc.get_freeze_count() == 0  # the tests' objects stay the collector's
+
+    garbage_collection.freeze_startup()  # the command
+    started = _Node()  # made by the operator's start
+    assert gc.is_tracked(started)
+    before = gc.get_freeze_count()
+    garbage_collection.freeze_started()
+    assert gc.get_freeze_count() > before
+    assert not any(obj is started for obj in gc.get_objects())  # out of every walk

@@ -25,6 +25,7 @@ from typing import Any
 import kopf
 import kubernetes
 
+from m2m_token_operator.app import garbage_collection
 from m2m_token_operator.app.runtime import Runtime
 from m2m_token_operator.config.settings import Settings
 from m2m_token_operator.kube import secret_watches, token_request_watch
@@ -313,6 +314,7 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     server = metrics.serve(config.metrics_port)
     if server is not None:
         runtime.closing(server, lambda: metrics.stop_serving(server), name="metrics server")
+    garbage_collection.freeze_started()
 
 
 def _namespaces_forbidden(
