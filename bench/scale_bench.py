@@ -535,7 +535,9 @@ class FloorProcess:
 class Profiler:
     """py-spy recording one process into a raw (collapsed stacks) file, until stopped."""
 
-    def __init__(self, pid: int, output: Path) -> None:
+    def __init__(
+        self, pid: int, output: Path, *, rate: int = 200, seconds: float | None = None
+    ) -> None:
         self.output = output
         py_spy = Path(sys.executable).parent / "py-spy"  # `pip install py-spy` in the venv
         command = [
@@ -544,7 +546,8 @@ class Profiler:
             "--pid",
             str(pid),
             "--rate",
-            "200",
+            str(rate),
+            *([] if seconds is None else ["--duration", str(max(1, round(seconds)))]),
             "--format",
             "raw",
             "--threads",
@@ -585,10 +588,17 @@ class Options:
     timeout: float
     log_dir: Path | None
     profile_dir: Path | None = None
+    profile_seconds: float | None = None  # only the burst's first seconds (at 500 Hz)
     verbose: bool = False
     settings: dict[str, str] = field(default_factory=dict)
     # With settings here, each round also runs ours with them ("variant"), right after ours.
     variant: dict[str, str] = field(default_factory=dict)
+    # The variant's operator from this source tree (another commit's checkout) instead.
+    variant_tree: Path | None = None
+
+    @property
+    def with_variant(self) -> bool:
+        return bool(self.variant) or self.variant_tree is not None
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -618,6 +628,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="record the first burst of each with py-spy (raw stacks) here; costs CPU",
     )
     parser.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=None,
+        help="profile only the burst's first seconds, at 500 samples/s (where the tail is)",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="the operator logs at debug level (costs CPU)"
     )
     parser.add_argument(
@@ -636,6 +652,14 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "compared with the default in one session, not across sessions of a noisy machine",
     )
     parser.add_argument(
+        "--variant-tree",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the variant runs the operator from this checkout (e.g. `git worktree add DIR "
+        "HEAD~1`): the old commit against the new in the same rounds",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="N=100 over 10 scopes, 200 unrelated Secrets, 10 s idle, one pair (a cheap check)",
@@ -646,6 +670,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         args.n, args.scopes, args.unrelated, args.idle_seconds = 100, 10, 200, 10.0
         pairs = 1 if pairs is None else pairs
     pairs = 2 if pairs is None else pairs
+    if args.variant_tree is not None and not (args.variant_tree / "operator").is_dir():
+        parser.error(f"--variant-tree {args.variant_tree}: no operator/ in it")
     if pairs < 1:
         parser.error("--pairs must be at least 1")
     settings = _settings(parser, "--setting", args.setting)
@@ -662,9 +688,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
         timeout=args.timeout,
         log_dir=args.log_dir,
         profile_dir=args.profile_dir,
+        profile_seconds=args.profile_seconds,
         verbose=args.verbose,
         settings=settings,
         variant=variant,
+        variant_tree=args.variant_tree,
     )
 
 
@@ -885,10 +913,17 @@ class Bench:
                 # (a selector every namespace matches; ignored by versions without it).
                 "M2M_OPERATOR_IDENTITY_NAMESPACE_SELECTOR": "kubernetes.io/metadata.name",
                 **self.options.settings,
-                **(self.options.variant if kind == "variant" else {}),
+                **(self._variant_environment() if kind == "variant" else {}),
             },
             name="operator",
         )
+
+    def _variant_environment(self) -> dict[str, str]:
+        environment = dict(self.options.variant)
+        if self.options.variant_tree is not None:
+            # Before the installed (editable) tree on the path: that tree's package is run.
+            environment["PYTHONPATH"] = str(self.options.variant_tree.resolve() / "operator")
+        return environment
 
     def warm_up(self) -> float:
         """A small floor run, not counted: the first burst on a fresh control plane pays for
@@ -918,7 +953,9 @@ class Bench:
             if profile and self.options.profile_dir is not None:
                 self.options.profile_dir.mkdir(parents=True, exist_ok=True)
                 output = self.options.profile_dir / f"{kind}-burst.txt"
-                profiler = Profiler(pid, output)
+                seconds = self.options.profile_seconds
+                rate = 200 if seconds is None else 500
+                profiler = Profiler(pid, output, rate=rate, seconds=seconds)
                 result["profile"] = str(output)
 
             # The burst.
@@ -1126,8 +1163,10 @@ def report(result: dict[str, Any]) -> list[str]:
         *figure_table(comparison, pairs, "ours"),
     ]
     if "variant_comparison" in result:
-        settings = " ".join(f"{k}={v}" for k, v in sorted(result["variant_settings"].items()))
-        lines.append(f"variant: ours with {settings}, in the same rounds")
+        described = [f"{k}={v}" for k, v in sorted(result["variant_settings"].items())]
+        if result["variant_tree"] is not None:
+            described.insert(0, f"the operator of {result['variant_tree']}")
+        lines.append(f"variant: ours with {', '.join(described)}, in the same rounds")
         lines.extend(figure_table(result["variant_comparison"], pairs, "variant"))
     floors = [run for run in runs if run["kind"] == "floor"]
     ours = [run for run in runs if run["kind"] == "ours"]
@@ -1231,7 +1270,7 @@ def run(options: Options) -> dict[str, Any]:
             log_dir=log_dir,
         )
         runs: list[dict[str, Any]] = []
-        order = ["floor", "ours", *(["variant"] if options.variant else [])] * options.pairs
+        order = ["floor", "ours", *(["variant"] if options.with_variant else [])] * options.pairs
         try:
             say(f"warm-up: the floor, {min(options.n, 200)} TokenRequests")
             result["warm_up_s"] = bench.warm_up()
@@ -1255,8 +1294,9 @@ def run(options: Options) -> dict[str, Any]:
             recorder.stop.set()
     result["runs"] = runs
     result["comparison"] = compare(runs)
-    if options.variant:
+    if options.with_variant:
         result["variant_settings"] = options.variant
+        result["variant_tree"] = None if options.variant_tree is None else str(options.variant_tree)
         result["variant_comparison"] = compare(runs, "variant")
     result["loadavg_end"] = loadavg()
     return result
