@@ -27,8 +27,8 @@ def test_defaults() -> None:
     assert settings.retry_max == timedelta(seconds=300)
     assert settings.retry_after_max == timedelta(seconds=3600)
     assert settings.permanent_failure_hold == timedelta(seconds=300)
-    assert settings.fetch_workers == 128
-    assert settings.namespace_fetch_concurrency == 16
+    assert settings.fetch_workers == 32
+    assert settings.namespace_fetch_concurrency == 4
     assert settings.metrics_port == 8080
     assert settings.log_format == "json"
     assert settings.peering_priority is None
@@ -144,7 +144,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
 
 def test_empty_values_mean_defaults() -> None:
     settings = Settings.from_env({"M2M_FETCH_WORKERS": "", "M2M_LOG_FORMAT": " "})
-    assert (settings.fetch_workers, settings.log_format) == (128, "json")
+    assert (settings.fetch_workers, settings.log_format) == (32, "json")
 
 
 def test_default_allow_list_has_the_operator_identity_host() -> None:

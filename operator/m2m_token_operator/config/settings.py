@@ -96,7 +96,7 @@ class Settings:
     namespace_concurrency: int = 4
     # Token requests in flight at once per namespace: a look waiting for one gives back
     # its slot, so this, not the look budget, bounds what one tenant's endpoint can hold.
-    namespace_fetch_concurrency: int = 16
+    namespace_fetch_concurrency: int = 4
     # The audience of the ServiceAccount tokens minted for workload identity federation.
     federation_audience: str = DEFAULT_FEDERATION_AUDIENCE
     # None: no namespace may use the operator's own identity (see namespaces.py).
@@ -193,7 +193,7 @@ class Settings:
             # 8 made the first looks of a burst over many scopes wait for a thread while
             # each fetch waited for the endpoint: p99 create -> Ready 1.3-1.9 s -> 1.1-1.3 s
             # in bench/scale_bench.py's 1,000 TokenRequests over 100 scopes.
-            fetch_workers=reader.integer("M2M_FETCH_WORKERS", default=128, low=1, high=256),
+            fetch_workers=reader.integer("M2M_FETCH_WORKERS", default=32, low=1, high=256),
             metrics_port=reader.integer("M2M_METRICS_PORT", default=8080, low=0, high=65535),
             log_format=reader.choice("M2M_LOG_FORMAT", default="json", choices=LOG_FORMATS),
             peering_priority=reader.optional_integer(
@@ -218,7 +218,7 @@ class Settings:
                 "M2M_NAMESPACE_CONCURRENCY", default=4, low=1, high=256
             ),
             namespace_fetch_concurrency=reader.integer(
-                "M2M_NAMESPACE_FETCH_CONCURRENCY", default=16, low=1, high=256
+                "M2M_NAMESPACE_FETCH_CONCURRENCY", default=4, low=1, high=256
             ),
         )
         if settings.retry_max < settings.retry_initial:
