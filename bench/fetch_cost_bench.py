@@ -29,7 +29,7 @@ from m2m_token_operator.tokens.client import TokenClient
 from m2m_token_operator.tokens.credentials import secret_credentials
 from m2m_token_operator.tokens.timing import RefreshPolicy, RetryPolicy
 
-IN_FLIGHT = 32  # requests in flight at once (M2M_FETCH_WORKERS was 32 when the figures were taken)
+IN_FLIGHT = 32  # M2M_FETCH_WORKERS' default: requests in flight at once
 
 # A token endpoint on loopback in its own process: 20 ms per answer, a JWT-shaped token.
 ENDPOINT = r"""
