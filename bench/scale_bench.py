@@ -79,6 +79,7 @@ from kubernetes import watch as k8s_watch
 from devenv.benchfigures import (
     RequestKey,
     parse_metric,
+    parse_tcp_counters,
     percentile,
     ratio,
     request_delta,
@@ -400,6 +401,18 @@ class CpuSampler:
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def tcp_counters() -> dict[str, int]:
+    """The machine's TcpExt counters of refused or delayed connections ({} if unreadable)."""
+    try:
+        return parse_tcp_counters(Path("/proc/net/netstat").read_text())
+    except OSError:
+        return {}
+
+
+def counters_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before[name] for name in after if name in before}
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
@@ -962,6 +975,7 @@ class Bench:
             metrics_from = scrape_api_server(self.admin)
             operator_cpu_from = cpu_seconds(pid)
             cluster_cpu_from = control_plane_cpu_seconds(self.cluster)
+            tcp_from = tcp_counters()
             started = time.monotonic()
             with CpuSampler(pid, self.cluster) as sampler:
                 created = create_token_requests(self.cluster.kubeconfig, namespaces, options, n)
@@ -973,6 +987,7 @@ class Bench:
                     what=f"{n} Ready TokenRequests ({kind})",
                 )
             result["cpu_percent_by_tenth"] = sampler.by_tenth()
+            result["tcp_during_burst"] = counters_delta(tcp_from, tcp_counters())
             operator_cpu = cpu_seconds(pid) - operator_cpu_from
             cluster_cpu = control_plane_cpu_seconds(self.cluster) - cluster_cpu_from
             with recorder.lock:
@@ -1288,7 +1303,8 @@ def run(options: Options) -> dict[str, Any]:
                 say(
                     f"run {index}: {kind}: all Ready {runs[-1]['all_ready_s']} s, "
                     f"p99 {runs[-1]['latency_p99_s']} s, "
-                    f"{runs[-1]['operator_cpu_ms_per_tr']} ms CPU per TR"
+                    f"{runs[-1]['operator_cpu_ms_per_tr']} ms CPU per TR, "
+                    f"TCP {runs[-1]['tcp_during_burst']}"
                 )
         finally:
             recorder.stop.set()

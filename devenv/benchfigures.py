@@ -6,6 +6,7 @@ tested: `tests/unit/test_benchfigures.py`.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -193,3 +194,18 @@ def shares(stacks: Sequence[Stack], key: Callable[[Stack], Iterable[str]]) -> di
         return {}
     ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return {label: round(100 * count / total, 1) for label, count in ordered}
+
+
+# Connections the kernel refused or delayed: a dropped SYN is resent after 1 s, a latency
+# of whole seconds that neither operator's code explains.
+TCP_COUNTERS = ("ListenOverflows", "TCPSynRetrans", "TCPTimeouts")
+
+
+def parse_tcp_counters(netstat: str) -> dict[str, int]:
+    """The TCP_COUNTERS of /proc/net/netstat's TcpExt table (names line, then values)."""
+    lines = netstat.splitlines()
+    for names, values in itertools.pairwise(lines):
+        if names.startswith("TcpExt:") and values.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return {name: int(table[name]) for name in TCP_COUNTERS if name in table}
+    return {}

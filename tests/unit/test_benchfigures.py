@@ -10,6 +10,7 @@ from devenv.benchfigures import (
     parse_collapsed,
     parse_metric,
     parse_request_counts,
+    parse_tcp_counters,
     percentile,
     ratio,
     request_delta,
@@ -164,3 +165,21 @@ def test_work_requests_leave_out_heartbeats_paths_and_watches() -> None:
         ("DELETE", "tokenrequests"): 1.0,
     }
     assert work_requests(before, after) == 4.0
+
+
+def test_the_tcp_counters_are_read_from_the_tcpext_table_and_not_the_ipext_one() -> None:
+    netstat = (
+        "TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPTimeouts TCPSynRetrans\n"
+        "TcpExt: 0 14500 14500 10229 9044\n"
+        "IpExt: InNoRoutes ListenOverflows\n"
+        "IpExt: 0 7\n"
+    )
+    assert parse_tcp_counters(netstat) == {
+        "ListenOverflows": 14500,
+        "TCPSynRetrans": 9044,
+        "TCPTimeouts": 10229,
+    }
+
+
+def test_no_tcpext_table_gives_no_counters_rather_than_zeros() -> None:
+    assert parse_tcp_counters("IpExt: InNoRoutes\nIpExt: 0\n") == {}
