@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
+from prometheus_client import REGISTRY
 
 from m2m_token_operator.reconcile.scheduler import Scheduler
 from tests.unit.test_cache import until
@@ -151,3 +152,31 @@ async def test_outside_a_handling_nothing_is_lent() -> None:
     scheduler: Scheduler[Ref] = Scheduler(clock=lambda: NOW, handle=lambda _: asyncio.sleep(0))
     async with scheduler.slot_lent():
         assert scheduler.lent == 0
+
+
+def slot_waits(wait: str) -> tuple[float, float]:
+    """(count, sum) of the looks' slot waits of one kind so far."""
+    labels = {"wait": wait}
+    count = REGISTRY.get_sample_value("m2m_look_slot_wait_seconds_count", labels) or 0.0
+    total = REGISTRY.get_sample_value("m2m_look_slot_wait_seconds_sum", labels) or 0.0
+    return count, total
+
+
+async def test_the_waits_for_a_slot_to_start_and_to_go_on_are_measured(
+    lending: tuple[Scheduler[Ref], Lending],
+) -> None:
+    scheduler, handler = lending
+    starts_before, _ = slot_waits("start")
+    returns_before, returned_before = slot_waits("return")
+    refs = await three_lending(scheduler, handler)
+    assert slot_waits("start")[0] == starts_before + 3
+
+    handler.answer(refs[1])
+    handler.answer(refs[0])  # waits for the group's one slot, which tr-1 takes
+    await until(lambda: handler.resumed == [refs[1]], "tr-1 resumed")
+    handler.free(refs[1])
+    await until(lambda: handler.resumed == [refs[1], refs[0]], "tr-0 resumed")
+
+    returns, returned = slot_waits("return")
+    assert returns == returns_before + 2
+    assert returned > returned_before  # tr-0's wait for the slot tr-1 held

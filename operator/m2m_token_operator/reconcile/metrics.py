@@ -61,6 +61,16 @@ REFRESH_LAG = Histogram(
     "How late scheduled work (a refresh, a retry) became ready to run, after its due time.",
     buckets=(0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 900),
 )
+LOOK_SLOT_WAIT = Histogram(
+    "m2m_look_slot_wait_seconds",
+    "How long looks waited for a slot (their namespace's share, or the operator's): "
+    "wait=start from due to started, wait=return from their token request's answer to "
+    "going on with it.",
+    ["wait"],
+    buckets=(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SLOT_WAIT_TO_START = LOOK_SLOT_WAIT.labels(wait="start")
+SLOT_WAIT_TO_RETURN = LOOK_SLOT_WAIT.labels(wait="return")
 LOOK_ERRORS = Counter(
     "m2m_look_errors_total",
     "Looks at a TokenRequest ended by an unexpected exception (a bug; see the operator log).",

@@ -14,6 +14,7 @@ import functools
 import heapq
 import itertools
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from datetime import datetime
@@ -154,7 +155,8 @@ class Scheduler(Generic[Target]):
         # Fair dispatch (see `fair_by`): due targets queue per group, groups take turns.
         self._group_of: Callable[[Target], Hashable] = _one_group
         self._queues: dict[Hashable, deque[Target]] = {}
-        self._queued: set[Target] = set()  # the targets in `_queues`, each at most once
+        # The targets in `_queues`, each at most once, with when they were queued.
+        self._queued: dict[Target, float] = {}
         self._running_targets: set[Target] = set()
         self._rerun: set[Target] = set()  # woken while running: queued when that ends
         self._turns: deque[Hashable] = deque()  # groups with queued targets, next first
@@ -252,7 +254,7 @@ class Scheduler(Generic[Target]):
             # without holding a slot meanwhile only to wait for the target's lock.
             self._rerun.add(target)
             return
-        self._queued.add(target)
+        self._queued[target] = time.monotonic()
         group = self._group_of(target)
         queue = self._queues.get(group)
         if queue is None:
@@ -279,7 +281,7 @@ class Scheduler(Generic[Target]):
             skipped = 0
             queue = self._queues[group]
             target = queue.popleft()
-            self._queued.discard(target)
+            metrics.SLOT_WAIT_TO_START.observe(time.monotonic() - self._queued.pop(target))
             if queue:
                 self._turns.rotate(-1)  # its next target waits for the others' turns
             else:
@@ -326,8 +328,10 @@ class Scheduler(Generic[Target]):
         except BaseException:
             self._slots.take_back_now(task)
             raise
+        answered = time.monotonic()
         try:
             await self._slots.ask_back(task)
+            metrics.SLOT_WAIT_TO_RETURN.observe(time.monotonic() - answered)
         except BaseException:
             self._slots.take_back_now(task)  # unless given back meanwhile
             raise
