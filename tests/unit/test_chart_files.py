@@ -121,6 +121,7 @@ def test_every_dashboard_query_names_metrics_the_operator_exports() -> None:
         "m2m_token_refresh_failures_total",
         "m2m_refresh_lag_seconds_bucket",
         "m2m_kube_api_request_duration_seconds_bucket",
+        "m2m_look_slot_wait_seconds_bucket",
     ):
         assert wanted in queried
 
