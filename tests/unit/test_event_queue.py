@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from m2m_token_operator.kube.event_queue import EventQueue
+from m2m_token_operator.kube.event_queue import MOST_HELD_SECONDS, EventQueue
+from tests.unit.test_cache import until
 
 
 class Poster:
@@ -90,3 +91,50 @@ async def test_close_drops_what_is_not_posted_and_takes_no_more() -> None:
 def test_a_queue_needs_a_worker() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         EventQueue(Poster(), workers=0)
+
+
+class Looks:
+    """The hold: busy for the first `busy_checks` times it is asked; what was posted then."""
+
+    def __init__(self, poster: Poster, busy_checks: int) -> None:
+        self.poster = poster
+        self.busy_checks = busy_checks
+        self.asked = 0
+        self.posted_while_busy: list[int] = []
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        busy = self.asked <= self.busy_checks
+        if busy:
+            self.posted_while_busy.append(len(self.poster.posted))
+        return busy
+
+
+async def test_while_the_looks_wait_for_slots_no_event_goes_out_and_then_all_do() -> None:
+    poster = Poster()
+    looks = Looks(poster, busy_checks=4)
+    queue = EventQueue(poster, workers=3, hold=looks)
+    for n in range(5):
+        queue.put("ns", [f"event-{n}"], priority=float(n))
+    # The backlog goes out with every worker again once the looks caught up.
+    await until(lambda: poster.in_flight == 3, "three events in flight")
+    # It was asked before any post until it said "not busy": nothing went out meanwhile.
+    assert looks.posted_while_busy == [0, 0, 0, 0]
+    assert looks.asked > 4
+    poster.release.set()
+    await asyncio.wait_for(queue.join(), timeout=5)
+    assert sorted(body for _, body, _ in poster.posted) == [f"event-{n}" for n in range(5)]
+    assert not queue.busy
+
+
+async def test_an_event_is_held_for_a_few_seconds_at_most_however_busy_the_looks() -> None:
+    poster = Poster()
+    poster.release.set()
+    now = [100.0]
+    looks = Looks(poster, busy_checks=10**9)  # always busy
+    queue = EventQueue(poster, workers=2, hold=looks, clock=lambda: now[0])
+    queue.put("ns", ["old"], priority=1.0)
+    await until(lambda: looks.asked >= 2, "held, and still held at the next check")
+    now[0] += MOST_HELD_SECONDS
+    await asyncio.wait_for(queue.join(), timeout=5)
+    assert [body for _, body, _ in poster.posted] == ["old"]

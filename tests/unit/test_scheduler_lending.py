@@ -180,3 +180,27 @@ async def test_the_waits_for_a_slot_to_start_and_to_go_on_are_measured(
     returns, returned = slot_waits("return")
     assert returns == returns_before + 2
     assert returned > returned_before  # tr-0's wait for the slot tr-1 held
+
+
+async def test_it_tells_when_a_handling_waits_for_a_slot_to_start_or_to_go_on(
+    lending: tuple[Scheduler[Ref], Lending],
+) -> None:
+    scheduler, handler = lending
+    refs = await three_lending(scheduler, handler)
+    assert not scheduler.waiting_for_slots()  # all three lent theirs: nobody waits
+
+    handler.answer(refs[1])
+    handler.answer(refs[0])  # waits to take back the group's one slot, which tr-1 takes
+    await until(lambda: handler.resumed == [refs[1]], "tr-1 resumed")
+    assert scheduler.waiting_for_slots()
+
+    later = ("shop", "later")
+    handler.free(refs[1])
+    await until(lambda: handler.resumed == [refs[1], refs[0]], "tr-0 resumed")
+    scheduler.schedule(later, NOW)  # the group's slot is tr-0's: "later" waits to start
+    await until(lambda: scheduler.queued == 1, "later queued")
+    assert scheduler.waiting_for_slots()
+
+    handler.free(refs[0])
+    await until(lambda: later in handler.started, "later started")
+    assert not scheduler.waiting_for_slots()

@@ -253,6 +253,8 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     )
     # No namespace may hold more than its share of the looks in flight (and the fetches).
     reconciler.scheduler.fair_by(_namespace_of, limit=config.namespace_concurrency)
+    # Events are courtesies: while the looks wait for slots, they leave them the CPU.
+    kube.hold_events_while(reconciler.scheduler.waiting_for_slots)
     memo["kube"] = kube
     memo["token_client"] = token_client
     memo["reconciler"] = reconciler

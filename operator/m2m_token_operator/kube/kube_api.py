@@ -346,6 +346,10 @@ class EventCalls(KubeCalls):
         """
         self._events.put(namespace, bodies, priority=event_priority())
 
+    def hold_events_while(self, busy: Callable[[], bool]) -> None:
+        """Post no event while `busy()` (the looks wait for slots), for a while at most."""
+        self._events.hold = busy
+
     def drop_pending_events(self) -> None:
         """This replica paused: the events not posted yet are not its to post any more."""
         self._events.drop_pending()

@@ -69,6 +69,11 @@ class Slots:
     def lent(self) -> int:
         return len(self._lent)
 
+    @property
+    def taking_back(self) -> bool:
+        """Whether some handling waits to take its slot back."""
+        return bool(self._taking_back)
+
     def is_lent(self, task: asyncio.Task[None]) -> bool:
         return task in self._lent
 
@@ -364,6 +369,10 @@ class Scheduler(Generic[Target]):
     def queued(self) -> int:
         """Due targets waiting for a slot."""
         return sum(len(queue) for queue in self._queues.values())
+
+    def waiting_for_slots(self) -> bool:
+        """Whether a handling waits for a slot, to start or to go on (cheap: no counting)."""
+        return bool(self._queued) or self._slots.taking_back
 
     def _has_due(self, now: datetime) -> bool:
         delay = self._seconds_to_next(now)
