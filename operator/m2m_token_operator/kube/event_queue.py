@@ -2,7 +2,7 @@
 
 A look does not wait for its events (the status is what the TokenRequest's
 owners wait for). Each look's events are one entry, posted one after the other;
-entries are taken lowest priority first (see `admission.event_priority`: the
+entries are taken lowest priority first (see `call_priority.event_priority`: the
 look's start plus a deferral), by a few workers that exist only while events
 are pending. A waiting event costs one small tuple, not a task: a burst of
 10,000 TokenRequests leaves 10,000 of them queued for a while.

@@ -341,7 +341,7 @@ class EventCalls(KubeCalls):
     def post_events(self, namespace: str, bodies: Sequence[Any]) -> None:
         """Post one look's events in the background, in order: the look does not wait.
 
-        They keep the priority of the look they came from (`admission.event_priority`),
+        They keep the priority of the look they came from (`call_priority.event_priority`),
         so under load they go out after the calls of the looks that follow it.
         """
         self._events.put(namespace, bodies, priority=event_priority())
