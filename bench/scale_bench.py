@@ -608,10 +608,12 @@ class Options:
     variant: dict[str, str] = field(default_factory=dict)
     # The variant's operator from this source tree (another commit's checkout) instead.
     variant_tree: Path | None = None
+    # The variant is the floor once more: an A/A round, the yardstick's own noise.
+    variant_floor: bool = False
 
     @property
     def with_variant(self) -> bool:
-        return bool(self.variant) or self.variant_tree is not None
+        return bool(self.variant) or self.variant_tree is not None or self.variant_floor
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -673,6 +675,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "HEAD~1`): the old commit against the new in the same rounds",
     )
     parser.add_argument(
+        "--variant-floor",
+        action="store_true",
+        help="the variant is the floor again (an A/A round): how far the floor's own figures "
+        "stray from run to run, and so how large a ratio the noise alone makes",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="N=100 over 10 scopes, 200 unrelated Secrets, 10 s idle, one pair (a cheap check)",
@@ -687,6 +695,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         parser.error(f"--variant-tree {args.variant_tree}: no operator/ in it")
     if pairs < 1:
         parser.error("--pairs must be at least 1")
+    if args.variant_floor and (args.variant or args.variant_tree is not None):
+        parser.error("--variant-floor runs the floor as the variant: no --variant(-tree) with it")
     settings = _settings(parser, "--setting", args.setting)
     variant = _settings(parser, "--variant", args.variant)
     return Options(
@@ -706,6 +716,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         settings=settings,
         variant=variant,
         variant_tree=args.variant_tree,
+        variant_floor=args.variant_floor,
     )
 
 
@@ -907,7 +918,7 @@ class Bench:
 
     def operator(self, kind: str, index: int) -> Operator:
         log_file = self.log_dir / (f"run{index}-{kind}.log" if index >= 0 else "warm-up.log")
-        if kind == "floor":
+        if kind == "floor" or (kind == "variant" and self.options.variant_floor):
             return FloorProcess(
                 kubeconfig=self.operator_kubeconfig, log_file=log_file, identity=self.identity()
             )
@@ -1181,7 +1192,10 @@ def report(result: dict[str, Any]) -> list[str]:
         described = [f"{k}={v}" for k, v in sorted(result["variant_settings"].items())]
         if result["variant_tree"] is not None:
             described.insert(0, f"the operator of {result['variant_tree']}")
-        lines.append(f"variant: ours with {', '.join(described)}, in the same rounds")
+        if result.get("variant_floor"):
+            lines.append("variant: the floor again (A/A), in the same rounds")
+        else:
+            lines.append(f"variant: ours with {', '.join(described)}, in the same rounds")
         lines.extend(figure_table(result["variant_comparison"], pairs, "variant"))
     floors = [run for run in runs if run["kind"] == "floor"]
     ours = [run for run in runs if run["kind"] == "ours"]
@@ -1286,6 +1300,12 @@ def run(options: Options) -> dict[str, Any]:
         )
         runs: list[dict[str, Any]] = []
         order = ["floor", "ours", *(["variant"] if options.with_variant else [])] * options.pairs
+        # Restarts are ours' (or the variant operator's) to show, in the last run of one.
+        restarting = max(
+            index
+            for index, kind in enumerate(order)
+            if kind == "ours" or (kind == "variant" and not options.variant_floor)
+        )
         try:
             say(f"warm-up: the floor, {min(options.n, 200)} TokenRequests")
             result["warm_up_s"] = bench.warm_up()
@@ -1297,7 +1317,7 @@ def run(options: Options) -> dict[str, Any]:
                         index,
                         n=options.n,
                         profile=index < 2,
-                        restarts=index == len(order) - 1,  # the last run is ours (or variant)
+                        restarts=index == restarting,
                     )
                 )
                 say(
@@ -1313,6 +1333,7 @@ def run(options: Options) -> dict[str, Any]:
     if options.with_variant:
         result["variant_settings"] = options.variant
         result["variant_tree"] = None if options.variant_tree is None else str(options.variant_tree)
+        result["variant_floor"] = options.variant_floor
         result["variant_comparison"] = compare(runs, "variant")
     result["loadavg_end"] = loadavg()
     return result
