@@ -129,6 +129,8 @@ def test_target_token_request_gets_secret_with_real_token(
     events = [e for e in posted if e.involved_object.uid == uid]
     assert [(e.type, e.reason) for e in events] == [("Normal", "TokenIssued")]
     assert log_problems(operator.log_text()) == []
+    # As installed, the process runs on uvloop (Kopf's CLI picks it): what the bench measured.
+    assert "Event loop: uvloop" in operator.log_text()
 
 
 def test_defaults_and_spec_change(kube: Kube, namespace: str, operator: OperatorProcess) -> None:

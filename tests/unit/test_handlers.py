@@ -319,3 +319,16 @@ async def test_a_failing_probe_answers_healthz_over_http_at_once() -> None:
         for task in (reporter, running):
             task.cancel()
         await asyncio.gather(reporter, running, return_exceptions=True)
+
+
+def test_event_loop_name_tells_uvloop_from_the_standard_loop() -> None:
+    import uvloop  # a dependency of the package: Kopf's CLI runs on it when installed
+
+    fast = uvloop.new_event_loop()
+    standard = asyncio.new_event_loop()
+    try:
+        assert handlers.event_loop_name(fast) == "uvloop"
+        assert handlers.event_loop_name(standard) == "asyncio _UnixSelectorEventLoop"
+    finally:
+        fast.close()
+        standard.close()

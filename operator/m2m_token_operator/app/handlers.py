@@ -164,6 +164,13 @@ def _while_active(fetch: Fetch, memo: kopf.Memo) -> Fetch:
     return fetch_while_active
 
 
+def event_loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """The event loop the process runs on: uvloop (Kopf's CLI picks it when it is
+    installed, and our package requires it) or the standard library's, by class."""
+    kind = type(loop)
+    return "uvloop" if kind.__module__.partition(".")[0] == "uvloop" else f"asyncio {kind.__name__}"
+
+
 def _close(api: Any) -> None:
     api.close()
 
@@ -212,6 +219,8 @@ async def _start(settings: kopf.OperatorSettings, memo: kopf.Memo, runtime: Runt
     )
     settings.posting.enabled = False  # our events are posted by the reconciler, one per change
     settings.peering.priority = peering_priority(config)
+    # The operator was measured on uvloop (less CPU and memory per TokenRequest): say so.
+    logger.info("Event loop: %s", event_loop_name(asyncio.get_running_loop()))
 
     api_client = load_api_client()
     kube = runtime.closing(KubeApi(api_client), lambda: kube.aclose(), name="kube")
