@@ -1158,6 +1158,23 @@ def _pooled(runs: list[dict[str, Any]]) -> list[float]:
     return [latency for run in runs for latency in run["latencies"]]
 
 
+def against_every_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """With --variant-floor: ours' pooled latencies against those of every floor run (the
+    floor's and the A/A variant's), a yardstick of twice the runs and so less noise."""
+    floors = [run for run in runs if run["kind"] in ("floor", "variant")]
+    ours = [run for run in runs if run["kind"] == "ours"]
+    figures: dict[str, Any] = {"floor_runs": len(floors)}
+    for key, fraction in POOLED:
+        floor_value = round(percentile(_pooled(floors), fraction), 3)
+        our_value = round(percentile(_pooled(ours), fraction), 3)
+        figures[key] = {
+            "floor": floor_value,
+            "ours": our_value,
+            "ratio": ratio(our_value, floor_value),
+        }
+    return figures
+
+
 def figure_table(comparison: dict[str, Any], pairs: int, column: str) -> list[str]:
     """The figures of one kind against the floor, a row each."""
     lines = [f"{'figure':<46} {'floor':>16} {column:>16} {column + '/floor':>12}"]
@@ -1194,6 +1211,13 @@ def report(result: dict[str, Any]) -> list[str]:
             described.insert(0, f"the operator of {result['variant_tree']}")
         if result.get("variant_floor"):
             lines.append("variant: the floor again (A/A), in the same rounds")
+            every = result["against_every_floor"]
+            for key, title in (("latency_pooled_p50_s", "p50"), ("latency_pooled_p99_s", "p99")):
+                row = every[key]
+                lines.append(
+                    f"ours against all {every['floor_runs']} floor runs pooled, create -> Ready "
+                    f"{title}: {row['ours']} against {row['floor']} s: {row['ratio']}"
+                )
         else:
             lines.append(f"variant: ours with {', '.join(described)}, in the same rounds")
         lines.extend(figure_table(result["variant_comparison"], pairs, "variant"))
@@ -1335,6 +1359,8 @@ def run(options: Options) -> dict[str, Any]:
         result["variant_tree"] = None if options.variant_tree is None else str(options.variant_tree)
         result["variant_floor"] = options.variant_floor
         result["variant_comparison"] = compare(runs, "variant")
+        if options.variant_floor:
+            result["against_every_floor"] = against_every_floor(runs)
     result["loadavg_end"] = loadavg()
     return result
 
@@ -1344,6 +1370,11 @@ def main(argv: list[str] | None = None) -> int:
     result = run(options)
     for line in report(result):
         print(line)
+    if options.log_dir is not None:  # each TokenRequest's latency, for a later look
+        latencies = {
+            f"run{each['run']}-{each['kind']}": each["latencies"] for each in result["runs"]
+        }
+        (options.log_dir / "latencies.json").write_text(json.dumps(latencies))
     for each in result["runs"]:
         del each["latencies"]
     print(json.dumps(result, sort_keys=True))
