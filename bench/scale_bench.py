@@ -1139,14 +1139,8 @@ def compare(runs: list[dict[str, Any]], kind: str = "ours") -> dict[str, Any]:
     # One pair's p99 is its 10 slowest of 1,000, all in the burst's first fifth, where the
     # machine is busiest: the floor's own p99 varied 0.27-0.84 s between runs of one hour.
     # Pooled over every pair, the percentile is taken over all their TokenRequests.
-    for key, fraction in POOLED:
-        floor_value = round(percentile(_pooled(floors), fraction), 3)
-        our_value = round(percentile(_pooled(ours), fraction), 3)
-        comparison[key] = {
-            "floor": [floor_value],
-            "ours": [our_value],
-            "ratio": [ratio(our_value, floor_value)],
-        }
+    for key, row in pooled_figures(floors, ours).items():
+        comparison[key] = {name: [value] for name, value in row.items()}
     return comparison
 
 
@@ -1158,12 +1152,12 @@ def _pooled(runs: list[dict[str, Any]]) -> list[float]:
     return [latency for run in runs for latency in run["latencies"]]
 
 
-def against_every_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """With --variant-floor: ours' pooled latencies against those of every floor run (the
-    floor's and the A/A variant's), a yardstick of twice the runs and so less noise."""
-    floors = [run for run in runs if run["kind"] in ("floor", "variant")]
-    ours = [run for run in runs if run["kind"] == "ours"]
-    figures: dict[str, Any] = {"floor_runs": len(floors)}
+def pooled_figures(
+    floors: list[dict[str, Any]], ours: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per POOLED key: the percentile over all the floor runs' TokenRequests, over all
+    ours', and their ratio."""
+    figures: dict[str, dict[str, Any]] = {}
     for key, fraction in POOLED:
         floor_value = round(percentile(_pooled(floors), fraction), 3)
         our_value = round(percentile(_pooled(ours), fraction), 3)
@@ -1173,6 +1167,14 @@ def against_every_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "ratio": ratio(our_value, floor_value),
         }
     return figures
+
+
+def against_every_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """With --variant-floor: ours' pooled latencies against those of every floor run (the
+    floor's and the A/A variant's), a yardstick of twice the runs and so less noise."""
+    floors = [run for run in runs if run["kind"] in ("floor", "variant")]
+    ours = [run for run in runs if run["kind"] == "ours"]
+    return {"floor_runs": len(floors), **pooled_figures(floors, ours)}
 
 
 def figure_table(comparison: dict[str, Any], pairs: int, column: str) -> list[str]:
